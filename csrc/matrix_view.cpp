@@ -1,0 +1,53 @@
+#include "matrix_view.h"
+
+namespace sn_ext {
+
+int64_t wrap_dim(const char* op, const at::Tensor& weight, int64_t dim) {
+  const int64_t ndim = weight.dim();
+  TORCH_CHECK_INDEX(dim >= -ndim && dim < ndim, op, ": dim out of range (expected to be in range of [", -ndim,
+                    ", ", ndim - 1, "] but got ", dim, ")");
+  return dim < 0 ? dim + ndim : dim;
+}
+
+MatrixShape matrix_shape(const at::Tensor& weight, int64_t dim) {
+  MatrixShape shape{1, weight.size(dim), 1};
+  for (int64_t d = 0; d < dim; ++d) shape.outer *= weight.size(d);
+  for (int64_t d = dim + 1; d < weight.dim(); ++d) shape.inner *= weight.size(d);
+  return shape;
+}
+
+at::Tensor as_matrix3d(const at::Tensor& tensor, const MatrixShape& shape) {
+  return tensor.reshape({shape.outer, shape.rows, shape.inner});
+}
+
+void check_weight(const char* op, const at::Tensor& weight) {
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   op, ": weight must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(weight.dim() >= 1, op, ": weight must have at least 1 dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(weight.numel() > 0, op, ": weight must not be empty, got shape ", weight.sizes());
+}
+
+void check_vectors(const char* op, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                   const MatrixShape& shape) {
+  for (const auto& [name, vec, size] : {std::tuple<const char*, const at::Tensor&, int64_t>{"u", u, shape.rows},
+                                        std::tuple<const char*, const at::Tensor&, int64_t>{"v", v, shape.cols()}}) {
+    TORCH_CHECK_VALUE(vec.dim() == 1 && vec.size(0) == size, op, ": ", name, " must be a vector of size ", size,
+                      " for a weight of shape ", weight.sizes(), ", got shape ", vec.sizes());
+    TORCH_CHECK_TYPE(vec.scalar_type() == weight.scalar_type(), op, ": ", name, " must have the weight's dtype ",
+                     weight.scalar_type(), ", got ", vec.scalar_type());
+    TORCH_CHECK(vec.device() == weight.device(), op, ": ", name, " must be on the weight's device ",
+                weight.device(), ", got ", vec.device());
+  }
+}
+
+void check_iterations(const char* op, int64_t n_power_iterations, double eps) {
+  TORCH_CHECK_VALUE(n_power_iterations >= 0, op, ": n_power_iterations must be >= 0, got ", n_power_iterations);
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+
+at::ScalarType sigma_dtype(at::ScalarType weight_dtype) {
+  return weight_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace sn_ext

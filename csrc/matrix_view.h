@@ -1,0 +1,32 @@
+// How a weight of any rank is seen as the (h x w) matrix that spectral norm normalizes, without a copy.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace sn_ext {
+
+// torch's matrix view is W.permute(dim, *other dims).flatten(1), which copies when dim != 0.
+// The same matrix is W viewed as a 3-D tensor (outer, rows, inner), where outer = prod(sizes[:dim]) and
+// inner = prod(sizes[dim+1:]):  Wm[i, o * inner + r] = W3[o][i][r].  Kernels index through W3's strides.
+struct MatrixShape {
+  int64_t outer;
+  int64_t rows;
+  int64_t inner;
+  int64_t cols() const { return outer * inner; }
+};
+
+// Wraps a negative dim and checks its range; `op` names the operator in error messages.
+int64_t wrap_dim(const char* op, const at::Tensor& weight, int64_t dim);
+MatrixShape matrix_shape(const at::Tensor& weight, int64_t dim);
+// W as (outer, rows, inner): a view for every weight whose layout allows it (all contiguous ones).
+at::Tensor as_matrix3d(const at::Tensor& tensor, const MatrixShape& shape);
+
+// Errors that name the argument, raised before any state changes.
+void check_weight(const char* op, const at::Tensor& weight);
+void check_vectors(const char* op, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                   const MatrixShape& shape);
+void check_iterations(const char* op, int64_t n_power_iterations, double eps);
+
+// sigma's dtype: float32 for float16/bfloat16/float32 weights, float64 for float64.
+at::ScalarType sigma_dtype(at::ScalarType weight_dtype);
+
+}  // namespace sn_ext

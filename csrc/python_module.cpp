@@ -1,0 +1,24 @@
+// Makes the compiled library importable as `sn_ext._C` (the ops register themselves when it loads) and records
+// what it was built with, for `python -m sn_ext.info`. setup.py passes the SN_EXT_BUILD_* macros.
+#include <Python.h>
+
+#ifndef SN_EXT_BUILD_TORCH
+#define SN_EXT_BUILD_TORCH "unknown"
+#endif
+#ifndef SN_EXT_BUILD_CUDA
+#define SN_EXT_BUILD_CUDA ""
+#endif
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sn_ext compiled kernels", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  // The torch version the library was compiled against, and the CUDA version ("" for a CPU-only build).
+  if (PyModule_AddStringConstant(module, "built_with_torch", SN_EXT_BUILD_TORCH) < 0 ||
+      PyModule_AddStringConstant(module, "built_with_cuda", SN_EXT_BUILD_CUDA) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

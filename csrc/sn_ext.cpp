@@ -1,0 +1,20 @@
+// The sn_ext operator schemas: defined once here; kernels register per dispatch key in cpu/ and cuda/.
+// sn_ext/_schemas.py holds the same strings for the pure-PyTorch fallback (tests/test_schemas.py keeps them equal).
+#include <torch/library.h>
+
+TORCH_LIBRARY(sn_ext, m) {
+  // n rounds of power iteration on W's matrix view for `dim`, updating u and v in place.
+  // Returns sigma = u^T W v for the updated vectors.
+  m.def(
+      "power_iteration_(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, "
+      "float eps, bool v_first=False) -> Tensor");
+  // Fused forward of one layer: n rounds of power iteration from (u, v), sigma, and weight / sigma.
+  // Functional: returns the new vectors instead of writing them, so autograd can save them.
+  m.def(
+      "spectral_normalize(Tensor weight, Tensor u, Tensor v, int dim, int n_power_iterations, float eps, "
+      "bool v_first=False) -> (Tensor weight_sn, Tensor sigma, Tensor u_new, Tensor v_new)");
+  // Backward of weight -> weight / (u^T W v): (grad - <grad, weight_sn> u v^T) / sigma.
+  m.def(
+      "spectral_normalize_backward(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, int dim) "
+      "-> Tensor");
+}

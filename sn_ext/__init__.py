@@ -1,0 +1,14 @@
+"""sn_ext: fused spectral normalization for PyTorch, a drop-in for torch's spectral_norm.
+
+    import sn_ext
+    layer = sn_ext.spectral_norm(torch.nn.Linear(20, 40))      # as torch.nn.utils.parametrizations.spectral_norm
+    layer = sn_ext.legacy.spectral_norm(torch.nn.Linear(20, 40))  # as torch.nn.utils.spectral_norm
+"""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402  (loads the kernels)
+from . import legacy  # noqa: E402
+from ._info import info  # noqa: E402
+from .nn import SpectralNorm, spectral_norm  # noqa: E402
+
+__all__ = ["SpectralNorm", "info", "legacy", "ops", "spectral_norm"]

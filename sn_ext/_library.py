@@ -1,0 +1,65 @@
+"""Loads the compiled kernels, or defines the ops without them, and fills every gap with the reference.
+
+After `load()`, every sn_ext op exists with the same schema whatever happened:
+- the compiled library `sn_ext._C` defines the schemas and registers CPU (and, in a CUDA build, CUDA) kernels;
+- without it (not built, failed to load, or SN_EXT_DISABLE_EXT=1) the schemas come from _schemas.py;
+- the pure-PyTorch reference is registered as the CompositeExplicitAutograd kernel, so it serves every device
+  that has no compiled kernel (a CUDA tensor with a CPU-only build, MPS, ...): compiled kernels always win.
+"""
+import dataclasses
+import os
+
+import torch
+
+from . import _schemas, reference
+
+
+@dataclasses.dataclass(frozen=True)
+class LibraryStatus:
+    loaded: bool  # the compiled library is in use
+    reason: str  # why it is not, or what it was built with
+    built_with_torch: str | None = None
+    built_with_cuda: str | None = None  # "" for a CPU-only build
+
+
+_libraries: list[torch.library.Library] = []  # kept alive: a Library's registrations end when it is collected
+
+
+def _load_compiled() -> LibraryStatus:
+    if os.environ.get("SN_EXT_DISABLE_EXT", "0") == "1":
+        return LibraryStatus(False, "disabled by SN_EXT_DISABLE_EXT=1")
+    try:
+        from . import _C
+    except ImportError as error:
+        return LibraryStatus(False, f"the compiled library could not be imported: {error}")
+    cuda = f"CUDA {_C.built_with_cuda}" if _C.built_with_cuda else "CPU only"
+    return LibraryStatus(True, f"built for torch {_C.built_with_torch}, {cuda}", _C.built_with_torch,
+                         _C.built_with_cuda)
+
+
+def _define_schemas() -> None:
+    lib = torch.library.Library(_schemas.NAMESPACE, "DEF")
+    for name, schema in _schemas.SCHEMAS.items():
+        lib.define(name + schema)
+    _libraries.append(lib)
+
+
+def _register_reference() -> None:
+    lib = torch.library.Library(_schemas.NAMESPACE, "IMPL")
+    for name in _schemas.SCHEMAS:
+        lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
+    _libraries.append(lib)
+
+
+def load() -> LibraryStatus:
+    status = _load_compiled()
+    if not status.loaded:
+        _define_schemas()
+    _register_reference()
+    return status
+
+
+def has_compiled_kernel(dispatch_key: str) -> bool:
+    """Whether the compiled library registered a kernel for this dispatch key ("CPU", "CUDA")."""
+    qualname = f"{_schemas.NAMESPACE}::spectral_normalize"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)

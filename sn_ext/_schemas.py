@@ -1,0 +1,21 @@
+"""The operator schemas, as csrc/sn_ext.cpp defines them.
+
+The compiled library defines them in C++; when it is absent or disabled, the fallback defines them from here.
+tests/test_schemas.py fails if the two copies drift apart.
+"""
+
+NAMESPACE = "sn_ext"
+
+SCHEMAS = {
+    "power_iteration_": (
+        "(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float eps, "
+        "bool v_first=False) -> Tensor"
+    ),
+    "spectral_normalize": (
+        "(Tensor weight, Tensor u, Tensor v, int dim, int n_power_iterations, float eps, bool v_first=False) "
+        "-> (Tensor weight_sn, Tensor sigma, Tensor u_new, Tensor v_new)"
+    ),
+    "spectral_normalize_backward": (
+        "(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor"
+    ),
+}

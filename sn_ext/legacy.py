@@ -1,0 +1,106 @@
+"""sn_ext.legacy.spectral_norm: a drop-in for the legacy torch.nn.utils.spectral_norm (forward pre-hook).
+
+As torch's: parameter `<name>_orig`, buffers `<name>_u`, `<name>_v`, a plain attribute `<name>` recomputed before
+each forward, v-then-u power iteration in train mode, none in eval, no warm-up, and remove_spectral_norm bakes
+the normalized weight in. Beyond torch: a checkpoint of torch's parametrization version loads too, and a step
+whose weight is non-finite or zero leaves u and v as they were.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _state_dict, ops
+from .nn.spectral_norm import check_arguments, default_dim
+from .reference import to_matrix
+
+
+class SpectralNorm:
+    """The forward pre-hook; the attributes of torch's legacy SpectralNorm."""
+
+    _version = 1
+
+    def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
+        self.name = name
+        self.dim = dim
+        self.n_power_iterations = n_power_iterations
+        self.eps = eps
+
+    def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
+        weight = getattr(module, self.name + "_orig")
+        u = getattr(module, self.name + "_u")
+        v = getattr(module, self.name + "_v")
+        n = self.n_power_iterations if do_power_iteration else 0
+        weight_sn, _, u_new, v_new = ops.spectral_normalize(weight, u, v, self.dim, n, self.eps, v_first=True)
+        if n:
+            with torch.no_grad():
+                u.copy_(u_new)
+                v.copy_(v_new)
+        return weight_sn
+
+    def remove(self, module: nn.Module) -> None:
+        with torch.no_grad():
+            weight = self.compute_weight(module, do_power_iteration=False)
+        delattr(module, self.name)
+        delattr(module, self.name + "_u")
+        delattr(module, self.name + "_v")
+        delattr(module, self.name + "_orig")
+        module.register_parameter(self.name, nn.Parameter(weight.detach()))
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
+
+    @staticmethod
+    def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float) -> "SpectralNorm":
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, SpectralNorm) and hook.name == name:
+                raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+        weight = module._parameters.get(name)
+        if weight is None:
+            raise ValueError(f"Module '{type(module).__name__}' has no parameter with name '{name}'")
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError("The module passed to `SpectralNorm` can't have uninitialized parameters. "
+                             "Make sure to run the dummy forward before applying spectral normalization")
+        check_arguments(weight, n_power_iterations, dim, eps)
+        fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
+        with torch.no_grad():
+            h, w = to_matrix(weight, fn.dim).shape
+            u = F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
+            v = F.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=fn.eps)
+        delattr(module, fn.name)
+        module.register_parameter(fn.name + "_orig", weight)
+        setattr(module, fn.name, weight.data)
+        module.register_buffer(fn.name + "_u", u)
+        module.register_buffer(fn.name + "_v", v)
+        module.register_forward_pre_hook(fn)
+        module._register_state_dict_hook(_StateDictVersion(fn))
+        _state_dict.accept_both_layouts(module, name, legacy=True)
+        return fn
+
+
+class _StateDictVersion:
+    """Writes the metadata torch's legacy spectral norm writes, so torch's hook reads our checkpoints as its own."""
+
+    def __init__(self, fn: SpectralNorm):
+        self.fn = fn
+
+    def __call__(self, module, state_dict, prefix, local_metadata) -> None:
+        local_metadata.setdefault("spectral_norm", {})[self.fn.name + ".version"] = self.fn._version
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
+                  dim: int | None = None) -> nn.Module:
+    """Applies legacy-style spectral normalization to `module.<name>`; torch.nn.utils.spectral_norm's arguments."""
+    if dim is None:
+        dim = default_dim(module)
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+    return module
+
+
+def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
+    """Removes the spectral norm hook, baking the normalized weight into a plain parameter (as torch's)."""
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, SpectralNorm) and hook.name == name:
+            hook.remove(module)
+            del module._forward_pre_hooks[key]
+            return module
+    raise ValueError(f"spectral_norm of '{name}' not found in {module}")

@@ -1,0 +1,3 @@
+from .spectral_norm import SpectralNorm, spectral_norm
+
+__all__ = ["SpectralNorm", "spectral_norm"]

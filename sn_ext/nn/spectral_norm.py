@@ -1,0 +1,107 @@
+"""sn_ext.spectral_norm: a drop-in for torch.nn.utils.parametrizations.spectral_norm on sn_ext's fused ops.
+
+Same arguments, defaults, errors, random draws, warm-up (15 iterations at registration, then n more when
+register_parametrization checks the parametrization in train mode), u-then-v order, one update per access of
+`module.weight` in train mode and none in eval, and the same state_dict keys. It is a real
+torch.nn.utils.parametrize parametrization, so remove_parametrizations, parametrize.cached() and is_parametrized
+work as with torch's.
+
+Beyond torch: loading a checkpoint of torch's legacy spectral norm works; registering twice on the same tensor
+raises; a step whose weight is non-finite or zero leaves u and v as they were (the output shows NaN/Inf).
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .. import _state_dict, ops
+from ..reference import to_matrix
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class SpectralNorm(nn.Module):
+    """The parametrization W -> W / sigma(W); the same state and attributes as torch's _SpectralNorm."""
+
+    def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12) -> None:
+        super().__init__()
+        check_arguments(weight, n_power_iterations, dim, eps)
+        ndim = weight.ndim
+        self.dim = dim if dim >= 0 else dim + ndim
+        self.eps = eps
+        if ndim > 1:
+            self.n_power_iterations = n_power_iterations
+            h, w = to_matrix(weight, self.dim).shape
+            # torch's random draws, in torch's order, so that equal seeds give equal buffers.
+            u = weight.new_empty(h).normal_(0, 1)
+            v = weight.new_empty(w).normal_(0, 1)
+            self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
+            self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
+            with torch.no_grad():
+                ops.power_iteration_(weight, self._u, self._v, self.dim, 15, self.eps)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)
+        n = self.n_power_iterations if self.training else 0
+        weight_sn, _, u_new, v_new = ops.spectral_normalize(weight, self._u, self._v, self.dim, n, self.eps)
+        if n:
+            # Autograd saved u_new, v_new (not the buffers), so a later access may update the buffers in place
+            # before this one's backward: calling the module twice before one backward works.
+            with torch.no_grad():
+                self._u.copy_(u_new)
+                self._v.copy_(v_new)
+        return weight_sn
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        # W cannot be recovered from W / sigma; like torch, assigning module.weight sets W itself.
+        return value
+
+    def extra_repr(self) -> str:
+        n = getattr(self, "n_power_iterations", None)
+        return f"dim={self.dim}, eps={self.eps}" + (f", n_power_iterations={n}" if n is not None else "")
+
+
+def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: float) -> None:
+    """torch's errors (IndexError for dim, ValueError for n_power_iterations), plus the ones torch lacks."""
+    ndim = weight.ndim
+    if ndim == 0 or weight.numel() == 0:
+        raise ValueError(f"spectral_norm: the weight must be a non-empty tensor with at least 1 dimension, "
+                         f"got shape {tuple(weight.shape)}")
+    if not (weight.is_floating_point() and weight.dtype in (torch.float16, torch.bfloat16, torch.float32,
+                                                            torch.float64)):
+        raise TypeError(f"spectral_norm: the weight must be float16, bfloat16, float32 or float64, "
+                        f"got {weight.dtype}")
+    if dim >= ndim or dim < -ndim:
+        raise IndexError(f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim})")
+    if n_power_iterations <= 0:
+        raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations="
+                         f"{n_power_iterations}")
+    if eps < 0:
+        raise ValueError(f"spectral_norm: eps must be >= 0, got eps={eps}")
+
+
+def default_dim(module: nn.Module) -> int:
+    """torch's default: 1 for transposed convolutions (their output channels are dim 1), else 0."""
+    return 1 if isinstance(module, _CONV_TRANSPOSE) else 0
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
+                  dim: int | None = None) -> nn.Module:
+    """Applies spectral normalization to `module.<name>`; the arguments of torch's parametrizations.spectral_norm.
+
+    Returns the module. Its state dict holds ``parametrizations.<name>.original`` and
+    ``parametrizations.<name>.0._u`` / ``._v``, exactly as torch's; a state dict of torch's legacy
+    ``torch.nn.utils.spectral_norm`` (``<name>_orig``, ``<name>_u``, ``<name>_v``) loads too.
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if parametrize.is_parametrized(module, name) and any(
+            isinstance(p, SpectralNorm) for p in module.parametrizations[name]):
+        raise RuntimeError(f"spectral_norm: '{name}' of {type(module).__name__} already has sn_ext's spectral norm")
+    if dim is None:
+        dim = default_dim(module)
+    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps))
+    _state_dict.accept_both_layouts(module, name, legacy=False)
+    return module

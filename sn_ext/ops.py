@@ -1,0 +1,106 @@
+"""The sn_ext operators: typed wrappers, fake (meta) kernels for torch.compile, and autograd.
+
+Importing this module loads the kernels (see _library.py). The ops, all on W's matrix view for `dim`
+(torch's ``W.permute(dim, *others).flatten(1)``, which the kernels read in place):
+
+- ``power_iteration_(W, u, v, dim, n, eps, v_first=False) -> sigma``: n rounds, u and v updated in place.
+- ``spectral_normalize(W, u, v, dim, n, eps, v_first=False) -> (W_sn, sigma, u_new, v_new)``: the fused forward,
+  differentiable in W (W_sn and sigma); u_new, v_new are the vectors after n rounds (fresh tensors, no grad).
+- ``spectral_normalize_backward(grad, W_sn, u, v, sigma, dim) -> grad_W``: ``(grad - <grad, W_sn> u v^T) / sigma``.
+"""
+import torch
+from torch import Tensor
+
+from . import _library, reference
+
+library_status = _library.load()
+
+_ops = torch.ops.sn_ext
+
+
+def power_iteration_(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
+                     v_first: bool = False) -> Tensor:
+    return _ops.power_iteration_.default(weight, u, v, dim, n_power_iterations, eps, v_first)
+
+
+def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
+                       v_first: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _ops.spectral_normalize.default(weight, u, v, dim, n_power_iterations, eps, v_first)
+
+
+def spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
+                                dim: int) -> Tensor:
+    return _ops.spectral_normalize_backward.default(grad, weight_sn, u, v, sigma, dim)
+
+
+# ---- fake kernels: output metadata only, for torch.compile and FakeTensor ----
+
+def _sigma_like(weight: Tensor) -> Tensor:
+    return weight.new_empty((), dtype=reference.accumulate_dtype(weight.dtype))
+
+
+@torch.library.register_fake("sn_ext::power_iteration_")
+def _(weight, u, v, dim, n_power_iterations, eps, v_first=False):
+    return _sigma_like(weight)
+
+
+@torch.library.register_fake("sn_ext::spectral_normalize")
+def _(weight, u, v, dim, n_power_iterations, eps, v_first=False):
+    return (torch.empty_like(weight), _sigma_like(weight), torch.empty_like(u, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("sn_ext::spectral_normalize_backward")
+def _(grad, weight_sn, u, v, sigma, dim):
+    return torch.empty_like(weight_sn)
+
+
+# ---- autograd ----
+# W_sn = W / sigma(W) with sigma = u^T W v and u, v held constant (as torch does):
+#   dL/dW = (G - <G, W_sn> u v^T) / sigma  +  g_sigma u v^T.
+
+def _setup_forward(ctx, inputs, output):
+    weight, _, _, dim, *_ = inputs
+    weight_sn, sigma, u_new, v_new = output
+    ctx.mark_non_differentiable(u_new, v_new)
+    ctx.set_materialize_grads(False)  # the usual caller ignores sigma: no zero tensor for its gradient
+    ctx.save_for_backward(weight_sn, sigma, u_new, v_new)
+    ctx.dim = dim
+
+
+def _backward_forward(ctx, grad_weight_sn, grad_sigma, _grad_u, _grad_v):
+    weight_sn, sigma, u, v = ctx.saved_tensors
+    grad_weight = None
+    if grad_weight_sn is not None:
+        grad_weight = spectral_normalize_backward(grad_weight_sn, weight_sn, u, v, sigma, ctx.dim)
+    if grad_sigma is not None:
+        from_sigma = (grad_sigma * reference.rank_one(u, v, weight_sn, ctx.dim)).to(weight_sn.dtype)
+        grad_weight = from_sigma if grad_weight is None else grad_weight + from_sigma
+    return grad_weight, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sn_ext::spectral_normalize", _backward_forward, setup_context=_setup_forward)
+
+
+# Double backward (gradient penalties through W's gradient, gradgradcheck). With out = (G - lam P) / sigma,
+# lam = <G, S>, P = u v^T, and an incoming H:
+#   dG = (H - <H, P> S) / sigma,   dS = -<H, P> G / sigma,   dsigma = -<H, out> / sigma.
+
+def _setup_backward(ctx, inputs, output):
+    grad, weight_sn, u, v, sigma, dim = inputs
+    ctx.save_for_backward(grad, weight_sn, u, v, sigma, output)
+    ctx.dim = dim
+
+
+def _backward_backward(ctx, h):
+    grad, weight_sn, u, v, sigma, out = ctx.saved_tensors
+    acc = sigma.dtype
+    h_p = torch.dot(u.to(acc), reference.to_matrix(h, ctx.dim % h.dim()).to(acc) @ v.to(acc))
+    d_grad = ((h.to(acc) - h_p * weight_sn.to(acc)) / sigma).to(grad.dtype)
+    d_weight_sn = (-h_p / sigma * grad.to(acc)).to(weight_sn.dtype)
+    d_sigma = -torch.sum(h.to(acc) * out.to(acc)) / sigma
+    return d_grad, d_weight_sn, None, None, d_sigma, None
+
+
+torch.library.register_autograd("sn_ext::spectral_normalize_backward", _backward_backward,
+                                setup_context=_setup_backward)

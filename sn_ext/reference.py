@@ -1,0 +1,125 @@
+"""Pure-PyTorch spectral normalization: the test oracle, and the kernels used where no compiled one exists.
+
+Same semantics as the fused kernels (csrc/cpu/spectral_norm_cpu.cpp), written with plain torch ops:
+- the matrix is torch's: ``weight.permute(dim, *other dims).flatten(1)``;
+- ``N(x) = x / max(|x|, eps)``, computed in float32 (float64 for float64 weights) so eps never underflows,
+  and rounded to the weight's dtype like torch's buffers;
+- u-first rounds (u = N(W v), v = N(W^T u)) as torch.nn.utils.parametrizations, v-first as legacy torch;
+- sigma = u^T W v for the final vectors (= s^2 / max(s, eps) for the last half-step's norm s);
+- a run that meets a non-finite or zero vector returns the input vectors unchanged (no host synchronisation).
+"""
+import torch
+from torch import Tensor
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where sums happen, and sigma's dtype: float64 for float64 weights, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_matrix(weight: Tensor, dim: int) -> Tensor:
+    """torch's matrix view of a weight: (weight.shape[dim], numel / weight.shape[dim])."""
+    if weight.dim() == 1:
+        return weight.unsqueeze(1)
+    if dim != 0:
+        weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
+    return weight.flatten(1)
+
+
+def from_matrix(matrix: Tensor, like: Tensor, dim: int) -> Tensor:
+    """Inverse of to_matrix: a (h, w) matrix back in the layout of `like`."""
+    if dim == 0 or like.dim() == 1:
+        return matrix.reshape(like.shape)
+    order = [dim, *(d for d in range(like.dim()) if d != dim)]
+    permuted = matrix.reshape([like.shape[d] for d in order])
+    return permuted.permute(*sorted(range(like.dim()), key=order.__getitem__))
+
+
+def _normalized(x: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    norm = torch.linalg.vector_norm(x)
+    return (x / norm.clamp_min(eps)).to(dtype).to(x.dtype), norm
+
+
+def _usable(norm: Tensor) -> Tensor:
+    return torch.isfinite(norm) & (norm > 0)
+
+
+def _iterate(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
+             v_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (sigma, u_new, v_new); u_new, v_new in the weight's dtype."""
+    dim = dim % weight.dim()
+    acc = accumulate_dtype(weight.dtype)
+    matrix = to_matrix(weight, dim).to(acc)
+    uu, vv = u.to(acc), v.to(acc)
+    if n_power_iterations == 0:
+        return torch.dot(uu, matrix @ vv), u.clone(), v.clone()
+    ok = torch.ones((), dtype=torch.bool, device=weight.device)
+    for _ in range(n_power_iterations):
+        if v_first:
+            vv, first = _normalized(matrix.T @ uu, eps, weight.dtype)
+            uu, last = _normalized(matrix @ vv, eps, weight.dtype)
+        else:
+            uu, first = _normalized(matrix @ vv, eps, weight.dtype)
+            vv, last = _normalized(matrix.T @ uu, eps, weight.dtype)
+        ok = ok & _usable(first) & _usable(last)
+    sigma = last * last / last.clamp_min(eps)
+    return sigma, torch.where(ok, uu.to(u.dtype), u), torch.where(ok, vv.to(v.dtype), v)
+
+
+def _check(op: str, weight: Tensor, n_power_iterations: int, eps: float) -> None:
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{op}: weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
+    if weight.dim() == 0 or weight.numel() == 0:
+        raise ValueError(f"{op}: weight must be a non-empty tensor with at least 1 dimension, got shape "
+                         f"{tuple(weight.shape)}")
+    if n_power_iterations < 0:
+        raise ValueError(f"{op}: n_power_iterations must be >= 0, got {n_power_iterations}")
+    if eps < 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+
+
+def _check_vectors(op: str, weight: Tensor, u: Tensor, v: Tensor, dim: int) -> None:
+    if not -weight.dim() <= dim < weight.dim():
+        raise IndexError(f"{op}: dim out of range (expected to be in range of [{-weight.dim()}, {weight.dim() - 1}]"
+                         f" but got {dim})")
+    h = weight.shape[dim]
+    for name, vector, size in (("u", u, h), ("v", v, weight.numel() // h)):
+        if vector.dim() != 1 or vector.shape[0] != size:
+            raise ValueError(f"{op}: {name} must be a vector of size {size} for a weight of shape "
+                             f"{list(weight.shape)}, got shape {list(vector.shape)}")
+        if vector.dtype != weight.dtype:
+            raise TypeError(f"{op}: {name} must have the weight's dtype {weight.dtype}, got {vector.dtype}")
+        if vector.device != weight.device:
+            raise RuntimeError(f"{op}: {name} must be on the weight's device {weight.device}, got {vector.device}")
+
+
+def power_iteration_(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
+                     v_first: bool = False) -> Tensor:
+    _check("sn_ext::power_iteration_", weight, n_power_iterations, eps)
+    _check_vectors("sn_ext::power_iteration_", weight, u, v, dim)
+    sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
+    u.copy_(u_new)
+    v.copy_(v_new)
+    return sigma
+
+
+def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
+                       v_first: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check("sn_ext::spectral_normalize", weight, n_power_iterations, eps)
+    _check_vectors("sn_ext::spectral_normalize", weight, u, v, dim)
+    sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
+    weight_sn = (weight.to(sigma.dtype) / sigma).to(weight.dtype)
+    return weight_sn, sigma, u_new, v_new
+
+
+def rank_one(u: Tensor, v: Tensor, like: Tensor, dim: int) -> Tensor:
+    """u v^T in the layout of `like` (the gradient of sigma = u^T W v with respect to W)."""
+    return from_matrix(torch.outer(u, v), like, dim % like.dim())
+
+
+def spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
+                                dim: int) -> Tensor:
+    acc = sigma.dtype
+    g = grad.to(acc)
+    lam = torch.sum(g * weight_sn.to(acc))
+    return ((g - lam * rank_one(u.to(acc), v.to(acc), grad, dim)) / sigma).to(grad.dtype)
