@@ -46,6 +46,38 @@ void check_iterations(const char* op, int64_t n_power_iterations, double eps) {
   TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
 }
 
+MatrixShape check_forward_args(const char* op, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                               int64_t dim, int64_t n_power_iterations, double eps) {
+  check_weight(op, weight);
+  const MatrixShape shape = matrix_shape(weight, wrap_dim(op, weight, dim));
+  check_vectors(op, weight, u, v, shape);
+  check_iterations(op, n_power_iterations, eps);
+  return shape;
+}
+
+MatrixShape check_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& weight_sn,
+                                const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+  check_weight(op, weight_sn);
+  TORCH_CHECK_VALUE(grad.sizes() == weight_sn.sizes(), op, ": grad must have weight_sn's shape ", weight_sn.sizes(),
+                    ", got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == weight_sn.scalar_type(), op, ": grad must have weight_sn's dtype ",
+                   weight_sn.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == weight_sn.device(), op, ": grad must be on weight_sn's device ", weight_sn.device(),
+              ", got ", grad.device());
+  TORCH_CHECK_VALUE(sigma.numel() == 1, op, ": sigma must hold one value, got shape ", sigma.sizes());
+  const MatrixShape shape = matrix_shape(weight_sn, wrap_dim(op, weight_sn, dim));
+  check_vectors(op, weight_sn, u, v, shape);
+  return shape;
+}
+
+WeightShapedOutput::WeightShapedOutput(const at::Tensor& like, const MatrixShape& shape)
+    : tensor(at::empty_like(like)), view3d(as_matrix3d(tensor, shape)) {}
+
+at::Tensor WeightShapedOutput::finish() {
+  if (!view3d.is_alias_of(tensor)) tensor.copy_(view3d.view(tensor.sizes()));
+  return tensor;
+}
+
 at::ScalarType sigma_dtype(at::ScalarType weight_dtype) {
   return weight_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

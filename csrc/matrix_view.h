@@ -26,6 +26,23 @@ void check_vectors(const char* op, const at::Tensor& weight, const at::Tensor& u
                    const MatrixShape& shape);
 void check_iterations(const char* op, int64_t n_power_iterations, double eps);
 
+// All the checks of a forward op (spectral_normalize, power_iteration_); returns the weight's matrix shape.
+MatrixShape check_forward_args(const char* op, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                               int64_t dim, int64_t n_power_iterations, double eps);
+// All the checks of spectral_normalize_backward; returns the matrix shape.
+MatrixShape check_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& weight_sn,
+                                const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma, int64_t dim);
+
+// A new tensor in `like`'s layout (as torch's `weight / sigma` and the fake kernels give) and the (outer, rows,
+// inner) view kernels write through. A layout with no such view (channels_last with dim=0) gets a contiguous
+// scratch view instead, which finish() copies back.
+struct WeightShapedOutput {
+  at::Tensor tensor;
+  at::Tensor view3d;
+  WeightShapedOutput(const at::Tensor& like, const MatrixShape& shape);
+  at::Tensor finish();
+};
+
 // sigma's dtype: float32 for float16/bfloat16/float32 weights, float64 for float64.
 at::ScalarType sigma_dtype(at::ScalarType weight_dtype);
 

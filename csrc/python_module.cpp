@@ -5,6 +5,9 @@
 #ifndef SN_EXT_BUILD_TORCH
 #define SN_EXT_BUILD_TORCH "unknown"
 #endif
+#ifndef SN_EXT_BUILD_CPU_ISA
+#define SN_EXT_BUILD_CPU_ISA "baseline"
+#endif
 #ifndef SN_EXT_BUILD_CUDA
 #define SN_EXT_BUILD_CUDA ""
 #endif
@@ -14,8 +17,10 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sn_ext com
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
-  // The torch version the library was compiled against, and the CUDA version ("" for a CPU-only build).
+  // The torch version the library was compiled against, the vector ISA of its CPU code ("avx2" or "baseline"),
+  // and the CUDA version ("" for a CPU-only build).
   if (PyModule_AddStringConstant(module, "built_with_torch", SN_EXT_BUILD_TORCH) < 0 ||
+      PyModule_AddStringConstant(module, "built_with_cpu_isa", SN_EXT_BUILD_CPU_ISA) < 0 ||
       PyModule_AddStringConstant(module, "built_with_cuda", SN_EXT_BUILD_CUDA) < 0) {
     Py_DECREF(module);
     return nullptr;

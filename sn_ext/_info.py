@@ -30,7 +30,8 @@ def info() -> dict:
         "compiled_library": {"loaded": library_status.loaded, "reason": library_status.reason},
         "backends": {
             "cpu": {"usable": cpu_compiled,
-                    "reason": "fused C++ kernels" if cpu_compiled else library_status.reason},
+                    "reason": f"fused C++ kernels ({library_status.built_with_cpu_isa} build)" if cpu_compiled
+                    else library_status.reason},
             "cuda": _cuda_backend(),
             "reference": {"usable": True, "reason": "pure PyTorch; serves every device without a compiled kernel"},
         },

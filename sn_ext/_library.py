@@ -20,6 +20,7 @@ class LibraryStatus:
     reason: str  # why it is not, or what it was built with
     built_with_torch: str | None = None
     built_with_cuda: str | None = None  # "" for a CPU-only build
+    built_with_cpu_isa: str | None = None  # "avx2" or "baseline"
 
 
 _libraries: list[torch.library.Library] = []  # kept alive: a Library's registrations end when it is collected
@@ -33,8 +34,9 @@ def _load_compiled() -> LibraryStatus:
     except ImportError as error:
         return LibraryStatus(False, f"the compiled library could not be imported: {error}")
     cuda = f"CUDA {_C.built_with_cuda}" if _C.built_with_cuda else "CPU only"
-    return LibraryStatus(True, f"built for torch {_C.built_with_torch}, {cuda}", _C.built_with_torch,
-                         _C.built_with_cuda)
+    return LibraryStatus(True, f"built for torch {_C.built_with_torch}, {cuda}, CPU code for "
+                               f"{_C.built_with_cpu_isa}", _C.built_with_torch, _C.built_with_cuda,
+                         _C.built_with_cpu_isa)
 
 
 def _define_schemas() -> None:

@@ -119,7 +119,18 @@ def rank_one(u: Tensor, v: Tensor, like: Tensor, dim: int) -> Tensor:
 
 def spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
                                 dim: int) -> Tensor:
+    op = "sn_ext::spectral_normalize_backward"
+    _check(op, weight_sn, 0, 0.0)
+    if grad.shape != weight_sn.shape:
+        raise ValueError(f"{op}: grad must have weight_sn's shape {list(weight_sn.shape)}, got {list(grad.shape)}")
+    if grad.dtype != weight_sn.dtype:
+        raise TypeError(f"{op}: grad must have weight_sn's dtype {weight_sn.dtype}, got {grad.dtype}")
+    if sigma.numel() != 1:
+        raise ValueError(f"{op}: sigma must hold one value, got shape {list(sigma.shape)}")
+    _check_vectors(op, weight_sn, u, v, dim)
     acc = sigma.dtype
     g = grad.to(acc)
     lam = torch.sum(g * weight_sn.to(acc))
-    return ((g - lam * rank_one(u.to(acc), v.to(acc), grad, dim)) / sigma).to(grad.dtype)
+    grad_weight = ((g - lam * rank_one(u.to(acc), v.to(acc), grad, dim)) / sigma).to(grad.dtype)
+    # In weight_sn's layout, as the compiled kernels and the fake kernel (empty_like(weight_sn)).
+    return torch.empty_like(weight_sn).copy_(grad_weight)

@@ -94,12 +94,13 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     ``parametrizations.<name>.0._u`` / ``._v``, exactly as torch's; a state dict of torch's legacy
     ``torch.nn.utils.spectral_norm`` (``<name>_orig``, ``<name>_u``, ``<name>_v``) loads too.
     """
-    weight = getattr(module, name, None)
-    if not isinstance(weight, Tensor):
-        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    # Checked before getattr: reading a parametrized weight in train mode runs a power iteration.
     if parametrize.is_parametrized(module, name) and any(
             isinstance(p, SpectralNorm) for p in module.parametrizations[name]):
         raise RuntimeError(f"spectral_norm: '{name}' of {type(module).__name__} already has sn_ext's spectral norm")
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
     if dim is None:
         dim = default_dim(module)
     parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps))

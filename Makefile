@@ -1,0 +1,51 @@
+# Quick start (see README.md):   make demo   |   make test
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
+CMAKE_BUILD ?= build-cmake
+
+# nvcc lives in /usr/local/cuda on the machines this project targets; torch finds it there too.
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+# Without a GPU, torch would compile the CUDA kernels for every architecture; build for Hopper only then.
+ifeq ($(shell command -v nvidia-smi),)
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
+
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: setup demo test test-python test-cpp bench clean
+
+setup: $(VENV)/.built
+
+$(VENV)/.deps: requirements.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --upgrade pip setuptools wheel
+	$(PYTHON) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	$(PYTHON) -m sn_ext.info
+	touch $@
+
+# The main job: sn_ext vs torch's spectral norm, one layer forward + backward, on this machine.
+demo: setup
+	$(PYTHON) -m benchmarks.layer --quick
+
+bench: setup
+	$(PYTHON) -m benchmarks.layer
+
+# The whole suite with the compiled kernels, again on the pure-PyTorch fallback, then the C++ test.
+test: test-python test-cpp
+
+test-python: setup
+	$(PYTHON) -m pytest -q tests
+	SN_EXT_DISABLE_EXT=1 $(PYTHON) -m pytest -q tests
+
+test-cpp: setup
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCUDA_TOOLKIT_ROOT_DIR="$(CUDA_HOME)"
+	cmake --build $(CMAKE_BUILD) -j 2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+clean:
+	rm -rf build $(CMAKE_BUILD) sn_ext/_C*.so *.egg-info
