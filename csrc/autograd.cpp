@@ -9,6 +9,7 @@
 //   dG = (H - <H, P> S) / sigma,   dS = -<H, P> G / sigma,   dsigma = -<H, out> / sigma.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -80,6 +81,7 @@ class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as below
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &weight_sn = saved[0], &sigma = saved[1], &u = saved[2], &v = saved[3];
     const int64_t dim = ctx->saved_data["dim"].toInt();
@@ -107,6 +109,8 @@ class SpectralNormalizeBackward : public torch::autograd::Function<SpectralNorma
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // A backward run under autocast must not cast these sums (at::mv is on CUDA autocast's float16 list).
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &grad = saved[0], &weight_sn = saved[1], &u = saved[2], &v = saved[3], &sigma = saved[4],
                      &out = saved[5];

@@ -31,10 +31,9 @@ class SpectralNorm:
         v = getattr(module, self.name + "_v")
         n = self.n_power_iterations if do_power_iteration else 0
         weight_sn, _, u_new, v_new = ops.spectral_normalize(weight, u, v, self.dim, n, self.eps, v_first=True)
-        if n:
-            with torch.no_grad():
-                u.copy_(u_new)
-                v.copy_(v_new)
+        if n:  # non-differentiable outputs: the copies record nothing for autograd (see nn/spectral_norm.py)
+            u.copy_(u_new)
+            v.copy_(v_new)
         return weight_sn
 
     def remove(self, module: nn.Module) -> None:

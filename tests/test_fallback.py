@@ -67,7 +67,7 @@ def test_info_reports_cpu_backend():
     else:
         # Without the switch the compiled kernels must be in use: a silent fallback would leave them untested.
         assert loaded, f"the compiled library did not load: {info['compiled_library']['reason']}"
-        assert cpu["usable"] is True and cpu["reason"] == "fused C++ kernels"
+        assert cpu["usable"] is True and cpu["reason"].startswith("fused C++ kernels")
     assert _library.has_compiled_kernel("CPU") == (not disabled)
     assert torch._C._dispatch_has_kernel_for_dispatch_key("sn_ext::spectral_normalize", "CPU") == (not disabled)
 

@@ -634,8 +634,8 @@ at::Tensor spectral_normalize_backward_cuda(const at::Tensor& grad, const at::Te
       lambda_total_kernel<acc_t><<<1, kVectorThreads, 0, stream>>>(partial_ptr, lambda_blocks, lambda_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       backward_kernel<scalar_t, acc_t, index_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
-          g, gv, out.view3d.mutable_data_ptr<scalar_t>(), view_of(out.view3d), u.const_data_ptr<scalar_t>(), u.stride(0),
-          v.const_data_ptr<scalar_t>(), v.stride(0), lambda_ptr, sig.const_data_ptr<acc_t>(),
+          g, gv, out.view3d.mutable_data_ptr<scalar_t>(), view_of(out.view3d), u.const_data_ptr<scalar_t>(),
+          u.stride(0), v.const_data_ptr<scalar_t>(), v.stride(0), lambda_ptr, sig.const_data_ptr<acc_t>(),
           static_cast<index_t>(numel));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -44,13 +44,14 @@ class SpectralNorm(nn.Module):
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
         n = self.n_power_iterations if self.training else 0
-        weight_sn, _, u_new, v_new = ops.spectral_normalize(weight, self._u, self._v, self.dim, n, self.eps)
+        u, v = self._u, self._v
+        weight_sn, _, u_new, v_new = ops.spectral_normalize(weight, u, v, self.dim, n, self.eps)
         if n:
             # Autograd saved u_new, v_new (not the buffers), so a later access may update the buffers in place
-            # before this one's backward: calling the module twice before one backward works.
-            with torch.no_grad():
-                self._u.copy_(u_new)
-                self._v.copy_(v_new)
+            # before this one's backward: calling the module twice before one backward works. They are
+            # non-differentiable outputs, so these copies record nothing for autograd.
+            u.copy_(u_new)
+            v.copy_(v_new)
         return weight_sn
 
     def right_inverse(self, value: Tensor) -> Tensor:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (torch 2.11, Python 3.12, no package registry): builds sn_ext offline, runs the
+# CUDA tests and the GPU benchmarks, and leaves logs and CSVs under $OUT. Budget: well under 8 minutes.
+#   OUT=gpu_results bash benchmarks/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+status=0
+{ nvidia-smi; python3 --version; python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } \
+  > "$OUT/env.txt" 2>&1
+
+# Build in place (editable), so that tests run from the checkout import the compiled library.
+if ! (time MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps --no-index -e .) > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  exit 1
+fi
+python3 -m sn_ext.info | tee "$OUT/info.json"
+
+timeout 300 python3 -m pytest -q -x tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1 || status=1
+tail -5 "$OUT/test_cuda.log"
+
+for dtype in float32 bfloat16; do
+  timeout 120 python3 -m benchmarks.layer --device cuda --dtype "$dtype" --out "$OUT/layer_cuda_$dtype.csv" \
+    > "$OUT/layer_cuda_$dtype.md" 2>&1 || status=1
+  tail -12 "$OUT/layer_cuda_$dtype.md"
+done
+exit $status
