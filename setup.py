@@ -43,7 +43,7 @@ setup(
     name="sn_ext",
     version="0.1.0",
     description="Fused spectral normalization for PyTorch: a drop-in for torch's spectral_norm",
-    packages=["sn_ext", "sn_ext.nn"],
+    packages=["sn_ext", "sn_ext.nn", "sn_ext.triton"],
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
     ext_modules=[extension("sn_ext._C", sources, define_macros=macros, extra_compile_args=extra_compile_args,

@@ -18,9 +18,14 @@ python3 -m sn_ext.info | tee "$OUT/info.json"
 
 timeout 300 python3 -m pytest -q -x tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1 || status=1
 tail -5 "$OUT/test_cuda.log"
+# The Triton backend on the GPU (full grid, opcheck, no host sync, torch.compile), backend choice, torch.compile.
+timeout 420 python3 -m pytest -q -rs tests/test_triton.py tests/test_backends.py tests/test_compile.py \
+  > "$OUT/test_triton.log" 2>&1 || status=1
+tail -8 "$OUT/test_triton.log"
 
 for dtype in float32 bfloat16; do
-  timeout 120 python3 -m benchmarks.layer --device cuda --dtype "$dtype" --out "$OUT/layer_cuda_$dtype.csv" \
+  # 240 s: the "torch compiled" provider compiles once per shape.
+  timeout 240 python3 -m benchmarks.layer --device cuda --dtype "$dtype" --out "$OUT/layer_cuda_$dtype.csv" \
     > "$OUT/layer_cuda_$dtype.md" 2>&1 || status=1
   tail -12 "$OUT/layer_cuda_$dtype.md"
 done

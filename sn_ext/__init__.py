@@ -7,8 +7,8 @@
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402  (loads the kernels)
-from . import legacy  # noqa: E402
+from . import backends, legacy  # noqa: E402
 from ._info import info  # noqa: E402
-from .nn import SpectralNorm, spectral_norm  # noqa: E402
+from .nn import SpectralNorm, renormalize_buffers_, spectral_norm  # noqa: E402
 
-__all__ = ["SpectralNorm", "info", "legacy", "ops", "spectral_norm"]
+__all__ = ["SpectralNorm", "backends", "info", "legacy", "ops", "renormalize_buffers_", "spectral_norm"]

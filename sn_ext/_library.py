@@ -4,7 +4,8 @@ After `load()`, every sn_ext op exists with the same schema whatever happened:
 - the compiled library `sn_ext._C` defines the schemas and registers CPU (and, in a CUDA build, CUDA) kernels;
 - without it (not built, failed to load, or SN_EXT_DISABLE_EXT=1) the schemas come from _schemas.py;
 - the pure-PyTorch reference is registered as the CompositeExplicitAutograd kernel, so it serves every device
-  that has no compiled kernel (a CUDA tensor with a CPU-only build, MPS, ...): compiled kernels always win.
+  that has no compiled kernel (a CUDA tensor with a CPU-only build, MPS, ...): compiled kernels always win;
+- the reference is also defined as sn_ext::reference_spectral_normalize(_backward), for the "reference" backend.
 """
 import dataclasses
 import os
@@ -53,11 +54,30 @@ def _register_reference() -> None:
     _libraries.append(lib)
 
 
+# The reference again under its own names, with the same schemas: the "reference" backend (sn_ext.backends) calls
+# these, so that it can be chosen on a device whose sn_ext::spectral_normalize runs compiled kernels.
+REFERENCE_OPS = ("reference_spectral_normalize", "reference_spectral_normalize_backward")
+
+
+def _define_reference_ops() -> None:
+    lib = torch.library.Library(_schemas.NAMESPACE, "FRAGMENT")
+    for name, same_as in zip(REFERENCE_OPS, ("spectral_normalize", "spectral_normalize_backward")):
+        lib.define(name + _schemas.SCHEMAS[same_as])
+        lib.impl(name, getattr(reference, same_as), "CompositeExplicitAutograd")
+    _libraries.append(lib)
+
+
+def keep_alive(lib: torch.library.Library) -> None:
+    """Keeps a Library's registrations for the life of the process."""
+    _libraries.append(lib)
+
+
 def load() -> LibraryStatus:
     status = _load_compiled()
     if not status.loaded:
         _define_schemas()
     _register_reference()
+    _define_reference_ops()
     return status
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _state_dict, ops
-from .nn.spectral_norm import check_arguments, default_dim
+from . import _state_dict, backends
+from .nn.spectral_norm import check_arguments, default_dim, has_spectral_norm
 from .reference import to_matrix
 
 
@@ -24,13 +24,18 @@ class SpectralNorm:
         self.dim = dim
         self.n_power_iterations = n_power_iterations
         self.eps = eps
+        self.backend = "auto"  # the name asked for; apply() sets it and the kernels (see sn_ext.backends)
+        self._kernels = backends.unresolved(self.backend)
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         weight = getattr(module, self.name + "_orig")
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
         n = self.n_power_iterations if do_power_iteration else 0
-        weight_sn, _, u_new, v_new = ops.spectral_normalize(weight, u, v, self.dim, n, self.eps, v_first=True)
+        kernels = self._kernels
+        if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
+            kernels = backends.kernels_for(self, weight)
+        weight_sn, _, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps, v_first=True)
         if n:  # non-differentiable outputs: the copies record nothing for autograd (see nn/spectral_norm.py)
             u.copy_(u_new)
             v.copy_(v_new)
@@ -49,10 +54,10 @@ class SpectralNorm:
         setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
 
     @staticmethod
-    def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float) -> "SpectralNorm":
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, SpectralNorm) and hook.name == name:
-                raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+    def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float,
+              backend: str | None = None) -> "SpectralNorm":
+        if has_spectral_norm(module, name):  # sn_ext's or torch's, either version
+            raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
         weight = module._parameters.get(name)
         if weight is None:
             raise ValueError(f"Module '{type(module).__name__}' has no parameter with name '{name}'")
@@ -61,6 +66,8 @@ class SpectralNorm:
                              "Make sure to run the dummy forward before applying spectral normalization")
         check_arguments(weight, n_power_iterations, dim, eps)
         fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
+        fn.backend = backends.requested_backend(backend)
+        fn._kernels = backends.initial_kernels(fn.backend, weight)
         with torch.no_grad():
             h, w = to_matrix(weight, fn.dim).shape
             u = F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
@@ -72,7 +79,7 @@ class SpectralNorm:
         module.register_buffer(fn.name + "_v", v)
         module.register_forward_pre_hook(fn)
         module._register_state_dict_hook(_StateDictVersion(fn))
-        _state_dict.accept_both_layouts(module, name, legacy=True)
+        _state_dict.accept_both_layouts(module, name, legacy=True, dim=fn.dim)
         return fn
 
 
@@ -87,11 +94,13 @@ class _StateDictVersion:
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None) -> nn.Module:
-    """Applies legacy-style spectral normalization to `module.<name>`; torch.nn.utils.spectral_norm's arguments."""
+                  dim: int | None = None, backend: str | None = None) -> nn.Module:
+    """Applies legacy-style spectral normalization to `module.<name>`; torch.nn.utils.spectral_norm's arguments,
+    and `backend` as sn_ext.spectral_norm's ("auto", "cpu", "cuda", "triton", "reference"; None: $SN_EXT_BACKEND,
+    else "auto")."""
     if dim is None:
         dim = default_dim(module)
-    SpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, backend)
     return module
 
 

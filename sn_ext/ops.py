@@ -7,7 +7,13 @@ Importing this module loads the kernels (see _library.py). The ops, all on W's m
 - ``spectral_normalize(W, u, v, dim, n, eps, v_first=False) -> (W_sn, sigma, u_new, v_new)``: the fused forward,
   differentiable in W (W_sn and sigma); u_new, v_new are the vectors after n rounds (fresh tensors, no grad).
 - ``spectral_normalize_backward(grad, W_sn, u, v, sigma, dim) -> grad_W``: ``(grad - <grad, W_sn> u v^T) / sigma``.
+
+The other backends' pairs (sn_ext.backends) have the same schemas and share the fake kernels and autograd formulas
+below (register_backend_ops): ``reference_spectral_normalize(_backward)`` (pure PyTorch, always defined) and
+``triton_spectral_normalize(_backward)`` (sn_ext/triton, defined when that backend is first chosen).
 """
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -44,14 +50,15 @@ def _(weight, u, v, dim, n_power_iterations, eps, v_first=False):
     return _sigma_like(weight)
 
 
+# Shared by every backend's ops with these schemas (see register_backend_ops).
 @torch.library.register_fake("sn_ext::spectral_normalize")
-def _(weight, u, v, dim, n_power_iterations, eps, v_first=False):
+def _fake_forward(weight, u, v, dim, n_power_iterations, eps, v_first=False):
     return (torch.empty_like(weight), _sigma_like(weight), torch.empty_like(u, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 @torch.library.register_fake("sn_ext::spectral_normalize_backward")
-def _(grad, weight_sn, u, v, sigma, dim):
+def _fake_backward(grad, weight_sn, u, v, sigma, dim):
     return torch.empty_like(weight_sn)
 
 
@@ -70,15 +77,20 @@ def _setup_forward(ctx, inputs, output):
     ctx.dim = dim
 
 
-def _backward_forward(ctx, grad_weight_sn, grad_sigma, _grad_u, _grad_v):
-    weight_sn, sigma, u, v = ctx.saved_tensors
-    grad_weight = None
-    if grad_weight_sn is not None:
-        grad_weight = spectral_normalize_backward(grad_weight_sn, weight_sn, u, v, sigma, ctx.dim)
-    if grad_sigma is not None:
-        from_sigma = (grad_sigma * reference.rank_one(u, v, weight_sn, ctx.dim)).to(weight_sn.dtype)
-        grad_weight = from_sigma if grad_weight is None else grad_weight + from_sigma
-    return grad_weight, None, None, None, None, None, None
+def _backward_of_forward(backward_op):
+    """The backward of a forward op, calling `backward_op` (a spectral_normalize_backward-schema op of the same
+    backend) for the W_sn part: one formula for every backend."""
+    def backward(ctx, grad_weight_sn, grad_sigma, _grad_u, _grad_v):
+        weight_sn, sigma, u, v = ctx.saved_tensors
+        grad_weight = None
+        if grad_weight_sn is not None:
+            grad_weight = backward_op(grad_weight_sn, weight_sn, u, v, sigma, ctx.dim)
+        if grad_sigma is not None:
+            from_sigma = (grad_sigma * reference.rank_one(u, v, weight_sn, ctx.dim)).to(weight_sn.dtype)
+            grad_weight = from_sigma if grad_weight is None else grad_weight + from_sigma
+        return grad_weight, None, None, None, None, None, None
+
+    return backward
 
 
 
@@ -96,14 +108,67 @@ def _setup_backward(ctx, inputs, output):
 def _backward_backward(ctx, h):
     grad, weight_sn, u, v, sigma, out = ctx.saved_tensors
     acc = sigma.dtype
-    h_p = torch.dot(u.to(acc), reference.to_matrix(h, ctx.dim % h.dim()).to(acc) @ v.to(acc))
+    with _autocast_off(h.device.type):  # a backward run under autocast must not cast these sums
+        h_p = torch.dot(u.to(acc), reference.to_matrix(h, ctx.dim % h.dim()).to(acc) @ v.to(acc))
     d_grad = ((h.to(acc) - h_p * weight_sn.to(acc)) / sigma).to(grad.dtype)
     d_weight_sn = (-h_p / sigma * grad.to(acc)).to(weight_sn.dtype)
     d_sigma = -torch.sum(h.to(acc) * out.to(acc)) / sigma
     return d_grad, d_weight_sn, None, None, d_sigma, None
 
 
+# ---- autocast ----
+# The ops run in their inputs' dtype (the weight's) with autocast off inside them, whatever the autocast dtype.
+# A custom op with no Autocast kernel falls through that key with autocast still on, and the reference's matmuls
+# then ran in bfloat16/float16 and returned a bfloat16 sigma (the fake kernel says float32). The compiled library
+# registers this in C++ (csrc/autocast.cpp); without it, it is registered here.
+
+_AUTOCAST_KEYS = {"AutocastCPU": "cpu", "AutocastCUDA": "cuda"}
+
+
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _without_autocast(op, device_type: str):
+    def kernel(*args, **kwargs):
+        with torch.autocast(device_type, enabled=False):
+            return op(*args, **kwargs)
+
+    return kernel
+
+
 if not library_status.loaded:
-    torch.library.register_autograd("sn_ext::spectral_normalize", _backward_forward, setup_context=_setup_forward)
+    torch.library.register_autograd("sn_ext::spectral_normalize",
+                                    _backward_of_forward(_ops.spectral_normalize_backward.default),
+                                    setup_context=_setup_forward)
     torch.library.register_autograd("sn_ext::spectral_normalize_backward", _backward_backward,
                                     setup_context=_setup_backward)
+    _autocast_lib = torch.library.Library("sn_ext", "IMPL")
+    for _name in ("power_iteration_", "spectral_normalize", "spectral_normalize_backward"):
+        for _key, _device in _AUTOCAST_KEYS.items():
+            _autocast_lib.impl(_name, _without_autocast(getattr(_ops, _name).default, _device), _key)
+
+
+# ---- the other backends' ops (sn_ext.backends): same schemas, so the same fake kernels, autograd and autocast ----
+
+def register_backend_ops(forward: str, backward: str, *, autocast: bool = True) -> None:
+    """Registers, for a backend's pair of ops with the schemas of spectral_normalize / spectral_normalize_backward
+    (names in the sn_ext namespace), the shared fake kernels, the autograd formulas above (the forward's backward
+    calling `backward`), and optionally the autocast exclusion."""
+    torch.library.register_fake(f"sn_ext::{forward}", _fake_forward)
+    torch.library.register_fake(f"sn_ext::{backward}", _fake_backward)
+    torch.library.register_autograd(f"sn_ext::{forward}", _backward_of_forward(getattr(_ops, backward).default),
+                                    setup_context=_setup_forward)
+    torch.library.register_autograd(f"sn_ext::{backward}", _backward_backward, setup_context=_setup_backward)
+    if autocast:
+        lib = torch.library.Library("sn_ext", "IMPL")
+        for name in (forward, backward):
+            for key, device in _AUTOCAST_KEYS.items():
+                lib.impl(name, _without_autocast(getattr(_ops, name).default, device), key)
+        _library.keep_alive(lib)
+
+
+# The reference under its own names (sn_ext/_library.py), for the "reference" backend where compiled kernels exist.
+register_backend_ops(*_library.REFERENCE_OPS)

@@ -74,7 +74,7 @@ def _check(op: str, weight: Tensor, n_power_iterations: int, eps: float) -> None
                          f"{tuple(weight.shape)}")
     if n_power_iterations < 0:
         raise ValueError(f"{op}: n_power_iterations must be >= 0, got {n_power_iterations}")
-    if eps < 0:
+    if not eps >= 0:  # NaN too, as the compiled kernels
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
 
 

@@ -17,6 +17,8 @@ from torch.nn.utils import parametrizations as torch_param
 import sn_ext
 from sn_ext import _library, ops, reference
 
+from helpers import rel_err
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DEVICE = "cuda"
@@ -48,14 +50,6 @@ def _no_tf32():
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    a, b = ours.detach().double().cpu(), ref.detach().double().cpu()
-    diff = (a - b).abs().max().item()
-    if diff != diff:
-        return float("inf")
-    return diff / max(b.abs().max().item(), 1e-300)
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:

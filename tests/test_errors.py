@@ -137,6 +137,10 @@ FORWARD_BAD = {
     "negative_n": (lambda w, u, v: (w, u, v, 1, -1, 1e-12), ValueError, r"n_power_iterations"),
     "dim_range": (lambda w, u, v: (w, u, v, 3, 1, 1e-12), IndexError, r"dim"),
     "empty": (lambda w, u, v: (torch.empty(0, 3), torch.empty(0), unit(3), 0, 1, 1e-12), ValueError, r"weight"),
+    "weight_0d": (lambda w, u, v: (torch.tensor(1.5), unit(1), unit(1), 0, 1, 1e-12), ValueError, r"weight"),
+    "weight_complex": (lambda w, u, v: (w.to(torch.complex64), u.to(torch.complex64), v.to(torch.complex64), 1, 1,
+                                        1e-12), TypeError, r"weight.*(?i:complex)"),
+    "nan_eps": (lambda w, u, v: (w, u, v, 1, 1, float("nan")), ValueError, r"eps.*nan"),
 }
 
 

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
-from .. import _state_dict, ops
+from .. import _state_dict, backends
 from ..reference import to_matrix
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -23,9 +25,11 @@ _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class SpectralNorm(nn.Module):
     """The parametrization W -> W / sigma(W); the same state and attributes as torch's _SpectralNorm."""
 
-    def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12) -> None:
+    def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
+                 backend: str | None = None) -> None:
         super().__init__()
         check_arguments(weight, n_power_iterations, dim, eps)
+        self.backend = backends.requested_backend(backend)  # the name asked for ("auto", ...): see sn_ext.backends
         ndim = weight.ndim
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
@@ -37,15 +41,17 @@ class SpectralNorm(nn.Module):
             v = weight.new_empty(w).normal_(0, 1)
             self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
-            with torch.no_grad():
-                ops.power_iteration_(weight, self._u, self._v, self.dim, 15, self.eps)
+            self._kernels = backends.prepare(self.backend, weight, self._u, self._v, self.dim, 15, self.eps)
 
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
         n = self.n_power_iterations if self.training else 0
         u, v = self._u, self._v
-        weight_sn, _, u_new, v_new = ops.spectral_normalize(weight, u, v, self.dim, n, self.eps)
+        kernels = self._kernels
+        if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
+            kernels = backends.kernels_for(self, weight)
+        weight_sn, _, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps)
         if n:
             # Autograd saved u_new, v_new (not the buffers), so a later access may update the buffers in place
             # before this one's backward: calling the module twice before one backward works. They are
@@ -78,8 +84,19 @@ def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: floa
     if n_power_iterations <= 0:
         raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations="
                          f"{n_power_iterations}")
-    if eps < 0:
+    if not eps >= 0:  # NaN too
         raise ValueError(f"spectral_norm: eps must be >= 0, got eps={eps}")
+
+
+def has_spectral_norm(module: nn.Module, name: str) -> bool:
+    """Whether module.<name> already has a spectral norm: sn_ext's or torch's, parametrization or legacy hook."""
+    from .. import legacy  # a late import: legacy imports this module
+
+    if parametrize.is_parametrized(module, name) and any(
+            isinstance(p, (SpectralNorm, _TorchSpectralNorm)) for p in module.parametrizations[name]):
+        return True
+    return any(isinstance(hook, (legacy.SpectralNorm, _TorchLegacySpectralNorm)) and hook.name == name
+               for hook in module._forward_pre_hooks.values())
 
 
 def default_dim(module: nn.Module) -> int:
@@ -88,22 +105,29 @@ def default_dim(module: nn.Module) -> int:
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None) -> nn.Module:
+                  dim: int | None = None, backend: str | None = None) -> nn.Module:
     """Applies spectral normalization to `module.<name>`; the arguments of torch's parametrizations.spectral_norm.
 
     Returns the module. Its state dict holds ``parametrizations.<name>.original`` and
     ``parametrizations.<name>.0._u`` / ``._v``, exactly as torch's; a state dict of torch's legacy
     ``torch.nn.utils.spectral_norm`` (``<name>_orig``, ``<name>_u``, ``<name>_v``) loads too.
+
+    `backend` picks the kernels: "auto" (the fastest that can take the weight where it runs), "cpu", "cuda",
+    "triton" or "reference"; None means $SN_EXT_BACKEND, else "auto" (see sn_ext.backends).
     """
     # Checked before getattr: reading a parametrized weight in train mode runs a power iteration.
-    if parametrize.is_parametrized(module, name) and any(
-            isinstance(p, SpectralNorm) for p in module.parametrizations[name]):
-        raise RuntimeError(f"spectral_norm: '{name}' of {type(module).__name__} already has sn_ext's spectral norm")
+    if has_spectral_norm(module, name):
+        raise RuntimeError(f"spectral_norm: '{name}' of {type(module).__name__} already has a spectral norm")
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"spectral_norm: '{name}' of {type(module).__name__} is an uninitialized (lazy) parameter: "
+                         f"run a dummy forward before applying spectral normalization")
     if dim is None:
         dim = default_dim(module)
-    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps))
-    _state_dict.accept_both_layouts(module, name, legacy=False)
+    sn = SpectralNorm(weight, n_power_iterations, dim, eps, backend)
+    with backends.registering(sn, weight):
+        parametrize.register_parametrization(module, name, sn)
+    _state_dict.accept_both_layouts(module, name, legacy=False, dim=sn.dim)
     return module
