@@ -13,7 +13,7 @@ endif
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test test-python test-cpp bench clean train results
+.PHONY: setup demo test test-python test-cpp bench clean results
 
 setup: $(VENV)/.built
 
@@ -28,16 +28,12 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(PYTHON) -m sn_ext.info
 	touch $@
 
-# The main job: sn_ext vs torch's spectral norm, one layer forward + backward, on this machine.
+# The main job: a small SN-GAN (ring of 8 Gaussians, MLP G/D, hinge loss, sn_ext's spectral norm), ~2 minutes on
+# 2 cores: samples and metrics under runs/ (see `python -m sngan.train --help` for the rest).
 demo: setup
-	$(PYTHON) -m benchmarks.layer --quick
-
-# A small SN-GAN (ring of 8 Gaussians, MLP G/D, hinge loss, sn_ext) in ~1-3 minutes on 2 cores: samples and
-# metrics under runs/ (see `python -m sngan.train --help` for the rest).
-train: setup
 	$(PYTHON) -m sngan.train
 
-# The results table of docs/sngan_results.md (about 20 minutes on 2 cores).
+# The results table of the README's SN-GAN section (about 30 minutes on 2 cores).
 results: setup
 	$(PYTHON) -m sngan.experiments
 

@@ -3,7 +3,7 @@
     python -m sngan.train                      # the default: a small SN-GAN on the ring of 8 Gaussians, ~2 min on CPU
     python -m sngan.train --data digits --loss hinge --sn sn_ext --steps 5000
     torchrun --nproc_per_node 2 -m sngan.train --data ring8     # DDP: gloo on CPU, nccl on GPU
-    python -m sngan.experiments                # the results table in docs/sngan_results.md
+    python -m sngan.experiments                # the results table in the README
 
 Modules: models (MLP, SN-GAN standard CNN and ResNet G/D, `apply_spectral_norm`), losses (hinge, non-saturating,
 WGAN-GP, the seed's siamese/triplet loss and its variants), data (2-D mixtures, scikit-learn digits, CIFAR-10 /

@@ -21,14 +21,14 @@ from concurrent.futures import ProcessPoolExecutor
 MIXTURE_METHODS = {
     "SN (sn_ext), hinge": dict(loss="hinge", sn="sn_ext"),
     "no SN, hinge": dict(loss="hinge", sn="none"),
-    "SN, triplet (seed: no hinge, G = ||D(G(z))||^2)": dict(loss="triplet", sn="sn_ext", triplet_g="seed"),
-    "SN, triplet with hinge [.]+ (G = ||D(G(z))||^2)": dict(loss="triplet_hinge", sn="sn_ext", triplet_g="seed"),
+    "SN, triplet (seed: no hinge, G = ‖D(G(z))‖²)": dict(loss="triplet", sn="sn_ext", triplet_g="seed"),
+    "SN, triplet with hinge [.]+ (G = ‖D(G(z))‖²)": dict(loss="triplet_hinge", sn="sn_ext", triplet_g="seed"),
 }
 DIGITS_METHODS = {
     "SN (sn_ext), hinge": dict(loss="hinge", sn="sn_ext"),
     "no SN, hinge": dict(loss="hinge", sn="none"),
-    "SN, triplet with hinge (G = ||D(G(z))||^2)": dict(loss="triplet_hinge", sn="sn_ext", triplet_g="seed"),
-    "SN, triplet with hinge (G = ||D(x)-D(G(z))||^2)": dict(loss="triplet_hinge", sn="sn_ext", triplet_g="anchor"),
+    "SN, triplet with hinge (G = ‖D(G(z))‖²)": dict(loss="triplet_hinge", sn="sn_ext", triplet_g="seed"),
+    "SN, triplet with hinge (G = ‖D(x)-D(G(z))‖²)": dict(loss="triplet_hinge", sn="sn_ext", triplet_g="anchor"),
 }
 
 
@@ -135,7 +135,16 @@ def main(argv=None) -> int:
                    help="re-run one part; the other part's runs are kept from OUT/results.json")
     p.add_argument("--jobs", type=int, default=2, help="processes, one thread each")
     p.add_argument("--quick", action="store_true", help="tiny budget: checks the pipeline, numbers mean nothing")
+    p.add_argument("--table-only", action="store_true", help="re-render the table from OUT/results.json")
     args = p.parse_args(argv)
+    if args.table_only:
+        with open(os.path.join(args.out, "results.json")) as f:
+            saved = json.load(f)
+        md = table(saved["runs"], saved.get("digits_real_baseline"))
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(md)
+        print(md)
+        return 0
     if args.quick:
         args.seeds, args.mixture_steps, args.digits_steps, args.digits_width = 1, 3, 3, 1 / 16
         args.mixture_batch = 16

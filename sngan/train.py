@@ -563,7 +563,7 @@ def _cli() -> int:
     from .data import DataNotFoundError
     try:
         return main()
-    except (DataNotFoundError, ValueError) as e:
+    except (DataNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
