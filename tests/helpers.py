@@ -249,6 +249,29 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tor
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
+# Every spectral norm a checkpoint can come from or go to, by name; the legacy (forward pre-hook) ones.
+APPLY = {
+    "torch": torch_param.spectral_norm,
+    "torch_legacy": torch_legacy_sn,
+    "sn_ext": sn_ext.spectral_norm,
+    "sn_ext_legacy": sn_ext.legacy.spectral_norm,
+}
+LEGACY = {"torch_legacy", "sn_ext_legacy"}
+
+
+def small_backend_net(register: Callable[..., nn.Module], backend: str | None, device: str,
+                      dtype: torch.dtype) -> nn.Module:
+    """Conv2d, ConvTranspose2d (dim=1) and Linear, each with `register(layer, backend=backend)`, seeded."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(),
+                        nn.Linear(2 * 6 * 6, 3)).to(device=device, dtype=dtype)
+    torch.manual_seed(1)
+    for layer in net:
+        if hasattr(layer, "weight"):
+            register(layer, backend=backend)
+    return net
+
+
 def apply_to_layers(net: nn.Module, apply: Callable[[nn.Module], nn.Module], seed: int) -> nn.Module:
     """Applies a spectral_norm function to every layer of net with a >= 2-D weight, after seeding."""
     torch.manual_seed(seed)

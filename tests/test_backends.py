@@ -12,6 +12,8 @@ from torch.nn.utils import parametrize
 import sn_ext
 from sn_ext import backends
 
+from helpers import small_backend_net
+
 USABLE = [name for name in backends.BACKENDS if name != "triton" and not backends.get(name).unavailable_reasons()]
 UNUSABLE = [name for name in backends.BACKENDS if name != "triton" and backends.get(name).unavailable_reasons()]
 REGISTER = {"parametrization": sn_ext.spectral_norm, "legacy": sn_ext.legacy.spectral_norm}
@@ -29,14 +31,7 @@ def _hooks(net: nn.Module) -> list:
 
 
 def _net(kind: str, backend=None, device="cpu", dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(),
-                        nn.Linear(2 * 6 * 6, 3)).to(device=device, dtype=dtype)
-    torch.manual_seed(1)
-    for layer in net:
-        if hasattr(layer, "weight"):
-            REGISTER[kind](layer, backend=backend)
-    return net
+    return small_backend_net(REGISTER[kind], backend, device, dtype)
 
 
 def _expected_auto(device_type: str) -> str:

@@ -17,6 +17,8 @@ from torch import nn
 import sn_ext
 from sn_ext import backends
 
+from helpers import small_backend_net
+
 REGISTER = {"parametrization": sn_ext.spectral_norm, "legacy": sn_ext.legacy.spectral_norm}
 CASES = [(name, "cpu") for name in ("cpu", "reference") if not backends.get(name).unavailable_reasons()]
 if torch.cuda.is_available():
@@ -32,14 +34,7 @@ def _fresh_dynamo():
 
 
 def _net(kind: str, backend: str | None, device: str, dtype=torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(),
-                        nn.Linear(2 * 6 * 6, 3)).to(device=device, dtype=dtype)
-    torch.manual_seed(1)
-    for layer in net:
-        if hasattr(layer, "weight"):
-            REGISTER[kind](layer, backend=backend)
-    return net
+    return small_backend_net(REGISTER[kind], backend, device, dtype)
 
 
 def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:

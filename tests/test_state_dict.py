@@ -4,19 +4,8 @@ source module's eval output (and, in the same family, the same next train step).
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations as torch_param
-from torch.nn.utils import spectral_norm as torch_legacy_sn
 
-import sn_ext
-from helpers import TOL, apply_to_layers, assert_rel, randn
-
-APPLY = {
-    "torch": torch_param.spectral_norm,
-    "torch_legacy": torch_legacy_sn,
-    "sn_ext": sn_ext.spectral_norm,
-    "sn_ext_legacy": sn_ext.legacy.spectral_norm,
-}
-LEGACY = {"torch_legacy", "sn_ext_legacy"}
+from helpers import APPLY, LEGACY, TOL, apply_to_layers, assert_rel, randn
 
 NETS = {
     "linear": (lambda: nn.Linear(7, 5), (3, 7)),
