@@ -93,10 +93,31 @@ def _check_vectors(op: str, weight: Tensor, u: Tensor, v: Tensor, dim: int) -> N
             raise RuntimeError(f"{op}: {name} must be on the weight's device {weight.device}, got {vector.device}")
 
 
+def check_forward_args(op: str, weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int,
+                       eps: float) -> None:
+    """All the checks of a forward op, as csrc/matrix_view.cpp's check_forward_args (every Python backend)."""
+    _check(op, weight, n_power_iterations, eps)
+    _check_vectors(op, weight, u, v, dim)
+
+
+def check_backward_args(op: str, grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
+                        dim: int) -> None:
+    """All the checks of spectral_normalize_backward, as csrc/matrix_view.cpp's check_backward_args."""
+    _check(op, weight_sn, 0, 0.0)
+    if grad.shape != weight_sn.shape:
+        raise ValueError(f"{op}: grad must have weight_sn's shape {list(weight_sn.shape)}, got {list(grad.shape)}")
+    if grad.dtype != weight_sn.dtype:
+        raise TypeError(f"{op}: grad must have weight_sn's dtype {weight_sn.dtype}, got {grad.dtype}")
+    if grad.device != weight_sn.device:
+        raise RuntimeError(f"{op}: grad must be on weight_sn's device {weight_sn.device}, got {grad.device}")
+    if sigma.numel() != 1:
+        raise ValueError(f"{op}: sigma must hold one value, got shape {list(sigma.shape)}")
+    _check_vectors(op, weight_sn, u, v, dim)
+
+
 def power_iteration_(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
                      v_first: bool = False) -> Tensor:
-    _check("sn_ext::power_iteration_", weight, n_power_iterations, eps)
-    _check_vectors("sn_ext::power_iteration_", weight, u, v, dim)
+    check_forward_args("sn_ext::power_iteration_", weight, u, v, dim, n_power_iterations, eps)
     sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
     u.copy_(u_new)
     v.copy_(v_new)
@@ -105,8 +126,7 @@ def power_iteration_(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_ite
 
 def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
                        v_first: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check("sn_ext::spectral_normalize", weight, n_power_iterations, eps)
-    _check_vectors("sn_ext::spectral_normalize", weight, u, v, dim)
+    check_forward_args("sn_ext::spectral_normalize", weight, u, v, dim, n_power_iterations, eps)
     sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
     weight_sn = (weight.to(sigma.dtype) / sigma).to(weight.dtype)
     return weight_sn, sigma, u_new, v_new
@@ -119,15 +139,7 @@ def rank_one(u: Tensor, v: Tensor, like: Tensor, dim: int) -> Tensor:
 
 def spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
                                 dim: int) -> Tensor:
-    op = "sn_ext::spectral_normalize_backward"
-    _check(op, weight_sn, 0, 0.0)
-    if grad.shape != weight_sn.shape:
-        raise ValueError(f"{op}: grad must have weight_sn's shape {list(weight_sn.shape)}, got {list(grad.shape)}")
-    if grad.dtype != weight_sn.dtype:
-        raise TypeError(f"{op}: grad must have weight_sn's dtype {weight_sn.dtype}, got {grad.dtype}")
-    if sigma.numel() != 1:
-        raise ValueError(f"{op}: sigma must hold one value, got shape {list(sigma.shape)}")
-    _check_vectors(op, weight_sn, u, v, dim)
+    check_backward_args("sn_ext::spectral_normalize_backward", grad, weight_sn, u, v, sigma, dim)
     acc = sigma.dtype
     g = grad.to(acc)
     lam = torch.sum(g * weight_sn.to(acc))

@@ -199,8 +199,7 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
 def triton_spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
                               n_power_iterations: int, eps: float, v_first: bool = False):
     op = FORWARD
-    reference._check(op, weight, n_power_iterations, eps)
-    reference._check_vectors(op, weight, u, v, dim)
+    reference.check_forward_args(op, weight, u, v, dim, n_power_iterations, eps)
     m = _Matrix.of(weight, dim)
     w3 = m.view(weight)
     out, out3, scratch = m.output(weight)
@@ -220,16 +219,7 @@ def triton_spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Te
 def triton_spectral_normalize_backward(grad: torch.Tensor, weight_sn: torch.Tensor, u: torch.Tensor,
                                        v: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
     op = BACKWARD
-    reference._check(op, weight_sn, 0, 0.0)
-    if grad.shape != weight_sn.shape:
-        raise ValueError(f"{op}: grad must have weight_sn's shape {list(weight_sn.shape)}, got {list(grad.shape)}")
-    if grad.dtype != weight_sn.dtype:
-        raise TypeError(f"{op}: grad must have weight_sn's dtype {weight_sn.dtype}, got {grad.dtype}")
-    if grad.device != weight_sn.device:
-        raise RuntimeError(f"{op}: grad must be on weight_sn's device {weight_sn.device}, got {grad.device}")
-    if sigma.numel() != 1:
-        raise ValueError(f"{op}: sigma must hold one value, got shape {list(sigma.shape)}")
-    reference._check_vectors(op, weight_sn, u, v, dim)
+    reference.check_backward_args(op, grad, weight_sn, u, v, sigma, dim)
     m = _Matrix.of(weight_sn, dim)
     # The kernels read sigma from the device, in the accumulation dtype (a no-op for the forward's own sigma).
     sig = sigma.to(device=weight_sn.device, dtype=reference.accumulate_dtype(weight_sn.dtype)).reshape(())
