@@ -2,7 +2,6 @@
 CPU, and a 2-process DDP run (gloo) whose ranks end with identical weights and spectral-norm buffers."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -122,17 +121,11 @@ def test_missing_data_is_a_clear_error(tmp_path):
         main(["--data", "cifar10", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "sngan.train", "--data", "digits", "--arch", "cnn", "--width",
-           "0.0625", "--loss", "wgan-gp", "--steps", "4", "--n-dis", "2", "--sn", "sn_ext", "--batch-size", "8",
+    # --standalone: torchrun picks a free port itself (a port chosen here could be taken before torchrun binds it).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sngan.train",
+           "--data", "digits", "--arch", "cnn", "--width", "0.0625", "--loss", "wgan-gp", "--steps", "4", "--n-dis", "2", "--sn", "sn_ext", "--batch-size", "8",
            "--device", "cpu", "--eval-samples", "64", "--classifier-epochs", "1", "--metrics-cache",
            str(tmp_path / "cache"), "--out", str(out), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
