@@ -24,6 +24,9 @@ void call_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* sta
     m.impl("power_iteration_", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());            \
     m.impl("spectral_normalize", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());          \
     m.impl("spectral_normalize_backward", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>()); \
+    m.impl("spectral_normalize_grouped_", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>()); \
+    m.impl("spectral_normalize_grouped_backward",                                                         \
+           torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());                          \
   }
 
 SN_EXT_WITHOUT_AUTOCAST(AutocastCPU)

@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+
 namespace sn_ext {
 namespace {
 
@@ -140,11 +141,99 @@ at::Tensor spectral_normalize_backward_autograd(const at::Tensor& grad, const at
   return SpectralNormalizeBackward::apply(grad, weight_sn, u, v, sigma, dim)[0];
 }
 
+// ---- grouped mode: every layer's forward in one op, and their backward in one op ----
+
+using GroupedForwardSignature = std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>,
+                                           std::vector<at::Tensor>>(at::TensorList, at::TensorList, at::TensorList,
+                                                                    at::IntArrayRef, int64_t, double);
+using GroupedBackwardSignature = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList,
+                                                         at::TensorList, const at::Tensor&, at::IntArrayRef);
+
+// Outputs of the grouped forward, flattened for autograd: L weights_sn, sigmas, L us_used, L vs_used.
+class SpectralNormalizeGrouped : public torch::autograd::Function<SpectralNormalizeGrouped> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList weights, at::TensorList us, at::TensorList vs,
+                               std::vector<int64_t> dims, int64_t n, double eps) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("sn_ext::spectral_normalize_grouped_", "")
+                               .typed<GroupedForwardSignature>();
+    std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> result;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      result = op.call(weights, us, vs, dims, n, eps);
+    }
+    // Below ADInplaceOrView nothing bumped the buffers' versions: do it, as an in-place aten op would.
+    for (const auto& t : us) torch::autograd::impl::bump_version(t);
+    for (const auto& t : vs) torch::autograd::impl::bump_version(t);
+    auto& [weights_sn, sigmas, us_used, vs_used] = result;
+    const size_t layers = weights.size();
+    for (size_t i = 0; i < layers; ++i) dims[i] = wrapped(dims[i], weights[i]);
+    variable_list out(weights_sn.begin(), weights_sn.end());
+    out.push_back(sigmas);
+    out.insert(out.end(), us_used.begin(), us_used.end());
+    out.insert(out.end(), vs_used.begin(), vs_used.end());
+    ctx->mark_non_differentiable(variable_list(out.begin() + layers + 1, out.end()));
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(out);
+    ctx->saved_data["dims"] = dims;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("sn_ext::spectral_normalize_grouped_backward", "")
+                               .typed<GroupedBackwardSignature>();
+    const auto saved = ctx->get_saved_variables();
+    const size_t layers = (saved.size() - 1) / 3;
+    const std::vector<at::Tensor> weights_sn(saved.begin(), saved.begin() + layers),
+        us(saved.begin() + layers + 1, saved.begin() + 2 * layers + 1), vs(saved.begin() + 2 * layers + 1, saved.end());
+    const at::Tensor& sigmas = saved[layers];
+    const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
+    std::vector<at::Tensor> grads_weight(layers);
+    bool any = false;
+    for (size_t i = 0; i < layers; ++i) any = any || grads[i].defined();
+    if (any && at::GradMode::is_enabled()) {
+      // create_graph=True: the per-layer backward ops, which have a double backward; sigmas[i] carries its part.
+      for (size_t i = 0; i < layers; ++i)
+        if (grads[i].defined()) grads_weight[i] = call_backward(grads[i], weights_sn[i], us[i], vs[i], sigmas[i], dims[i]);
+    } else if (any) {
+      std::vector<at::Tensor> incoming(layers);
+      for (size_t i = 0; i < layers; ++i)  // a layer left out of the loss: a zero gradient (rare; costs a launch)
+        incoming[i] = grads[i].defined() ? grads[i] : at::zeros_like(weights_sn[i]);
+      grads_weight = op.call(incoming, weights_sn, us, vs, sigmas, dims);
+    }
+    if (grads[layers].defined()) {  // sigmas used in the loss: d sigma_i / d W_i = u_i v_i^T
+      for (size_t i = 0; i < layers; ++i) {
+        const at::Tensor from_sigma = (grads[layers][i] * rank_one(us[i].to(sigmas.scalar_type()),
+                                                                   vs[i].to(sigmas.scalar_type()), weights_sn[i],
+                                                                   dims[i]))
+                                          .to(weights_sn[i].scalar_type());
+        grads_weight[i] = grads_weight[i].defined() ? grads_weight[i] + from_sigma : from_sigma;
+      }
+    }
+    variable_list out(grads_weight.begin(), grads_weight.end());
+    out.resize(3 * layers + 3);  // nothing for us, vs, dims, n, eps
+    return out;
+  }
+};
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+spectral_normalize_grouped_autograd(at::TensorList weights, at::TensorList us, at::TensorList vs,
+                                    at::IntArrayRef dims, int64_t n, double eps) {
+  const size_t layers = weights.size();
+  const auto out = SpectralNormalizeGrouped::apply(weights, us, vs, dims.vec(), n, eps);
+  return {std::vector<at::Tensor>(out.begin(), out.begin() + layers), out[layers],
+          std::vector<at::Tensor>(out.begin() + layers + 1, out.begin() + 2 * layers + 1),
+          std::vector<at::Tensor>(out.begin() + 2 * layers + 1, out.end())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sn_ext, Autograd, m) {
   m.impl("spectral_normalize", &spectral_normalize_autograd);
   m.impl("spectral_normalize_backward", &spectral_normalize_backward_autograd);
+  m.impl("spectral_normalize_grouped_", &spectral_normalize_grouped_autograd);
 }
 
 }  // namespace sn_ext

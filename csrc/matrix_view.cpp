@@ -1,5 +1,8 @@
 #include "matrix_view.h"
 
+#include <string>
+#include <utility>
+
 namespace sn_ext {
 
 int64_t wrap_dim(const char* op, const at::Tensor& weight, int64_t dim) {
@@ -68,6 +71,68 @@ MatrixShape check_backward_args(const char* op, const at::Tensor& grad, const at
   const MatrixShape shape = matrix_shape(weight_sn, wrap_dim(op, weight_sn, dim));
   check_vectors(op, weight_sn, u, v, shape);
   return shape;
+}
+
+namespace {
+
+std::string layer_op(const char* op, size_t layer) { return std::string(op) + " (layer " + std::to_string(layer) + ")"; }
+
+// Same length as `weights` (the first list), and the first weight's dtype and device for every tensor of a list.
+void check_list(const char* op, const char* name, at::TensorList list, at::TensorList weights) {
+  TORCH_CHECK_VALUE(list.size() == weights.size(), op, ": ", name, " must hold one tensor per weight (",
+                    weights.size(), "), got ", list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    TORCH_CHECK_TYPE(list[i].scalar_type() == weights[0].scalar_type(), op, ": ", name, "[", i,
+                     "] has dtype ", list[i].scalar_type(), " but the first weight has ", weights[0].scalar_type(),
+                     ": one call takes tensors of one dtype and device (grouped_spectral_norm groups them so)");
+    TORCH_CHECK(list[i].device() == weights[0].device(), op, ": ", name, "[", i, "] is on ", list[i].device(),
+                " but the first weight is on ", weights[0].device(),
+                ": one call takes tensors of one dtype and device (grouped_spectral_norm groups them so)");
+  }
+}
+
+void check_dims_count(const char* op, at::IntArrayRef dims, at::TensorList weights) {
+  TORCH_CHECK_VALUE(!weights.empty(), op, ": weights must hold at least one tensor");
+  TORCH_CHECK_VALUE(dims.size() == weights.size(), op, ": dims must hold one value per weight (", weights.size(),
+                    "), got ", dims.size());
+}
+
+}  // namespace
+
+std::vector<MatrixShape> check_grouped_forward_args(const char* op, at::TensorList weights, at::TensorList us,
+                                                    at::TensorList vs, at::IntArrayRef dims,
+                                                    int64_t n_power_iterations, double eps) {
+  check_dims_count(op, dims, weights);
+  for (const auto& [name, list] : {std::pair<const char*, at::TensorList>{"weights", weights}, {"us", us}, {"vs", vs}})
+    check_list(op, name, list, weights);
+  std::vector<MatrixShape> shapes;
+  for (size_t i = 0; i < weights.size(); ++i)
+    shapes.push_back(check_forward_args(layer_op(op, i).c_str(), weights[i], us[i], vs[i], dims[i],
+                                        n_power_iterations, eps));
+  return shapes;
+}
+
+std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorList grads,
+                                                     at::TensorList weights_sn, at::TensorList us,
+                                                     at::TensorList vs, const at::Tensor& sigmas,
+                                                     at::IntArrayRef dims) {
+  check_dims_count(op, dims, weights_sn);
+  for (const auto& [name, list] :
+       {std::pair<const char*, at::TensorList>{"grads", grads}, {"weights_sn", weights_sn}, {"us", us}, {"vs", vs}})
+    check_list(op, name, list, weights_sn);
+  TORCH_CHECK_VALUE(sigmas.dim() == 1 && sigmas.size(0) == static_cast<int64_t>(weights_sn.size()), op,
+                    ": sigmas must be a vector of one value per weight (", weights_sn.size(), "), got shape ",
+                    sigmas.sizes());
+  TORCH_CHECK_TYPE(sigmas.scalar_type() == sigma_dtype(weights_sn[0].scalar_type()), op, ": sigmas must be ",
+                   sigma_dtype(weights_sn[0].scalar_type()), " for ", weights_sn[0].scalar_type(), " weights, got ",
+                   sigmas.scalar_type());
+  TORCH_CHECK(sigmas.device() == weights_sn[0].device(), op, ": sigmas must be on the weights' device ",
+              weights_sn[0].device(), ", got ", sigmas.device());
+  std::vector<MatrixShape> shapes;
+  for (size_t i = 0; i < weights_sn.size(); ++i)
+    shapes.push_back(check_backward_args(layer_op(op, i).c_str(), grads[i], weights_sn[i], us[i], vs[i],
+                                         sigmas[i], dims[i]));
+  return shapes;
 }
 
 WeightShapedOutput::WeightShapedOutput(const at::Tensor& like, const MatrixShape& shape)

@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace sn_ext {
 
 // torch's matrix view is W.permute(dim, *other dims).flatten(1), which copies when dim != 0.
@@ -32,6 +34,17 @@ MatrixShape check_forward_args(const char* op, const at::Tensor& weight, const a
 // All the checks of spectral_normalize_backward; returns the matrix shape.
 MatrixShape check_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& weight_sn,
                                 const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma, int64_t dim);
+
+// The checks of the grouped ops: lists of one length, one dtype and one device for every tensor, and each layer's
+// own checks (their errors name the layer: "sn_ext::spectral_normalize_grouped_ (layer 2): u must ..."). Returns
+// the layers' matrix shapes.
+std::vector<MatrixShape> check_grouped_forward_args(const char* op, at::TensorList weights, at::TensorList us,
+                                                    at::TensorList vs, at::IntArrayRef dims,
+                                                    int64_t n_power_iterations, double eps);
+std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorList grads,
+                                                     at::TensorList weights_sn, at::TensorList us,
+                                                     at::TensorList vs, const at::Tensor& sigmas,
+                                                     at::IntArrayRef dims);
 
 // A new tensor in `like`'s layout (as torch's `weight / sigma` and the fake kernels give) and the (outer, rows,
 // inner) view kernels write through. A layout with no such view (channels_last with dim=0) gets a contiguous

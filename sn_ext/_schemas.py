@@ -18,4 +18,11 @@ SCHEMAS = {
     "spectral_normalize_backward": (
         "(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor"
     ),
+    "spectral_normalize_grouped_": (
+        "(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, int n_power_iterations, float eps) "
+        "-> (Tensor[] weights_sn, Tensor sigmas, Tensor[] us_used, Tensor[] vs_used)"
+    ),
+    "spectral_normalize_grouped_backward": (
+        "(Tensor[] grads, Tensor[] weights_sn, Tensor[] us, Tensor[] vs, Tensor sigmas, int[] dims) -> Tensor[]"
+    ),
 }

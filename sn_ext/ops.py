@@ -7,6 +7,9 @@ Importing this module loads the kernels (see _library.py). The ops, all on W's m
 - ``spectral_normalize(W, u, v, dim, n, eps, v_first=False) -> (W_sn, sigma, u_new, v_new)``: the fused forward,
   differentiable in W (W_sn and sigma); u_new, v_new are the vectors after n rounds (fresh tensors, no grad).
 - ``spectral_normalize_backward(grad, W_sn, u, v, sigma, dim) -> grad_W``: ``(grad - <grad, W_sn> u v^T) / sigma``.
+- ``spectral_normalize_grouped_(Ws, us, vs, dims, n, eps) -> (W_sns, sigmas, us_used, vs_used)``: the forward of
+  many layers in one call (one launch on a GPU), u-first, with us and vs updated in place; ``sigmas`` is a vector.
+- ``spectral_normalize_grouped_backward(grads, W_sns, us, vs, sigmas, dims) -> grads_W``: their backward.
 
 The other backends' pairs (sn_ext.backends) have the same schemas and share the fake kernels and autograd formulas
 below (register_backend_ops): ``reference_spectral_normalize(_backward)`` (pure PyTorch, always defined) and
@@ -39,6 +42,17 @@ def spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: T
     return _ops.spectral_normalize_backward.default(grad, weight_sn, u, v, sigma, dim)
 
 
+def spectral_normalize_grouped_(weights: list[Tensor], us: list[Tensor], vs: list[Tensor], dims: list[int],
+                                n_power_iterations: int, eps: float
+                                ) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor]]:
+    return _ops.spectral_normalize_grouped_.default(weights, us, vs, dims, n_power_iterations, eps)
+
+
+def spectral_normalize_grouped_backward(grads: list[Tensor], weights_sn: list[Tensor], us: list[Tensor],
+                                        vs: list[Tensor], sigmas: Tensor, dims: list[int]) -> list[Tensor]:
+    return _ops.spectral_normalize_grouped_backward.default(grads, weights_sn, us, vs, sigmas, dims)
+
+
 # ---- fake kernels: output metadata only, for torch.compile and FakeTensor ----
 
 def _sigma_like(weight: Tensor) -> Tensor:
@@ -60,6 +74,22 @@ def _fake_forward(weight, u, v, dim, n_power_iterations, eps, v_first=False):
 @torch.library.register_fake("sn_ext::spectral_normalize_backward")
 def _fake_backward(grad, weight_sn, u, v, sigma, dim):
     return torch.empty_like(weight_sn)
+
+
+def _contiguous_like(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("sn_ext::spectral_normalize_grouped_")
+def _(weights, us, vs, dims, n_power_iterations, eps):
+    sigmas = weights[0].new_empty(len(weights), dtype=reference.accumulate_dtype(weights[0].dtype))
+    return ([torch.empty_like(w) for w in weights], sigmas, [_contiguous_like(u) for u in us],
+            [_contiguous_like(v) for v in vs])
+
+
+@torch.library.register_fake("sn_ext::spectral_normalize_grouped_backward")
+def _(grads, weights_sn, us, vs, sigmas, dims):
+    return [torch.empty_like(w) for w in weights_sn]
 
 
 # ---- autograd ----
@@ -146,9 +176,66 @@ if not library_status.loaded:
     torch.library.register_autograd("sn_ext::spectral_normalize_backward", _backward_backward,
                                     setup_context=_setup_backward)
     _autocast_lib = torch.library.Library("sn_ext", "IMPL")
-    for _name in ("power_iteration_", "spectral_normalize", "spectral_normalize_backward"):
+    for _name in ("power_iteration_", "spectral_normalize", "spectral_normalize_backward",
+                  "spectral_normalize_grouped_", "spectral_normalize_grouped_backward"):
         for _key, _device in _AUTOCAST_KEYS.items():
             _autocast_lib.impl(_name, _without_autocast(getattr(_ops, _name).default, _device), _key)
+
+
+# ---- autograd of the grouped forward ----
+# torch.library.register_autograd refuses ops that mutate inputs (us, vs), so without the compiled library the
+# formulas of csrc/autograd.cpp's SpectralNormalizeGrouped are registered as an Autograd kernel directly: a
+# torch.autograd.Function over the flattened lists (L weights_sn, sigmas, L us_used, L vs_used).
+
+class _Grouped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dims, n_power_iterations, eps, layers, *tensors):
+        weights, us, vs = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
+        with torch._C._AutoDispatchBelowAutograd():
+            weights_sn, sigmas, us_used, vs_used = _ops.spectral_normalize_grouped_.default(
+                list(weights), list(us), list(vs), dims, n_power_iterations, eps)
+        ctx.mark_non_differentiable(*us_used, *vs_used)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*weights_sn, sigmas, *us_used, *vs_used)
+        ctx.dims = [d % w.dim() for d, w in zip(dims, weights)]
+        return (*weights_sn, sigmas, *us_used, *vs_used)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        layers = (len(saved) - 1) // 3
+        weights_sn, sigmas = saved[:layers], saved[layers]
+        us, vs = saved[layers + 1:2 * layers + 1], saved[2 * layers + 1:]
+        grads_weight = [None] * layers
+        if any(g is not None for g in grads[:layers]):
+            if torch.is_grad_enabled():  # create_graph=True: the per-layer ops have a double backward
+                grads_weight = [None if g is None else spectral_normalize_backward(g, s, u, v, sigmas[i], d)
+                                for i, (g, s, u, v, d) in enumerate(zip(grads, weights_sn, us, vs, ctx.dims))]
+            else:
+                incoming = [torch.zeros_like(s) if g is None else g for g, s in zip(grads, weights_sn)]
+                grads_weight = spectral_normalize_grouped_backward(incoming, list(weights_sn), list(us), list(vs),
+                                                                   sigmas, ctx.dims)
+        if grads[layers] is not None:  # sigmas used in the loss: d sigma_i / d W_i = u_i v_i^T
+            for i, (s, u, v, d) in enumerate(zip(weights_sn, us, vs, ctx.dims)):
+                from_sigma = (grads[layers][i] * reference.rank_one(u.to(sigmas.dtype), v.to(sigmas.dtype), s, d)
+                              ).to(s.dtype)
+                grads_weight[i] = from_sigma if grads_weight[i] is None else grads_weight[i] + from_sigma
+        return (None, None, None, None, *grads_weight, *([None] * 2 * layers))
+
+
+def _grouped_autograd(weights, us, vs, dims, n_power_iterations, eps):
+    # Checked before the lists are flattened: unequal lengths would otherwise be split wrongly.
+    reference.check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims,
+                                         n_power_iterations, eps)
+    layers = len(weights)
+    out = _Grouped.apply(dims, n_power_iterations, eps, layers, *weights, *us, *vs)
+    return list(out[:layers]), out[layers], list(out[layers + 1:2 * layers + 1]), list(out[2 * layers + 1:])
+
+
+if not library_status.loaded:
+    _grouped_autograd_lib = torch.library.Library("sn_ext", "IMPL")
+    _grouped_autograd_lib.impl("spectral_normalize_grouped_", _grouped_autograd, "Autograd")
+    _library.keep_alive(_grouped_autograd_lib)
 
 
 # ---- the other backends' ops (sn_ext.backends): same schemas, so the same fake kernels, autograd and autocast ----

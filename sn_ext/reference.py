@@ -146,3 +146,72 @@ def spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: T
     grad_weight = ((g - lam * rank_one(u.to(acc), v.to(acc), grad, dim)) / sigma).to(grad.dtype)
     # In weight_sn's layout, as the compiled kernels and the fake kernel (empty_like(weight_sn)).
     return torch.empty_like(weight_sn).copy_(grad_weight)
+
+
+# ---- grouped mode: many layers per call (sn_ext.grouped_spectral_norm); the same as the per-layer ops ----
+
+def _check_grouped_lists(op: str, weights: list[Tensor], dims: list[int], lists: dict[str, list[Tensor]]) -> None:
+    if not weights:
+        raise ValueError(f"{op}: weights must hold at least one tensor")
+    if len(dims) != len(weights):
+        raise ValueError(f"{op}: dims must hold one value per weight ({len(weights)}), got {len(dims)}")
+    first = weights[0]
+    for name, tensors in lists.items():
+        if len(tensors) != len(weights):
+            raise ValueError(f"{op}: {name} must hold one tensor per weight ({len(weights)}), got {len(tensors)}")
+        for i, t in enumerate(tensors):
+            if t.dtype != first.dtype:
+                raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype} but the first weight has {first.dtype}: one "
+                                f"call takes tensors of one dtype and device (grouped_spectral_norm groups them so)")
+            if t.device != first.device:
+                raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but the first weight is on {first.device}: "
+                                   f"one call takes tensors of one dtype and device (grouped_spectral_norm groups "
+                                   f"them so)")
+
+
+def check_grouped_forward_args(op: str, weights: list[Tensor], us: list[Tensor], vs: list[Tensor], dims: list[int],
+                               n_power_iterations: int, eps: float) -> None:
+    """All the checks of spectral_normalize_grouped_, as csrc/matrix_view.cpp's check_grouped_forward_args."""
+    _check_grouped_lists(op, weights, dims, {"weights": weights, "us": us, "vs": vs})
+    for i, (weight, u, v, dim) in enumerate(zip(weights, us, vs, dims)):
+        check_forward_args(f"{op} (layer {i})", weight, u, v, dim, n_power_iterations, eps)
+
+
+def check_grouped_backward_args(op: str, grads: list[Tensor], weights_sn: list[Tensor], us: list[Tensor],
+                                vs: list[Tensor], sigmas: Tensor, dims: list[int]) -> None:
+    """All the checks of spectral_normalize_grouped_backward, as csrc/matrix_view.cpp's."""
+    _check_grouped_lists(op, weights_sn, dims, {"grads": grads, "weights_sn": weights_sn, "us": us, "vs": vs})
+    if sigmas.dim() != 1 or sigmas.shape[0] != len(weights_sn):
+        raise ValueError(f"{op}: sigmas must be a vector of one value per weight ({len(weights_sn)}), got shape "
+                         f"{list(sigmas.shape)}")
+    if sigmas.dtype != accumulate_dtype(weights_sn[0].dtype):
+        raise TypeError(f"{op}: sigmas must be {accumulate_dtype(weights_sn[0].dtype)} for {weights_sn[0].dtype} "
+                        f"weights, got {sigmas.dtype}")
+    if sigmas.device != weights_sn[0].device:
+        raise RuntimeError(f"{op}: sigmas must be on the weights' device {weights_sn[0].device}, got {sigmas.device}")
+    for i, (grad, weight_sn, u, v, dim) in enumerate(zip(grads, weights_sn, us, vs, dims)):
+        check_backward_args(f"{op} (layer {i})", grad, weight_sn, u, v, sigmas[i], dim)
+
+
+def spectral_normalize_grouped_(weights: list[Tensor], us: list[Tensor], vs: list[Tensor], dims: list[int],
+                                n_power_iterations: int, eps: float
+                                ) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor]]:
+    check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n_power_iterations, eps)
+    weights_sn, sigmas, us_used, vs_used = [], [], [], []
+    for weight, u, v, dim in zip(weights, us, vs, dims):
+        weight_sn, sigma, u_new, v_new = spectral_normalize(weight, u, v, dim, n_power_iterations, eps)
+        u.copy_(u_new)
+        v.copy_(v_new)
+        weights_sn.append(weight_sn)
+        sigmas.append(sigma)
+        us_used.append(u_new)
+        vs_used.append(v_new)
+    return weights_sn, torch.stack(sigmas), us_used, vs_used
+
+
+def spectral_normalize_grouped_backward(grads: list[Tensor], weights_sn: list[Tensor], us: list[Tensor],
+                                        vs: list[Tensor], sigmas: Tensor, dims: list[int]) -> list[Tensor]:
+    check_grouped_backward_args("sn_ext::spectral_normalize_grouped_backward", grads, weights_sn, us, vs, sigmas,
+                                dims)
+    return [spectral_normalize_backward(grad, weight_sn, u, v, sigmas[i], dim)
+            for i, (grad, weight_sn, u, v, dim) in enumerate(zip(grads, weights_sn, us, vs, dims))]

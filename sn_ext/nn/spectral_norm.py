@@ -25,6 +25,9 @@ _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class SpectralNorm(nn.Module):
     """The parametrization W -> W / sigma(W); the same state and attributes as torch's _SpectralNorm."""
 
+    # W / sigma computed with the other layers of a grouped model (nn/grouped.py), for this layer's next read.
+    _grouped_result: Tensor | None = None
+
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  backend: str | None = None) -> None:
         super().__init__()
@@ -44,6 +47,10 @@ class SpectralNorm(nn.Module):
             self._kernels = backends.prepare(self.backend, weight, self._u, self._v, self.dim, 15, self.eps)
 
     def forward(self, weight: Tensor) -> Tensor:
+        grouped = self._grouped_result
+        if grouped is not None:
+            self._grouped_result = None
+            return grouped
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
         n = self.n_power_iterations if self.training else 0

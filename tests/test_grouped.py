@@ -1,0 +1,236 @@
+"""Grouped mode (sn_ext.grouped_spectral_norm and the grouped ops) against the per-layer path and torch.
+
+The per-layer path is itself tested against torch (test_parity.py); grouped mode must give the same numbers as it:
+the same outputs, gradients and buffers, in train and eval mode, for a model called twice before one backward.
+The device-independent tests run on every visible device (the CPU kernels here, the CUDA kernel on a GPU).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations as torch_param
+
+import sn_ext
+from sn_ext import ops, reference
+
+from helpers import TOL, assert_rel, randn, unit
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+EPS = 1e-12
+
+
+class Discriminator(nn.Module):
+    """Every kind of layer grouped mode takes, at odd sizes: Embedding, Conv2d, ConvTranspose2d (dim 1), a
+    channels_last Conv2d, a transposed (non-contiguous) Linear weight, and a BatchNorm it must leave alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.conv = nn.Conv2d(3, 7, 3)
+        self.up = nn.ConvTranspose2d(7, 5, 2, stride=2)
+        self.norm = nn.BatchNorm2d(5)
+        self.conv_cl = nn.Conv2d(5, 6, 3).to(memory_format=torch.channels_last)
+        self.fc = nn.Linear(6, 1)
+        self.fc.weight = nn.Parameter(torch.randn(6, 1).t())  # a transposed view
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x + self.embed(label)[:, :, None, None]))
+        h = self.conv_cl(self.norm(self.up(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def _twins(dtype: torch.dtype, device: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(per-layer, grouped): the same weights and the same u, v."""
+    torch.manual_seed(seed)
+    base = Discriminator().to(device, dtype)
+    per_layer = copy.deepcopy(base)
+    for module in (per_layer.embed, per_layer.conv, per_layer.up, per_layer.conv_cl, per_layer.fc):
+        sn_ext.spectral_norm(module)
+    grouped = sn_ext.grouped_spectral_norm(copy.deepcopy(base))
+    grouped.load_state_dict(per_layer.state_dict())
+    return per_layer, grouped
+
+
+def _inputs(dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 3, 6, 5, generator=gen, dtype=torch.float64).to(device, dtype)
+    return x, torch.randint(0, 5, (3,), generator=gen).to(device)
+
+
+def _step(model, dtype, device, seed):
+    """Two forwards (as a GAN's real and fake batches) before one backward."""
+    out_a = model(*_inputs(dtype, device, seed))
+    out_b = model(*_inputs(dtype, device, seed + 1))
+    (out_a.square().sum() - out_b.sum()).backward()
+    return out_a.detach(), out_b.detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_grouped_equals_per_layer(dtype, device):
+    per_layer, grouped = _twins(dtype, device)
+    for step in range(3):
+        for model in (per_layer, grouped):
+            model.zero_grad()
+        outputs = [_step(model, dtype, device, seed=10 * step) for model in (per_layer, grouped)]
+        tol = 0.0 if device == "cpu" else TOL[dtype]  # the CPU grouped op runs the per-layer kernels
+        for ours, ref in zip(outputs[1], outputs[0]):
+            assert_rel(ours, ref, tol, f"output, step {step}")
+        for (name, p_ref), (_, p) in zip(per_layer.named_parameters(), grouped.named_parameters()):
+            assert_rel(p.grad, p_ref.grad, tol, f"grad of {name}, step {step}")
+        for (name, b_ref), (_, b) in zip(per_layer.named_buffers(), grouped.named_buffers()):
+            assert_rel(b, b_ref, tol, f"buffer {name}, step {step}")
+        with torch.no_grad():
+            for p_ref, p in zip(per_layer.parameters(), grouped.parameters()):
+                p_ref.sub_(0.1 * p_ref.grad)
+                p.sub_(0.1 * p.grad)
+    per_layer.eval(), grouped.eval()
+    x, label = _inputs(dtype, device, 99)
+    assert_rel(grouped(x, label), per_layer(x, label), 0.0 if device == "cpu" else TOL[dtype], "eval output")
+
+
+def test_grouped_matches_torch_spectral_norm():
+    """Straight against the oracle: torch's parametrization on the same weights and vectors."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LeakyReLU(0.1), nn.ConvTranspose2d(8, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 7 * 7, 1)).double()
+    theirs = copy.deepcopy(model)
+    for i in (0, 2, 4):
+        torch_param.spectral_norm(theirs[i])
+    ours = sn_ext.grouped_spectral_norm(copy.deepcopy(model))
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(2, 3, 7, 7, dtype=torch.float64, seed=4)
+    for model_ in (theirs, ours):
+        model_(x).sum().backward()
+    for (name, p_ref), (_, p) in zip(theirs.named_parameters(), ours.named_parameters()):
+        assert_rel(p.grad, p_ref.grad, 1e-12, name)
+    for (name, b_ref), (_, b) in zip(theirs.named_buffers(), ours.named_buffers()):
+        assert_rel(b, b_ref, 1e-12, name)
+
+
+def _layers(dtype, device, seed=0):
+    """Weights of several shapes and layouts (dims 0 and 1), with unit u, v."""
+    weights = [randn(6, 4, 3, 3, dtype=dtype, seed=seed), randn(5, 9, dtype=dtype, seed=seed + 1).t(),
+               randn(4, 7, 2, 2, dtype=dtype, seed=seed + 2), randn(1, 13, dtype=dtype, seed=seed + 3)]
+    dims = [0, 0, 1, 0]
+    weights = [w.to(device) for w in weights]
+    us = [unit(w.shape[d], dtype, seed + 10 + i).to(device) for i, (w, d) in enumerate(zip(weights, dims))]
+    vs = [unit(w.numel() // w.shape[d], dtype, seed + 20 + i).to(device) for i, (w, d) in enumerate(zip(weights, dims))]
+    return weights, us, vs, dims
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_grouped_ops_equal_the_reference_per_layer(dtype, n, device):
+    weights, us, vs, dims = _layers(dtype, device)
+    us_before, vs_before = [u.clone() for u in us], [v.clone() for v in vs]
+    weights_sn, sigmas, us_used, vs_used = ops.spectral_normalize_grouped_(weights, us, vs, dims, n, EPS)
+    grads = [randn(*w.shape, dtype=dtype, seed=40 + i).to(device) for i, w in enumerate(weights)]
+    grads_w = ops.spectral_normalize_grouped_backward(grads, weights_sn, us_used, vs_used, sigmas, dims)
+    tol = TOL[dtype] * (10 if device == "cuda" else 1)
+    for i, (w, d) in enumerate(zip(weights, dims)):
+        ref_sn, ref_sigma, ref_u, ref_v = reference.spectral_normalize(w, us_before[i], vs_before[i], d, n, EPS)
+        assert weights_sn[i].stride() == torch.empty_like(w).stride()  # the weight's layout, as torch's W / sigma
+        assert_rel(weights_sn[i], ref_sn, tol, f"W_sn {i}")
+        assert_rel(sigmas[i], ref_sigma, tol, f"sigma {i}")
+        for name, got, want in (("u", us[i], ref_u), ("v", vs[i], ref_v), ("u_used", us_used[i], ref_u),
+                                ("v_used", vs_used[i], ref_v)):
+            assert_rel(got, want, tol, f"{name} {i}")
+        ref_grad = reference.spectral_normalize_backward(grads[i], ref_sn, ref_u, ref_v, ref_sigma, d)
+        assert_rel(grads_w[i], ref_grad, tol, f"grad {i}")
+
+
+def test_grouped_op_gradcheck_and_gradgradcheck():
+    weights, us, vs, dims = _layers(torch.float64, "cpu")
+    weights = [w.detach().requires_grad_() for w in weights]
+
+    def f(*ws):  # n = 0: the formulas hold u, v constant, as torch does (an iteration would make them move with W)
+        weights_sn, sigmas, _, _ = ops.spectral_normalize_grouped_(list(ws), us, vs, dims, 0, EPS)
+        return (*weights_sn, sigmas)
+
+    assert torch.autograd.gradcheck(f, weights)
+    assert torch.autograd.gradgradcheck(f, weights)
+
+
+def test_grouped_op_opcheck():
+    """Schema, fake kernel and autograd registration (torch.compile does not trace this op: see nn/grouped.py)."""
+    weights, us, vs, dims = _layers(torch.float32, "cpu")
+    weights = [w.detach().requires_grad_() for w in weights]
+    torch.library.opcheck(torch.ops.sn_ext.spectral_normalize_grouped_.default, (weights, us, vs, dims, 1, EPS),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_a_layer_left_out_of_the_loss_gets_a_zero_gradient():
+    per_layer, grouped = _twins(torch.float64, "cpu")
+    for model in (per_layer, grouped):
+        x, label = _inputs(torch.float64, "cpu", 5)
+        h = torch.relu(model.conv(x + model.embed(label)[:, :, None, None]))
+        model.up(h).sum().backward()  # conv_cl and fc not used
+    assert grouped.fc.parametrizations.weight.original.grad is None or not grouped.fc.parametrizations.weight \
+        .original.grad.any()
+    assert_rel(grouped.conv.parametrizations.weight.original.grad,
+               per_layer.conv.parametrizations.weight.original.grad, 0.0, "conv grad")
+
+
+def test_state_dict_is_torchs_and_torch_checkpoints_load():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    theirs = copy.deepcopy(model)
+    torch_param.spectral_norm(theirs[0]), torch_param.spectral_norm(theirs[2])
+    ours = sn_ext.grouped_spectral_norm(copy.deepcopy(model))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval(), ours.eval()
+    x = randn(3, 4, seed=1)
+    assert_rel(ours(x), theirs(x), 1e-6, "eval output after loading torch's checkpoint")
+
+
+def test_choice_of_layers_adoption_and_ungroup():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 1))
+    sn_ext.spectral_norm(model[2])  # already normalized: adopted as it is
+    sn_ext.grouped_spectral_norm(model, layers=[model[2], model[4]])
+    assert [layer for layer, _ in model._sn_ext_group.layers] == [model[2], model[4]]
+    assert not hasattr(model[0], "parametrizations")
+    with pytest.raises(RuntimeError, match="already grouped"):
+        sn_ext.grouped_spectral_norm(model)
+    sn_ext.ungroup_spectral_norm(model)
+    assert not hasattr(model, "_sn_ext_group") and hasattr(model[4], "parametrizations")
+    model(randn(2, 4, seed=0)).sum().backward()  # per-layer again
+
+
+def test_bad_models_and_arguments_are_named():
+    torch_normed = nn.Sequential(torch_param.spectral_norm(nn.Linear(3, 3)))
+    with pytest.raises(RuntimeError, match="torch's spectral norm"):
+        sn_ext.grouped_spectral_norm(torch_normed)
+    with pytest.raises(ValueError, match="no layer"):
+        sn_ext.grouped_spectral_norm(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
+    weights, us, vs, dims = _layers(torch.float32, "cpu")
+    with pytest.raises(ValueError, match="us must hold one tensor per weight"):
+        ops.spectral_normalize_grouped_(weights, us[:-1], vs, dims, 1, EPS)
+    with pytest.raises(ValueError, match="dims must hold one value per weight"):
+        ops.spectral_normalize_grouped_(weights, us, vs, dims[:-1], 1, EPS)
+    with pytest.raises(TypeError, match=r"weights\[1\] has dtype (torch.float64|Double)"):
+        ops.spectral_normalize_grouped_([weights[0], weights[1].double()], us[:2], vs[:2], dims[:2], 1, EPS)
+    with pytest.raises(ValueError, match=r"\(layer 2\): u must be a vector of size 7"):
+        ops.spectral_normalize_grouped_(weights, us[:2] + [us[0]] + us[3:], vs, dims, 1, EPS)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        ops.spectral_normalize_grouped_([], [], [], [], 1, EPS)
+
+
+def test_a_failed_forward_leaves_no_pending_result():
+    model = sn_ext.grouped_spectral_norm(nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)))
+    with pytest.raises(RuntimeError):
+        model(randn(2, 3, seed=0))  # the second layer gets 4 features, not 5
+    assert all(norm._grouped_result is None for norm in model._sn_ext_group.norms)
+
+
+def test_torch_compile_fullgraph():
+    per_layer, grouped = _twins(torch.float32, "cpu")
+    compiled = torch.compile(grouped, fullgraph=True, backend="aot_eager")
+    x, label = _inputs(torch.float32, "cpu", 0)
+    out = compiled(x, label)
+    ref = per_layer(x, label)
+    assert_rel(out, ref, 1e-6, "compiled output")
+    out.sum().backward()
