@@ -539,3 +539,30 @@ def test_cuda_graph_capture_and_replay():
 def test_library_reports_cuda_backend():
     assert _library.has_compiled_kernel("CUDA"), "sn_ext._C was built without the CUDA kernels"
     assert sn_ext.info()["backends"]["cuda"]["usable"]
+
+
+def _kernel_names(prof) -> list[str]:
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+
+
+@pytest.mark.parametrize("shape", [(64, 3, 3, 3), (512, 512, 3, 3), (1, 100003)], ids=str)
+def test_one_launch_per_op(shape):
+    """Each op is one persistent kernel, whatever the shape or n (csrc/cuda/spectral_norm_cuda.cu)."""
+    weight = randn(*shape)
+    u, v = unit(shape[0], seed=1), unit(weight[0].numel(), seed=2)
+    u_buffer, v_buffer = u.clone(), v.clone()
+    calls = {
+        "spectral_normalize": lambda: ops.spectral_normalize(weight, u, v, 0, 2, EPS),
+        "power_iteration_": lambda: ops.power_iteration_(weight, u_buffer, v_buffer, 0, 1, EPS),
+        "spectral_normalize_backward": lambda: ops.spectral_normalize_backward(
+            weight, weight, u, v, torch.tensor(1.5, device=DEVICE), 0),
+    }
+    for name, call in calls.items():
+        call()  # first-call work (occupancy query) outside the profile
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        kernels = _kernel_names(prof)
+        assert len(kernels) == 1, (name, kernels)

@@ -234,3 +234,102 @@ def test_torch_compile_fullgraph():
     ref = per_layer(x, label)
     assert_rel(out, ref, 1e-6, "compiled output")
     out.sum().backward()
+
+
+# ---- CUDA: one launch each way, CUDA graphs, no host synchronisation, many and large layers ----
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_kernels(prof) -> list[str]:
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+
+
+@cuda_only
+def test_one_launch_forward_and_one_backward():
+    weights, us, vs, dims = _layers(torch.float32, "cuda")
+    weights = [w.detach().requires_grad_() for w in weights]
+    grads = [torch.randn_like(w) for w in weights]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        weights_sn, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
+        torch.autograd.backward(weights_sn, grads)
+        torch.cuda.synchronize()
+    kernels = _cuda_kernels(prof)
+    assert len(kernels) == 2, kernels
+    assert "forward_kernel" in kernels[0] and "backward_kernel" in kernels[1], kernels
+
+
+@cuda_only
+def test_no_host_synchronisation_and_cuda_graph_replay():
+    weights, us, vs, dims = _layers(torch.float32, "cuda")
+    us_start, vs_start = [u.clone() for u in us], [v.clone() for v in vs]
+    grads = [torch.randn_like(w) for w in weights]
+    expected, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
+    expected_grads = ops.spectral_normalize_grouped_backward(grads, expected, us, vs,
+                                                             torch.ones(len(weights), device="cuda"), dims)
+    for u, u0 in zip(us, us_start):
+        u.copy_(u0)
+    for v, v0 in zip(vs, vs_start):
+        v.copy_(v0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graph asks
+            ops.spectral_normalize_grouped_(weights, [u.clone() for u in us], [v.clone() for v in vs], dims, 1, EPS)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
+            got_grads = ops.spectral_normalize_grouped_backward(grads, got, us, vs,
+                                                                torch.ones(len(weights), device="cuda"), dims)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for u, u0 in zip(us, us_start):  # capture does not run the kernels: start from the same vectors
+        u.copy_(u0)
+    for v, v0 in zip(vs, vs_start):
+        v.copy_(v0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for i in range(len(weights)):
+        assert torch.equal(got[i], expected[i]), f"W_sn {i}"
+        assert torch.equal(got_grads[i], expected_grads[i]), f"grad {i}"
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_many_small_and_large_layers_equal_the_per_layer_kernels(dtype):
+    """More layers than one launch takes (kMaxLayers = 48), and layers large enough for split reductions."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3 + i % 5, 2 + i % 7) for i in range(53)] + [(512, 512, 3, 3), (2048, 4608), (1, 70000),
+                                                              (70000, 1)]
+    weights = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
+    dims = [0] * len(weights)
+    us = [F_normalize(torch.randn(w.shape[0], generator=gen)).to("cuda", dtype) for w in weights]
+    vs = [F_normalize(torch.randn(w[0].numel(), generator=gen)).to("cuda", dtype) for w in weights]
+    per_layer = [ops.spectral_normalize(w, u, v, 0, 1, EPS) for w, u, v in zip(weights, us, vs)]
+    weights_sn, sigmas, us_used, vs_used = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
+    for i, (ref_sn, ref_sigma, ref_u, ref_v) in enumerate(per_layer):
+        # the same plans and phase functions as the per-layer kernels: the same bits
+        assert torch.equal(weights_sn[i], ref_sn), f"W_sn {i} {shapes[i]}"
+        assert torch.equal(sigmas[i], ref_sigma), f"sigma {i}"
+        assert torch.equal(us_used[i], ref_u) and torch.equal(us[i], ref_u), f"u {i}"
+        assert torch.equal(vs_used[i], ref_v) and torch.equal(vs[i], ref_v), f"v {i}"
+
+
+def F_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm()
+
+
+@cuda_only
+def test_non_finite_layer_leaves_its_buffers_and_spares_the_others():
+    weights, us, vs, dims = _layers(torch.float32, "cuda")
+    weights[1] = weights[1].clone()
+    weights[1][0, 0] = float("nan")
+    before = [(u.clone(), v.clone()) for u, v in zip(us, vs)]
+    ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
+    assert torch.equal(us[1], before[1][0]) and torch.equal(vs[1], before[1][1])
+    assert not torch.equal(us[0], before[0][0])  # the healthy layers did iterate
+    assert torch.isfinite(us[0]).all() and torch.isfinite(vs[2]).all()

@@ -1,563 +1,432 @@
 // CUDA kernels for the sn_ext ops: the semantics of csrc/cpu/spectral_norm_cpu.cpp (the reference), on the GPU.
 //
-// Everything stays on the device: sigma, the "a round met a degenerate vector" flag and lambda are device scalars
-// read by later kernels on the same stream, never copied to the host. So the ops never synchronize and can be
-// captured in a CUDA graph.
+// ONE launch per op, for one layer or for a whole group of layers (sn_ext.grouped_spectral_norm):
+//   spectral_normalize, power_iteration_, spectral_normalize_grouped_  -> forward_kernel
+//   spectral_normalize_backward, spectral_normalize_grouped_backward   -> backward_kernel
+// Each is a persistent kernel started with a cooperative launch, so that all its blocks are resident at once and
+// may wait for each other at a grid-wide barrier. Between barriers, the blocks walk the "virtual blocks" of one
+// phase for all the layers of the launch (the split plans and __device__ phase functions of common.cuh):
 //
-// Launches (all on the current stream):
-//   spectral_normalize           4n + 1   (n == 0: 3)   per half-step: a split matvec + a one-block normalize;
-//                                                        then one elementwise W / sigma
-//   power_iteration_             4n       (n == 0: 2)   the last normalize also writes u, v back
-//   spectral_normalize_backward  3                      lambda partial sums, their one-block total, elementwise
+//   forward, per round (u-first):  W v (all layers) | u = N(.) (one block per layer) | W^T u | v = N(.), sigma
+//            (v-first, legacy:     W^T u | v = N(.) | W v | u = N(.), sigma)
+//            then:                 W / sigma (all layers)          -> 4n + 1 phases, 4n barriers (n = 0: 3, 2)
+//   backward:                      <G, W_sn> partial sums | their totals (one block per layer) | (G - lambda u v^T)
+//                                  / sigma                         -> 3 phases, 2 barriers
 //
-// Reductions are deterministic: every sum is split into pieces fixed by the shape alone (not by the device or by
-// timing) and combined in a fixed order; there are no floating-point atomics. The same inputs give the same bits.
+// Why W is read from device memory in every phase rather than kept on chip across them (the design notes' ideal of
+// one read of W): a GAN discriminator's weights, a few MB to tens of MB, stay in the 50-60 MB L2 of an H100/H200
+// between the phases of one launch, and the phases stay simple, shared between one layer and many. What the single
+// launch removes is the per-launch cost that dominates spectral norm at these sizes (torch: ~26 launches per layer
+// per step). A weight far larger than L2 is read 3 times (n = 1) and W_sn written once.
+//
+// Everything stays on the device: sigma, the "a round met a degenerate vector" flags and lambda are device values,
+// never copied to the host, so the ops never synchronize and can be captured in a CUDA graph.
+//
+// Reductions are deterministic: every sum is split into pieces fixed by the shape alone (not by the device, the
+// grid size or timing) and combined in a fixed order; no floating-point atomics. The same inputs give the same bits,
+// and a layer gives the same bits alone or in a group.
 //
 // Sums accumulate in at::opmath_type<scalar_t> (float for float16/bfloat16/float32, double for float64), which is
 // also sigma's dtype (sigma_dtype in matrix_view.h). The CPU kernels accumulate in double for every dtype, so
 // float32 results agree with them to float32 rounding, not bit for bit.
 //
+// The layers' plans travel as one __grid_constant__ kernel parameter (read in place, never copied per thread).
+// Kernel parameters may take up to 32 KB since CUDA 12.1; that bounds a launch to kMaxLayers layers, and a larger
+// group takes one launch per kMaxLayers layers.
+//
 // Only c10's CUDA headers are used (c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream
 // forwards to): ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers that a minimal CUDA toolkit lacks.
-//
-// Layout for a later single persistent (cooperative-launch) kernel: each phase is a __device__ function that
-// takes its block coordinates as arguments and only assumes a 1-D block of kThreads threads (the one-block
-// vector phases use any block size); the __global__ kernels are thin wrappers. A persistent kernel can loop over
-// a phase's virtual blocks and separate the phases with a grid-wide barrier.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <cooperative_groups.h>
 
-#include <algorithm>
-#include <array>
-#include <atomic>
-#include <cstdint>
-#include <limits>
-#include <tuple>
+#include <vector>
 
-#include "../matrix_view.h"
+#include "common.cuh"
 
 namespace sn_ext {
 namespace {
 
-// Threads per block of every kernel that walks W.
-constexpr int kThreads = 256;
-// Threads of the one-block kernels that reduce a split vector and normalize it: one SM's worth, because that
-// kernel is the serial point of each half-step.
-constexpr int kVectorThreads = 1024;
-// About how many blocks a matvec should have to fill an H100/H200 (132 SMs). A constant, not the device's SM
-// count, so the reduction split (and so every result bit) depends on the shape only.
-constexpr int64_t kTargetBlocks = 256;
-// Smallest piece of a row (matvec) or column (W^T matvec, per thread) worth a block of its own: below this the
-// extra partial sums cost more than the parallelism gains.
-constexpr int64_t kMinColsPerSplit = 2048;
-constexpr int64_t kMinRowsPerThread = 8;
-constexpr int64_t kMaxGridY = 65535;
-// lambda's partial sums: at most one per thread of the one-block total.
-constexpr int64_t kMaxLambdaBlocks = kVectorThreads;
-constexpr int64_t kLambdaItemsPerThread = 8;
+namespace cg = cooperative_groups;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Smallest power of 2 >= n, capped at `cap` (a power of 2).
-int pow2_at_least(int64_t n, int cap) {
-  int p = 1;
-  while (p < n && p < cap) p <<= 1;
-  return p;
-}
-
-// A weight-shaped tensor as (outer, rows, inner) with its strides: Wm[i, o * inner + r] = W3[o][i][r].
-struct View3d {
-  int64_t outer, rows, inner;
-  int64_t s_outer, s_row, s_inner;
-  __host__ __device__ int64_t cols() const { return outer * inner; }
-  __host__ __device__ int64_t offset(int64_t o, int64_t i, int64_t r) const {
-    return o * s_outer + i * s_row + r * s_inner;
-  }
-};
-
-View3d view_of(const at::Tensor& t3) {
-  return {t3.size(0), t3.size(1), t3.size(2), t3.stride(0), t3.stride(1), t3.stride(2)};
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Reductions inside a block (fixed shuffle and tree patterns: deterministic for a given block size)
-
-// Sum over aligned groups of `width` lanes (a power of 2 <= 32); the total lands in each group's first lane.
-// Every lane of the warp must call it.
-template <typename T>
-__device__ __forceinline__ T group_sum(T value, int width) {
-  for (int offset = width / 2; offset > 0; offset >>= 1) value += __shfl_down_sync(0xffffffffu, value, offset, width);
-  return value;
-}
-
-// Sum over the whole (1-D) block, returned to every thread. `scratch` holds 32 values; every thread must call it.
-template <typename T>
-__device__ T block_sum(T value, T* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
-  value = group_sum(value, 32);
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    value = lane < warps ? scratch[lane] : T(0);
-    value = group_sum(value, 32);
-    if (lane == 0) scratch[0] = value;
-  }
-  __syncthreads();
-  value = scratch[0];
-  __syncthreads();  // scratch may be reused by the caller
-  return value;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ bool usable(acc_t norm) {
-  return isfinite(norm) && norm > acc_t(0);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Phase 1 of a half-step: split matrix-vector products. Each writes partial sums (splits, length); the one-block
-// vector phase adds the splits in order. Splitting the reduced dimension keeps short-and-wide (1 x N) and
-// tall-and-narrow (N x 1) matrices from running on a handful of threads.
+constexpr int kMaxLayers = 48;
 
 template <typename scalar_t, typename acc_t>
-struct MatvecArgs {
-  const scalar_t* w;   // the weight, through `view`
-  View3d view;
-  const scalar_t* x;   // (cols,) with stride x_stride
-  int64_t x_stride;
-  acc_t* partial;      // (splits, rows): partial[s * rows + i] = sum over split s's columns c of Wm[i, c] x[c]
-  int lanes;           // threads per row: a power of 2 <= kThreads; kThreads / lanes rows per block
-  int64_t chunk;       // columns per split
-};
-
-// y = Wm x. Threads of a row walk consecutive columns, so a contiguous row is read coalesced.
-template <typename scalar_t, typename acc_t>
-__device__ void matvec_block(const MatvecArgs<scalar_t, acc_t>& a, int64_t row_block, int64_t split) {
-  __shared__ acc_t warp_sums[kThreads / 32];
-  const View3d& m = a.view;
-  const int lanes = a.lanes;
-  const int tx = threadIdx.x % lanes, ty = threadIdx.x / lanes;
-  const int64_t i = row_block * (kThreads / lanes) + ty;
-  const int64_t c_begin = split * a.chunk, c_end = std::min(m.cols(), c_begin + a.chunk);
-  acc_t sum = 0;
-  if (i < m.rows) {
-    const scalar_t* w_row = a.w + i * m.s_row;
-    int64_t c = c_begin + tx;
-    // Column c is (o, r) = divmod(c, inner); stepping by `lanes` is tracked without a division per element.
-    int64_t o = c / m.inner, r = c - o * m.inner;
-    const int64_t step_o = lanes / m.inner, step_r = lanes % m.inner;
-    for (; c < c_end; c += lanes) {
-      sum += static_cast<acc_t>(w_row[o * m.s_outer + r * m.s_inner]) * static_cast<acc_t>(a.x[c * a.x_stride]);
-      r += step_r;
-      o += step_o;
-      if (r >= m.inner) {
-        r -= m.inner;
-        ++o;
-      }
-    }
-  }
-  sum = group_sum(sum, std::min(lanes, 32));
-  if (lanes > 32) {  // a row spans several warps: add their sums in warp order
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
-    __syncthreads();
-    if (tx == 0) {
-      const int per_row = lanes / 32;
-      sum = 0;
-      for (int k = 0; k < per_row; ++k) sum += warp_sums[ty * per_row + k];
-    }
-  }
-  if (tx == 0 && i < m.rows) a.partial[split * m.rows + i] = sum;
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) matvec_kernel(const MatvecArgs<scalar_t, acc_t> a) {
-  matvec_block(a, blockIdx.x, blockIdx.y);
-}
-
-template <typename scalar_t, typename acc_t>
-struct RmatvecArgs {
-  const scalar_t* w;   // the weight, through `view`
-  View3d view;
-  const scalar_t* y;   // (rows,) with stride y_stride
-  int64_t y_stride;
-  acc_t* partial;      // (splits, cols): partial[s * cols + c] = sum over split s's rows i of Wm[i, c] y[i]
-  int lanes;           // threads per column group: a power of 2 <= kThreads; kThreads / lanes threads per column
-  int64_t chunk;       // rows per split
-};
-
-// z = Wm^T y. Adjacent threads own adjacent columns (coalesced for a contiguous row); when there are fewer
-// columns than threads, several threads share a column and their sums are added in a fixed tree.
-template <typename scalar_t, typename acc_t>
-__device__ void rmatvec_block(const RmatvecArgs<scalar_t, acc_t>& a, int64_t col_block, int64_t split) {
-  __shared__ acc_t sums[kThreads];
-  const View3d& m = a.view;
-  const int lanes = a.lanes, row_lanes = kThreads / lanes;
-  const int tx = threadIdx.x % lanes, ty = threadIdx.x / lanes;
-  const int64_t cols = m.cols();
-  const int64_t c = col_block * lanes + tx;
-  const int64_t i_begin = split * a.chunk, i_end = std::min(m.rows, i_begin + a.chunk);
-  acc_t sum = 0;
-  if (c < cols) {
-    const int64_t o = c / m.inner, r = c - o * m.inner;
-    const scalar_t* w_col = a.w + o * m.s_outer + r * m.s_inner;
-#pragma unroll 4
-    for (int64_t i = i_begin + ty; i < i_end; i += row_lanes)
-      sum += static_cast<acc_t>(w_col[i * m.s_row]) * static_cast<acc_t>(a.y[i * a.y_stride]);
-  }
-  sums[threadIdx.x] = sum;
-  __syncthreads();
-  for (int half = row_lanes / 2; half > 0; half >>= 1) {
-    if (ty < half) sums[threadIdx.x] += sums[threadIdx.x + half * lanes];
-    __syncthreads();
-  }
-  if (ty == 0 && c < cols) a.partial[split * cols + c] = sums[tx];
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) rmatvec_kernel(const RmatvecArgs<scalar_t, acc_t> a) {
-  rmatvec_block(a, blockIdx.x, blockIdx.y);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Phase 2 of a half-step, one block: add the splits, normalize, and (last half-step) finish.
-
-// What the last half-step does with the vectors once it knows whether any round was degenerate.
-enum class Finish : int {
-  kNone,     // not the last half-step
-  kRestore,  // spectral_normalize: the work vectors are the outputs u_new, v_new; on failure they get the inputs
-  kCommit,   // power_iteration_: on success the work vectors are copied into the caller's u, v
-};
-
-template <typename scalar_t>
-struct Vectors {
-  const scalar_t* u_in;  // the caller's u (rows,), stride u_stride
-  int64_t u_stride;
-  const scalar_t* v_in;  // the caller's v (cols,), stride v_stride
-  int64_t v_stride;
-  scalar_t* u_work;      // contiguous (rows,): the rounds' u, in the weight's dtype like torch's buffers
-  scalar_t* v_work;      // contiguous (cols,)
-  scalar_t* u_commit;    // power_iteration_: the caller's u, writable (same memory as u_in); else nullptr
-  scalar_t* v_commit;
-  int64_t rows, cols;
+struct LayerForward {
+  const scalar_t* w;
+  View3d wv;
+  scalar_t* out;  // W_sn through ov; nullptr for power_iteration_ (no division)
+  View3d ov;
+  Vectors<scalar_t> vec;
+  Finish finish;  // what the last normalize does with the vectors (see Finish)
+  acc_t* partial;  // this layer's workspace for the split matvecs
+  int* degenerate;
+  acc_t* sigma;
+  int mv_lanes, rmv_lanes;
+  int64_t mv_chunk, mv_blocks_x, mv_splits;
+  int64_t rmv_chunk, rmv_blocks_x, rmv_splits;
+  int64_t numel, divide_blocks;
+  int64_t mv_first, rmv_first, divide_first;  // this layer's first virtual block in each phase
 };
 
 template <typename scalar_t, typename acc_t>
-struct NormalizeArgs {
-  acc_t* partial;       // (splits, n) partial sums of the raw vector; the block leaves the raw vector in row 0
-  int64_t n, splits;
-  scalar_t* out;        // (n,) contiguous: raw / max(|raw|, eps), rounded to the weight's dtype
+struct ForwardLaunch {
+  LayerForward<scalar_t, acc_t> layers[kMaxLayers];
+  int count;
+  int64_t mv_total, rmv_total, divide_total;  // virtual blocks per phase, all layers
+  int64_t n;
   acc_t eps;
-  int* degenerate;      // device flag: some round met a non-finite or zero norm
-  bool first;           // the first half-step of the call: starts the flag instead of adding to it
-  acc_t* sigma;         // last half-step only (else nullptr): sigma = s^2 / max(s, eps), s = |raw|
-  Finish finish;
-  Vectors<scalar_t> vectors;
+  bool v_first;
 };
 
-template <typename scalar_t>
-__device__ void copy_vector(scalar_t* dst, int64_t dst_stride, const scalar_t* src, int64_t src_stride, int64_t n) {
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dst[j * dst_stride] = src[j * src_stride];
-}
+template <typename scalar_t, typename acc_t>
+struct LayerBackward {
+  const scalar_t* g;
+  View3d gv;
+  const scalar_t* s;  // W_sn
+  View3d sv;
+  scalar_t* out;
+  View3d ov;
+  const scalar_t* u;
+  int64_t u_stride;
+  const scalar_t* v;
+  int64_t v_stride;
+  const acc_t* sigma;
+  acc_t* partial;  // lambda's partial sums, then lambda itself at partial[lambda_blocks]
+  int64_t numel, lambda_blocks, elementwise_blocks;
+  int64_t lambda_first, elementwise_first;
+};
 
 template <typename scalar_t, typename acc_t>
-__device__ void normalize_block(const NormalizeArgs<scalar_t, acc_t>& a) {
-  __shared__ acc_t scratch[32];
-  __shared__ int bad;
-  acc_t sq = 0;
-  for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
-    acc_t raw = 0;
-    for (int64_t s = 0; s < a.splits; ++s) raw += a.partial[s * a.n + j];
-    a.partial[j] = raw;  // read back below by this same thread
-    sq += raw * raw;
-  }
-  const acc_t norm = sqrt(block_sum(sq, scratch));
-  // Not fmax: a NaN norm must stay NaN, as std::max(norm, eps) on the CPU.
-  const acc_t denom = norm < a.eps ? a.eps : norm;
-  for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) a.out[j] = static_cast<scalar_t>(a.partial[j] / denom);
-  if (threadIdx.x == 0) {
-    bad = (a.first ? 0 : *a.degenerate) | (usable(norm) ? 0 : 1);
-    *a.degenerate = bad;
-    if (a.sigma != nullptr) *a.sigma = norm * norm / denom;
-  }
-  if (a.finish == Finish::kNone) return;
-  __syncthreads();  // `bad`, and this block's writes to `out`, are visible to the whole block
-  const Vectors<scalar_t>& v = a.vectors;
-  if (a.finish == Finish::kRestore && bad) {
-    copy_vector(v.u_work, 1, v.u_in, v.u_stride, v.rows);
-    copy_vector(v.v_work, 1, v.v_in, v.v_stride, v.cols);
-  } else if (a.finish == Finish::kCommit && !bad) {
-    copy_vector(v.u_commit, v.u_stride, v.u_work, 1, v.rows);
-    copy_vector(v.v_commit, v.v_stride, v.v_work, 1, v.cols);
+struct BackwardLaunch {
+  LayerBackward<scalar_t, acc_t> layers[kMaxLayers];
+  int count;
+  int64_t lambda_total, elementwise_total;
+};
+
+static_assert(sizeof(ForwardLaunch<double, double>) <= 32764, "kernel parameters are limited to 32764 bytes");
+static_assert(sizeof(BackwardLaunch<double, double>) <= 32764, "kernel parameters are limited to 32764 bytes");
+
+// ---------------------------------------------------------------------------------------------------------------
+// The kernels
+
+// The layer that owns virtual block b of a phase, searching on from `layer` (b only grows within a phase).
+template <typename Layer>
+__device__ __forceinline__ int advance_layer(const Layer* layers, int count, int layer, int64_t b,
+                                             int64_t Layer::*first) {
+  while (layer + 1 < count && layers[layer + 1].*first <= b) ++layer;
+  return layer;
+}
+
+// W x for every layer: x is the input v (`from_input`) or the round's v.
+template <typename scalar_t, typename acc_t>
+__device__ void matvec_phase(const ForwardLaunch<scalar_t, acc_t>& p, bool from_input) {
+  int layer = 0;
+  for (int64_t b = blockIdx.x; b < p.mv_total; b += gridDim.x) {
+    layer = advance_layer(p.layers, p.count, layer, b, &LayerForward<scalar_t, acc_t>::mv_first);
+    const LayerForward<scalar_t, acc_t>& L = p.layers[layer];
+    const int64_t local = b - L.mv_first;
+    const MatvecArgs<scalar_t, acc_t> args{L.w, L.wv, from_input ? L.vec.v_in : L.vec.v_work,
+                                           from_input ? L.vec.v_stride : 1, L.partial, L.mv_lanes, L.mv_chunk};
+    matvec_block(args, local % L.mv_blocks_x, local / L.mv_blocks_x);
+    __syncthreads();  // the next virtual block reuses this one's shared memory
   }
 }
 
+// W^T y for every layer: y is the input u (`from_input`) or the round's u.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kVectorThreads) normalize_kernel(const NormalizeArgs<scalar_t, acc_t> a) {
-  normalize_block(a);
+__device__ void rmatvec_phase(const ForwardLaunch<scalar_t, acc_t>& p, bool from_input) {
+  int layer = 0;
+  for (int64_t b = blockIdx.x; b < p.rmv_total; b += gridDim.x) {
+    layer = advance_layer(p.layers, p.count, layer, b, &LayerForward<scalar_t, acc_t>::rmv_first);
+    const LayerForward<scalar_t, acc_t>& L = p.layers[layer];
+    const int64_t local = b - L.rmv_first;
+    const RmatvecArgs<scalar_t, acc_t> args{L.w, L.wv, from_input ? L.vec.u_in : L.vec.u_work,
+                                            from_input ? L.vec.u_stride : 1, L.partial, L.rmv_lanes, L.rmv_chunk};
+    rmatvec_block(args, local % L.rmv_blocks_x, local / L.rmv_blocks_x);
+    __syncthreads();
+  }
 }
 
-// n == 0: sigma = u^T (W v) from the matvec's partial sums; spectral_normalize's u_new, v_new are the inputs.
+// u = N(W v) (`into_u`) or v = N(W^T u), one block per layer; the last half-step also writes sigma and finishes.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kVectorThreads) dot_kernel(const acc_t* partial, int64_t splits,
-                                                              Vectors<scalar_t> v, acc_t* sigma, bool copy_inputs) {
-  __shared__ acc_t scratch[32];
-  acc_t sum = 0;
-  for (int64_t i = threadIdx.x; i < v.rows; i += blockDim.x) {
-    acc_t raw = 0;
-    for (int64_t s = 0; s < splits; ++s) raw += partial[s * v.rows + i];
-    sum += static_cast<acc_t>(v.u_in[i * v.u_stride]) * raw;
+__device__ void normalize_phase(const ForwardLaunch<scalar_t, acc_t>& p, bool into_u, bool first, bool last) {
+  for (int l = blockIdx.x; l < p.count; l += gridDim.x) {
+    const LayerForward<scalar_t, acc_t>& L = p.layers[l];
+    const NormalizeArgs<scalar_t, acc_t> args{L.partial,
+                                              into_u ? L.wv.rows : L.wv.cols(),
+                                              into_u ? L.mv_splits : L.rmv_splits,
+                                              into_u ? L.vec.u_work : L.vec.v_work,
+                                              p.eps,
+                                              L.degenerate,
+                                              first,
+                                              last ? L.sigma : nullptr,
+                                              last ? L.finish : Finish::kNone,
+                                              L.vec};
+    normalize_block(args);
+    __syncthreads();
   }
-  sum = block_sum(sum, scratch);
-  if (threadIdx.x == 0) *sigma = sum;
-  if (copy_inputs) {
-    copy_vector(v.u_work, 1, v.u_in, v.u_stride, v.rows);
-    copy_vector(v.v_work, 1, v.v_in, v.v_stride, v.cols);
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant__ ForwardLaunch<scalar_t, acc_t> p) {
+  cg::grid_group grid = cg::this_grid();
+  if (p.n == 0) {  // sigma = u^T W v with the input vectors, which are also the returned ones
+    matvec_phase(p, true);
+    grid.sync();
+    for (int l = blockIdx.x; l < p.count; l += gridDim.x) {
+      const LayerForward<scalar_t, acc_t>& L = p.layers[l];
+      dot_block(L.partial, L.mv_splits, L.vec, L.sigma, L.finish != Finish::kCommit);
+      __syncthreads();
+    }
+  }
+  for (int64_t k = 0; k < p.n; ++k) {
+    const bool first = k == 0, last = k == p.n - 1;
+    if (p.v_first) {
+      rmatvec_phase(p, first);
+      grid.sync();
+      normalize_phase(p, false, first, false);
+      grid.sync();
+      matvec_phase(p, false);
+      grid.sync();
+      normalize_phase(p, true, false, last);
+    } else {
+      matvec_phase(p, first);
+      grid.sync();
+      normalize_phase(p, true, first, false);
+      grid.sync();
+      rmatvec_phase(p, false);
+      grid.sync();
+      normalize_phase(p, false, false, last);
+    }
+    if (!last) grid.sync();
+  }
+  if (p.divide_total == 0) return;  // power_iteration_
+  grid.sync();
+  int layer = 0;
+  for (int64_t b = blockIdx.x; b < p.divide_total; b += gridDim.x) {
+    layer = advance_layer(p.layers, p.count, layer, b, &LayerForward<scalar_t, acc_t>::divide_first);
+    const LayerForward<scalar_t, acc_t>& L = p.layers[layer];
+    divide_block(L.w, L.wv, L.out, L.ov, *L.sigma, static_cast<index_t>(L.numel),
+                 static_cast<index_t>(b - L.divide_first), static_cast<index_t>(L.divide_blocks));
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const __grid_constant__ BackwardLaunch<scalar_t, acc_t> p) {
+  cg::grid_group grid = cg::this_grid();
+  using Layer = LayerBackward<scalar_t, acc_t>;
+  // lambda = <G, W_sn>: partial sums
+  int layer = 0;
+  for (int64_t b = blockIdx.x; b < p.lambda_total; b += gridDim.x) {
+    layer = advance_layer(p.layers, p.count, layer, b, &Layer::lambda_first);
+    const Layer& L = p.layers[layer];
+    const int64_t local = b - L.lambda_first;
+    const acc_t sum = lambda_partial_block<scalar_t, acc_t, index_t>(
+        L.g, L.gv, L.s, L.sv, static_cast<index_t>(L.numel), static_cast<index_t>(local),
+        static_cast<index_t>(L.lambda_blocks));
+    if (threadIdx.x == 0) L.partial[local] = sum;
+  }
+  grid.sync();
+  // their totals, one block per layer
+  for (int l = blockIdx.x; l < p.count; l += gridDim.x) {
+    const Layer& L = p.layers[l];
+    const acc_t total = lambda_total_block(L.partial, L.lambda_blocks);
+    if (threadIdx.x == 0) L.partial[L.lambda_blocks] = total;
+  }
+  grid.sync();
+  // (G - lambda u v^T) / sigma
+  layer = 0;
+  for (int64_t b = blockIdx.x; b < p.elementwise_total; b += gridDim.x) {
+    layer = advance_layer(p.layers, p.count, layer, b, &Layer::elementwise_first);
+    const Layer& L = p.layers[layer];
+    backward_block(L.g, L.gv, L.out, L.ov, L.u, L.u_stride, L.v, L.v_stride, L.partial[L.lambda_blocks], *L.sigma,
+                   static_cast<index_t>(L.numel), static_cast<index_t>(b - L.elementwise_first),
+                   static_cast<index_t>(L.elementwise_blocks));
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Elementwise passes over W-shaped tensors. index_t is uint32_t when the element count allows: the two
-// divisions per element that recover (o, i, r) are several times cheaper in 32 bits. Offsets stay 64-bit.
+// Launching
 
-template <typename index_t>
-struct Index3d {
-  index_t o, i, r;
-};
-
-template <typename index_t>
-__device__ __forceinline__ Index3d<index_t> unflatten(index_t e, index_t rows, index_t inner) {
-  const index_t line = e / inner;
-  return {line / rows, line % rows, e - line * inner};
-}
-
-// W_sn = W / sigma in op-math (as torch's `weight / sigma`); sigma is read from the device.
-template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void __launch_bounds__(kThreads) divide_kernel(const scalar_t* w, View3d wv, scalar_t* out, View3d ov,
-                                                          const acc_t* sigma, index_t numel) {
-  const acc_t s = *sigma;
-  const index_t rows = static_cast<index_t>(wv.rows), inner = static_cast<index_t>(wv.inner);
-  const index_t step = static_cast<index_t>(gridDim.x) * kThreads;
-  for (index_t e = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; e < numel; e += step) {
-    const Index3d<index_t> k = unflatten(e, rows, inner);
-    out[ov.offset(k.o, k.i, k.r)] = static_cast<scalar_t>(static_cast<acc_t>(w[wv.offset(k.o, k.i, k.r)]) / s);
-  }
-}
-
-// lambda = <G, W_sn>, stage 1: one partial sum per block over a fixed grid-stride share of the elements.
-template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void __launch_bounds__(kThreads) lambda_partial_kernel(const scalar_t* g, View3d gv, const scalar_t* s,
-                                                                  View3d sv, acc_t* partial, index_t numel) {
-  __shared__ acc_t scratch[32];
-  const index_t rows = static_cast<index_t>(gv.rows), inner = static_cast<index_t>(gv.inner);
-  const index_t step = static_cast<index_t>(gridDim.x) * kThreads;
-  acc_t sum = 0;
-  for (index_t e = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; e < numel; e += step) {
-    const Index3d<index_t> k = unflatten(e, rows, inner);
-    sum += static_cast<acc_t>(g[gv.offset(k.o, k.i, k.r)]) * static_cast<acc_t>(s[sv.offset(k.o, k.i, k.r)]);
-  }
-  sum = block_sum(sum, scratch);
-  if (threadIdx.x == 0) partial[blockIdx.x] = sum;
-}
-
-// lambda, stage 2: the partial sums in a fixed order, by one block.
-template <typename acc_t>
-__global__ void __launch_bounds__(kVectorThreads) lambda_total_kernel(const acc_t* partial, int64_t count,
-                                                                       acc_t* lambda) {
-  __shared__ acc_t scratch[32];
-  acc_t sum = 0;
-  for (int64_t j = threadIdx.x; j < count; j += blockDim.x) sum += partial[j];
-  sum = block_sum(sum, scratch);
-  if (threadIdx.x == 0) *lambda = sum;
-}
-
-// grad_W = (G - lambda u v^T) / sigma, in the CPU kernel's operation order.
-template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const scalar_t* g, View3d gv, scalar_t* out, View3d ov,
-                                                            const scalar_t* u, int64_t u_stride, const scalar_t* v,
-                                                            int64_t v_stride, const acc_t* lambda,
-                                                            const acc_t* sigma, index_t numel) {
-  const acc_t lam = *lambda, sig = *sigma;
-  const index_t rows = static_cast<index_t>(gv.rows), inner = static_cast<index_t>(gv.inner);
-  const index_t step = static_cast<index_t>(gridDim.x) * kThreads;
-  for (index_t e = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; e < numel; e += step) {
-    const Index3d<index_t> k = unflatten(e, rows, inner);
-    const acc_t lambda_u = lam * static_cast<acc_t>(u[static_cast<int64_t>(k.i) * u_stride]);
-    const int64_t col = static_cast<int64_t>(k.o) * gv.inner + k.r;
-    out[ov.offset(k.o, k.i, k.r)] = static_cast<scalar_t>(
-        (static_cast<acc_t>(g[gv.offset(k.o, k.i, k.r)]) - lambda_u * static_cast<acc_t>(v[col * v_stride])) / sig);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Host side: launch plans and the op implementations.
-
-struct SplitPlan {
-  int lanes;       // see MatvecArgs / RmatvecArgs
-  int64_t splits;  // pieces of the reduced dimension (grid.y)
-  int64_t chunk;   // length of each piece
-  dim3 grid;
-};
-
-// Picks the split so that the last piece is never empty; limits are checked here, not in the kernels.
-void finish_split(SplitPlan& plan, int64_t reduced, int64_t wanted_splits, int64_t max_splits, int64_t blocks_x) {
-  int64_t splits = std::max<int64_t>(1, std::min({wanted_splits, max_splits, kMaxGridY}));
-  plan.chunk = ceil_div(reduced, splits);
-  plan.splits = ceil_div(reduced, plan.chunk);
-  TORCH_CHECK(blocks_x <= std::numeric_limits<int32_t>::max(), "sn_ext: weight too large for the CUDA kernels");
-  plan.grid = dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(plan.splits));
-}
-
-SplitPlan plan_matvec(const View3d& m) {
-  SplitPlan plan;
-  const int64_t cols = m.cols();
-  const int64_t wanted = ceil_div(kTargetBlocks, m.rows);
-  int64_t splits = std::max<int64_t>(1, std::min({wanted, ceil_div(cols, kMinColsPerSplit), kMaxGridY}));
-  plan.lanes = pow2_at_least(ceil_div(cols, splits), kThreads);
-  finish_split(plan, cols, splits, splits, ceil_div(m.rows, kThreads / plan.lanes));
-  return plan;
-}
-
-SplitPlan plan_rmatvec(const View3d& m) {
-  SplitPlan plan;
-  const int64_t cols = m.cols();
-  plan.lanes = pow2_at_least(cols, kThreads);
-  const int64_t col_blocks = ceil_div(cols, plan.lanes);
-  const int64_t row_lanes = kThreads / plan.lanes;
-  finish_split(plan, m.rows, ceil_div(kTargetBlocks, col_blocks), ceil_div(m.rows, row_lanes * kMinRowsPerThread),
-               col_blocks);
-  return plan;
-}
-
-// The current device's SM count, looked up once per device (a device attribute query: no synchronization).
-int64_t multiprocessor_count() {
+// How many blocks of `kernel` fit on the current device at once (a cooperative launch must not ask for more),
+// looked up once per kernel and device.
+template <auto kernel>
+int64_t resident_blocks() {
   static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
   const c10::DeviceIndex device = c10::cuda::current_device();
-  int count = cache[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(count, std::memory_order_relaxed);
+  int per_sm = cache[device].load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+    TORCH_CHECK(per_sm > 0, "sn_ext: the CUDA kernel cannot be resident on this device");
+    cache[device].store(per_sm, std::memory_order_relaxed);
   }
-  return count;
+  return per_sm * multiprocessor_count();
 }
 
-int elementwise_blocks(int64_t numel) {
-  // Enough resident threads to saturate memory; the grid-stride loops cover the rest.
-  const int64_t max_blocks = multiprocessor_count() * (2048 / kThreads);
-  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(numel, kThreads), max_blocks)));
+// A cooperative launch of kernel(params) on the current stream, with as many blocks as the largest phase has
+// virtual blocks, at most all that fit at once.
+template <auto kernel, typename Params>
+void launch_cooperative(const Params& params, int64_t wanted_blocks) {
+  const int64_t blocks = std::max<int64_t>(1, std::min(wanted_blocks, resident_blocks<kernel>()));
+  void* args[] = {const_cast<Params*>(&params)};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                                             dim3(static_cast<unsigned>(blocks)), dim3(kThreads), args, 0,
+                                             c10::cuda::getCurrentCUDAStream()));
 }
 
-template <typename F>
-void with_index_type(int64_t numel, const F& f) {
-  if (numel <= std::numeric_limits<int32_t>::max()) {
-    f(uint32_t{0});
-  } else {
-    f(uint64_t{0});
+// One layer of a forward launch, as tensors. u_in, v_in: the vectors to start from; u_work, v_work: where the
+// rounds write theirs (contiguous); `finish` says whether they are the outputs, scratch to commit into u_in, v_in,
+// or both. `out`: W_sn's (outer, rows, inner) view, undefined for no division.
+struct ForwardLayer {
+  at::Tensor w3, out3, u_in, v_in, u_work, v_work;
+  Finish finish;
+};
+
+// Runs the forward of `layers` (one dtype and device): n rounds, then W / sigma; sigma[i] (a contiguous tensor
+// of one value per layer, of any shape) for layer i.
+void forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, int64_t n, double eps,
+             bool v_first) {
+  const at::Tensor& w0 = layers[0].w3;
+  const auto acc_options = w0.options().dtype(sigmas.scalar_type());
+  std::vector<SplitPlan> mv_plans, rmv_plans;
+  std::vector<int64_t> partial_offsets{0};
+  int64_t max_numel = 0;
+  for (const ForwardLayer& layer : layers) {
+    const View3d view = view_of(layer.w3);
+    mv_plans.push_back(plan_matvec(view));
+    rmv_plans.push_back(plan_rmatvec(view));
+    partial_offsets.push_back(partial_offsets.back() + std::max(mv_plans.back().splits * view.rows,
+                                                                rmv_plans.back().splits * view.cols()));
+    max_numel = std::max(max_numel, layer.w3.numel());
   }
+  at::Tensor workspace = at::empty({partial_offsets.back()}, acc_options);
+  // No memset: each layer's first half-step writes its flag instead of adding to it.
+  at::Tensor degenerate = at::empty({static_cast<int64_t>(layers.size())}, w0.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w0.scalar_type(), "sn_ext_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_index_type(max_numel, [&](auto tag) {
+      using index_t = decltype(tag);
+      for (size_t start = 0; start < layers.size(); start += kMaxLayers) {
+        ForwardLaunch<scalar_t, acc_t> p{};
+        p.count = static_cast<int>(std::min<size_t>(kMaxLayers, layers.size() - start));
+        p.n = n;
+        p.eps = static_cast<acc_t>(eps);
+        p.v_first = v_first;
+        for (int l = 0; l < p.count; ++l) {
+          const size_t i = start + l;
+          const ForwardLayer& layer = layers[i];
+          const SplitPlan &mv = mv_plans[i], &rmv = rmv_plans[i];
+          LayerForward<scalar_t, acc_t>& L = p.layers[l];
+          const bool commits = layer.finish == Finish::kCommit || layer.finish == Finish::kBoth;
+          scalar_t* u_in = const_cast<scalar_t*>(layer.u_in.const_data_ptr<scalar_t>());
+          scalar_t* v_in = const_cast<scalar_t*>(layer.v_in.const_data_ptr<scalar_t>());
+          L.w = layer.w3.const_data_ptr<scalar_t>();
+          L.wv = view_of(layer.w3);
+          L.out = layer.out3.defined() ? layer.out3.mutable_data_ptr<scalar_t>() : nullptr;
+          L.ov = layer.out3.defined() ? view_of(layer.out3) : View3d{};
+          L.vec = Vectors<scalar_t>{u_in,
+                                    layer.u_in.stride(0),
+                                    v_in,
+                                    layer.v_in.stride(0),
+                                    layer.u_work.mutable_data_ptr<scalar_t>(),
+                                    layer.v_work.mutable_data_ptr<scalar_t>(),
+                                    commits ? u_in : nullptr,
+                                    commits ? v_in : nullptr,
+                                    layer.u_in.numel(),
+                                    layer.v_in.numel()};
+          L.finish = layer.finish;
+          L.partial = workspace.mutable_data_ptr<acc_t>() + partial_offsets[i];
+          L.degenerate = degenerate.mutable_data_ptr<int>() + i;
+          L.sigma = sigmas.mutable_data_ptr<acc_t>() + i;
+          L.mv_lanes = mv.lanes;
+          L.mv_chunk = mv.chunk;
+          L.mv_blocks_x = mv.grid.x;
+          L.mv_splits = mv.splits;
+          L.rmv_lanes = rmv.lanes;
+          L.rmv_chunk = rmv.chunk;
+          L.rmv_blocks_x = rmv.grid.x;
+          L.rmv_splits = rmv.splits;
+          L.numel = layer.w3.numel();
+          L.divide_blocks = layer.out3.defined() ? elementwise_blocks(L.numel) : 0;
+          L.mv_first = p.mv_total;
+          L.rmv_first = p.rmv_total;
+          L.divide_first = p.divide_total;
+          p.mv_total += mv.grid.x * mv.splits;
+          p.rmv_total += rmv.grid.x * rmv.splits;
+          p.divide_total += L.divide_blocks;
+        }
+        const int64_t wanted = std::max({p.mv_total, n > 0 ? p.rmv_total : 0, p.divide_total, int64_t{p.count}});
+        launch_cooperative<forward_kernel<scalar_t, acc_t, index_t>>(p, wanted);
+      }
+    });
+  });
 }
 
-template <typename T>
-at::ScalarType scalar_type_of() {
-  return c10::CppTypeToScalarType<T>::value;
-}
+// One layer of a backward launch: grad_W = (G - <G, W_sn> u v^T) / sigma, written through out3.
+struct BackwardLayer {
+  at::Tensor g3, s3, out3, u, v;
+};
 
-// n rounds of power iteration from vec.u_in / vec.v_in (u-first: u = N(W v), v = N(W^T u); v-first the reverse),
-// rounding each new vector to the weight's dtype; writes sigma, and the vectors as `finish` says.
-// n == 0: sigma = u^T W v and, for kRestore, the work vectors get the inputs.
-template <typename scalar_t>
-void iterate(const at::Tensor& w3, const Vectors<scalar_t>& vec, int64_t n, double eps, bool v_first,
-             at::opmath_type<scalar_t>* sigma, Finish finish) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const View3d view = view_of(w3);
-  const SplitPlan mv = plan_matvec(view), rmv = plan_rmatvec(view);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto acc_options = w3.options().dtype(scalar_type_of<acc_t>());
-  at::Tensor partial = at::empty({std::max(mv.splits * view.rows, rmv.splits * view.cols())}, acc_options);
-  acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
-  const scalar_t* w = w3.const_data_ptr<scalar_t>();
-
-  auto matvec = [&](const scalar_t* x, int64_t x_stride) {
-    const MatvecArgs<scalar_t, acc_t> args{w, view, x, x_stride, partial_ptr, mv.lanes, mv.chunk};
-    matvec_kernel<scalar_t, acc_t><<<mv.grid, kThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  auto rmatvec = [&](const scalar_t* y, int64_t y_stride) {
-    const RmatvecArgs<scalar_t, acc_t> args{w, view, y, y_stride, partial_ptr, rmv.lanes, rmv.chunk};
-    rmatvec_kernel<scalar_t, acc_t><<<rmv.grid, kThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-
-  if (n == 0) {
-    matvec(vec.v_in, vec.v_stride);
-    dot_kernel<scalar_t, acc_t>
-        <<<1, kVectorThreads, 0, stream>>>(partial_ptr, mv.splits, vec, sigma, finish == Finish::kRestore);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+void backward(const std::vector<BackwardLayer>& layers, const at::Tensor& sigmas) {
+  const at::Tensor& s0 = layers[0].s3;
+  const auto acc_options = s0.options().dtype(sigmas.scalar_type());
+  std::vector<int64_t> partial_offsets{0};
+  int64_t max_numel = 0;
+  for (const BackwardLayer& layer : layers) {
+    partial_offsets.push_back(partial_offsets.back() + lambda_blocks_for(layer.s3.numel()) + 1);
+    max_numel = std::max(max_numel, layer.s3.numel());
   }
-
-  // No memset: the first half-step writes the flag instead of adding to it.
-  at::Tensor degenerate = at::empty({1}, w3.options().dtype(at::kInt));
-  int* degenerate_ptr = degenerate.mutable_data_ptr<int>();
-  auto normalize = [&](int64_t length, int64_t splits, scalar_t* out, bool first, bool last) {
-    const NormalizeArgs<scalar_t, acc_t> args{partial_ptr,
-                                              length,
-                                              splits,
-                                              out,
-                                              static_cast<acc_t>(eps),
-                                              degenerate_ptr,
-                                              first,
-                                              last ? sigma : nullptr,
-                                              last ? finish : Finish::kNone,
-                                              vec};
-    normalize_kernel<scalar_t, acc_t><<<1, kVectorThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-
-  for (int64_t k = 0; k < n; ++k) {
-    const bool first = k == 0, last = k == n - 1;
-    if (v_first) {
-      rmatvec(first ? vec.u_in : vec.u_work, first ? vec.u_stride : 1);
-      normalize(view.cols(), rmv.splits, vec.v_work, first, false);
-      matvec(vec.v_work, 1);
-      normalize(view.rows, mv.splits, vec.u_work, false, last);
-    } else {
-      matvec(first ? vec.v_in : vec.v_work, first ? vec.v_stride : 1);
-      normalize(view.rows, mv.splits, vec.u_work, first, false);
-      rmatvec(vec.u_work, 1);
-      normalize(view.cols(), rmv.splits, vec.v_work, false, last);
-    }
-  }
+  at::Tensor workspace = at::empty({partial_offsets.back()}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s0.scalar_type(), "sn_ext_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_index_type(max_numel, [&](auto tag) {
+      using index_t = decltype(tag);
+      for (size_t start = 0; start < layers.size(); start += kMaxLayers) {
+        BackwardLaunch<scalar_t, acc_t> p{};
+        p.count = static_cast<int>(std::min<size_t>(kMaxLayers, layers.size() - start));
+        for (int l = 0; l < p.count; ++l) {
+          const size_t i = start + l;
+          const BackwardLayer& layer = layers[i];
+          LayerBackward<scalar_t, acc_t>& L = p.layers[l];
+          L.g = layer.g3.const_data_ptr<scalar_t>();
+          L.gv = view_of(layer.g3);
+          L.s = layer.s3.const_data_ptr<scalar_t>();
+          L.sv = view_of(layer.s3);
+          L.out = layer.out3.mutable_data_ptr<scalar_t>();
+          L.ov = view_of(layer.out3);
+          L.u = layer.u.const_data_ptr<scalar_t>();
+          L.u_stride = layer.u.stride(0);
+          L.v = layer.v.const_data_ptr<scalar_t>();
+          L.v_stride = layer.v.stride(0);
+          L.sigma = sigmas.const_data_ptr<acc_t>() + i;
+          L.partial = workspace.mutable_data_ptr<acc_t>() + partial_offsets[i];
+          L.numel = layer.s3.numel();
+          L.lambda_blocks = lambda_blocks_for(L.numel);
+          L.elementwise_blocks = elementwise_blocks(L.numel);
+          L.lambda_first = p.lambda_total;
+          L.elementwise_first = p.elementwise_total;
+          p.lambda_total += L.lambda_blocks;
+          p.elementwise_total += L.elementwise_blocks;
+        }
+        const int64_t wanted = std::max({p.lambda_total, p.elementwise_total, int64_t{p.count}});
+        launch_cooperative<backward_kernel<scalar_t, acc_t, index_t>>(p, wanted);
+      }
+    });
+  });
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The ops
 
 at::Tensor power_iteration_cuda(const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n,
                                 double eps, bool v_first) {
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor w3 =
-      as_matrix3d(weight, check_forward_args("sn_ext::power_iteration_", weight, u, v, dim, n, eps));
+  const MatrixShape shape = check_forward_args("sn_ext::power_iteration_", weight, u, v, dim, n, eps);
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
-  // The rounds run on copies: the caller's u, v change only if no round was degenerate, decided on the device.
-  at::Tensor u_work = at::empty({u.numel()}, u.options());
-  at::Tensor v_work = at::empty({v.numel()}, v.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* u_ptr = u.mutable_data_ptr<scalar_t>();
-    scalar_t* v_ptr = v.mutable_data_ptr<scalar_t>();
-    const Vectors<scalar_t> vec{u_ptr,
-                                u.stride(0),
-                                v_ptr,
-                                v.stride(0),
-                                u_work.mutable_data_ptr<scalar_t>(),
-                                v_work.mutable_data_ptr<scalar_t>(),
-                                u_ptr,
-                                v_ptr,
-                                u.numel(),
-                                v.numel()};
-    iterate<scalar_t>(w3, vec, n, eps, v_first, sigma.mutable_data_ptr<acc_t>(), Finish::kCommit);
-  });
+  // The rounds run on scratch vectors: u, v change only if no round was degenerate, decided on the device.
+  forward({{as_matrix3d(weight, shape), at::Tensor(), u, v, at::empty({u.numel()}, u.options()),
+            at::empty({v.numel()}, v.options()), Finish::kCommit}},
+          sigma, n, eps, v_first);
   return sigma;
 }
 
@@ -568,37 +437,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cu
                                                                                    bool v_first) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize", weight, u, v, dim, n, eps);
-  const at::Tensor w3 = as_matrix3d(weight, shape);
   WeightShapedOutput out(weight, shape);
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
   at::Tensor u_new = at::empty_like(u, at::MemoryFormat::Contiguous);
   at::Tensor v_new = at::empty_like(v, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_normalize_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Vectors<scalar_t> vec{u.const_data_ptr<scalar_t>(),
-                                u.stride(0),
-                                v.const_data_ptr<scalar_t>(),
-                                v.stride(0),
-                                u_new.mutable_data_ptr<scalar_t>(),
-                                v_new.mutable_data_ptr<scalar_t>(),
-                                nullptr,
-                                nullptr,
-                                u.numel(),
-                                v.numel()};
-    acc_t* sigma_ptr = sigma.mutable_data_ptr<acc_t>();
-    iterate<scalar_t>(w3, vec, n, eps, v_first, sigma_ptr, Finish::kRestore);
-    const int64_t numel = w3.numel();
-    const int blocks = elementwise_blocks(numel);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    with_index_type(numel, [&](auto tag) {
-      using index_t = decltype(tag);
-      divide_kernel<scalar_t, acc_t, index_t><<<blocks, kThreads, 0, stream>>>(
-          w3.const_data_ptr<scalar_t>(), view_of(w3), out.view3d.mutable_data_ptr<scalar_t>(), view_of(out.view3d),
-          sigma_ptr,
-          static_cast<index_t>(numel));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  forward({{as_matrix3d(weight, shape), out.view3d, u, v, u_new, v_new, Finish::kRestore}}, sigma, n, eps, v_first);
   return {out.finish(), sigma, u_new, v_new};
 }
 
@@ -608,39 +451,56 @@ at::Tensor spectral_normalize_backward_cuda(const at::Tensor& grad, const at::Te
   const c10::cuda::CUDAGuard guard(weight_sn.device());
   const MatrixShape shape =
       check_backward_args("sn_ext::spectral_normalize_backward", grad, weight_sn, u, v, sigma, dim);
-  const at::Tensor g3 = as_matrix3d(grad, shape), s3 = as_matrix3d(weight_sn, shape);
   WeightShapedOutput out(weight_sn, shape);
-  const auto acc_options = weight_sn.options().dtype(sigma_dtype(weight_sn.scalar_type()));
   // sigma is read by the kernel: bring it to the device and op-math dtype (a no-op for the forward's own sigma;
   // the CPU kernel's sigma.item() would be a host synchronization here).
-  const at::Tensor sig = sigma.to(acc_options).reshape({});
-  const int64_t numel = g3.numel();
-  const int64_t lambda_blocks =
-      std::max<int64_t>(1, std::min(ceil_div(numel, kThreads * kLambdaItemsPerThread), kMaxLambdaBlocks));
-  at::Tensor partial = at::empty({lambda_blocks + 1}, acc_options);  // the partial sums, then lambda
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_sn.scalar_type(),
-                                  "spectral_normalize_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
-    acc_t* lambda_ptr = partial_ptr + lambda_blocks;
-    const scalar_t* g = g3.const_data_ptr<scalar_t>();
-    const View3d gv = view_of(g3);
-    with_index_type(numel, [&](auto tag) {
-      using index_t = decltype(tag);
-      lambda_partial_kernel<scalar_t, acc_t, index_t><<<static_cast<unsigned>(lambda_blocks), kThreads, 0, stream>>>(
-          g, gv, s3.const_data_ptr<scalar_t>(), view_of(s3), partial_ptr, static_cast<index_t>(numel));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      lambda_total_kernel<acc_t><<<1, kVectorThreads, 0, stream>>>(partial_ptr, lambda_blocks, lambda_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      backward_kernel<scalar_t, acc_t, index_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
-          g, gv, out.view3d.mutable_data_ptr<scalar_t>(), view_of(out.view3d), u.const_data_ptr<scalar_t>(),
-          u.stride(0), v.const_data_ptr<scalar_t>(), v.stride(0), lambda_ptr, sig.const_data_ptr<acc_t>(),
-          static_cast<index_t>(numel));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  const at::Tensor sig = sigma.to(weight_sn.options().dtype(sigma_dtype(weight_sn.scalar_type()))).contiguous();
+  backward({{as_matrix3d(grad, shape), as_matrix3d(weight_sn, shape), out.view3d, u, v}}, sig);
   return out.finish();
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+spectral_normalize_grouped_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
+                                int64_t n, double eps) {
+  const std::vector<MatrixShape> shapes =
+      check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n, eps);
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  std::vector<WeightShapedOutput> outs;
+  std::vector<at::Tensor> us_used, vs_used;
+  std::vector<ForwardLayer> layers;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    outs.emplace_back(weights[i], shapes[i]);
+    us_used.push_back(at::empty_like(us[i], at::MemoryFormat::Contiguous));
+    vs_used.push_back(at::empty_like(vs[i], at::MemoryFormat::Contiguous));
+    // n == 0 reads and returns the buffers and changes nothing; otherwise the result goes to both.
+    layers.push_back({as_matrix3d(weights[i], shapes[i]), outs[i].view3d, us[i], vs[i], us_used[i], vs_used[i],
+                      n == 0 ? Finish::kRestore : Finish::kBoth});
+  }
+  at::Tensor sigmas =
+      at::empty({static_cast<int64_t>(weights.size())}, weights[0].options().dtype(sigma_dtype(weights[0].scalar_type())));
+  forward(layers, sigmas, n, eps, false);
+  std::vector<at::Tensor> weights_sn;
+  for (auto& out : outs) weights_sn.push_back(out.finish());
+  return {weights_sn, sigmas, us_used, vs_used};
+}
+
+std::vector<at::Tensor> spectral_normalize_grouped_backward_cuda(at::TensorList grads, at::TensorList weights_sn,
+                                                                 at::TensorList us, at::TensorList vs,
+                                                                 const at::Tensor& sigmas, at::IntArrayRef dims) {
+  const std::vector<MatrixShape> shapes = check_grouped_backward_args(
+      "sn_ext::spectral_normalize_grouped_backward", grads, weights_sn, us, vs, sigmas, dims);
+  const c10::cuda::CUDAGuard guard(weights_sn[0].device());
+  std::vector<WeightShapedOutput> outs;
+  std::vector<BackwardLayer> layers;
+  for (size_t i = 0; i < weights_sn.size(); ++i) {
+    outs.emplace_back(weights_sn[i], shapes[i]);
+    layers.push_back({as_matrix3d(grads[i], shapes[i]), as_matrix3d(weights_sn[i], shapes[i]), outs[i].view3d,
+                      us[i], vs[i]});
+  }
+  backward(layers, sigmas.contiguous());
+  std::vector<at::Tensor> grads_weight;
+  for (auto& out : outs) grads_weight.push_back(out.finish());
+  return grads_weight;
 }
 
 }  // namespace
@@ -649,6 +509,8 @@ TORCH_LIBRARY_IMPL(sn_ext, CUDA, m) {
   m.impl("power_iteration_", &power_iteration_cuda);
   m.impl("spectral_normalize", &spectral_normalize_cuda);
   m.impl("spectral_normalize_backward", &spectral_normalize_backward_cuda);
+  m.impl("spectral_normalize_grouped_", &spectral_normalize_grouped_cuda);
+  m.impl("spectral_normalize_grouped_backward", &spectral_normalize_grouped_backward_cuda);
 }
 
 }  // namespace sn_ext

@@ -1,0 +1,443 @@
+// Device code and launch plans shared by the per-layer CUDA kernels (spectral_norm_cuda.cu) and the grouped,
+// persistent ones (grouped_cuda.cu). Each phase is a __device__ function of its block coordinates that assumes a
+// 1-D block of kThreads threads (the one-block vector phases take any block size): a __global__ kernel is a thin
+// wrapper, and the persistent kernel loops over a phase's virtual blocks between grid-wide barriers.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "../matrix_view.h"
+
+namespace sn_ext {
+namespace {
+
+// Threads per block of every kernel that walks W.
+constexpr int kThreads = 256;
+// Threads of the one-block phases that reduce a split vector and normalize it. The same as kThreads: the grouped
+// persistent kernel runs these phases in its kThreads-thread blocks, and a block sum's order depends on the block
+// size, so equal sizes make the grouped and per-layer kernels give the same bits.
+constexpr int kVectorThreads = kThreads;
+// About how many blocks a matvec should have to fill an H100/H200 (132 SMs). A constant, not the device's SM
+// count, so the reduction split (and so every result bit) depends on the shape only.
+constexpr int64_t kTargetBlocks = 256;
+// Smallest piece of a row (matvec) or column (W^T matvec, per thread) worth a block of its own: below this the
+// extra partial sums cost more than the parallelism gains.
+constexpr int64_t kMinColsPerSplit = 2048;
+constexpr int64_t kMinRowsPerThread = 8;
+constexpr int64_t kMaxGridY = 65535;
+// lambda's partial sums: at most one per thread of the one-block total.
+constexpr int64_t kMaxLambdaBlocks = kVectorThreads;
+constexpr int64_t kLambdaItemsPerThread = 8;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Smallest power of 2 >= n, capped at `cap` (a power of 2).
+int pow2_at_least(int64_t n, int cap) {
+  int p = 1;
+  while (p < n && p < cap) p <<= 1;
+  return p;
+}
+
+// A weight-shaped tensor as (outer, rows, inner) with its strides: Wm[i, o * inner + r] = W3[o][i][r].
+struct View3d {
+  int64_t outer, rows, inner;
+  int64_t s_outer, s_row, s_inner;
+  __host__ __device__ int64_t cols() const { return outer * inner; }
+  __host__ __device__ int64_t offset(int64_t o, int64_t i, int64_t r) const {
+    return o * s_outer + i * s_row + r * s_inner;
+  }
+};
+
+View3d view_of(const at::Tensor& t3) {
+  return {t3.size(0), t3.size(1), t3.size(2), t3.stride(0), t3.stride(1), t3.stride(2)};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reductions inside a block (fixed shuffle and tree patterns: deterministic for a given block size)
+
+// Sum over aligned groups of `width` lanes (a power of 2 <= 32); the total lands in each group's first lane.
+// Every lane of the warp must call it.
+template <typename T>
+__device__ __forceinline__ T group_sum(T value, int width) {
+  for (int offset = width / 2; offset > 0; offset >>= 1) value += __shfl_down_sync(0xffffffffu, value, offset, width);
+  return value;
+}
+
+// Sum over the whole (1-D) block, returned to every thread. `scratch` holds 32 values; every thread must call it.
+template <typename T>
+__device__ T block_sum(T value, T* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+  value = group_sum(value, 32);
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < warps ? scratch[lane] : T(0);
+    value = group_sum(value, 32);
+    if (lane == 0) scratch[0] = value;
+  }
+  __syncthreads();
+  value = scratch[0];
+  __syncthreads();  // scratch may be reused by the caller
+  return value;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ bool usable(acc_t norm) {
+  return isfinite(norm) && norm > acc_t(0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Phase 1 of a half-step: split matrix-vector products. Each writes partial sums (splits, length); the one-block
+// vector phase adds the splits in order. Splitting the reduced dimension keeps short-and-wide (1 x N) and
+// tall-and-narrow (N x 1) matrices from running on a handful of threads.
+
+template <typename scalar_t, typename acc_t>
+struct MatvecArgs {
+  const scalar_t* w;   // the weight, through `view`
+  View3d view;
+  const scalar_t* x;   // (cols,) with stride x_stride
+  int64_t x_stride;
+  acc_t* partial;      // (splits, rows): partial[s * rows + i] = sum over split s's columns c of Wm[i, c] x[c]
+  int lanes;           // threads per row: a power of 2 <= kThreads; kThreads / lanes rows per block
+  int64_t chunk;       // columns per split
+};
+
+// y = Wm x. Threads of a row walk consecutive columns, so a contiguous row is read coalesced.
+template <typename scalar_t, typename acc_t>
+__device__ void matvec_block(const MatvecArgs<scalar_t, acc_t>& a, int64_t row_block, int64_t split) {
+  __shared__ acc_t warp_sums[kThreads / 32];
+  const View3d& m = a.view;
+  const int lanes = a.lanes;
+  const int tx = threadIdx.x % lanes, ty = threadIdx.x / lanes;
+  const int64_t i = row_block * (kThreads / lanes) + ty;
+  const int64_t c_begin = split * a.chunk, c_end = std::min(m.cols(), c_begin + a.chunk);
+  acc_t sum = 0;
+  if (i < m.rows) {
+    const scalar_t* w_row = a.w + i * m.s_row;
+    int64_t c = c_begin + tx;
+    // Column c is (o, r) = divmod(c, inner); stepping by `lanes` is tracked without a division per element.
+    int64_t o = c / m.inner, r = c - o * m.inner;
+    const int64_t step_o = lanes / m.inner, step_r = lanes % m.inner;
+    for (; c < c_end; c += lanes) {
+      sum += static_cast<acc_t>(w_row[o * m.s_outer + r * m.s_inner]) * static_cast<acc_t>(a.x[c * a.x_stride]);
+      r += step_r;
+      o += step_o;
+      if (r >= m.inner) {
+        r -= m.inner;
+        ++o;
+      }
+    }
+  }
+  sum = group_sum(sum, std::min(lanes, 32));
+  if (lanes > 32) {  // a row spans several warps: add their sums in warp order
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (tx == 0) {
+      const int per_row = lanes / 32;
+      sum = 0;
+      for (int k = 0; k < per_row; ++k) sum += warp_sums[ty * per_row + k];
+    }
+  }
+  if (tx == 0 && i < m.rows) a.partial[split * m.rows + i] = sum;
+}
+
+
+template <typename scalar_t, typename acc_t>
+struct RmatvecArgs {
+  const scalar_t* w;   // the weight, through `view`
+  View3d view;
+  const scalar_t* y;   // (rows,) with stride y_stride
+  int64_t y_stride;
+  acc_t* partial;      // (splits, cols): partial[s * cols + c] = sum over split s's rows i of Wm[i, c] y[i]
+  int lanes;           // threads per column group: a power of 2 <= kThreads; kThreads / lanes threads per column
+  int64_t chunk;       // rows per split
+};
+
+// z = Wm^T y. Adjacent threads own adjacent columns (coalesced for a contiguous row); when there are fewer
+// columns than threads, several threads share a column and their sums are added in a fixed tree.
+template <typename scalar_t, typename acc_t>
+__device__ void rmatvec_block(const RmatvecArgs<scalar_t, acc_t>& a, int64_t col_block, int64_t split) {
+  __shared__ acc_t sums[kThreads];
+  const View3d& m = a.view;
+  const int lanes = a.lanes, row_lanes = kThreads / lanes;
+  const int tx = threadIdx.x % lanes, ty = threadIdx.x / lanes;
+  const int64_t cols = m.cols();
+  const int64_t c = col_block * lanes + tx;
+  const int64_t i_begin = split * a.chunk, i_end = std::min(m.rows, i_begin + a.chunk);
+  acc_t sum = 0;
+  if (c < cols) {
+    const int64_t o = c / m.inner, r = c - o * m.inner;
+    const scalar_t* w_col = a.w + o * m.s_outer + r * m.s_inner;
+#pragma unroll 4
+    for (int64_t i = i_begin + ty; i < i_end; i += row_lanes)
+      sum += static_cast<acc_t>(w_col[i * m.s_row]) * static_cast<acc_t>(a.y[i * a.y_stride]);
+  }
+  sums[threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = row_lanes / 2; half > 0; half >>= 1) {
+    if (ty < half) sums[threadIdx.x] += sums[threadIdx.x + half * lanes];
+    __syncthreads();
+  }
+  if (ty == 0 && c < cols) a.partial[split * cols + c] = sums[tx];
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// Phase 2 of a half-step, one block: add the splits, normalize, and (last half-step) finish.
+
+// What the last half-step does with the vectors once it knows whether any round was degenerate.
+enum class Finish : int {
+  kNone,     // not the last half-step
+  kRestore,  // spectral_normalize: the work vectors are the outputs u_new, v_new; on failure they get the inputs
+  kCommit,   // power_iteration_: on success the work vectors are copied into the caller's u, v
+  kBoth,     // grouped forward: kRestore on failure, kCommit on success (outputs and buffers both hold the result)
+};
+
+template <typename scalar_t>
+struct Vectors {
+  const scalar_t* u_in;  // the caller's u (rows,), stride u_stride
+  int64_t u_stride;
+  const scalar_t* v_in;  // the caller's v (cols,), stride v_stride
+  int64_t v_stride;
+  scalar_t* u_work;      // contiguous (rows,): the rounds' u, in the weight's dtype like torch's buffers
+  scalar_t* v_work;      // contiguous (cols,)
+  scalar_t* u_commit;    // power_iteration_: the caller's u, writable (same memory as u_in); else nullptr
+  scalar_t* v_commit;
+  int64_t rows, cols;
+};
+
+template <typename scalar_t, typename acc_t>
+struct NormalizeArgs {
+  acc_t* partial;       // (splits, n) partial sums of the raw vector; the block leaves the raw vector in row 0
+  int64_t n, splits;
+  scalar_t* out;        // (n,) contiguous: raw / max(|raw|, eps), rounded to the weight's dtype
+  acc_t eps;
+  int* degenerate;      // device flag: some round met a non-finite or zero norm
+  bool first;           // the first half-step of the call: starts the flag instead of adding to it
+  acc_t* sigma;         // last half-step only (else nullptr): sigma = s^2 / max(s, eps), s = |raw|
+  Finish finish;
+  Vectors<scalar_t> vectors;
+};
+
+template <typename scalar_t>
+__device__ void copy_vector(scalar_t* dst, int64_t dst_stride, const scalar_t* src, int64_t src_stride, int64_t n) {
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dst[j * dst_stride] = src[j * src_stride];
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ void normalize_block(const NormalizeArgs<scalar_t, acc_t>& a) {
+  __shared__ acc_t scratch[32];
+  __shared__ int bad;
+  acc_t sq = 0;
+  for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+    acc_t raw = 0;
+    for (int64_t s = 0; s < a.splits; ++s) raw += a.partial[s * a.n + j];
+    a.partial[j] = raw;  // read back below by this same thread
+    sq += raw * raw;
+  }
+  const acc_t norm = sqrt(block_sum(sq, scratch));
+  // Not fmax: a NaN norm must stay NaN, as std::max(norm, eps) on the CPU.
+  const acc_t denom = norm < a.eps ? a.eps : norm;
+  for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) a.out[j] = static_cast<scalar_t>(a.partial[j] / denom);
+  if (threadIdx.x == 0) {
+    bad = (a.first ? 0 : *a.degenerate) | (usable(norm) ? 0 : 1);
+    *a.degenerate = bad;
+    if (a.sigma != nullptr) *a.sigma = norm * norm / denom;
+  }
+  if (a.finish == Finish::kNone) return;
+  __syncthreads();  // `bad`, and this block's writes to `out`, are visible to the whole block
+  const Vectors<scalar_t>& v = a.vectors;
+  if ((a.finish == Finish::kRestore || a.finish == Finish::kBoth) && bad) {
+    copy_vector(v.u_work, 1, v.u_in, v.u_stride, v.rows);
+    copy_vector(v.v_work, 1, v.v_in, v.v_stride, v.cols);
+  } else if ((a.finish == Finish::kCommit || a.finish == Finish::kBoth) && !bad) {
+    copy_vector(v.u_commit, v.u_stride, v.u_work, 1, v.rows);
+    copy_vector(v.v_commit, v.v_stride, v.v_work, 1, v.cols);
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// Elementwise passes over W-shaped tensors. index_t is uint32_t when the element count allows: the two
+// divisions per element that recover (o, i, r) are several times cheaper in 32 bits. Offsets stay 64-bit.
+
+template <typename index_t>
+struct Index3d {
+  index_t o, i, r;
+};
+
+template <typename index_t>
+__device__ __forceinline__ Index3d<index_t> unflatten(index_t e, index_t rows, index_t inner) {
+  const index_t line = e / inner;
+  return {line / rows, line % rows, e - line * inner};
+}
+
+// The phases below take a block's share of the work as (block, blocks): the elements e = block * kThreads + t,
+// + blocks * kThreads, ... (a grid-stride loop over `blocks` blocks, real or virtual), so a split depends on the
+// shape alone.
+
+// n == 0: sigma = u^T (W v) from the matvec's partial sums; spectral_normalize's u_new, v_new are the inputs.
+template <typename scalar_t, typename acc_t>
+__device__ void dot_block(const acc_t* partial, int64_t splits, const Vectors<scalar_t>& v, acc_t* sigma,
+                          bool copy_inputs) {
+  __shared__ acc_t scratch[32];
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < v.rows; i += blockDim.x) {
+    acc_t raw = 0;
+    for (int64_t s = 0; s < splits; ++s) raw += partial[s * v.rows + i];
+    sum += static_cast<acc_t>(v.u_in[i * v.u_stride]) * raw;
+  }
+  sum = block_sum(sum, scratch);
+  if (threadIdx.x == 0) *sigma = sum;
+  if (copy_inputs) {
+    copy_vector(v.u_work, 1, v.u_in, v.u_stride, v.rows);
+    copy_vector(v.v_work, 1, v.v_in, v.v_stride, v.cols);
+  }
+}
+
+// W_sn = W / sigma in op-math (as torch's `weight / sigma`).
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ void divide_block(const scalar_t* w, const View3d& wv, scalar_t* out, const View3d& ov, acc_t sigma,
+                             index_t numel, index_t block, index_t blocks) {
+  const index_t rows = static_cast<index_t>(wv.rows), inner = static_cast<index_t>(wv.inner);
+  const index_t step = blocks * kThreads;
+  for (index_t e = block * kThreads + threadIdx.x; e < numel; e += step) {
+    const Index3d<index_t> k = unflatten(e, rows, inner);
+    out[ov.offset(k.o, k.i, k.r)] = static_cast<scalar_t>(static_cast<acc_t>(w[wv.offset(k.o, k.i, k.r)]) / sigma);
+  }
+}
+
+// lambda = <G, W_sn>, stage 1: this block's partial sum, returned to thread 0.
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ acc_t lambda_partial_block(const scalar_t* g, const View3d& gv, const scalar_t* s, const View3d& sv,
+                                      index_t numel, index_t block, index_t blocks) {
+  __shared__ acc_t scratch[32];
+  const index_t rows = static_cast<index_t>(gv.rows), inner = static_cast<index_t>(gv.inner);
+  const index_t step = blocks * kThreads;
+  acc_t sum = 0;
+  for (index_t e = block * kThreads + threadIdx.x; e < numel; e += step) {
+    const Index3d<index_t> k = unflatten(e, rows, inner);
+    sum += static_cast<acc_t>(g[gv.offset(k.o, k.i, k.r)]) * static_cast<acc_t>(s[sv.offset(k.o, k.i, k.r)]);
+  }
+  return block_sum(sum, scratch);
+}
+
+// lambda, stage 2: the partial sums in a fixed order, by one block; returned to thread 0.
+template <typename acc_t>
+__device__ acc_t lambda_total_block(const acc_t* partial, int64_t count) {
+  __shared__ acc_t scratch[32];
+  acc_t sum = 0;
+  for (int64_t j = threadIdx.x; j < count; j += blockDim.x) sum += partial[j];
+  return block_sum(sum, scratch);
+}
+
+// grad_W = (G - lambda u v^T) / sigma, in the CPU kernel's operation order.
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ void backward_block(const scalar_t* g, const View3d& gv, scalar_t* out, const View3d& ov,
+                               const scalar_t* u, int64_t u_stride, const scalar_t* v, int64_t v_stride, acc_t lambda,
+                               acc_t sigma, index_t numel, index_t block, index_t blocks) {
+  const index_t rows = static_cast<index_t>(gv.rows), inner = static_cast<index_t>(gv.inner);
+  const index_t step = blocks * kThreads;
+  for (index_t e = block * kThreads + threadIdx.x; e < numel; e += step) {
+    const Index3d<index_t> k = unflatten(e, rows, inner);
+    const acc_t lambda_u = lambda * static_cast<acc_t>(u[static_cast<int64_t>(k.i) * u_stride]);
+    const int64_t col = static_cast<int64_t>(k.o) * gv.inner + k.r;
+    out[ov.offset(k.o, k.i, k.r)] = static_cast<scalar_t>(
+        (static_cast<acc_t>(g[gv.offset(k.o, k.i, k.r)]) - lambda_u * static_cast<acc_t>(v[col * v_stride])) / sigma);
+  }
+}
+
+// How many blocks lambda's first stage has for `numel` elements (at most one partial per thread of stage 2).
+inline int64_t lambda_blocks_for(int64_t numel) {
+  return std::max<int64_t>(1, std::min(ceil_div(numel, kThreads * kLambdaItemsPerThread), kMaxLambdaBlocks));
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host side: launch plans and the op implementations.
+
+struct SplitPlan {
+  int lanes;       // see MatvecArgs / RmatvecArgs
+  int64_t splits;  // pieces of the reduced dimension (grid.y)
+  int64_t chunk;   // length of each piece
+  dim3 grid;
+};
+
+// Picks the split so that the last piece is never empty; limits are checked here, not in the kernels.
+void finish_split(SplitPlan& plan, int64_t reduced, int64_t wanted_splits, int64_t max_splits, int64_t blocks_x) {
+  int64_t splits = std::max<int64_t>(1, std::min({wanted_splits, max_splits, kMaxGridY}));
+  plan.chunk = ceil_div(reduced, splits);
+  plan.splits = ceil_div(reduced, plan.chunk);
+  TORCH_CHECK(blocks_x <= std::numeric_limits<int32_t>::max(), "sn_ext: weight too large for the CUDA kernels");
+  plan.grid = dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(plan.splits));
+}
+
+SplitPlan plan_matvec(const View3d& m) {
+  SplitPlan plan;
+  const int64_t cols = m.cols();
+  const int64_t wanted = ceil_div(kTargetBlocks, m.rows);
+  int64_t splits = std::max<int64_t>(1, std::min({wanted, ceil_div(cols, kMinColsPerSplit), kMaxGridY}));
+  plan.lanes = pow2_at_least(ceil_div(cols, splits), kThreads);
+  finish_split(plan, cols, splits, splits, ceil_div(m.rows, kThreads / plan.lanes));
+  return plan;
+}
+
+SplitPlan plan_rmatvec(const View3d& m) {
+  SplitPlan plan;
+  const int64_t cols = m.cols();
+  plan.lanes = pow2_at_least(cols, kThreads);
+  const int64_t col_blocks = ceil_div(cols, plan.lanes);
+  const int64_t row_lanes = kThreads / plan.lanes;
+  finish_split(plan, m.rows, ceil_div(kTargetBlocks, col_blocks), ceil_div(m.rows, row_lanes * kMinRowsPerThread),
+               col_blocks);
+  return plan;
+}
+
+// The current device's SM count, looked up once per device (a device attribute query: no synchronization).
+int64_t multiprocessor_count() {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int count = cache[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+int elementwise_blocks(int64_t numel) {
+  // Enough resident threads to saturate memory; the grid-stride loops cover the rest.
+  const int64_t max_blocks = multiprocessor_count() * (2048 / kThreads);
+  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(numel, kThreads), max_blocks)));
+}
+
+template <typename F>
+void with_index_type(int64_t numel, const F& f) {
+  if (numel <= std::numeric_limits<int32_t>::max()) {
+    f(uint32_t{0});
+  } else {
+    f(uint64_t{0});
+  }
+}
+
+template <typename T>
+at::ScalarType scalar_type_of() {
+  return c10::CppTypeToScalarType<T>::value;
+}
+
+}  // namespace
+}  // namespace sn_ext
