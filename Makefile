@@ -37,8 +37,9 @@ demo: setup
 results: setup
 	$(PYTHON) -m sngan.experiments
 
+# The benchmark suite: report, CSVs and plots in benchmarks/results/<device>/ (`$(PYTHON) -m benchmarks --help`).
 bench: setup
-	$(PYTHON) -m benchmarks.layer
+	$(PYTHON) -m benchmarks
 
 # The whole suite with the compiled kernels, again on the pure-PyTorch fallback, then the C++ test.
 test: test-python test-cpp

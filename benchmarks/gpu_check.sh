@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (torch 2.11, Python 3.12, no package registry): builds sn_ext offline, runs the
-# CUDA tests and the GPU benchmarks, and leaves logs and CSVs under $OUT. Each step has a timeout so that the whole
-# script stays near 8 minutes even when a step hangs (build ~1-2 min, then at most 2 + 2 + 2 + 1 min).
+# CUDA tests and the benchmark suite, and leaves logs, CSVs, plots and the report ($OUT/bench/report.md) under
+# $OUT. Each step has a timeout so that the whole script stays near 8 minutes even when a step hangs (build ~1-2 min,
+# then at most 2 + 2 min of tests and 4 min of benchmarks).
 #   OUT=gpu_results bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_results}
@@ -24,10 +25,16 @@ timeout 120 python3 -m pytest -q -rs tests/test_triton.py tests/test_backends.py
   > "$OUT/test_triton.log" 2>&1 || status=1
 tail -8 "$OUT/test_triton.log"
 
-# float32 over every baseline shape, bfloat16 over the small ones; "torch compiled" compiles once per shape.
-timeout 120 python3 -m benchmarks.layer --device cuda --dtype float32 --out "$OUT/layer_cuda_float32.csv" \
-  > "$OUT/layer_cuda_float32.md" 2>&1 || status=1
-timeout 60 python3 -m benchmarks.layer --device cuda --dtype bfloat16 --quick --out "$OUT/layer_cuda_bfloat16.csv" \
-  > "$OUT/layer_cuda_bfloat16.md" 2>&1 || status=1
-tail -12 "$OUT/layer_cuda_float32.md" "$OUT/layer_cuda_bfloat16.md"
+# The benchmark suite (python -m benchmarks), one section per call so that each has its own timeout: a section
+# stopped by its timeout keeps the rows it wrote (CSVs are written row by row), and the last call rebuilds
+# report.md and the plots from whatever is there. ~4 minutes at most; "torch compiled" compiles once per shape,
+# dtype and mode; the GAN section times eager G and D first, then compiles them (what did not finish by the
+# timeout is missing from its table).
+BENCH="$OUT/bench"
+for section in layer:120 layers:30 gan:90; do
+  timeout "${section#*:}" python3 -m benchmarks --device cuda --only "${section%:*}" --out "$BENCH" \
+    > "$OUT/bench_${section%:*}.log" 2>&1 || { status=1; echo "bench ${section%:*}: failed or timed out"; }
+done
+python3 -m benchmarks --device cuda --report-only --out "$BENCH" > "$OUT/bench_report.log" 2>&1 || status=1
+tail -5 "$OUT"/bench_*.log
 exit $status

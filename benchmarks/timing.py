@@ -1,26 +1,37 @@
-"""Timing and result-recording helpers shared by the benchmarks."""
-import csv
-import datetime
-import os
-import platform
+"""How the benchmarks time a step: warm-up, inputs rotated, CUDA events or host clock with synchronisation,
+several repeats, median and 20th/80th percentiles.
+
+A measured thing is a list of `Step`s, called in turn (call i runs steps[i % len(steps)]): each holds its own
+weights / gradients / inputs, so a weight that fits in a cache is not found there from the previous call just
+because it is the same tensor. `Step.reset` (clearing .grad, ...) runs before every call, outside the timed region.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
 import statistics
-import subprocess
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# A few copies of everything a step reads, up to this many bytes in all (about twice the largest last-level cache
+# of the machines we run on: an H100's L2 is 50 MB), at most MAX_ROTATION copies.
+ROTATION_BYTES = 128 << 20
+MAX_ROTATION = 4
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+@dataclasses.dataclass
+class Step:
+    run: Callable[[], object]
+    reset: Callable[[], None] | None = None
+
+
+def rotation(nbytes: int, quick: bool = False) -> int:
+    """How many copies of a step's tensors (nbytes each) to cycle through."""
+    if quick:
+        return 2
+    return max(1, min(MAX_ROTATION, ROTATION_BYTES // max(1, nbytes)))
 
 
 def synchronize(device: torch.device) -> None:
@@ -28,58 +39,54 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], None], device: torch.device, *, reps: int, warmup: int,
-              before: Callable[[], None] | None = None) -> dict:
-    """Median and 20th/80th percentiles (microseconds) of `fn`, timed one call at a time after a warm-up.
-
-    `before` runs outside the timed region (e.g. clearing .grad so every call does the same work).
-    """
-    for _ in range(warmup):
-        if before:
-            before()
-        fn()
-    synchronize(device)
+def _host_samples(steps: Sequence[Step], device: torch.device, count: int, start: int) -> list[float]:
     samples = []
-    for _ in range(reps):
-        if before:
-            before()
+    for i in range(start, start + count):
+        step = steps[i % len(steps)]
+        if step.reset:
+            step.reset()
         synchronize(device)
-        start = time.perf_counter()
-        fn()
+        t0 = time.perf_counter()
+        step.run()
         synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e6)
-    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else samples * 9
-    return {"median_us": statistics.median(samples), "p20_us": q[1], "p80_us": q[7], "reps": reps}
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return samples
 
 
-def run_metadata(device: torch.device) -> dict:
-    import sn_ext
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda or "",
-        "sn_ext": sn_ext.__version__,
-        "sn_ext_compiled": sn_ext.ops.library_status.loaded,
-        "commit": commit,
-        "date": datetime.date.today().isoformat(),
-    }
+def _event_samples(steps: Sequence[Step], device: torch.device, count: int, start: int) -> list[float]:
+    """CUDA events around each call, no synchronisation in between: a step's time is what it takes on the GPU's
+    timeline, including the gaps where the GPU waits for the host to launch the next kernel."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
+    synchronize(device)
+    for i, (begin, end) in zip(range(start, start + count), events):
+        step = steps[i % len(steps)]
+        if step.reset:
+            step.reset()
+        begin.record()
+        step.run()
+        end.record()
+    synchronize(device)
+    return [begin.elapsed_time(end) * 1e3 for begin, end in events]
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    os.makedirs(path.parent, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def measure(steps: Sequence[Step], device: torch.device, *, budget_s: float, repeats: int = 3, warmup: int = 3,
+            min_reps: int = 3, max_reps: int = 200) -> dict:
+    """Times `steps` (rotated): `warmup` calls, one call of each step to estimate the time (so every copy has run
+    once before the timing), then `repeats` blocks of a number of calls chosen so that all blocks take about
+    `budget_s` (at least `min_reps`, at most `max_reps` each). Returns the median and 20th/80th percentiles over
+    all calls (microseconds), the number of calls per block, the rotation and the spread of the blocks' medians
+    (max / min - 1)."""
+    _host_samples(steps, device, warmup, 0)
+    one = statistics.median(_host_samples(steps, device, len(steps), warmup)) / 1e6
+    reps = max(min_reps, min(max_reps, int(budget_s / repeats / max(one, 1e-7))))
+    sample = _event_samples if device.type == "cuda" else _host_samples
+    blocks = [sample(steps, device, reps, r * reps) for r in range(repeats)]
+    return summarize([t for block in blocks for t in block], reps=reps, repeats=repeats, rotation=len(steps),
+                     block_medians=[statistics.median(block) for block in blocks])
 
 
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def summarize(samples: list[float], *, reps: int, repeats: int, rotation: int, block_medians: list[float]) -> dict:
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) >= 2 else samples * 9
+    spread = max(block_medians) / min(block_medians) - 1 if min(block_medians) > 0 else math.nan
+    return {"median_us": statistics.median(samples), "p20_us": q[1], "p80_us": q[7], "reps": reps,
+            "repeats": repeats, "rotation": rotation, "spread": spread}
