@@ -228,12 +228,31 @@ spectral_normalize_grouped_autograd(at::TensorList weights, at::TensorList us, a
           std::vector<at::Tensor>(out.begin() + 2 * layers + 1, out.end())};
 }
 
+// The grouped backward is not differentiable (a double backward takes the per-layer ops, see above); without an
+// Autograd kernel of its own it would go through torch's boxed not-implemented fallback, ~10 us per call.
+std::vector<at::Tensor> spectral_normalize_grouped_backward_autograd(at::TensorList grads, at::TensorList weights_sn,
+                                                                     at::TensorList us, at::TensorList vs,
+                                                                     const at::Tensor& sigmas, at::IntArrayRef dims) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sn_ext::spectral_normalize_grouped_backward", "")
+                             .typed<GroupedBackwardSignature>();
+  if (at::GradMode::is_enabled()) {
+    for (at::TensorList list : {grads, weights_sn})
+      for (const auto& t : list)
+        TORCH_CHECK(!t.requires_grad(), "sn_ext::spectral_normalize_grouped_backward is not differentiable: "
+                                        "differentiate through spectral_normalize_backward, layer by layer");
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(grads, weights_sn, us, vs, sigmas, dims);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sn_ext, Autograd, m) {
   m.impl("spectral_normalize", &spectral_normalize_autograd);
   m.impl("spectral_normalize_backward", &spectral_normalize_backward_autograd);
   m.impl("spectral_normalize_grouped_", &spectral_normalize_grouped_autograd);
+  m.impl("spectral_normalize_grouped_backward", &spectral_normalize_grouped_backward_autograd);
 }
 
 }  // namespace sn_ext
