@@ -7,7 +7,8 @@
 
 Sections (--only, repeatable; default all): "layer" (one layer's spectral norm per provider, shape, dtype, train
 and eval; benchmarks/layer.py), "layers" (all the spectral norms of a model of L layers: per layer vs grouped;
-benchmarks/layers.py), "gan" (SN-GAN D step, G step and iteration; benchmarks/gan_step.py).
+benchmarks/layers.py), "gan" (SN-GAN D step, G step and iteration; benchmarks/gan_step.py), "bandwidth" (a
+4096x4096 weight's forward + backward against the device's copy bandwidth; benchmarks/bandwidth.py).
 
 Writes <section>.csv (one row per measurement, with device, versions, threads, commit and date), <section>.json
 (the settings), PNG plots and report.md into --out (default benchmarks/results/<device>/), replacing what a
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from . import gan_step, layer, layers, report
+from . import bandwidth, gan_step, layer, layers, report
 from .records import RESULTS_DIR, RowWriter, device_slug, log, run_metadata
 
-SECTIONS = ("layer", "layers", "gan")
+SECTIONS = ("layer", "layers", "gan", "bandwidth")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -89,6 +90,8 @@ def run_sections(args, device: torch.device, out: Path) -> None:
                                    "modes": ["eager", "compiled"] if compile_ok else ["eager"]},
                 lambda s, w: gan_step.run(s["archs"], device, batch=s["batch"], width=s["width"], modes=s["modes"],
                                           budget_s=0.3 if args.quick else 1.0, write=w)),
+        "bandwidth": (bandwidth.COLUMNS, {"shapes": bandwidth.QUICK_SHAPES if args.quick else bandwidth.SHAPES},
+                      lambda s, w: bandwidth.run(s["shapes"], dtypes[0], device, quick=args.quick, write=w)),
     }
     for section in args.only or SECTIONS:
         columns, settings, run = plans[section]

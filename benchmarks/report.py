@@ -146,7 +146,19 @@ def gan_part(rows: list[dict], settings: dict, out: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-PARTS = {"layer": layer_part, "layers": layers_part, "gan": gan_part}
+def bandwidth_part(rows: list[dict], settings: dict, out: Path) -> str:
+    table = [[r["shape"], r["dtype"], r["provider"], _f(float(r["median_us"])), r["bytes"], r["effective_gbps"],
+              f"{float(r['of_copy']):.0%}" if r["of_copy"] else ""] for r in rows if r["status"] == "ok"]
+    return "\n".join([
+        "## Bandwidth\n", _header(rows, settings),
+        "\nA train step (forward with one power iteration + backward) must move at least 5 weight-sized tensors "
+        "(read W, write W_sn; read G and W_sn, write grad_W); a copy moves 2. Effective GB/s = those bytes / the "
+        "median time; the last column compares it with the copy's.\n",
+        markdown_table(["weight", "dtype", "provider", "µs", "bytes", "effective GB/s", "of copy"], table),
+        *_not_measured(rows)]) + "\n"
+
+
+PARTS = {"layer": layer_part, "layers": layers_part, "gan": gan_part, "bandwidth": bandwidth_part}
 
 
 def write(out: Path) -> Path:

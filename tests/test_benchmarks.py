@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import gan_step, layer, layers, records  # noqa: E402
+from benchmarks import bandwidth, gan_step, layer, layers, records  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("SN_EXT_DISABLE_EXT") == "1",
                                 reason="runs once per CI run, with the compiled kernels")
@@ -85,11 +85,20 @@ def test_gan_rows(quick_run):
     assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
 
 
+def test_bandwidth_rows(quick_run):
+    out, _ = quick_run
+    rows = _rows(out / "bandwidth.csv")
+    assert list(rows[0]) == bandwidth.COLUMNS + records.META_COLUMNS
+    assert [r["provider"] for r in rows] == bandwidth.PROVIDERS
+    assert all(r["status"] == "ok" and float(r["effective_gbps"]) > 0 for r in rows)
+    assert float(rows[0]["of_copy"]) == 1.0  # the copy is the yardstick
+
+
 def test_report_has_a_table_per_part(quick_run):
     out, _ = quick_run
     report = (out / "report.md").read_text()
     for heading in ("## One layer", "### train, float32", "### eval, bfloat16", "## Many layers",
-                    "## SN-GAN training steps", "### cnn, eager", "### resnet, eager"):
+                    "## SN-GAN training steps", "### cnn, eager", "### resnet, eager", "## Bandwidth"):
         assert heading in report
     assert "Quick run" in report and "torch / sn_ext cpu" in report and "(layer.png)" in report
     assert "torch.compile not run" in report  # what --quick leaves out is stated

@@ -1,0 +1,65 @@
+"""Section "bandwidth": a large weight's forward + backward against the device's own copy bandwidth.
+
+A fused spectral norm must at least read W and write W_sn (forward), and read G and W_sn and write grad_W
+(backward): 5 weight-sized transfers. A device-to-device copy of the weight moves 2, as fast as this device moves
+memory. "effective GB/s" = the bytes a provider must move / its time, and "of copy" = that over the copy's GB/s: the
+CUDA issue's goal is >= 73% for 4096x4096 (torch's parametrization is ~7x slower than that floor on an H200).
+Providers: copy (`out.copy_(W)`), and the train step (forward with one power iteration + backward) of torch's
+parametrization and of sn_ext.spectral_norm.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from sn_ext import backends
+
+from .layer import make_layer, make_steps, parse_shape
+from .records import failure, log, rounded
+from .timing import Step, measure, rotation
+
+SHAPES = ["4096x4096"]
+QUICK_SHAPES = ["512x512"]
+PROVIDERS = ["copy", "torch", "sn_ext"]
+COLUMNS = ["shape", "params", "dtype", "provider", "median_us", "p20_us", "p80_us", "bytes", "effective_gbps",
+           "of_copy", "reps", "repeats", "rotation", "spread", "status", "note"]
+TRANSFERS = {"copy": 2, "torch": 5, "sn_ext": 5}  # weight-sized reads + writes each provider must make at least
+
+
+def _steps(provider: str, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[Step]:
+    if provider == "copy":
+        outs = [torch.empty_like(w) for w in weights]
+        return [Step(lambda w=w, o=o: o.copy_(w)) for w, o in zip(weights, outs)]
+    layer_provider = "torch" if provider == "torch" else \
+        f"sn_ext {backends.auto_backend(weights[0].device, weights[0].dtype).name}"
+    return make_steps([make_layer(layer_provider, w.clone()) for w in weights], grads, "train")
+
+
+def run(shapes: list[str], dtype: torch.dtype, device: torch.device, *, quick: bool,
+        write: Callable[[dict], None]) -> None:
+    budget = 0.05 if quick else 0.5
+    dtype_name = str(dtype).removeprefix("torch.")
+    for shape_text in shapes:
+        shape = parse_shape(shape_text)
+        params = math.prod(shape)
+        copies = rotation(2 * params * dtype.itemsize, quick)
+        gen = torch.Generator().manual_seed(0)
+        weights = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(copies)]
+        grads = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(copies)]
+        copy_gbps = None
+        for provider in PROVIDERS:
+            row = {"shape": shape_text, "params": params, "dtype": dtype_name, "provider": provider}
+            try:
+                t = measure(_steps(provider, weights, grads), device, budget_s=budget)
+            except Exception as error:
+                write({**row, "status": "failed", "note": failure(error)})
+                log(f"  bandwidth {shape_text} {provider}: failed ({failure(error)})")
+                continue
+            nbytes = TRANSFERS[provider] * params * dtype.itemsize
+            gbps = nbytes / (t["median_us"] * 1e3)
+            copy_gbps = gbps if provider == "copy" else copy_gbps
+            write({**row, **rounded(t), "bytes": nbytes, "effective_gbps": round(gbps, 1),
+                   "of_copy": round(gbps / copy_gbps, 3) if copy_gbps else "", "status": "ok"})
+            log(f"  bandwidth {shape_text} {provider:8} {t['median_us']:10.1f} us  {gbps:8.1f} GB/s")
