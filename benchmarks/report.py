@@ -72,8 +72,8 @@ def layer_part(rows: list[dict], settings: dict, out: Path) -> str:
             parts.append(f"\n### {mode}, {dtype}\n")
             parts.append(markdown_table(["weight", "params", *[f"{p} µs" for p in ran],
                                          *[f"{p} / {ours}" for p in versus], f"{ours} / plain"], table))
-            curves[(dtype, mode)] = {p: [(int(cell[(s, p)]["params"]), _median(cell[(s, p)])) for s in shapes
-                                         if _median(cell.get((s, p)))] for p in ran}
+            curves[(dtype, mode)] = {p: sorted((int(cell[(s, p)]["params"]), _median(cell[(s, p)])) for s in shapes
+                                                if _median(cell.get((s, p)))) for p in ran}  # by size, for lines
     png = plots.layer_plot(curves, out / "layer.png")
     parts += [f"\n![time vs weight size]({png.name})\n", *_not_measured(rows)]
     return "\n".join(parts) + "\n"
