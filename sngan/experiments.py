@@ -1,6 +1,6 @@
 """The results table: spectral norm and the seed's triplet loss on the 2-D mixtures and on scikit-learn digits.
 
-    python -m sngan.experiments                  # the full table (~30 min on an idle 2-core machine)
+    python -m sngan.experiments                  # the full table (~30-35 min on an idle 2-core machine)
     python -m sngan.experiments --only digits    # re-run one part, keep the other's runs
     python -m sngan.experiments --quick          # a smoke test of the whole pipeline (seconds)
 
@@ -57,7 +57,7 @@ def jobs_for(args) -> list[dict]:
             for seed in range(args.seeds):
                 name = f"{data}-{m['loss']}-{m['sn']}-{m.get('triplet_g', '')}-s{seed}"
                 jobs.append(dict(common, _name=name, _group=(data, label), data=data, arch="mlp", seed=seed,
-                                 steps=args.mixture_steps, batch_size=args.mixture_batch, threads=1,
+                                 steps=args.mixture_steps, batch_size=args.mixture_batch, threads=1, preset="toy",
                                  out=os.path.join(out_root, name), **m))
     if not args.no_digits and args.only in (None, "digits"):
         for label, m in DIGITS_METHODS.items():
@@ -78,6 +78,7 @@ def _fmt(values: list[float], digits: int = 1) -> str:
 
 
 def table(results: list[dict], baseline: dict | None) -> str:
+    from .train import PRESETS
     groups: dict = {}
     for r in results:
         groups.setdefault(tuple(r["group"]), []).append(r)
@@ -88,8 +89,10 @@ def table(results: list[dict], baseline: dict | None) -> str:
             continue
         n_modes = 8 if data == "ring8" else 25
         cfg = rows[0][1][0]["config"]
-        lines += [f"**{data}** ({n_modes} modes; MLP G/D, {cfg['steps']} G steps, n_dis 5, batch {cfg['batch_size']},"
-                  f" Adam 1e-3 (0.5, 0.9) decayed linearly; 2500 samples; mean ± std over {len(rows[0][1])} seeds)",
+        p = PRESETS["toy"]
+        lines += [f"**{data}** ({n_modes} modes; MLP G/D, {cfg['steps']} G steps, n_dis {p['n_dis']}, batch "
+                  f"{cfg['batch_size']}, D's output x {p['d_scale']:g}, Adam {p['lr']:g} ({p['beta1']}, {p['beta2']}) "
+                  f"decayed linearly; 2500 samples; mean ± std over {len(rows[0][1])} seeds)",
                   "", "| method | modes covered | % high quality | failed runs | s / run |", "|---|---|---|---|---|"]
         for (_, label), rs in rows:
             ok = [r for r in rs if r["final"]]
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("runs", "experiments"))
     p.add_argument("--metrics-cache", default=os.path.join("runs", "cache"))
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--mixture-steps", type=int, default=1000)
+    p.add_argument("--mixture-steps", type=int, default=8000)  # with n_dis 2: ~1 min a run on one core
     p.add_argument("--mixture-batch", type=int, default=128)
     p.add_argument("--digits-steps", type=int, default=4000)
     p.add_argument("--digits-seeds", type=int, default=1)

@@ -1,6 +1,6 @@
 """Train a GAN on top of sn_ext.
 
-    python -m sngan.train                      # default: ring-8 mixture, MLP G/D, hinge, sn_ext; ~2 min on 2 cores
+    python -m sngan.train                      # default: ring-8 mixture, MLP G/D, hinge, sn_ext; ~1-2 min on 1 core
     python -m sngan.train --data digits --arch cnn --loss hinge --sn sn_ext --steps 5000
     python -m sngan.train --data cifar10 --data-root ~/data --arch resnet --preset resnet --steps 50000
     python -m sngan.train --resume runs/NAME           # continue a run (bit-exactly on CPU)
@@ -43,7 +43,10 @@ PRESETS = {
     "E": dict(lr=1e-3, beta1=0.5, beta2=0.999, n_dis=5),
     "F": dict(lr=1e-3, beta1=0.9, beta2=0.999, n_dis=5),
     "resnet": dict(lr=2e-4, beta1=0.0, beta2=0.9, n_dis=5, lr_decay="linear", batch_size=64, g_batch_size=128),
-    "toy": dict(lr=1e-3, beta1=0.5, beta2=0.9, n_dis=5, lr_decay="linear", batch_size=256),
+    # toy: found by a sweep on ring8/grid25 (README, GAN results). d_scale 10 lets the hinge saturate under SN (the
+    # 1-Lipschitz MLP's raw outputs are ~+-0.05); n_dis 2 buys 2.5x the G steps of n_dis 5 for the same time, and G
+    # steps are what sharpens the modes (n_dis 1 collapsed on the ring); the linear decay to 0 sharpens them last.
+    "toy": dict(lr=1e-3, beta1=0.5, beta2=0.9, n_dis=2, lr_decay="linear", batch_size=128, d_scale=10.0),
 }
 
 
@@ -56,7 +59,7 @@ class Config:
     loss: str = "hinge"
     sn: str = "sn_ext"
     n_power_iterations: int = 1
-    steps: int | None = None              # generator updates; default 3000 (2-D), 10000 (images)
+    steps: int | None = None              # generator updates; default 8000 (2-D), 10000 (images)
     preset: str | None = None             # default: toy (mlp on 2-D), resnet (resnet), C (otherwise)
     lr: float | None = None
     beta1: float | None = None
@@ -67,6 +70,7 @@ class Config:
     g_batch_size: int | None = None       # G batch; default = batch_size
     z_dim: int | None = None              # default 16 (2-D), 128 (images)
     width: float = 1.0                    # scales every channel / hidden width
+    d_scale: float | None = None          # constant factor on the MLP D's output; default 10 (toy preset), else 1
     embed_dim: int = 16                   # triplet losses: D's embedding size
     alpha: float = 1.0                    # triplet margin
     triplet_g: str = "seed"
@@ -107,10 +111,12 @@ def resolve(cfg: Config, points: bool) -> Config:
         if getattr(c, k) is None:
             setattr(c, k, p.get(k))
     c.lr_decay = c.lr_decay or "none"
+    if c.d_scale is None:  # the preset's scale is for its MLP D; other archs only take 1
+        c.d_scale = p.get("d_scale", 1.0) if c.arch == "mlp" else 1.0
     c.batch_size = c.batch_size or 64
     c.g_batch_size = c.g_batch_size or c.batch_size
     c.z_dim = c.z_dim or (16 if points else 128)
-    c.steps = c.steps if c.steps is not None else (3000 if points else 10000)
+    c.steps = c.steps if c.steps is not None else (8000 if points else 10000)
     c.ckpt_every = c.ckpt_every if c.ckpt_every is not None else max(1, c.steps // 4)
     c.sample_every = c.sample_every if c.sample_every is not None else max(1, c.steps // 5)
     c.eval_every = c.eval_every if c.eval_every is not None else (max(1, c.steps // 5) if points else 0)
@@ -268,6 +274,7 @@ def _find_checkpoint(path: str) -> str:
 
 
 def _merge_resume(cfg: Config, saved: dict, explicit: set[str]) -> Config:
+    saved = {"d_scale": 1.0, **saved}  # checkpoints from before --d-scale were trained without it
     base = Config(**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
     for k in explicit:
         new, old = getattr(cfg, k), getattr(base, k)
@@ -326,7 +333,7 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
                      gp_lambda=cfg.gp_lambda)
     torch.manual_seed(cfg.seed)  # the initial weights (and SN's initial u, v): identical on every rank
     G, D = build_models(cfg.arch, data.shape, z_dim=cfg.z_dim, width=cfg.width, out_dim=loss.out_dim, sn=cfg.sn,
-                        n_power_iterations=cfg.n_power_iterations)
+                        n_power_iterations=cfg.n_power_iterations, d_scale=cfg.d_scale)
     G, D = G.to(d.device), D.to(d.device)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -506,19 +513,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss", choices=LOSSES, default=S, help="default hinge")
     a("--sn", choices=SN_KINDS, default=S, help="spectral norm on D: none, torch or sn_ext (default sn_ext)")
     a("--n-power-iterations", type=int, default=S)
-    a("--steps", type=int, default=S, help="generator updates (default 3000 for 2-D, 10000 for images)")
+    a("--steps", type=int, default=S, help="generator updates (default 8000 for 2-D, 10000 for images)")
     a("--preset", choices=list(PRESETS), default=S,
       help="Adam settings: A-F (paper Table 1), resnet (2e-4, (0, 0.9), n_dis 5, linear decay, batch 64/128), "
-           "toy (the 2-D default: setting D + linear decay, batch 256). Default toy (2-D), resnet, else C")
+           "toy (the 2-D default: lr 1e-3 (0.5, 0.9), n_dis 2, linear decay, batch 128, --d-scale 10). "
+           "Default toy (2-D), resnet, else C")
     a("--lr", type=float, default=S)
     a("--beta1", type=float, default=S)
     a("--beta2", type=float, default=S)
     a("--n-dis", type=int, default=S, help="D updates per G update")
     a("--lr-decay", choices=("none", "linear"), default=S)
-    a("--batch-size", type=int, default=S, help="D batch (default 64; 256 for the toy preset)")
+    a("--batch-size", type=int, default=S, help="D batch (default 64; 128 for the toy preset)")
     a("--g-batch-size", type=int, default=S)
     a("--z-dim", type=int, default=S)
     a("--width", type=float, default=S, help="scale all channel counts (default 1.0 = the paper's)")
+    a("--d-scale", type=float, default=S,
+      help="constant factor on the MLP discriminator's output (default 10 with the toy preset, else 1)")
     a("--embed-dim", type=int, default=S, help="triplet losses: D's embedding size k (default 16)")
     a("--alpha", type=float, default=S, help="triplet margin (default 1.0)")
     a("--triplet-g", choices=TRIPLET_G, default=S,

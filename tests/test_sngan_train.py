@@ -39,6 +39,23 @@ def test_cli_writes_samples_metrics_and_checkpoint(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["steps"] == 20
 
 
+def test_toy_preset_scales_the_mlp_discriminator_only():
+    """The toy preset's D output scale (10: lets the hinge saturate under SN) reaches the MLP D; other archs get 1."""
+    from sngan.models import build_models
+    from sngan.train import resolve
+    assert resolve(Config(data="ring8"), points=True).d_scale == 10.0
+    assert resolve(Config(data="ring8", d_scale=1.0), points=True).d_scale == 1.0
+    assert resolve(Config(data="digits", arch="cnn", preset="toy"), points=False).d_scale == 1.0
+    x = torch.randn(5, 2)
+    torch.manual_seed(0)
+    _, D1 = build_models("mlp", (2,), z_dim=4, sn="none")
+    torch.manual_seed(0)
+    _, D10 = build_models("mlp", (2,), z_dim=4, sn="none", d_scale=10.0)
+    torch.testing.assert_close(D10(x), 10 * D1(x))
+    with pytest.raises(ValueError, match="mlp"):
+        build_models("cnn", (1, 16, 16), z_dim=4, width=1 / 16, d_scale=10.0)
+
+
 IMAGE_DATA = {
     "digits": lambda tmp: None,
     "cifar10": lambda tmp: write_fake_cifar10(tmp / "c10", n_per_batch=4),
