@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--img-size", type=int, default=S, help="image side (default 16 digits, 32 cifar10/folder, 48 stl10)")
     a("--arch", choices=ARCHS, default=S, help="G/D architecture (default mlp for 2-D, cnn for images)")
     a("--loss", choices=LOSSES, default=S, help="default hinge")
-    a("--sn", choices=SN_KINDS, default=S, help="spectral norm on D: none, torch or sn_ext (default sn_ext)")
+    a("--sn", choices=SN_KINDS, default=S,
+      help="spectral norm on D: none, torch, sn_ext or sn_ext_grouped (default sn_ext)")
     a("--n-power-iterations", type=int, default=S)
     a("--steps", type=int, default=S, help="generator updates (default 8000 for 2-D, 10000 for images)")
     a("--preset", choices=list(PRESETS), default=S,
