@@ -333,3 +333,13 @@ def test_non_finite_layer_leaves_its_buffers_and_spares_the_others():
     assert torch.equal(us[1], before[1][0]) and torch.equal(vs[1], before[1][1])
     assert not torch.equal(us[0], before[0][0])  # the healthy layers did iterate
     assert torch.isfinite(us[0]).all() and torch.isfinite(vs[2]).all()
+
+
+def test_deepcopy_is_an_independent_grouped_model():
+    model = sn_ext.grouped_spectral_norm(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    twin = copy.deepcopy(model)
+    x = randn(2, 3, seed=0)
+    assert torch.equal(model(x), twin(x))
+    assert twin._sn_ext_group.norms[0] is twin[0].parametrizations.weight[0]  # the copy's own layers
+    sn_ext.ungroup_spectral_norm(twin)
+    assert len(model._forward_pre_hooks) == 1 and len(twin._forward_pre_hooks) == 0
