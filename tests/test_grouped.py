@@ -323,9 +323,9 @@ def F_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm()
 
 
-@cuda_only
-def test_non_finite_layer_leaves_its_buffers_and_spares_the_others():
-    weights, us, vs, dims = _layers(torch.float32, "cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_layer_leaves_its_buffers_and_spares_the_others(device):
+    weights, us, vs, dims = _layers(torch.float32, device)
     weights[1] = weights[1].clone()
     weights[1][0, 0] = float("nan")
     before = [(u.clone(), v.clone()) for u, v in zip(us, vs)]
