@@ -33,7 +33,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 demo: setup
 	$(PYTHON) -m sngan.train
 
-# The results table of the README's SN-GAN section (about 30 minutes on 2 cores).
+# The results table of the README's SN-GAN section (about an hour on 2 cores).
 results: setup
 	$(PYTHON) -m sngan.experiments
 

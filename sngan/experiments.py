@@ -1,6 +1,6 @@
 """The results table: spectral norm and the seed's triplet loss on the 2-D mixtures and on scikit-learn digits.
 
-    python -m sngan.experiments                  # the full table (~70 min on an idle 2-core machine)
+    python -m sngan.experiments                  # the full table (about an hour on an idle 2-core machine)
     python -m sngan.experiments --only digits    # re-run one part, keep the other's runs
     python -m sngan.experiments --quick          # a smoke test of the whole pipeline (seconds)
 
