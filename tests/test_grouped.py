@@ -298,6 +298,10 @@ def test_no_host_synchronisation_and_cuda_graph_replay():
         assert torch.equal(got_grads[i], expected_grads[i]), f"grad {i}"
 
 
+def _unit_vector(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm()
+
+
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_many_small_and_large_layers_equal_the_per_layer_kernels(dtype):
@@ -307,8 +311,8 @@ def test_many_small_and_large_layers_equal_the_per_layer_kernels(dtype):
                                                               (70000, 1)]
     weights = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
     dims = [0] * len(weights)
-    us = [F_normalize(torch.randn(w.shape[0], generator=gen)).to("cuda", dtype) for w in weights]
-    vs = [F_normalize(torch.randn(w[0].numel(), generator=gen)).to("cuda", dtype) for w in weights]
+    us = [_unit_vector(torch.randn(w.shape[0], generator=gen)).to("cuda", dtype) for w in weights]
+    vs = [_unit_vector(torch.randn(w[0].numel(), generator=gen)).to("cuda", dtype) for w in weights]
     per_layer = [ops.spectral_normalize(w, u, v, 0, 1, EPS) for w, u, v in zip(weights, us, vs)]
     weights_sn, sigmas, us_used, vs_used = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
     for i, (ref_sn, ref_sigma, ref_u, ref_v) in enumerate(per_layer):
@@ -317,10 +321,6 @@ def test_many_small_and_large_layers_equal_the_per_layer_kernels(dtype):
         assert torch.equal(sigmas[i], ref_sigma), f"sigma {i}"
         assert torch.equal(us_used[i], ref_u) and torch.equal(us[i], ref_u), f"u {i}"
         assert torch.equal(vs_used[i], ref_v) and torch.equal(vs[i], ref_v), f"v {i}"
-
-
-def F_normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm()
 
 
 @pytest.mark.parametrize("device", DEVICES)
