@@ -9,16 +9,15 @@ parametrization and of sn_ext.spectral_norm.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 from sn_ext import backends
 
-from .layer import make_layer, make_steps, parse_shape
+from .layer import make_layer, make_steps, weights_and_grads
 from .records import failure, log, rounded
-from .timing import Step, measure, rotation
+from .timing import Step, measure
 
 SHAPES = ["4096x4096"]
 QUICK_SHAPES = ["512x512"]
@@ -42,12 +41,7 @@ def run(shapes: list[str], dtype: torch.dtype, device: torch.device, *, quick: b
     budget = 0.05 if quick else 0.5
     dtype_name = str(dtype).removeprefix("torch.")
     for shape_text in shapes:
-        shape = parse_shape(shape_text)
-        params = math.prod(shape)
-        copies = rotation(2 * params * dtype.itemsize, quick)
-        gen = torch.Generator().manual_seed(0)
-        weights = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(copies)]
-        grads = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(copies)]
+        params, weights, grads = weights_and_grads(shape_text, dtype, device, quick)
         copy_gbps = None
         for provider in PROVIDERS:
             row = {"shape": shape_text, "params": params, "dtype": dtype_name, "provider": provider}

@@ -98,18 +98,26 @@ def _no_grad(call, module):
         return call(module)
 
 
+def weights_and_grads(shape_text: str, dtype: torch.dtype, device: torch.device, quick: bool
+                      ) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+    """(elements, weights, grads): random weights of `shape_text` and as many gradients, as many copies as the
+    rotation asks for (timing.rotation)."""
+    shape = parse_shape(shape_text)
+    params = math.prod(shape)
+    copies = rotation(2 * params * dtype.itemsize, quick)
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(copies)]
+    grads = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(copies)]
+    return params, weights, grads
+
+
 def run(shapes: list[str], dtypes: list[torch.dtype], device: torch.device, *, quick: bool, compile_ok: bool,
         write: Callable[[dict], None]) -> None:
     budget = 0.05 if quick else 0.5
     for dtype in dtypes:
         dtype_name = str(dtype).removeprefix("torch.")
         for shape_text in shapes:
-            shape = parse_shape(shape_text)
-            params = math.prod(shape)
-            copies = rotation(2 * params * dtype.itemsize, quick)
-            gen = torch.Generator().manual_seed(0)
-            weights = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(copies)]
-            grads = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(copies)]
+            params, weights, grads = weights_and_grads(shape_text, dtype, device, quick)
             if compile_ok:
                 torch._dynamo.reset()  # a fresh compile per shape: no recompile limit across a run's shapes
             for provider in PROVIDERS:
