@@ -25,12 +25,10 @@
 namespace sn_ext {
 namespace {
 
-// Threads per block of every kernel that walks W.
+// Threads per block, for every phase. The one-block phases (normalize a split vector, sum lambda's partials) run
+// with it too: a block sum's order depends on the block size, so one size makes a layer's bits the same whether it
+// is launched alone or in a group.
 constexpr int kThreads = 256;
-// Threads of the one-block phases that reduce a split vector and normalize it. The same as kThreads: the grouped
-// persistent kernel runs these phases in its kThreads-thread blocks, and a block sum's order depends on the block
-// size, so equal sizes make the grouped and per-layer kernels give the same bits.
-constexpr int kVectorThreads = kThreads;
 // About how many blocks a matvec should have to fill an H100/H200 (132 SMs). A constant, not the device's SM
 // count, so the reduction split (and so every result bit) depends on the shape only.
 constexpr int64_t kTargetBlocks = 256;
@@ -40,7 +38,7 @@ constexpr int64_t kMinColsPerSplit = 2048;
 constexpr int64_t kMinRowsPerThread = 8;
 constexpr int64_t kMaxGridY = 65535;
 // lambda's partial sums: at most one per thread of the one-block total.
-constexpr int64_t kMaxLambdaBlocks = kVectorThreads;
+constexpr int64_t kMaxLambdaBlocks = kThreads;
 constexpr int64_t kLambdaItemsPerThread = 8;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -432,11 +430,6 @@ void with_index_type(int64_t numel, const F& f) {
   } else {
     f(uint64_t{0});
   }
-}
-
-template <typename T>
-at::ScalarType scalar_type_of() {
-  return c10::CppTypeToScalarType<T>::value;
 }
 
 }  // namespace
