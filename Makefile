@@ -4,16 +4,18 @@ PYTHON := $(VENV)/bin/python
 TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
 CMAKE_BUILD ?= build-cmake
 
-# nvcc lives in /usr/local/cuda on the machines this project targets; torch finds it there too.
+# nvcc lives in /usr/local/cuda on the machines this project targets (setup.py would find it there too; CMake is
+# told).
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
-# Without a GPU, torch would compile the CUDA kernels for every architecture; build for Hopper only then.
+# Without a GPU, setup.py would compile the CUDA kernels for every architecture torch supports (minutes per
+# architecture on 2 cores); for development, build for Hopper (H100/H200) only.
 ifeq ($(shell command -v nvidia-smi),)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 endif
 
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py build_config.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test test-python test-cpp bench clean results
+.PHONY: setup demo test test-python test-cpp test-packaging test-matrix bench clean results
 
 setup: $(VENV)/.built
 
@@ -47,6 +49,15 @@ test: test-python test-cpp
 test-python: setup
 	$(PYTHON) -m pytest -q tests
 	SN_EXT_DISABLE_EXT=1 $(PYTHON) -m pytest -q tests
+
+# What CI runs besides `make test` (.ci/run): an sdist installed as users install it, and the version matrix
+# (.ci/matrix: torch 2.11 + triton 3.6 on Python 3.12 as on the GPU machines, torch 2.6 on Python 3.10, the oldest
+# supported; environments cached in ~/.cache/sn_ext/envs, a few minutes each to create the first time).
+test-packaging: setup
+	SN_EXT_PACKAGING_TEST=1 $(PYTHON) -m pytest -q tests/test_packaging.py
+
+test-matrix:
+	.ci/matrix
 
 test-cpp: setup
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCUDA_TOOLKIT_ROOT_DIR="$(CUDA_HOME)"

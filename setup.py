@@ -1,32 +1,49 @@
-"""Builds sn_ext._C: the CUDA kernels when a CUDA toolkit and a CUDA build of torch are present, else the CPU
-kernels only. FORCE_CUDA=1 requires the CUDA kernels (an error if no toolkit is found), FORCE_CUDA=0 builds the
-CPU kernels only. The choices are printed here and recorded in the library (see `python -m sn_ext.info`)."""
+"""Builds sn_ext._C against the torch installed in this environment (hence `pip install --no-build-isolation`):
+the CPU kernels always, the CUDA kernels when a CUDA build of torch and a matching CUDA toolkit are present. Each
+choice and its reason is printed here and recorded in the library (`python -m sn_ext.info`); build_config.py makes
+the choices and documents the environment variables (FORCE_CUDA, CUDA_HOME, TORCH_CUDA_ARCH_LIST, SN_EXT_PORTABLE).
+The package metadata is in pyproject.toml."""
 import glob
 import os
+import sys
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # build_config, beside this file
+import build_config  # noqa: E402
 
-
-def build_machine_has_avx2() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
-
+try:
+    import torch
+except ImportError:
+    sys.exit("sn_ext builds against the torch installed in your environment, and none is importable here: install "
+             "torch first, then `pip install --no-build-isolation sn_ext` (or `pip install --no-build-isolation .`)")
 
 force_cuda = os.environ.get("FORCE_CUDA", "")
-with_cuda = force_cuda == "1" or (force_cuda != "0" and CUDA_HOME is not None and torch.version.cuda is not None)
-if force_cuda == "1" and CUDA_HOME is None:
-    raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to it")
-# The CPU kernels' loops are vectorized by the compiler: for AVX2 + FMA when the building machine has them
-# (~1.6x faster than baseline x86-64; such a build will not run on an older CPU), unless SN_EXT_PORTABLE=1.
-cpu_isa = "avx2" if os.environ.get("SN_EXT_PORTABLE", "0") != "1" and build_machine_has_avx2() else "baseline"
-print(f"sn_ext: building {'CPU + CUDA' if with_cuda else 'CPU only'} kernels, CPU code for {cpu_isa} "
-      f"(torch {torch.__version__}, CUDA_HOME={CUDA_HOME}, torch.version.cuda={torch.version.cuda})")
+cuda_home, cuda_reason = build_config.find_cuda_home(dict(os.environ))
+if force_cuda == "0":
+    cuda_problem = "FORCE_CUDA=0"
+elif cuda_home is None:
+    cuda_problem = cuda_reason
+else:
+    cuda_problem = build_config.cuda_problem(torch.version.cuda, build_config.nvcc_version(cuda_home))
+if cuda_problem and force_cuda == "1":
+    sys.exit(f"sn_ext: FORCE_CUDA=1 but the CUDA kernels cannot be built: {cuda_problem}")
+with_cuda = cuda_problem is None
+if with_cuda:
+    os.environ["CUDA_HOME"] = cuda_home  # before torch's cpp_extension guesses its own
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch's own guess without a visible GPU fails (an empty list on a build machine or in Docker).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.cuda_arch_list(
+            torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split(),
+            build_config.nvcc_gpu_archs(cuda_home))
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+cpu_isa = build_config.cpu_isa(portable=os.environ.get("SN_EXT_PORTABLE", "0") == "1")
+if with_cuda:
+    cuda_text = (f"CPU + CUDA kernels (toolkit {cuda_home}, {cuda_reason}; TORCH_CUDA_ARCH_LIST="
+                 f"{os.environ.get('TORCH_CUDA_ARCH_LIST') or 'the visible GPUs'})")
+else:
+    cuda_text = f"CPU kernels only ({cuda_problem})"
+print(f"sn_ext: building {cuda_text}, CPU code for {cpu_isa}, against torch {torch.__version__}", flush=True)
 
 sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
 macros = [("SN_EXT_BUILD_TORCH", f'"{torch.__version__}"'), ("SN_EXT_BUILD_CPU_ISA", f'"{cpu_isa}"')]
@@ -39,13 +56,9 @@ if with_cuda:
     extra_compile_args["nvcc"] = ["-O3"]
     extension = CUDAExtension
 
+from setuptools import setup  # noqa: E402
+
 setup(
-    name="sn_ext",
-    version="0.1.0",
-    description="Fused spectral normalization for PyTorch: a drop-in for torch's spectral_norm",
-    packages=["sn_ext", "sn_ext.nn", "sn_ext.triton"],
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
     ext_modules=[extension("sn_ext._C", sources, define_macros=macros, extra_compile_args=extra_compile_args,
                            extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension},

@@ -8,7 +8,9 @@ After `load()`, every sn_ext op exists with the same schema whatever happened:
 - the reference is also defined as sn_ext::reference_spectral_normalize(_backward), for the "reference" backend.
 """
 import dataclasses
+import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -33,7 +35,12 @@ def _load_compiled() -> LibraryStatus:
     try:
         from . import _C
     except ImportError as error:
-        return LibraryStatus(False, f"the compiled library could not be imported: {error}")
+        reason = f"the compiled library could not be imported: {error}"
+        if importlib.util.find_spec(f"{__package__}._C") is not None:  # built, but broken: say so once, loudly
+            warnings.warn(f"sn_ext: {reason}. sn_ext runs on its pure-PyTorch reference kernels (slow) until it is "
+                          "rebuilt against this torch (pip install --no-build-isolation sn_ext); set "
+                          "SN_EXT_DISABLE_EXT=1 to use them without this warning.", RuntimeWarning, stacklevel=2)
+        return LibraryStatus(False, reason)
     cuda = f"CUDA {_C.built_with_cuda}" if _C.built_with_cuda else "CPU only"
     return LibraryStatus(True, f"built for torch {_C.built_with_torch}, {cuda}, CPU code for "
                                f"{_C.built_with_cpu_isa}", _C.built_with_torch, _C.built_with_cuda,

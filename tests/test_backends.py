@@ -192,3 +192,18 @@ def test_reference_ops_opcheck(dtype):
     sigma = torch.tensor(1.3, requires_grad=True)
     grad = torch.randn(4, 3, 2, 3, dtype=dtype, requires_grad=True)
     torch.library.opcheck(backward, (grad, weight.detach().requires_grad_(), u, v, sigma, 1))
+
+
+def test_a_built_library_is_loaded():
+    """A compiled library that exists for this interpreter but fails to load (built against another torch, a
+    missing symbol) fails here with its reason, instead of every compiled-kernel test skipping."""
+    import importlib.util
+    import os
+
+    if os.environ.get("SN_EXT_DISABLE_EXT") == "1":
+        pytest.skip("SN_EXT_DISABLE_EXT=1: the fallback is tested")
+    if importlib.util.find_spec("sn_ext._C") is None:
+        pytest.skip("no compiled library was built for this interpreter")
+    assert sn_ext.ops.library_status.loaded, sn_ext.ops.library_status.reason
+    if torch.cuda.is_available() and sn_ext.ops.library_status.built_with_cuda:
+        assert not backends.get("cuda").unavailable_reasons(), backends.get("cuda").unavailable_reasons()

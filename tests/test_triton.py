@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sn_ext
-from sn_ext import backends, reference
+from sn_ext import _schemas, backends, reference
 
 CUDA = torch.cuda.is_available()
 
@@ -145,6 +145,36 @@ def _check_forward(weight, u, v, dim, n, v_first):
     assert weight_sn.dtype == weight.dtype and weight_sn.stride() == torch.empty_like(weight).stride()
     assert sigma.dtype == reference.accumulate_dtype(weight.dtype) and sigma.shape == ()
     assert u_new.is_contiguous() and v_new.is_contiguous() and u_new.dtype == v_new.dtype == weight.dtype
+
+
+@pytest.mark.skipif(not (CUDA or CHILD), reason="the Triton ops load on a GPU or in the interpreter child")
+def test_triton_ops_load_where_triton_is_installed():
+    """Installed triton whose ops fail to register fails here with the reason, rather than skipping every kernel
+    test (as torch 2.11 once did: its triton_op ignored `schema=` and rejected an unannotated function)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    assert LOADED, LOAD_REASON
+
+
+def _as_called(schema) -> tuple:
+    """What a caller sees of a schema: argument names, types (int and SymInt alike), defaults; output types."""
+    def kind(t) -> str:
+        return str(t).replace("SymInt", "int")
+
+    return ([(a.name, kind(a.type), a.default_value) for a in schema.arguments], [kind(r.type) for r in schema.returns])
+
+
+@pytest.mark.skipif(not LOADED, reason=f"the Triton ops are not loaded: {_WHY_NOT}")
+@pytest.mark.parametrize("op,same_as", [("triton_spectral_normalize", "spectral_normalize"),
+                                        ("triton_spectral_normalize_backward", "spectral_normalize_backward")])
+def test_triton_ops_have_the_cpp_ops_schema(op, same_as):
+    registered = getattr(torch.ops.sn_ext, op).default._schema
+    expected = torch._C.parse_schema(f"sn_ext::{op}" + _schemas.SCHEMAS[same_as])
+    assert _as_called(registered) == _as_called(expected), f"{registered} != {expected}"
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 14):  # registers `schema=` as given
+        assert str(registered) == str(expected)
 
 
 @needs_kernels

@@ -195,9 +195,12 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
 
 
+# torch 2.14 registers `schema`; torch 2.6-2.11 accept it but infer the schema from the annotations instead (int
+# becomes SymInt, the outputs are unnamed): both are the same call (tests/test_triton.py compares them).
 @triton_op(FORWARD, mutates_args=(), schema=_schemas.SCHEMAS["spectral_normalize"])
 def triton_spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
-                              n_power_iterations: int, eps: float, v_first: bool = False):
+                              n_power_iterations: int, eps: float,
+                              v_first: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = FORWARD
     reference.check_forward_args(op, weight, u, v, dim, n_power_iterations, eps)
     m = _Matrix.of(weight, dim)
