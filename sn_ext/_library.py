@@ -70,7 +70,7 @@ def _define_reference_ops() -> None:
     lib = torch.library.Library(_schemas.NAMESPACE, "FRAGMENT")
     for name, same_as in zip(REFERENCE_OPS, ("spectral_normalize", "spectral_normalize_backward")):
         lib.define(name + _schemas.SCHEMAS[same_as])
-        lib.impl(name, getattr(reference, same_as), "CompositeExplicitAutograd")
+        lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
     _libraries.append(lib)
 
 

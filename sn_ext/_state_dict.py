@@ -59,3 +59,12 @@ def accept_both_layouts(module: nn.Module, name: str, *, legacy: bool, dim: int 
     The hook holds only the name and dim, no module, so copy.deepcopy and pickling of the module keep working.
     """
     module._register_load_state_dict_pre_hook(functools.partial(_rename_keys, name=name, to_legacy=legacy, dim=dim))
+
+
+def remove_layout_hooks(module: nn.Module, name: str) -> None:
+    """Removes what accept_both_layouts(module, name, ...) registered (when its spectral norm is removed)."""
+    for key, hook in list(module._load_state_dict_pre_hooks.items()):
+        function = getattr(hook, "hook", hook)  # torch keeps it wrapped in a _WrappedHook
+        if (isinstance(function, functools.partial) and function.func is _rename_keys
+                and function.keywords["name"] == name):
+            del module._load_state_dict_pre_hooks[key]

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from . import _library, ops
+from . import _library, ops, reference
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 CHOICES = ("auto", *BACKENDS)
@@ -78,7 +78,9 @@ class Backend:
             reasons.append(f"it takes {where} tensors and the weight is on {device}"
                            + (" (set TRITON_INTERPRET=1 before sn_ext loads its Triton kernels to run them on the "
                               "CPU, slowly)" if self.name == "triton" and device.type == "cpu" else ""))
-        if dtype not in DTYPES:
+        if dtype in reference.COMPLEX_DTYPES and self.name != "reference":
+            reasons.append(f"complex weights run on the reference backend only, not {dtype}")
+        elif dtype not in DTYPES and dtype not in reference.COMPLEX_DTYPES:
             reasons.append(f"it takes float32, float64, float16 or bfloat16 weights, not {dtype}")
         return reasons
 
@@ -315,7 +317,8 @@ def summary() -> dict:
         else:
             backends[name] = {"usable": True, "reason": _usable_reason(backend)}
     devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-    auto = {device: {str(dtype).replace("torch.", ""): auto_backend(device, dtype).name for dtype in DTYPES}
+    auto = {device: {str(dtype).replace("torch.", ""): auto_backend(device, dtype).name
+                     for dtype in (*DTYPES, *reference.COMPLEX_DTYPES)}
             for device in devices}
     return {"backends": backends, "auto": auto}
 

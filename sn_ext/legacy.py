@@ -64,7 +64,7 @@ class SpectralNorm:
         if isinstance(weight, nn.parameter.UninitializedParameter):
             raise ValueError("The module passed to `SpectralNorm` can't have uninitialized parameters. "
                              "Make sure to run the dummy forward before applying spectral normalization")
-        check_arguments(weight, n_power_iterations, dim, eps)
+        check_arguments(weight, n_power_iterations, dim, eps, complex_ok=False)
         fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
         fn.backend = backends.requested_backend(backend)
         fn._kernels = backends.initial_kernels(fn.backend, weight)
@@ -105,10 +105,17 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
 
 
 def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
-    """Removes the spectral norm hook, baking the normalized weight into a plain parameter (as torch's)."""
+    """Removes the spectral norm hook, baking the normalized weight into a plain parameter, and its state-dict hooks
+    (as torch's)."""
     for key, hook in module._forward_pre_hooks.items():
         if isinstance(hook, SpectralNorm) and hook.name == name:
             hook.remove(module)
             del module._forward_pre_hooks[key]
-            return module
-    raise ValueError(f"spectral_norm of '{name}' not found in {module}")
+            break
+    else:
+        raise ValueError(f"spectral_norm of '{name}' not found in {module}")
+    for key, hook in list(module._state_dict_hooks.items()):
+        if isinstance(hook, _StateDictVersion) and hook.fn.name == name:
+            del module._state_dict_hooks[key]
+    _state_dict.remove_layout_hooks(module, name)
+    return module

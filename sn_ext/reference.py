@@ -4,17 +4,28 @@ Same semantics as the fused kernels (csrc/cpu/spectral_norm_cpu.cpp), written wi
 - the matrix is torch's: ``weight.permute(dim, *other dims).flatten(1)``;
 - ``N(x) = x / max(|x|, eps)``, computed in float32 (float64 for float64 weights) so eps never underflows,
   and rounded to the weight's dtype like torch's buffers;
-- u-first rounds (u = N(W v), v = N(W^T u)) as torch.nn.utils.parametrizations, v-first as legacy torch;
-- sigma = u^T W v for the final vectors (= s^2 / max(s, eps) for the last half-step's norm s);
+- u-first rounds (u = N(W v), v = N(W^H u)) as torch.nn.utils.parametrizations, v-first as legacy torch;
+- sigma = u^H W v for the final vectors (= s^2 / max(s, eps) for the last half-step's norm s);
+- complex weights (complex64, complex128) as torch's parametrization takes them: conjugate transposes where torch
+  has them (W^H u, vdot), sigma = u^H W v in the weight's complex dtype (real after a round), and the gradient
+  (G - <W_sn, G> u v^H) / conj(sigma); only the reference backend's ops take them (the compiled and Triton kernels,
+  and so sn_ext::spectral_normalize on every build, refuse them);
 - a run that meets a non-finite or zero vector returns the input vectors unchanged (no host synchronisation).
 """
 import torch
 from torch import Tensor
 
 
+REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where sums happen, and sigma's dtype: float64 for float64 weights, float32 for the rest."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """Where sums happen, and sigma's dtype: float64 for float64 weights, the weight's own for complex ones, float32
+    for the rest."""
+    if dtype in (torch.float64, *COMPLEX_DTYPES):
+        return dtype
+    return torch.float32
 
 
 def to_matrix(weight: Tensor, dim: int) -> Tensor:
@@ -52,23 +63,25 @@ def _iterate(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations:
     matrix = to_matrix(weight, dim).to(acc)
     uu, vv = u.to(acc), v.to(acc)
     if n_power_iterations == 0:
-        return torch.dot(uu, matrix @ vv), u.clone(), v.clone()
+        return torch.vdot(uu, matrix @ vv), u.clone(), v.clone()
     ok = torch.ones((), dtype=torch.bool, device=weight.device)
     for _ in range(n_power_iterations):
         if v_first:
-            vv, first = _normalized(matrix.T @ uu, eps, weight.dtype)
+            vv, first = _normalized(matrix.mH @ uu, eps, weight.dtype)
             uu, last = _normalized(matrix @ vv, eps, weight.dtype)
         else:
             uu, first = _normalized(matrix @ vv, eps, weight.dtype)
-            vv, last = _normalized(matrix.T @ uu, eps, weight.dtype)
+            vv, last = _normalized(matrix.mH @ uu, eps, weight.dtype)
         ok = ok & _usable(first) & _usable(last)
-    sigma = last * last / last.clamp_min(eps)
+    sigma = (last * last / last.clamp_min(eps)).to(acc)
     return sigma, torch.where(ok, uu.to(u.dtype), u), torch.where(ok, vv.to(v.dtype), v)
 
 
-def _check(op: str, weight: Tensor, n_power_iterations: int, eps: float) -> None:
-    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"{op}: weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
+def _check(op: str, weight: Tensor, n_power_iterations: int, eps: float, complex_ok: bool) -> None:
+    if weight.dtype not in REAL_DTYPES and not (complex_ok and weight.dtype in COMPLEX_DTYPES):
+        kinds = "float16, bfloat16, float32, float64, complex64 or complex128" if complex_ok else \
+            "float16, bfloat16, float32 or float64"
+        raise TypeError(f"{op}: weight must be {kinds}, got {weight.dtype}")
     if weight.dim() == 0 or weight.numel() == 0:
         raise ValueError(f"{op}: weight must be a non-empty tensor with at least 1 dimension, got shape "
                          f"{tuple(weight.shape)}")
@@ -94,16 +107,17 @@ def _check_vectors(op: str, weight: Tensor, u: Tensor, v: Tensor, dim: int) -> N
 
 
 def check_forward_args(op: str, weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int,
-                       eps: float) -> None:
-    """All the checks of a forward op, as csrc/matrix_view.cpp's check_forward_args (every Python backend)."""
-    _check(op, weight, n_power_iterations, eps)
+                       eps: float, complex_ok: bool = False) -> None:
+    """All the checks of a forward op, as csrc/matrix_view.cpp's check_forward_args (every Python backend; complex
+    weights only where `complex_ok`: this reference)."""
+    _check(op, weight, n_power_iterations, eps, complex_ok)
     _check_vectors(op, weight, u, v, dim)
 
 
 def check_backward_args(op: str, grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
-                        dim: int) -> None:
+                        dim: int, complex_ok: bool = False) -> None:
     """All the checks of spectral_normalize_backward, as csrc/matrix_view.cpp's check_backward_args."""
-    _check(op, weight_sn, 0, 0.0)
+    _check(op, weight_sn, 0, 0.0, complex_ok)
     if grad.shape != weight_sn.shape:
         raise ValueError(f"{op}: grad must have weight_sn's shape {list(weight_sn.shape)}, got {list(grad.shape)}")
     if grad.dtype != weight_sn.dtype:
@@ -125,27 +139,44 @@ def power_iteration_(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_ite
 
 
 def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
-                       v_first: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_forward_args("sn_ext::spectral_normalize", weight, u, v, dim, n_power_iterations, eps)
+                       v_first: bool = False, *, op: str = "sn_ext::spectral_normalize",
+                       complex_ok: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_forward_args(op, weight, u, v, dim, n_power_iterations, eps, complex_ok)
     sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
     weight_sn = (weight.to(sigma.dtype) / sigma).to(weight.dtype)
     return weight_sn, sigma, u_new, v_new
 
 
 def rank_one(u: Tensor, v: Tensor, like: Tensor, dim: int) -> Tensor:
-    """u v^T in the layout of `like` (the gradient of sigma = u^T W v with respect to W)."""
-    return from_matrix(torch.outer(u, v), like, dim % like.dim())
+    """u v^H (u v^T for real vectors) in the layout of `like` (the gradient of sigma = u^H W v with respect to W)."""
+    return from_matrix(torch.outer(u, v.conj()), like, dim % like.dim())
 
 
 def spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
-                                dim: int) -> Tensor:
-    check_backward_args("sn_ext::spectral_normalize_backward", grad, weight_sn, u, v, sigma, dim)
+                                dim: int, *, op: str = "sn_ext::spectral_normalize_backward",
+                                complex_ok: bool = False) -> Tensor:
+    check_backward_args(op, grad, weight_sn, u, v, sigma, dim, complex_ok)
     acc = sigma.dtype
     g = grad.to(acc)
-    lam = torch.sum(g * weight_sn.to(acc))
-    grad_weight = ((g - lam * rank_one(u.to(acc), v.to(acc), grad, dim)) / sigma).to(grad.dtype)
+    lam = torch.sum(weight_sn.to(acc).conj() * g)  # <W_sn, G>; conj() is a no-op on real tensors
+    grad_weight = ((g - lam * rank_one(u.to(acc), v.to(acc), grad, dim)) / sigma.conj()).to(grad.dtype)
     # In weight_sn's layout, as the compiled kernels and the fake kernel (empty_like(weight_sn)).
     return torch.empty_like(weight_sn).copy_(grad_weight)
+
+
+# The "reference" backend's own ops (sn_ext::reference_spectral_normalize(_backward)): the same, and they also take
+# complex weights. sn_ext::spectral_normalize refuses them on every build, as the compiled kernels do.
+
+def reference_spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
+                                 v_first: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return spectral_normalize(weight, u, v, dim, n_power_iterations, eps, v_first,
+                              op="sn_ext::reference_spectral_normalize", complex_ok=True)
+
+
+def reference_spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
+                                          dim: int) -> Tensor:
+    return spectral_normalize_backward(grad, weight_sn, u, v, sigma, dim,
+                                       op="sn_ext::reference_spectral_normalize_backward", complex_ok=True)
 
 
 # ---- grouped mode: many layers per call (sn_ext.grouped_spectral_norm); the same as the per-layer ops ----

@@ -177,8 +177,9 @@ def test_info_lists_every_backend_and_the_automatic_choice():
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     assert list(info["auto"]) == devices
     for device in devices:
-        assert info["auto"][device] == {dtype: _expected_auto(device)
-                                        for dtype in ("float32", "float64", "float16", "bfloat16")}
+        assert info["auto"][device] == {**{dtype: _expected_auto(device)
+                                           for dtype in ("float32", "float64", "float16", "bfloat16")},
+                                        "complex64": "reference", "complex128": "reference"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -91,13 +91,23 @@ def grouped_spectral_norm(model: nn.Module, types: tuple[type[nn.Module], ...] =
     if hasattr(model, "_sn_ext_group"):
         raise RuntimeError("grouped_spectral_norm: this model is already grouped (ungroup_spectral_norm undoes it)")
     chosen = list(layers) if layers is not None else [m for m in model.modules() if isinstance(m, types)]
+    for layer in chosen:  # every layer checked before any changes
+        weight = getattr(layer, name, None) if not parametrize.is_parametrized(layer, name) else \
+            layer.parametrizations[name].original
+        if parametrize.is_parametrized(layer, name) and len(layer.parametrizations[name]) > 1:
+            raise RuntimeError(f"grouped_spectral_norm: '{name}' of {type(layer).__name__} has "
+                               f"{len(layer.parametrizations[name])} stacked parametrizations; a grouped layer has "
+                               f"exactly one, sn_ext's spectral norm (remove the others first)")
+        if weight is not None and weight.is_complex():
+            raise TypeError(f"grouped_spectral_norm: '{name}' of {type(layer).__name__} is {weight.dtype}: complex "
+                            f"weights run on the reference backend only, per layer (sn_ext.spectral_norm)")
+        if not _has_sn_ext_norm(layer, name) and has_spectral_norm(layer, name):
+            raise RuntimeError(f"grouped_spectral_norm: '{name}' of {type(layer).__name__} has torch's spectral "
+                               f"norm, which cannot be grouped: remove it first")
     members = []
     for layer in chosen:
-        weight = getattr(layer, name, None)
         if not _has_sn_ext_norm(layer, name):
-            if has_spectral_norm(layer, name):
-                raise RuntimeError(f"grouped_spectral_norm: '{name}' of {type(layer).__name__} has torch's spectral "
-                                   f"norm, which cannot be grouped: remove it first")
+            weight = getattr(layer, name, None)
             if weight is None or weight.dim() < 2:  # a bias-like vector: nothing to group (torch normalizes it)
                 continue
             spectral_norm(layer, name, n_power_iterations, eps)

@@ -7,8 +7,11 @@ torch.nn.utils.parametrize parametrization, so remove_parametrizations, parametr
 work as with torch's.
 
 Beyond torch: loading a checkpoint of torch's legacy spectral norm works; registering twice on the same tensor
-raises; a step whose weight is non-finite or zero leaves u and v as they were (the output shows NaN/Inf).
+stacks a second spectral norm as torch does, with a warning; a step whose weight is non-finite or zero leaves u and
+v as they were (the output shows NaN/Inf).
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,7 +20,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
 from .. import _state_dict, backends
-from ..reference import to_matrix
+from ..reference import COMPLEX_DTYPES, REAL_DTYPES, to_matrix
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -76,16 +79,18 @@ class SpectralNorm(nn.Module):
         return f"dim={self.dim}, eps={self.eps}" + (f", n_power_iterations={n}" if n is not None else "")
 
 
-def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: float) -> None:
-    """torch's errors (IndexError for dim, ValueError for n_power_iterations), plus the ones torch lacks."""
+def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: float, complex_ok: bool = True) -> None:
+    """torch's errors (IndexError for dim, ValueError for n_power_iterations), plus the ones torch lacks. Complex
+    weights as torch's parametrization takes them (`complex_ok`; the legacy version's power iteration has no
+    conjugates, so sn_ext.legacy refuses them)."""
     ndim = weight.ndim
     if ndim == 0 or weight.numel() == 0:
         raise ValueError(f"spectral_norm: the weight must be a non-empty tensor with at least 1 dimension, "
                          f"got shape {tuple(weight.shape)}")
-    if not (weight.is_floating_point() and weight.dtype in (torch.float16, torch.bfloat16, torch.float32,
-                                                            torch.float64)):
-        raise TypeError(f"spectral_norm: the weight must be float16, bfloat16, float32 or float64, "
-                        f"got {weight.dtype}")
+    if weight.dtype not in REAL_DTYPES and not (complex_ok and weight.dtype in COMPLEX_DTYPES):
+        kinds = "float16, bfloat16, float32, float64, complex64 or complex128" if complex_ok else \
+            "float16, bfloat16, float32 or float64 (complex weights: sn_ext.spectral_norm)"
+        raise TypeError(f"spectral_norm: the weight must be {kinds}, got {weight.dtype}")
     if dim >= ndim or dim < -ndim:
         raise IndexError(f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim})")
     if n_power_iterations <= 0:
@@ -95,15 +100,27 @@ def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: floa
         raise ValueError(f"spectral_norm: eps must be >= 0, got eps={eps}")
 
 
-def has_spectral_norm(module: nn.Module, name: str) -> bool:
-    """Whether module.<name> already has a spectral norm: sn_ext's or torch's, parametrization or legacy hook."""
+def has_parametrization_spectral_norm(module: nn.Module, name: str) -> bool:
+    """Whether module.<name> has a spectral-norm parametrization (sn_ext's or torch's)."""
+    return parametrize.is_parametrized(module, name) and any(
+        isinstance(p, (SpectralNorm, _TorchSpectralNorm)) for p in module.parametrizations[name])
+
+
+def has_legacy_spectral_norm(module: nn.Module, name: str) -> bool:
+    """Whether module.<name> has a legacy spectral-norm hook (sn_ext's or torch's)."""
     from .. import legacy  # a late import: legacy imports this module
 
-    if parametrize.is_parametrized(module, name) and any(
-            isinstance(p, (SpectralNorm, _TorchSpectralNorm)) for p in module.parametrizations[name]):
-        return True
     return any(isinstance(hook, (legacy.SpectralNorm, _TorchLegacySpectralNorm)) and hook.name == name
                for hook in module._forward_pre_hooks.values())
+
+
+def has_spectral_norm(module: nn.Module, name: str) -> bool:
+    """Whether module.<name> already has a spectral norm: sn_ext's or torch's, parametrization or legacy hook."""
+    return has_parametrization_spectral_norm(module, name) or has_legacy_spectral_norm(module, name)
+
+
+STACKING_WARNING = ("spectral_norm: '{name}' of {module} already has a spectral norm; a second one is stacked on it "
+                    "(it normalizes the first one's output, as torch's does), which is almost certainly unintended")
 
 
 def default_dim(module: nn.Module) -> int:
@@ -123,8 +140,11 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     "triton" or "reference"; None means $SN_EXT_BACKEND, else "auto" (see sn_ext.backends).
     """
     # Checked before getattr: reading a parametrized weight in train mode runs a power iteration.
-    if has_spectral_norm(module, name):
-        raise RuntimeError(f"spectral_norm: '{name}' of {type(module).__name__} already has a spectral norm")
+    if has_legacy_spectral_norm(module, name):  # torch fails here too, less clearly (no parameter named so)
+        raise RuntimeError(f"spectral_norm: '{name}' of {type(module).__name__} already has a legacy spectral norm "
+                           f"(torch.nn.utils.spectral_norm or sn_ext.legacy): remove it first")
+    if has_parametrization_spectral_norm(module, name):
+        warnings.warn(STACKING_WARNING.format(name=name, module=type(module).__name__), UserWarning, stacklevel=2)
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
@@ -133,8 +153,10 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
                          f"run a dummy forward before applying spectral normalization")
     if dim is None:
         dim = default_dim(module)
+    stacked = parametrize.is_parametrized(module, name)
     sn = SpectralNorm(weight, n_power_iterations, dim, eps, backend)
     with backends.registering(sn, weight):
         parametrize.register_parametrization(module, name, sn)
-    _state_dict.accept_both_layouts(module, name, legacy=False, dim=sn.dim)
+    if not stacked:  # a legacy checkpoint's keys map to the first parametrization's
+        _state_dict.accept_both_layouts(module, name, legacy=False, dim=sn.dim)
     return module
