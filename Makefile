@@ -15,7 +15,7 @@ endif
 
 SOURCES := setup.py build_config.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test test-python test-cpp test-packaging test-matrix bench clean results
+.PHONY: setup demo test test-python test-cpp test-packaging test-matrix lint format bench clean results
 
 setup: $(VENV)/.built
 
@@ -58,6 +58,19 @@ test-packaging: setup
 
 test-matrix:
 	.ci/matrix
+
+# ruff (lint + format check, pyproject.toml) and clang-format (.clang-format) on csrc/; run by CI. `make format`
+# applies both formatters.
+CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/tests/*.cpp)
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: setup
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 test-cpp: setup
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCUDA_TOOLKIT_ROOT_DIR="$(CUDA_HOME)"

@@ -9,6 +9,7 @@ Environment variables read (by setup.py, passed in here):
   TORCH_CUDA_ARCH_LIST    the GPU architectures, as torch reads it ("8.0;9.0+PTX"); default: see cuda_arch_list
   SN_EXT_PORTABLE=1       CPU code for baseline x86-64 even where the building machine has AVX2 + FMA
 """
+
 import glob
 import os
 import re
@@ -33,8 +34,9 @@ def toolkit_problem(home: str) -> str | None:
 def nvcc_version(home: str) -> str | None:
     """The toolkit's "major.minor", from `nvcc --version`."""
     try:
-        text = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                              timeout=60).stdout
+        text = subprocess.run(
+            [os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
     except OSError:
         return None
     found = re.search(r"release (\d+\.\d+)", text)
@@ -49,8 +51,9 @@ def find_cuda_home(environ: dict[str, str]) -> tuple[str | None, str]:
         if environ.get(variable):
             home = environ[variable]
             problem = toolkit_problem(home)
-            return (home, f"{variable}={home}") if problem is None else (None, f"{variable}={home} is unusable: "
-                                                                               f"{problem}")
+            return (
+                (home, f"{variable}={home}") if problem is None else (None, f"{variable}={home} is unusable: {problem}")
+            )
     candidates = []
     nvcc = shutil.which("nvcc", path=environ.get("PATH", ""))
     if nvcc:
@@ -69,8 +72,10 @@ def cuda_problem(torch_cuda: str | None, toolkit: str | None) -> str | None:
     if toolkit is None:
         return "the toolkit's nvcc did not report its version"
     if toolkit.split(".")[0] != torch_cuda.split(".")[0]:
-        return (f"the toolkit is CUDA {toolkit} and torch was built with CUDA {torch_cuda}: torch refuses a different "
-                "major version (install the matching toolkit, or a torch built for yours)")
+        return (
+            f"the toolkit is CUDA {toolkit} and torch was built with CUDA {torch_cuda}: torch refuses a different "
+            "major version (install the matching toolkit, or a torch built for yours)"
+        )
     return None
 
 
@@ -78,6 +83,7 @@ def cuda_arch_list(torch_archs: list[str], nvcc_archs: list[str]) -> str:
     """TORCH_CUDA_ARCH_LIST for a machine without a GPU: every architecture the installed torch was built for that
     nvcc can compile (torch_archs like "sm_90", nvcc_archs like "compute_90"), and PTX of the newest one, so that a
     newer GPU JIT-compiles it. With a GPU visible and no list, torch builds for that GPU itself."""
+
     def arch_numbers(archs: list[str], prefix: str) -> set[str]:  # "sm_90" -> "90"; "sm_90a" (arch-specific) skipped
         return {m.group(1) for a in archs if (m := re.fullmatch(prefix + r"_(\d+)", a))}
 
@@ -91,14 +97,15 @@ def cuda_arch_list(torch_archs: list[str], nvcc_archs: list[str]) -> str:
 
 def nvcc_gpu_archs(home: str) -> list[str]:
     try:
-        return subprocess.run([os.path.join(home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True,
-                              text=True, timeout=60).stdout.split()
+        return subprocess.run(
+            [os.path.join(home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True, text=True, timeout=60
+        ).stdout.split()
     except OSError:
         return []
 
 
 def cpu_isa(portable: bool, cpuinfo: str = "/proc/cpuinfo") -> str:
-    """"avx2" when the building machine has AVX2 + FMA (the compiler vectorizes the CPU kernels for them, ~1.6x
+    """ "avx2" when the building machine has AVX2 + FMA (the compiler vectorizes the CPU kernels for them, ~1.6x
     faster than baseline x86-64; such a build will not run on an older CPU), unless a portable build is asked for."""
     if portable:
         return "baseline"

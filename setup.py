@@ -3,6 +3,7 @@ the CPU kernels always, the CUDA kernels when a CUDA build of torch and a matchi
 choice and its reason is printed here and recorded in the library (`python -m sn_ext.info`); build_config.py makes
 the choices and documents the environment variables (FORCE_CUDA, CUDA_HOME, TORCH_CUDA_ARCH_LIST, SN_EXT_PORTABLE).
 The package metadata is in pyproject.toml."""
+
 import glob
 import os
 import sys
@@ -13,8 +14,10 @@ import build_config  # noqa: E402
 try:
     import torch
 except ImportError:
-    sys.exit("sn_ext builds against the torch installed in your environment, and none is importable here: install "
-             "torch first, then `pip install --no-build-isolation sn_ext` (or `pip install --no-build-isolation .`)")
+    sys.exit(
+        "sn_ext builds against the torch installed in your environment, and none is importable here: install "
+        "torch first, then `pip install --no-build-isolation sn_ext` (or `pip install --no-build-isolation .`)"
+    )
 
 force_cuda = os.environ.get("FORCE_CUDA", "")
 cuda_home, cuda_reason = build_config.find_cuda_home(dict(os.environ))
@@ -32,15 +35,17 @@ if with_cuda:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # torch's own guess without a visible GPU fails (an empty list on a build machine or in Docker).
         os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.cuda_arch_list(
-            torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split(),
-            build_config.nvcc_gpu_archs(cuda_home))
+            torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split(), build_config.nvcc_gpu_archs(cuda_home)
+        )
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 cpu_isa = build_config.cpu_isa(portable=os.environ.get("SN_EXT_PORTABLE", "0") == "1")
 if with_cuda:
-    cuda_text = (f"CPU + CUDA kernels (toolkit {cuda_home}, {cuda_reason}; TORCH_CUDA_ARCH_LIST="
-                 f"{os.environ.get('TORCH_CUDA_ARCH_LIST') or 'the visible GPUs'})")
+    cuda_text = (
+        f"CPU + CUDA kernels (toolkit {cuda_home}, {cuda_reason}; TORCH_CUDA_ARCH_LIST="
+        f"{os.environ.get('TORCH_CUDA_ARCH_LIST') or 'the visible GPUs'})"
+    )
 else:
     cuda_text = f"CPU kernels only ({cuda_problem})"
 print(f"sn_ext: building {cuda_text}, CPU code for {cpu_isa}, against torch {torch.__version__}", flush=True)
@@ -59,7 +64,14 @@ if with_cuda:
 from setuptools import setup  # noqa: E402
 
 setup(
-    ext_modules=[extension("sn_ext._C", sources, define_macros=macros, extra_compile_args=extra_compile_args,
-                           extra_link_args=["-fopenmp"])],
+    ext_modules=[
+        extension(
+            "sn_ext._C",
+            sources,
+            define_macros=macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+        )
+    ],
     cmdclass={"build_ext": BuildExtension},
 )

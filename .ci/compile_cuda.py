@@ -3,6 +3,7 @@ sm_90, through torch's own BuildExtension (its flags, its C++ standard), into a 
 a torch whose CUDA version differs from the toolkit's (torch 2.6's PyPI build is CUDA 12.4, CI's nvcc 13.0), which
 setup.py builds CPU-only. Nothing is loaded: torch's CUDA version check, which refuses a different major version,
 is skipped for this compile only. Exits non-zero on any compiler error (`.ci/matrix`, `# cuda: compile-only`)."""
+
 import glob
 import os
 import sys
@@ -20,16 +21,22 @@ def main() -> None:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     cpp_extension._check_cuda_version = lambda *args: None  # compile only: the result is never loaded
     sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    print(f"compile_cuda: {len(sources)} CUDA sources against torch {torch.__version__} (CUDA {torch.version.cuda}) "
-          f"headers with {cpp_extension.CUDA_HOME}/bin/nvcc, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}",
-          flush=True)
+    print(
+        f"compile_cuda: {len(sources)} CUDA sources against torch {torch.__version__} (CUDA {torch.version.cuda}) "
+        f"headers with {cpp_extension.CUDA_HOME}/bin/nvcc, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as out:
         # The nvcc flags of setup.py's extension ("-O3" plus torch's own).
-        extension = cpp_extension.CUDAExtension("sn_ext_cuda_compile_check", sources,
-                                                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
-        setup(name="sn_ext_cuda_compile_check", ext_modules=[extension],
-              cmdclass={"build_ext": cpp_extension.BuildExtension},
-              script_args=["-q", "build_ext", "--build-temp", out, "--build-lib", out])
+        extension = cpp_extension.CUDAExtension(
+            "sn_ext_cuda_compile_check", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}
+        )
+        setup(
+            name="sn_ext_cuda_compile_check",
+            ext_modules=[extension],
+            cmdclass={"build_ext": cpp_extension.BuildExtension},
+            script_args=["-q", "build_ext", "--build-temp", out, "--build-lib", out],
+        )
         objects = glob.glob(os.path.join(out, "**", "*.o"), recursive=True)
         if len(objects) != len(sources):
             sys.exit(f"compile_cuda: {len(objects)} objects for {len(sources)} sources")

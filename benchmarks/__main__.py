@@ -14,6 +14,7 @@ Writes <section>.csv (one row per measurement, with device, versions, threads, c
 (the settings), PNG plots and report.md into --out (default benchmarks/results/<device>/), replacing what a
 previous run of the same section wrote; the report covers every section whose CSV is in the folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,23 +34,34 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: cuda if available, else cpu)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda if available, else cpu)",
+    )
     p.add_argument("--only", action="append", choices=SECTIONS, help="run this section only (repeatable)")
-    p.add_argument("--dtype", action="append", choices=DTYPES,
-                   help="layer section dtypes (repeatable; default float32 and bfloat16); the first one is also the "
-                        "layers section's")
-    p.add_argument("--shape", action="append",
-                   help="also time this weight shape in the layer section, e.g. 300x200x3x3")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run (~1 minute on a busy 2-core CPU): small shapes and models, few repetitions, no "
-                        "torch.compile, 1 CPU thread unless --threads; not for numbers")
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPES,
+        help="layer section dtypes (repeatable; default float32 and bfloat16); the first one is also the "
+        "layers section's",
+    )
+    p.add_argument(
+        "--shape", action="append", help="also time this weight shape in the layer section, e.g. 300x200x3x3"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (~1 minute on a busy 2-core CPU): small shapes and models, few repetitions, no "
+        "torch.compile, 1 CPU thread unless --threads; not for numbers",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers and GAN mode")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 with --quick)")
-    p.add_argument("--gan-batch", type=int,
-                   help="GAN batch size (default 64 on a GPU, 16 on the CPU, 8 with --quick)")
+    p.add_argument("--gan-batch", type=int, help="GAN batch size (default 64 on a GPU, 16 on the CPU, 8 with --quick)")
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>)")
     p.add_argument("--report-only", action="store_true", help="only rebuild report.md and the plots from the CSVs")
     return p.parse_args(argv)
@@ -72,31 +84,62 @@ def run_sections(args, device: torch.device, out: Path) -> None:
     meta = run_metadata(device)
     compile_ok = not (args.quick or args.no_compile)
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]
-    log(f"# sn_ext benchmarks on {meta['device']} ({device.type}, {meta['threads']} CPU threads), torch "
+    log(
+        f"# sn_ext benchmarks on {meta['device']} ({device.type}, {meta['threads']} CPU threads), torch "
         f"{meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda'] or '-'}, sn_ext {meta['sn_ext']} (compiled "
-        f"kernels: {meta['sn_ext_compiled']}), commit {meta['commit']}" + (" -- QUICK run" if args.quick else ""))
+        f"kernels: {meta['sn_ext_compiled']}), commit {meta['commit']}" + (" -- QUICK run" if args.quick else "")
+    )
     gan_batch = args.gan_batch or (8 if args.quick else 64 if device.type == "cuda" else 16)
     plans = {
-        "layer": (layer.COLUMNS, {"shapes": (layer.QUICK_SHAPES if args.quick else layer.BASELINE_SHAPES)
-                                  + (args.shape or []), "dtypes": [str(d).removeprefix("torch.") for d in dtypes]},
-                  lambda s, w: layer.run(s["shapes"], dtypes, device, quick=args.quick, compile_ok=compile_ok,
-                                         write=w)),
-        "layers": (layers.COLUMNS, {"counts": layers.QUICK_LAYER_COUNTS if args.quick else layers.LAYER_COUNTS,
-                                    "layer_shape": layers.QUICK_LAYER_SHAPE if args.quick else layers.LAYER_SHAPE},
-                   lambda s, w: layers.run(s["counts"], s["layer_shape"], dtypes[0], device, quick=args.quick,
-                                           write=w)),
-        "gan": (gan_step.COLUMNS, {"archs": list(gan_step.ARCHS), "batch": gan_batch,
-                                   "width": 0.25 if args.quick else 1.0,
-                                   "modes": ["eager", "compiled"] if compile_ok else ["eager"]},
-                lambda s, w: gan_step.run(s["archs"], device, batch=s["batch"], width=s["width"], modes=s["modes"],
-                                          budget_s=0.3 if args.quick else 1.0, write=w)),
-        "bandwidth": (bandwidth.COLUMNS, {"shapes": bandwidth.QUICK_SHAPES if args.quick else bandwidth.SHAPES},
-                      lambda s, w: bandwidth.run(s["shapes"], dtypes[0], device, quick=args.quick, write=w)),
+        "layer": (
+            layer.COLUMNS,
+            {
+                "shapes": (layer.QUICK_SHAPES if args.quick else layer.BASELINE_SHAPES) + (args.shape or []),
+                "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+            },
+            lambda s, w: layer.run(s["shapes"], dtypes, device, quick=args.quick, compile_ok=compile_ok, write=w),
+        ),
+        "layers": (
+            layers.COLUMNS,
+            {
+                "counts": layers.QUICK_LAYER_COUNTS if args.quick else layers.LAYER_COUNTS,
+                "layer_shape": layers.QUICK_LAYER_SHAPE if args.quick else layers.LAYER_SHAPE,
+            },
+            lambda s, w: layers.run(s["counts"], s["layer_shape"], dtypes[0], device, quick=args.quick, write=w),
+        ),
+        "gan": (
+            gan_step.COLUMNS,
+            {
+                "archs": list(gan_step.ARCHS),
+                "batch": gan_batch,
+                "width": 0.25 if args.quick else 1.0,
+                "modes": ["eager", "compiled"] if compile_ok else ["eager"],
+            },
+            lambda s, w: gan_step.run(
+                s["archs"],
+                device,
+                batch=s["batch"],
+                width=s["width"],
+                modes=s["modes"],
+                budget_s=0.3 if args.quick else 1.0,
+                write=w,
+            ),
+        ),
+        "bandwidth": (
+            bandwidth.COLUMNS,
+            {"shapes": bandwidth.QUICK_SHAPES if args.quick else bandwidth.SHAPES},
+            lambda s, w: bandwidth.run(s["shapes"], dtypes[0], device, quick=args.quick, write=w),
+        ),
     }
     for section in args.only or SECTIONS:
         columns, settings, run = plans[section]
-        settings = {**settings, "quick": args.quick, "compile": compile_ok, "device_type": device.type,
-                    "command": "python -m benchmarks " + shlex.join(sys.argv[1:])}
+        settings = {
+            **settings,
+            "quick": args.quick,
+            "compile": compile_ok,
+            "device_type": device.type,
+            "command": "python -m benchmarks " + shlex.join(sys.argv[1:]),
+        }
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{section}.json").write_text(json.dumps(settings, indent=1) + "\n")
         log(f"## {section}: {settings}")

@@ -7,6 +7,7 @@ CUDA issue's goal is >= 73% for 4096x4096 (torch's parametrization is ~7x slower
 Providers: copy (`out.copy_(W)`), and the train step (forward with one power iteration + backward) of torch's
 parametrization and of sn_ext.spectral_norm.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,8 +23,24 @@ from .timing import Step, measure
 SHAPES = ["4096x4096"]
 QUICK_SHAPES = ["512x512"]
 PROVIDERS = ["copy", "torch", "sn_ext"]
-COLUMNS = ["shape", "params", "dtype", "provider", "median_us", "p20_us", "p80_us", "bytes", "effective_gbps",
-           "of_copy", "reps", "repeats", "rotation", "spread", "status", "note"]
+COLUMNS = [
+    "shape",
+    "params",
+    "dtype",
+    "provider",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "bytes",
+    "effective_gbps",
+    "of_copy",
+    "reps",
+    "repeats",
+    "rotation",
+    "spread",
+    "status",
+    "note",
+]
 TRANSFERS = {"copy": 2, "torch": 5, "sn_ext": 5}  # weight-sized reads + writes each provider must make at least
 
 
@@ -31,13 +48,15 @@ def _steps(provider: str, weights: list[torch.Tensor], grads: list[torch.Tensor]
     if provider == "copy":
         outs = [torch.empty_like(w) for w in weights]
         return [Step(lambda w=w, o=o: o.copy_(w)) for w, o in zip(weights, outs)]
-    layer_provider = "torch" if provider == "torch" else \
-        f"sn_ext {backends.auto_backend(weights[0].device, weights[0].dtype).name}"
+    layer_provider = (
+        "torch" if provider == "torch" else f"sn_ext {backends.auto_backend(weights[0].device, weights[0].dtype).name}"
+    )
     return make_steps([make_layer(layer_provider, w.clone()) for w in weights], grads, "train")
 
 
-def run(shapes: list[str], dtype: torch.dtype, device: torch.device, *, quick: bool,
-        write: Callable[[dict], None]) -> None:
+def run(
+    shapes: list[str], dtype: torch.dtype, device: torch.device, *, quick: bool, write: Callable[[dict], None]
+) -> None:
     budget = 0.05 if quick else 0.5
     dtype_name = str(dtype).removeprefix("torch.")
     for shape_text in shapes:
@@ -54,6 +73,14 @@ def run(shapes: list[str], dtype: torch.dtype, device: torch.device, *, quick: b
             nbytes = TRANSFERS[provider] * params * dtype.itemsize
             gbps = nbytes / (t["median_us"] * 1e3)
             copy_gbps = gbps if provider == "copy" else copy_gbps
-            write({**row, **rounded(t), "bytes": nbytes, "effective_gbps": round(gbps, 1),
-                   "of_copy": round(gbps / copy_gbps, 3) if copy_gbps else "", "status": "ok"})
+            write(
+                {
+                    **row,
+                    **rounded(t),
+                    "bytes": nbytes,
+                    "effective_gbps": round(gbps, 1),
+                    "of_copy": round(gbps / copy_gbps, 3) if copy_gbps else "",
+                    "status": "ok",
+                }
+            )
             log(f"  bandwidth {shape_text} {provider:8} {t['median_us']:10.1f} us  {gbps:8.1f} GB/s")

@@ -7,6 +7,7 @@ and one G step, as in the paper). Eager and torch.compile'd G and D (the optimiz
 grouped mode computes each layer in the graph, see sn_ext/nn/grouped.py). Real batches are rotated; z is drawn
 each step. Peak memory: see benchmarks/memory.py; the iteration's is the larger of its two steps'.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,8 +26,24 @@ STEPS = ("D step", "G step", "iteration")
 N_DIS = 5
 Z_DIM = 128
 REAL_BATCHES = 3
-COLUMNS = ["arch", "sn", "mode", "step", "batch", "width", "median_ms", "p20_ms", "p80_ms", "reps", "repeats",
-           "rotation", "spread", "peak_mib", "status", "note"]
+COLUMNS = [
+    "arch",
+    "sn",
+    "mode",
+    "step",
+    "batch",
+    "width",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "reps",
+    "repeats",
+    "rotation",
+    "spread",
+    "peak_mib",
+    "status",
+    "note",
+]
 
 
 class Trainer:
@@ -64,8 +81,16 @@ class Trainer:
         self.g_step()
 
 
-def run(archs: list[str], device: torch.device, *, batch: int, width: float, modes: list[str], budget_s: float,
-        write: Callable[[dict], None]) -> None:
+def run(
+    archs: list[str],
+    device: torch.device,
+    *,
+    batch: int,
+    width: float,
+    modes: list[str],
+    budget_s: float,
+    write: Callable[[dict], None],
+) -> None:
     """Every (mode, arch, sn kind): eager first, so that a run stopped by a timeout has those."""
     for mode in modes:
         for arch in archs:
@@ -82,16 +107,32 @@ def run(archs: list[str], device: torch.device, *, batch: int, width: float, mod
 
 def _measure(trainer: Trainer, base: dict, budget_s: float, write: Callable[[dict], None]) -> None:
     peaks = {}
-    for step, fn, warmup in (("D step", trainer.d_step, 2), ("G step", trainer.g_step, 2),
-                             ("iteration", trainer.iteration, 0)):
+    for step, fn, warmup in (
+        ("D step", trainer.d_step, 2),
+        ("G step", trainer.g_step, 2),
+        ("iteration", trainer.iteration, 0),
+    ):
         t = measure([Step(fn)], trainer.device, budget_s=budget_s, warmup=warmup, min_reps=1)
         if step == "iteration":
             peak = max(peaks.values()) if None not in peaks.values() else None
         else:
             peak = peaks[step] = peak_mib(fn, trainer.device)
-        write({**base, "step": step, "median_ms": round(t["median_us"] / 1e3, 3),
-               "p20_ms": round(t["p20_us"] / 1e3, 3), "p80_ms": round(t["p80_us"] / 1e3, 3), "reps": t["reps"],
-               "repeats": t["repeats"], "rotation": REAL_BATCHES, "spread": round(t["spread"], 3),
-               "peak_mib": "" if peak is None else round(peak, 1), "status": "ok"})
-        log(f"  gan {base['mode']} {base['arch']:6} sn={base['sn']:14} {step:9} {t['median_us'] / 1e3:9.2f} ms"
-            + ("" if peak is None else f"  peak {peak:7.1f} MiB"))
+        write(
+            {
+                **base,
+                "step": step,
+                "median_ms": round(t["median_us"] / 1e3, 3),
+                "p20_ms": round(t["p20_us"] / 1e3, 3),
+                "p80_ms": round(t["p80_us"] / 1e3, 3),
+                "reps": t["reps"],
+                "repeats": t["repeats"],
+                "rotation": REAL_BATCHES,
+                "spread": round(t["spread"], 3),
+                "peak_mib": "" if peak is None else round(peak, 1),
+                "status": "ok",
+            }
+        )
+        log(
+            f"  gan {base['mode']} {base['arch']:6} sn={base['sn']:14} {step:9} {t['median_us'] / 1e3:9.2f} ms"
+            + ("" if peak is None else f"  peak {peak:7.1f} MiB")
+        )

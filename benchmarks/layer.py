@@ -11,6 +11,7 @@ weight. Providers:
 - sn_ext <backend>: sn_ext.spectral_norm(..., backend=...) for each of sn_ext.backends.BACKENDS that can take the
   weight here (the others are skipped, saying why).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,13 +26,26 @@ from sn_ext import backends
 from .records import failure, log, rounded
 from .timing import Step, measure, rotation
 
-BASELINE_SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "1024x1024x3x3",
-                   "4096x4096"]
+BASELINE_SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "1024x1024x3x3", "4096x4096"]
 QUICK_SHAPES = BASELINE_SHAPES[:3]
 MODES = ("train", "eval")
 PROVIDERS = ["plain", "torch", "torch legacy", "torch compiled", *(f"sn_ext {b}" for b in backends.BACKENDS)]
-COLUMNS = ["shape", "params", "dtype", "mode", "provider", "median_us", "p20_us", "p80_us", "reps", "repeats",
-           "rotation", "spread", "status", "note"]
+COLUMNS = [
+    "shape",
+    "params",
+    "dtype",
+    "mode",
+    "provider",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "reps",
+    "repeats",
+    "rotation",
+    "spread",
+    "status",
+    "note",
+]
 
 
 class WeightHolder(nn.Module):
@@ -78,16 +92,18 @@ def _call(module: nn.Module) -> torch.Tensor:
     return module()
 
 
-def make_steps(modules: list[nn.Module], grads: list[torch.Tensor], mode: str,
-               call: Callable[[nn.Module], torch.Tensor] = _call) -> list[Step]:
+def make_steps(
+    modules: list[nn.Module], grads: list[torch.Tensor], mode: str, call: Callable[[nn.Module], torch.Tensor] = _call
+) -> list[Step]:
     """One Step per (module, grad) pair: train = forward + backward of `grad` (a tensor, or one per output when
     the module returns several), eval = forward without autograd."""
     steps = []
     for module, grad in zip(modules, grads):
         module.train(mode == "train")
         if mode == "train":
-            steps.append(Step(lambda m=module, g=grad: torch.autograd.backward(call(m), g),
-                              lambda m=module: m.zero_grad()))
+            steps.append(
+                Step(lambda m=module, g=grad: torch.autograd.backward(call(m), g), lambda m=module: m.zero_grad())
+            )
         else:
             steps.append(Step(lambda m=module: _no_grad(call, m)))
     return steps
@@ -98,8 +114,9 @@ def _no_grad(call, module):
         return call(module)
 
 
-def weights_and_grads(shape_text: str, dtype: torch.dtype, device: torch.device, quick: bool
-                      ) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+def weights_and_grads(
+    shape_text: str, dtype: torch.dtype, device: torch.device, quick: bool
+) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
     """(elements, weights, grads): random weights of `shape_text` and as many gradients, as many copies as the
     rotation asks for (timing.rotation)."""
     shape = parse_shape(shape_text)
@@ -111,8 +128,15 @@ def weights_and_grads(shape_text: str, dtype: torch.dtype, device: torch.device,
     return params, weights, grads
 
 
-def run(shapes: list[str], dtypes: list[torch.dtype], device: torch.device, *, quick: bool, compile_ok: bool,
-        write: Callable[[dict], None]) -> None:
+def run(
+    shapes: list[str],
+    dtypes: list[torch.dtype],
+    device: torch.device,
+    *,
+    quick: bool,
+    compile_ok: bool,
+    write: Callable[[dict], None],
+) -> None:
     budget = 0.05 if quick else 0.5
     for dtype in dtypes:
         dtype_name = str(dtype).removeprefix("torch.")

@@ -7,6 +7,7 @@ parametrization on each layer), sn_ext (sn_ext.spectral_norm on each layer) and 
 (sn_ext.grouped_spectral_norm(model): one op for all layers' forward, one for their backward). Besides the time,
 one step is profiled to count its GPU kernels (CUDA) or dispatched ops (CPU).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,25 @@ QUICK_LAYER_COUNTS = [1, 4, 16]
 LAYER_SHAPE = "256x256x3x3"
 QUICK_LAYER_SHAPE = "64x64x3x3"
 PROVIDERS = ["plain", "torch", "sn_ext", "sn_ext grouped"]
-COLUMNS = ["layers", "layer_shape", "params", "dtype", "provider", "median_us", "p20_us", "p80_us", "per_layer_us",
-           "ops", "ops_all", "reps", "repeats", "rotation", "spread", "status", "note"]
+COLUMNS = [
+    "layers",
+    "layer_shape",
+    "params",
+    "dtype",
+    "provider",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "per_layer_us",
+    "ops",
+    "ops_all",
+    "reps",
+    "repeats",
+    "rotation",
+    "spread",
+    "status",
+    "note",
+]
 
 
 class Stack(nn.Module):
@@ -49,8 +67,15 @@ def make_model(provider: str, weights: list[torch.Tensor]) -> Stack:
     return Stack([make_layer(provider, w.clone()) for w in weights])
 
 
-def run(counts: list[int], layer_shape: str, dtype: torch.dtype, device: torch.device, *, quick: bool,
-        write: Callable[[dict], None]) -> None:
+def run(
+    counts: list[int],
+    layer_shape: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    quick: bool,
+    write: Callable[[dict], None],
+) -> None:
     budget = 0.05 if quick else 0.5
     shape = parse_shape(layer_shape)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -60,8 +85,13 @@ def run(counts: list[int], layer_shape: str, dtype: torch.dtype, device: torch.d
         sets = [[torch.randn(shape, generator=gen).to(device, dtype) for _ in range(count)] for _ in range(copies)]
         grads = [[torch.randn(shape, generator=gen).to(device, dtype) for _ in range(count)] for _ in range(copies)]
         for provider in PROVIDERS:
-            row = {"layers": count, "layer_shape": layer_shape, "params": count * math.prod(shape),
-                   "dtype": dtype_name, "provider": provider}
+            row = {
+                "layers": count,
+                "layer_shape": layer_shape,
+                "params": count * math.prod(shape),
+                "dtype": dtype_name,
+                "provider": provider,
+            }
             try:
                 steps = make_steps([make_model(provider, weights) for weights in sets], grads, "train")
                 t = measure(steps, device, budget_s=budget)
@@ -71,6 +101,14 @@ def run(counts: list[int], layer_shape: str, dtype: torch.dtype, device: torch.d
                 write({**row, "status": "failed", "note": failure(error)})
                 log(f"  layers L={count:3} {provider:15} failed ({failure(error)})")
                 continue
-            write({**row, **rounded(t), "per_layer_us": round(t["median_us"] / count, 2), "ops": ops,
-                   "ops_all": ops_all, "status": "ok"})
+            write(
+                {
+                    **row,
+                    **rounded(t),
+                    "per_layer_us": round(t["median_us"] / count, 2),
+                    "ops": ops,
+                    "ops_all": ops_all,
+                    "status": "ok",
+                }
+            )
             log(f"  layers L={count:3} {provider:15} {t['median_us']:10.1f} us  {ops:6} ops")

@@ -1,4 +1,5 @@
 """How many kernels (GPU) or dispatched ops (CPU) one call runs, from torch.profiler."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,9 +9,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from .timing import synchronize
 
-KIND = {"cuda": "CUDA kernels (kernels, memsets and copies on the GPU's timeline)",
-        "cpu": "dispatched ops (aten:: and sn_ext:: ops called from Python or autograd, not counting the ops they "
-               "call in turn; the CSV's ops_all counts those too)"}
+KIND = {
+    "cuda": "CUDA kernels (kernels, memsets and copies on the GPU's timeline)",
+    "cpu": "dispatched ops (aten:: and sn_ext:: ops called from Python or autograd, not counting the ops they "
+    "call in turn; the CSV's ops_all counts those too)",
+}
 _OP_PREFIXES = ("aten::", "sn_ext::")
 
 

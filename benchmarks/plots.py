@@ -1,4 +1,5 @@
 """The report's PNG plots, from the sections' CSV rows (see report.py for the rows)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,12 +9,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"plain": dict(color="0.5", linestyle="--"), "none": dict(color="0.5"),
-         "torch": dict(color="tab:red"), "torch legacy": dict(color="tab:orange"),
-         "torch compiled": dict(color="tab:purple"),
-         "sn_ext": dict(color="tab:blue"), "sn_ext cpu": dict(color="tab:blue"), "sn_ext cuda": dict(color="tab:blue"),
-         "sn_ext triton": dict(color="tab:cyan"), "sn_ext reference": dict(color="tab:blue", linestyle=":"),
-         "sn_ext grouped": dict(color="tab:green"), "sn_ext_grouped": dict(color="tab:green")}
+STYLE = {
+    "plain": dict(color="0.5", linestyle="--"),
+    "none": dict(color="0.5"),
+    "torch": dict(color="tab:red"),
+    "torch legacy": dict(color="tab:orange"),
+    "torch compiled": dict(color="tab:purple"),
+    "sn_ext": dict(color="tab:blue"),
+    "sn_ext cpu": dict(color="tab:blue"),
+    "sn_ext cuda": dict(color="tab:blue"),
+    "sn_ext triton": dict(color="tab:cyan"),
+    "sn_ext reference": dict(color="tab:blue", linestyle=":"),
+    "sn_ext grouped": dict(color="tab:green"),
+    "sn_ext_grouped": dict(color="tab:green"),
+}
 
 
 def _style(provider: str) -> dict:
@@ -33,29 +42,45 @@ def layer_plot(tables: dict[tuple[str, str], dict[str, list[tuple[float, float]]
     for ax, ((dtype, mode), series) in zip(axes[0], tables.items()):
         for provider, points in series.items():
             ax.plot(*zip(*points), marker="o", markersize=3, label=provider, **_style(provider))
-        ax.set(xscale="log", yscale="log", xlabel="weight elements", ylabel="µs per call (median)",
-               title=f"one layer, {mode}, {dtype}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="weight elements",
+            ylabel="µs per call (median)",
+            title=f"one layer, {mode}, {dtype}",
+        )
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return _save(fig, path)
 
 
-def layers_plot(series: dict[str, list[tuple[int, float, int]]], layer_shape: str, ops_kind: str,
-                path: Path) -> Path:
+def layers_plot(series: dict[str, list[tuple[int, float, int]]], layer_shape: str, ops_kind: str, path: Path) -> Path:
     """series: provider -> [(L, median µs, ops)]: time and op count vs number of layers."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for provider, points in series.items():
         counts, times, ops = zip(*points)
         left.plot(counts, times, marker="o", markersize=3, label=provider, **_style(provider))
         right.plot(counts, ops, marker="o", markersize=3, label=provider, **_style(provider))
-    left.set(xscale="log", yscale="log", xlabel="layers L", ylabel="µs per forward + backward (median)",
-             title=f"all spectral norms of L layers of {layer_shape}")
-    right.set(xscale="log", yscale="log", xlabel="layers L", ylabel=ops_kind.split(" (")[0],
-              title="ops per forward + backward")
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="layers L",
+        ylabel="µs per forward + backward (median)",
+        title=f"all spectral norms of L layers of {layer_shape}",
+    )
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="layers L",
+        ylabel=ops_kind.split(" (")[0],
+        title="ops per forward + backward",
+    )
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
-        ax.set_xticks(sorted({c for pts in series.values() for c, _, _ in pts}),
-                      labels=[str(c) for c in sorted({c for pts in series.values() for c, _, _ in pts})])
+        ax.set_xticks(
+            sorted({c for pts in series.values() for c, _, _ in pts}),
+            labels=[str(c) for c in sorted({c for pts in series.values() for c, _, _ in pts})],
+        )
     left.legend(fontsize=7)
     return _save(fig, path)
 
@@ -70,8 +95,7 @@ def gan_plot(panels: dict[str, dict[str, dict[str, float]]], steps: list[str], p
             xs = [j + (i - (len(kinds) - 1) / 2) * width for j, step in enumerate(steps) if step in times]
             ratios = [times[s] / base[s] if base.get(s) else float("nan") for s in steps if s in times]
             bars = ax.bar(xs, ratios, width, label=kind, color=_style(kind).get("color"))
-            ax.bar_label(bars, [f"{times[s]:.3g}" for s in steps if s in times], fontsize=6, rotation=90,
-                         padding=2)
+            ax.bar_label(bars, [f"{times[s]:.3g}" for s in steps if s in times], fontsize=6, rotation=90, padding=2)
         ax.axhline(1.0, color="0.4", linewidth=0.8)
         ax.set_xticks(range(len(steps)), labels=steps)
         ax.set(ylabel="time / time without SN (bar labels: ms)", title=title)

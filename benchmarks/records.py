@@ -1,5 +1,6 @@
 """Where results go and what every row says about the run: device, versions, threads, commit, date; CSV files
 written row by row (so a run stopped by a timeout keeps what it measured) and read back for the report."""
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-META_COLUMNS = ["device", "threads", "torch", "triton", "cuda", "sn_ext", "sn_ext_compiled", "python", "commit",
-                "date"]
+META_COLUMNS = ["device", "threads", "torch", "triton", "cuda", "sn_ext", "sn_ext_compiled", "python", "commit", "date"]
 
 
 def device_name(device: torch.device) -> str:
@@ -43,8 +43,13 @@ def _triton_version() -> str:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -85,7 +90,7 @@ class RowWriter:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "RowWriter":
+    def __enter__(self) -> RowWriter:
         return self
 
     def __exit__(self, *exc) -> None:

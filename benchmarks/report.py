@@ -1,4 +1,5 @@
 """report.md (and its plots) from the CSVs and settings a run left in its folder: one part per section found."""
+
 from __future__ import annotations
 
 import json
@@ -35,23 +36,27 @@ def _not_measured(rows: list[dict]) -> list[str]:
 def _header(rows: list[dict], settings: dict) -> str:
     r = rows[0]
     quick = " **Quick run (smoke test): not for numbers.**" if settings.get("quick") else ""
-    return (f"_{r['device']}, {r['threads']} CPU threads; torch {r['torch']}, triton {r['triton']}, "
-            f"CUDA {r['cuda'] or '-'}, sn_ext {r['sn_ext']} (compiled kernels: {r['sn_ext_compiled']}); commit "
-            f"{r['commit']}, {r['date']}; `{settings.get('command', '')}`._{quick}")
+    return (
+        f"_{r['device']}, {r['threads']} CPU threads; torch {r['torch']}, triton {r['triton']}, "
+        f"CUDA {r['cuda'] or '-'}, sn_ext {r['sn_ext']} (compiled kernels: {r['sn_ext_compiled']}); commit "
+        f"{r['commit']}, {r['date']}; `{settings.get('command', '')}`._{quick}"
+    )
 
 
 def _sn_ext_choice(rows: list[dict], device_type: str) -> str:
     """The provider "auto" picks (the first of its order that ran), for the ratio columns."""
     ran = {r["provider"] for r in rows if r["status"] == "ok"}
-    return next((f"sn_ext {b}" for b in AUTO_ORDER.get(device_type, ()) if f"sn_ext {b}" in ran),
-                "sn_ext reference")
+    return next((f"sn_ext {b}" for b in AUTO_ORDER.get(device_type, ()) if f"sn_ext {b}" in ran), "sn_ext reference")
 
 
 def layer_part(rows: list[dict], settings: dict, out: Path) -> str:
-    parts = ["## One layer\n", _header(rows, settings),
-             "\nMedian µs per call (CSV: 20th/80th percentiles, repetitions, rotation). train: forward with one "
-             "power iteration + backward; eval: forward under no_grad. plain = `W * 1.0`, the floor of any autograd "
-             "op on the weight.\n"]
+    parts = [
+        "## One layer\n",
+        _header(rows, settings),
+        "\nMedian µs per call (CSV: 20th/80th percentiles, repetitions, rotation). train: forward with one "
+        "power iteration + backward; eval: forward under no_grad. plain = `W * 1.0`, the floor of any autograd "
+        "op on the weight.\n",
+    ]
     device_type = settings.get("device_type", "cpu")
     curves = {}
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
@@ -67,13 +72,34 @@ def layer_part(rows: list[dict], settings: dict, out: Path) -> str:
             table = []
             for shape in shapes:
                 t = {p: _median(cell.get((shape, p))) for p in ran}
-                table.append([shape, cell[(shape, ran[0])]["params"], *(_f(t[p]) if t[p] else "" for p in ran),
-                              *(_ratio(t.get(p), t[ours]) for p in versus), _ratio(t[ours], t.get("plain"))])
+                table.append(
+                    [
+                        shape,
+                        cell[(shape, ran[0])]["params"],
+                        *(_f(t[p]) if t[p] else "" for p in ran),
+                        *(_ratio(t.get(p), t[ours]) for p in versus),
+                        _ratio(t[ours], t.get("plain")),
+                    ]
+                )
             parts.append(f"\n### {mode}, {dtype}\n")
-            parts.append(markdown_table(["weight", "params", *[f"{p} µs" for p in ran],
-                                         *[f"{p} / {ours}" for p in versus], f"{ours} / plain"], table))
-            curves[(dtype, mode)] = {p: sorted((int(cell[(s, p)]["params"]), _median(cell[(s, p)])) for s in shapes
-                                                if _median(cell.get((s, p)))) for p in ran}  # by size, for lines
+            parts.append(
+                markdown_table(
+                    [
+                        "weight",
+                        "params",
+                        *[f"{p} µs" for p in ran],
+                        *[f"{p} / {ours}" for p in versus],
+                        f"{ours} / plain",
+                    ],
+                    table,
+                )
+            )
+            curves[(dtype, mode)] = {
+                p: sorted(
+                    (int(cell[(s, p)]["params"]), _median(cell[(s, p)])) for s in shapes if _median(cell.get((s, p)))
+                )
+                for p in ran
+            }  # by size, for lines
     png = plots.layer_plot(curves, out / "layer.png")
     parts += [f"\n![time vs weight size]({png.name})\n", *_not_measured(rows)]
     return "\n".join(parts) + "\n"
@@ -88,21 +114,44 @@ def layers_part(rows: list[dict], settings: dict, out: Path) -> str:
     for n in counts:
         t = {p: _median(cell.get((n, p))) for p in ran}
         ops = {p: cell[(n, p)]["ops"] if (n, p) in cell else "" for p in ran}
-        table.append([n, *(f"{_f(t[p])} ({ops[p]})" if t[p] else "" for p in ran),
-                      _ratio(t.get("torch"), t.get("sn_ext grouped")), _ratio(t.get("sn_ext"), t.get("sn_ext grouped")),
-                      _ratio(t.get("sn_ext grouped"), t.get("plain"))])
+        table.append(
+            [
+                n,
+                *(f"{_f(t[p])} ({ops[p]})" if t[p] else "" for p in ran),
+                _ratio(t.get("torch"), t.get("sn_ext grouped")),
+                _ratio(t.get("sn_ext"), t.get("sn_ext grouped")),
+                _ratio(t.get("sn_ext grouped"), t.get("plain")),
+            ]
+        )
     shape = rows[0]["layer_shape"]
-    png = plots.layers_plot({p: [(int(n), _median(cell[(n, p)]), int(cell[(n, p)]["ops"])) for n in counts
-                                 if _median(cell.get((n, p)))] for p in ran}, shape, kind, out / "layers.png")
-    return "\n".join([
-        "## Many layers\n", _header(rows, settings),
-        f"\nA model of L layers of {shape} ({rows[0]['dtype']}) whose forward returns every layer's normalized weight, "
-        "then the backward of one gradient per weight (train mode): spectral norm is all the step does. Cells: median "
-        f"µs per forward + backward (in parentheses: {kind}, one step profiled). sn_ext = sn_ext.spectral_norm on each "
-        "layer; sn_ext grouped = sn_ext.grouped_spectral_norm(model).\n",
-        markdown_table(["L", *[f"{p} µs (ops)" for p in ran], "torch / grouped", "sn_ext / grouped",
-                        "grouped / plain"], table),
-        f"\n![time and ops vs layers]({png.name})\n", *_not_measured(rows)]) + "\n"
+    png = plots.layers_plot(
+        {
+            p: [(int(n), _median(cell[(n, p)]), int(cell[(n, p)]["ops"])) for n in counts if _median(cell.get((n, p)))]
+            for p in ran
+        },
+        shape,
+        kind,
+        out / "layers.png",
+    )
+    return (
+        "\n".join(
+            [
+                "## Many layers\n",
+                _header(rows, settings),
+                f"\nA model of L layers of {shape} ({rows[0]['dtype']}) whose forward returns every layer's normalized "
+                "weight, then the backward of one gradient per weight (train mode): spectral norm is all the step "
+                f"does. Cells: median µs per forward + backward (in parentheses: {kind}, one step profiled). sn_ext = "
+                "sn_ext.spectral_norm on each layer; sn_ext grouped = sn_ext.grouped_spectral_norm(model).\n",
+                markdown_table(
+                    ["L", *[f"{p} µs (ops)" for p in ran], "torch / grouped", "sn_ext / grouped", "grouped / plain"],
+                    table,
+                ),
+                f"\n![time and ops vs layers]({png.name})\n",
+                *_not_measured(rows),
+            ]
+        )
+        + "\n"
+    )
 
 
 def gan_part(rows: list[dict], settings: dict, out: Path) -> str:
@@ -116,10 +165,14 @@ def gan_part(rows: list[dict], settings: dict, out: Path) -> str:
         caveats.append(f"channel width x{width}")
     if not settings.get("compile"):
         caveats.append("torch.compile not run (--quick or --no-compile)")
-    parts = ["## SN-GAN training steps\n", _header(rows, settings),
-             f"\nsngan's standard CNN and ResNet for 32x32, hinge loss, Adam, random data, batch {batch}"
-             + (f" ({'; '.join(caveats)})" if caveats else "") + ". Median ms per D step, G step and iteration "
-             f"(n_dis = {gan_step.N_DIS} D steps + 1 G step); peak memory: {memory.KIND[device_type]}.\n"]
+    parts = [
+        "## SN-GAN training steps\n",
+        _header(rows, settings),
+        f"\nsngan's standard CNN and ResNet for 32x32, hinge loss, Adam, random data, batch {batch}"
+        + (f" ({'; '.join(caveats)})" if caveats else "")
+        + ". Median ms per D step, G step and iteration "
+        f"(n_dis = {gan_step.N_DIS} D steps + 1 G step); peak memory: {memory.KIND[device_type]}.\n",
+    ]
     cell = {(r["mode"], r["arch"], r["sn"], r["step"]): r for r in rows}
     panels = {}
     for mode in dict.fromkeys(r["mode"] for r in rows):
@@ -131,13 +184,24 @@ def gan_part(rows: list[dict], settings: dict, out: Path) -> str:
                 base = _median(cell.get((mode, arch, "none", "iteration")), "median_ms")
                 ref = _median(cell.get((mode, arch, "torch", "iteration")), "median_ms")
                 peak = cell.get((mode, arch, sn, "iteration"), {}).get("peak_mib") or "n/a"
-                table.append([sn, *(_f(t[s]) if t[s] else "" for s in gan_step.STEPS), _ratio(it, base),
-                              _ratio(it, ref), peak])
+                table.append(
+                    [sn, *(_f(t[s]) if t[s] else "" for s in gan_step.STEPS), _ratio(it, base), _ratio(it, ref), peak]
+                )
                 kinds[sn] = {s: v for s, v in t.items() if v}
             if any(kinds.values()):
-                parts += [f"\n### {arch}, {mode}\n", markdown_table(
-                    ["spectral norm on D", *[f"{s} ms" for s in gan_step.STEPS], "iteration / no SN",
-                     "iteration / torch SN", "peak MiB"], table)]
+                parts += [
+                    f"\n### {arch}, {mode}\n",
+                    markdown_table(
+                        [
+                            "spectral norm on D",
+                            *[f"{s} ms" for s in gan_step.STEPS],
+                            "iteration / no SN",
+                            "iteration / torch SN",
+                            "peak MiB",
+                        ],
+                        table,
+                    ),
+                ]
                 panels[f"{arch}, {mode}"] = kinds
     if panels:
         png = plots.gan_plot(panels, list(gan_step.STEPS), out / "gan.png")
@@ -147,15 +211,33 @@ def gan_part(rows: list[dict], settings: dict, out: Path) -> str:
 
 
 def bandwidth_part(rows: list[dict], settings: dict, out: Path) -> str:
-    table = [[r["shape"], r["dtype"], r["provider"], _f(float(r["median_us"])), r["bytes"], r["effective_gbps"],
-              f"{float(r['of_copy']):.0%}" if r["of_copy"] else ""] for r in rows if r["status"] == "ok"]
-    return "\n".join([
-        "## Bandwidth\n", _header(rows, settings),
-        "\nA train step (forward with one power iteration + backward) must move at least 5 weight-sized tensors "
-        "(read W, write W_sn; read G and W_sn, write grad_W); a copy moves 2. Effective GB/s = those bytes / the "
-        "median time; the last column compares it with the copy's.\n",
-        markdown_table(["weight", "dtype", "provider", "µs", "bytes", "effective GB/s", "of copy"], table),
-        *_not_measured(rows)]) + "\n"
+    table = [
+        [
+            r["shape"],
+            r["dtype"],
+            r["provider"],
+            _f(float(r["median_us"])),
+            r["bytes"],
+            r["effective_gbps"],
+            f"{float(r['of_copy']):.0%}" if r["of_copy"] else "",
+        ]
+        for r in rows
+        if r["status"] == "ok"
+    ]
+    return (
+        "\n".join(
+            [
+                "## Bandwidth\n",
+                _header(rows, settings),
+                "\nA train step (forward with one power iteration + backward) must move at least 5 weight-sized "
+                "tensors (read W, write W_sn; read G and W_sn, write grad_W); a copy moves 2. Effective GB/s = those "
+                "bytes / the median time; the last column compares it with the copy's.\n",
+                markdown_table(["weight", "dtype", "provider", "µs", "bytes", "effective GB/s", "of copy"], table),
+                *_not_measured(rows),
+            ]
+        )
+        + "\n"
+    )
 
 
 PARTS = {"layer": layer_part, "layers": layers_part, "gan": gan_part, "bandwidth": bandwidth_part}
@@ -164,8 +246,10 @@ PARTS = {"layer": layer_part, "layers": layers_part, "gan": gan_part, "bandwidth
 def write(out: Path) -> Path:
     """Writes out/report.md from the sections' CSVs found in `out`; returns its path."""
     out.mkdir(parents=True, exist_ok=True)
-    parts = ["# sn_ext benchmarks\n",
-             "Made by `python -m benchmarks` (see `--help`); raw rows in the CSVs next to this file.\n"]
+    parts = [
+        "# sn_ext benchmarks\n",
+        "Made by `python -m benchmarks` (see `--help`); raw rows in the CSVs next to this file.\n",
+    ]
     for section, make in PARTS.items():
         rows = read_rows(out / f"{section}.csv")
         settings_path = out / f"{section}.json"

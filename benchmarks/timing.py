@@ -5,6 +5,7 @@ A measured thing is a list of `Step`s, called in turn (call i runs steps[i % len
 weights / gradients / inputs, so a weight that fits in a cache is not found there from the previous call just
 because it is the same tensor. `Step.reset` (clearing .grad, ...) runs before every call, outside the timed region.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,8 +70,16 @@ def _event_samples(steps: Sequence[Step], device: torch.device, count: int, star
     return [begin.elapsed_time(end) * 1e3 for begin, end in events]
 
 
-def measure(steps: Sequence[Step], device: torch.device, *, budget_s: float, repeats: int = 3, warmup: int = 3,
-            min_reps: int = 3, max_reps: int = 200) -> dict:
+def measure(
+    steps: Sequence[Step],
+    device: torch.device,
+    *,
+    budget_s: float,
+    repeats: int = 3,
+    warmup: int = 3,
+    min_reps: int = 3,
+    max_reps: int = 200,
+) -> dict:
     """Times `steps` (rotated): `warmup` calls, one call of each step to estimate the time (so every copy has run
     once before the timing), then `repeats` blocks of a number of calls chosen so that all blocks take about
     `budget_s` (at least `min_reps`, at most `max_reps` each). Returns the median and 20th/80th percentiles over
@@ -81,12 +90,24 @@ def measure(steps: Sequence[Step], device: torch.device, *, budget_s: float, rep
     reps = max(min_reps, min(max_reps, int(budget_s / repeats / max(one, 1e-7))))
     sample = _event_samples if device.type == "cuda" else _host_samples
     blocks = [sample(steps, device, reps, r * reps) for r in range(repeats)]
-    return summarize([t for block in blocks for t in block], reps=reps, repeats=repeats, rotation=len(steps),
-                     block_medians=[statistics.median(block) for block in blocks])
+    return summarize(
+        [t for block in blocks for t in block],
+        reps=reps,
+        repeats=repeats,
+        rotation=len(steps),
+        block_medians=[statistics.median(block) for block in blocks],
+    )
 
 
 def summarize(samples: list[float], *, reps: int, repeats: int, rotation: int, block_medians: list[float]) -> dict:
     q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) >= 2 else samples * 9
     spread = max(block_medians) / min(block_medians) - 1 if min(block_medians) > 0 else math.nan
-    return {"median_us": statistics.median(samples), "p20_us": q[1], "p80_us": q[7], "reps": reps,
-            "repeats": repeats, "rotation": rotation, "spread": spread}
+    return {
+        "median_us": statistics.median(samples),
+        "p20_us": q[1],
+        "p80_us": q[7],
+        "reps": reps,
+        "repeats": repeats,
+        "rotation": rotation,
+        "spread": spread,
+    }

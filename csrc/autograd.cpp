@@ -13,30 +13,29 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-
 namespace sn_ext {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool);
+using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                                    const at::Tensor&,
+                                                                                    const at::Tensor&, int64_t, int64_t,
+                                                                                    double, bool);
 using BackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      const at::Tensor&, int64_t);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& weight,
-                                                                        const at::Tensor& u, const at::Tensor& v,
-                                                                        int64_t dim, int64_t n, double eps,
-                                                                        bool v_first) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sn_ext::spectral_normalize", "")
-                             .typed<ForwardSignature>();
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& weight, const at::Tensor& u,
+                                                                        const at::Tensor& v, int64_t dim, int64_t n,
+                                                                        double eps, bool v_first) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize", "").typed<ForwardSignature>();
   return op.call(weight, u, v, dim, n, eps, v_first);
 }
 
-at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& weight_sn, const at::Tensor& u,
-                         const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& weight_sn, const at::Tensor& u, const at::Tensor& v,
+                         const at::Tensor& sigma, int64_t dim) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("sn_ext::spectral_normalize_backward", "")
                              .typed<BackwardSignature>();
@@ -66,12 +65,14 @@ at::Tensor rank_one(const at::Tensor& u, const at::Tensor& v, const at::Tensor& 
   return at::outer(u, v).reshape(permuted_sizes).permute(inverse);
 }
 
-int64_t wrapped(int64_t dim, const at::Tensor& t) { return dim < 0 ? dim + t.dim() : dim; }
+int64_t wrapped(int64_t dim, const at::Tensor& t) {
+  return dim < 0 ? dim + t.dim() : dim;
+}
 
 class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& u,
-                               const at::Tensor& v, int64_t dim, int64_t n, double eps, bool v_first) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                               int64_t dim, int64_t n, double eps, bool v_first) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [weight_sn, sigma, u_new, v_new] = call_forward(weight, u, v, dim, n, eps, v_first);
     ctx->mark_non_differentiable({u_new, v_new});
@@ -128,9 +129,11 @@ class SpectralNormalizeBackward : public torch::autograd::Function<SpectralNorma
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_autograd(
-    const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, int64_t dim, int64_t n, double eps,
-    bool v_first) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_autograd(const at::Tensor& weight,
+                                                                                       const at::Tensor& u,
+                                                                                       const at::Tensor& v, int64_t dim,
+                                                                                       int64_t n, double eps,
+                                                                                       bool v_first) {
   auto out = SpectralNormalize::apply(weight, u, v, dim, n, eps, v_first);
   return {out[0], out[1], out[2], out[3]};
 }
@@ -143,11 +146,11 @@ at::Tensor spectral_normalize_backward_autograd(const at::Tensor& grad, const at
 
 // ---- grouped mode: every layer's forward in one op, and their backward in one op ----
 
-using GroupedForwardSignature = std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>,
-                                           std::vector<at::Tensor>>(at::TensorList, at::TensorList, at::TensorList,
-                                                                    at::IntArrayRef, int64_t, double);
-using GroupedBackwardSignature = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList,
-                                                         at::TensorList, const at::Tensor&, at::IntArrayRef);
+using GroupedForwardSignature =
+    std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+        at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, int64_t, double);
+using GroupedBackwardSignature = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                                         const at::Tensor&, at::IntArrayRef);
 
 // Outputs of the grouped forward, flattened for autograd: L weights_sn, sigmas, L us_used, L vs_used.
 class SpectralNormalizeGrouped : public torch::autograd::Function<SpectralNormalizeGrouped> {
@@ -196,7 +199,8 @@ class SpectralNormalizeGrouped : public torch::autograd::Function<SpectralNormal
     if (any && at::GradMode::is_enabled()) {
       // create_graph=True: the per-layer backward ops, which have a double backward; sigmas[i] carries its part.
       for (size_t i = 0; i < layers; ++i)
-        if (grads[i].defined()) grads_weight[i] = call_backward(grads[i], weights_sn[i], us[i], vs[i], sigmas[i], dims[i]);
+        if (grads[i].defined())
+          grads_weight[i] = call_backward(grads[i], weights_sn[i], us[i], vs[i], sigmas[i], dims[i]);
     } else if (any) {
       std::vector<at::Tensor> incoming(layers);
       for (size_t i = 0; i < layers; ++i)  // a layer left out of the loss: a zero gradient (rare; costs a launch)
@@ -205,10 +209,10 @@ class SpectralNormalizeGrouped : public torch::autograd::Function<SpectralNormal
     }
     if (grads[layers].defined()) {  // sigmas used in the loss: d sigma_i / d W_i = u_i v_i^T
       for (size_t i = 0; i < layers; ++i) {
-        const at::Tensor from_sigma = (grads[layers][i] * rank_one(us[i].to(sigmas.scalar_type()),
-                                                                   vs[i].to(sigmas.scalar_type()), weights_sn[i],
-                                                                   dims[i]))
-                                          .to(weights_sn[i].scalar_type());
+        const at::Tensor from_sigma =
+            (grads[layers][i] *
+             rank_one(us[i].to(sigmas.scalar_type()), vs[i].to(sigmas.scalar_type()), weights_sn[i], dims[i]))
+                .to(weights_sn[i].scalar_type());
         grads_weight[i] = grads_weight[i].defined() ? grads_weight[i] + from_sigma : from_sigma;
       }
     }
@@ -219,8 +223,8 @@ class SpectralNormalizeGrouped : public torch::autograd::Function<SpectralNormal
 };
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
-spectral_normalize_grouped_autograd(at::TensorList weights, at::TensorList us, at::TensorList vs,
-                                    at::IntArrayRef dims, int64_t n, double eps) {
+spectral_normalize_grouped_autograd(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
+                                    int64_t n, double eps) {
   const size_t layers = weights.size();
   const auto out = SpectralNormalizeGrouped::apply(weights, us, vs, dims.vec(), n, eps);
   return {std::vector<at::Tensor>(out.begin(), out.begin() + layers), out[layers],
@@ -239,8 +243,9 @@ std::vector<at::Tensor> spectral_normalize_grouped_backward_autograd(at::TensorL
   if (at::GradMode::is_enabled()) {
     for (at::TensorList list : {grads, weights_sn})
       for (const auto& t : list)
-        TORCH_CHECK(!t.requires_grad(), "sn_ext::spectral_normalize_grouped_backward is not differentiable: "
-                                        "differentiate through spectral_normalize_backward, layer by layer");
+        TORCH_CHECK(!t.requires_grad(),
+                    "sn_ext::spectral_normalize_grouped_backward is not differentiable: "
+                    "differentiate through spectral_normalize_backward, layer by layer");
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(grads, weights_sn, us, vs, sigmas, dims);

@@ -7,8 +7,8 @@ namespace sn_ext {
 
 int64_t wrap_dim(const char* op, const at::Tensor& weight, int64_t dim) {
   const int64_t ndim = weight.dim();
-  TORCH_CHECK_INDEX(dim >= -ndim && dim < ndim, op, ": dim out of range (expected to be in range of [", -ndim,
-                    ", ", ndim - 1, "] but got ", dim, ")");
+  TORCH_CHECK_INDEX(dim >= -ndim && dim < ndim, op, ": dim out of range (expected to be in range of [", -ndim, ", ",
+                    ndim - 1, "] but got ", dim, ")");
   return dim < 0 ? dim + ndim : dim;
 }
 
@@ -25,8 +25,8 @@ at::Tensor as_matrix3d(const at::Tensor& tensor, const MatrixShape& shape) {
 
 void check_weight(const char* op, const at::Tensor& weight) {
   const auto dtype = weight.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   op, ": weight must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": weight must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK_VALUE(weight.dim() >= 1, op, ": weight must have at least 1 dimension, got a 0-d tensor");
   TORCH_CHECK_VALUE(weight.numel() > 0, op, ": weight must not be empty, got shape ", weight.sizes());
 }
@@ -39,8 +39,8 @@ void check_vectors(const char* op, const at::Tensor& weight, const at::Tensor& u
                       " for a weight of shape ", weight.sizes(), ", got shape ", vec.sizes());
     TORCH_CHECK_TYPE(vec.scalar_type() == weight.scalar_type(), op, ": ", name, " must have the weight's dtype ",
                      weight.scalar_type(), ", got ", vec.scalar_type());
-    TORCH_CHECK(vec.device() == weight.device(), op, ": ", name, " must be on the weight's device ",
-                weight.device(), ", got ", vec.device());
+    TORCH_CHECK(vec.device() == weight.device(), op, ": ", name, " must be on the weight's device ", weight.device(),
+                ", got ", vec.device());
   }
 }
 
@@ -75,15 +75,17 @@ MatrixShape check_backward_args(const char* op, const at::Tensor& grad, const at
 
 namespace {
 
-std::string layer_op(const char* op, size_t layer) { return std::string(op) + " (layer " + std::to_string(layer) + ")"; }
+std::string layer_op(const char* op, size_t layer) {
+  return std::string(op) + " (layer " + std::to_string(layer) + ")";
+}
 
 // Same length as `weights` (the first list), and the first weight's dtype and device for every tensor of a list.
 void check_list(const char* op, const char* name, at::TensorList list, at::TensorList weights) {
-  TORCH_CHECK_VALUE(list.size() == weights.size(), op, ": ", name, " must hold one tensor per weight (",
-                    weights.size(), "), got ", list.size());
+  TORCH_CHECK_VALUE(list.size() == weights.size(), op, ": ", name, " must hold one tensor per weight (", weights.size(),
+                    "), got ", list.size());
   for (size_t i = 0; i < list.size(); ++i) {
-    TORCH_CHECK_TYPE(list[i].scalar_type() == weights[0].scalar_type(), op, ": ", name, "[", i,
-                     "] has dtype ", list[i].scalar_type(), " but the first weight has ", weights[0].scalar_type(),
+    TORCH_CHECK_TYPE(list[i].scalar_type() == weights[0].scalar_type(), op, ": ", name, "[", i, "] has dtype ",
+                     list[i].scalar_type(), " but the first weight has ", weights[0].scalar_type(),
                      ": one call takes tensors of one dtype and device (grouped_spectral_norm groups them so)");
     TORCH_CHECK(list[i].device() == weights[0].device(), op, ": ", name, "[", i, "] is on ", list[i].device(),
                 " but the first weight is on ", weights[0].device(),
@@ -100,21 +102,20 @@ void check_dims_count(const char* op, at::IntArrayRef dims, at::TensorList weigh
 }  // namespace
 
 std::vector<MatrixShape> check_grouped_forward_args(const char* op, at::TensorList weights, at::TensorList us,
-                                                    at::TensorList vs, at::IntArrayRef dims,
-                                                    int64_t n_power_iterations, double eps) {
+                                                    at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
+                                                    double eps) {
   check_dims_count(op, dims, weights);
   for (const auto& [name, list] : {std::pair<const char*, at::TensorList>{"weights", weights}, {"us", us}, {"vs", vs}})
     check_list(op, name, list, weights);
   std::vector<MatrixShape> shapes;
   for (size_t i = 0; i < weights.size(); ++i)
-    shapes.push_back(check_forward_args(layer_op(op, i).c_str(), weights[i], us[i], vs[i], dims[i],
-                                        n_power_iterations, eps));
+    shapes.push_back(
+        check_forward_args(layer_op(op, i).c_str(), weights[i], us[i], vs[i], dims[i], n_power_iterations, eps));
   return shapes;
 }
 
-std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorList grads,
-                                                     at::TensorList weights_sn, at::TensorList us,
-                                                     at::TensorList vs, const at::Tensor& sigmas,
+std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorList grads, at::TensorList weights_sn,
+                                                     at::TensorList us, at::TensorList vs, const at::Tensor& sigmas,
                                                      at::IntArrayRef dims) {
   check_dims_count(op, dims, weights_sn);
   for (const auto& [name, list] :
@@ -130,8 +131,8 @@ std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorL
               weights_sn[0].device(), ", got ", sigmas.device());
   std::vector<MatrixShape> shapes;
   for (size_t i = 0; i < weights_sn.size(); ++i)
-    shapes.push_back(check_backward_args(layer_op(op, i).c_str(), grads[i], weights_sn[i], us[i], vs[i],
-                                         sigmas[i], dims[i]));
+    shapes.push_back(
+        check_backward_args(layer_op(op, i).c_str(), grads[i], weights_sn[i], us[i], vs[i], sigmas[i], dims[i]));
   return shapes;
 }
 

@@ -39,11 +39,10 @@ MatrixShape check_backward_args(const char* op, const at::Tensor& grad, const at
 // own checks (their errors name the layer: "sn_ext::spectral_normalize_grouped_ (layer 2): u must ..."). Returns
 // the layers' matrix shapes.
 std::vector<MatrixShape> check_grouped_forward_args(const char* op, at::TensorList weights, at::TensorList us,
-                                                    at::TensorList vs, at::IntArrayRef dims,
-                                                    int64_t n_power_iterations, double eps);
-std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorList grads,
-                                                     at::TensorList weights_sn, at::TensorList us,
-                                                     at::TensorList vs, const at::Tensor& sigmas,
+                                                    at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
+                                                    double eps);
+std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorList grads, at::TensorList weights_sn,
+                                                     at::TensorList us, at::TensorList vs, const at::Tensor& sigmas,
                                                      at::IntArrayRef dims);
 
 // A new tensor in `like`'s layout (as torch's `weight / sigma` and the fake kernels give) and the (outer, rows,

@@ -1,17 +1,33 @@
 """sn_ext: fused spectral normalization for PyTorch, a drop-in for torch's spectral_norm.
 
+Usage::
+
     import sn_ext
-    layer = sn_ext.spectral_norm(torch.nn.Linear(20, 40))      # as torch.nn.utils.parametrizations.spectral_norm
+    layer = sn_ext.spectral_norm(torch.nn.Linear(20, 40))  # as torch.nn.utils.parametrizations.spectral_norm
     layer = sn_ext.legacy.spectral_norm(torch.nn.Linear(20, 40))  # as torch.nn.utils.spectral_norm
     model = sn_ext.grouped_spectral_norm(model)  # every layer's W / sigma in one op per forward of the model
 """
+
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402  (loads the kernels)
-from . import backends, legacy  # noqa: E402
+from . import backends, legacy, ops  # noqa: E402  (importing ops loads the kernels)
 from ._info import info  # noqa: E402
-from .nn import (SpectralNorm, grouped_spectral_norm, renormalize_buffers_, spectral_norm,  # noqa: E402
-                 ungroup_spectral_norm)
+from .nn import (  # noqa: E402
+    SpectralNorm,
+    grouped_spectral_norm,
+    renormalize_buffers_,
+    spectral_norm,
+    ungroup_spectral_norm,
+)
 
-__all__ = ["SpectralNorm", "backends", "grouped_spectral_norm", "info", "legacy", "ops", "renormalize_buffers_",
-           "spectral_norm", "ungroup_spectral_norm"]
+__all__ = [
+    "SpectralNorm",
+    "backends",
+    "grouped_spectral_norm",
+    "info",
+    "legacy",
+    "ops",
+    "renormalize_buffers_",
+    "spectral_norm",
+    "ungroup_spectral_norm",
+]

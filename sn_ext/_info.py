@@ -1,4 +1,5 @@
 """What sn_ext can run here, for `sn_ext.info()` and `python -m sn_ext.info`."""
+
 import sys
 
 import torch

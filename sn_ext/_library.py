@@ -7,6 +7,7 @@ After `load()`, every sn_ext op exists with the same schema whatever happened:
   that has no compiled kernel (a CUDA tensor with a CPU-only build, MPS, ...): compiled kernels always win;
 - the reference is also defined as sn_ext::reference_spectral_normalize(_backward), for the "reference" backend.
 """
+
 import dataclasses
 import importlib.util
 import os
@@ -37,14 +38,22 @@ def _load_compiled() -> LibraryStatus:
     except ImportError as error:
         reason = f"the compiled library could not be imported: {error}"
         if importlib.util.find_spec(f"{__package__}._C") is not None:  # built, but broken: say so once, loudly
-            warnings.warn(f"sn_ext: {reason}. sn_ext runs on its pure-PyTorch reference kernels (slow) until it is "
-                          "rebuilt against this torch (pip install --no-build-isolation sn_ext); set "
-                          "SN_EXT_DISABLE_EXT=1 to use them without this warning.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"sn_ext: {reason}. sn_ext runs on its pure-PyTorch reference kernels (slow) until it is "
+                "rebuilt against this torch (pip install --no-build-isolation sn_ext); set "
+                "SN_EXT_DISABLE_EXT=1 to use them without this warning.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return LibraryStatus(False, reason)
     cuda = f"CUDA {_C.built_with_cuda}" if _C.built_with_cuda else "CPU only"
-    return LibraryStatus(True, f"built for torch {_C.built_with_torch}, {cuda}, CPU code for "
-                               f"{_C.built_with_cpu_isa}", _C.built_with_torch, _C.built_with_cuda,
-                         _C.built_with_cpu_isa)
+    return LibraryStatus(
+        True,
+        f"built for torch {_C.built_with_torch}, {cuda}, CPU code for {_C.built_with_cpu_isa}",
+        _C.built_with_torch,
+        _C.built_with_cuda,
+        _C.built_with_cpu_isa,
+    )
 
 
 def _define_schemas() -> None:

@@ -6,6 +6,7 @@ torch has no converter between its two layouts; the mapping (same tensors, other
     <name>_u     <->  parametrizations.<name>.0._u
     <name>_v     <->  parametrizations.<name>.0._v
 """
+
 import functools
 
 import torch
@@ -40,8 +41,19 @@ def upgrade_legacy_version_0(state_dict, prefix: str, local_metadata, name: str,
         state_dict[v_key] = v.mul_(sigma / torch.dot(u, torch.mv(mat, v)))
 
 
-def _rename_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs, *,
-                 name: str, to_legacy: bool, dim: int = 0):
+def _rename_keys(
+    state_dict,
+    prefix,
+    local_metadata,
+    strict,
+    missing_keys,
+    unexpected_keys,
+    error_msgs,
+    *,
+    name: str,
+    to_legacy: bool,
+    dim: int = 0,
+):
     """A load_state_dict pre-hook: rewrites the other layout's keys under `prefix` into this module's layout."""
     upgrade_legacy_version_0(state_dict, prefix, local_metadata, name, dim)
     source, target = legacy_keys(name), parametrization_keys(name)
@@ -65,6 +77,9 @@ def remove_layout_hooks(module: nn.Module, name: str) -> None:
     """Removes what accept_both_layouts(module, name, ...) registered (when its spectral norm is removed)."""
     for key, hook in list(module._load_state_dict_pre_hooks.items()):
         function = getattr(hook, "hook", hook)  # torch keeps it wrapped in a _WrappedHook
-        if (isinstance(function, functools.partial) and function.func is _rename_keys
-                and function.keywords["name"] == name):
+        if (
+            isinstance(function, functools.partial)
+            and function.func is _rename_keys
+            and function.keywords["name"] == name
+        ):
             del module._load_state_dict_pre_hooks[key]

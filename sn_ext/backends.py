@@ -20,13 +20,14 @@ How a module chooses (the `backend=` argument of sn_ext.spectral_norm and sn_ext
 - the name is the argument, else $SN_EXT_BACKEND read when the module is created, else "auto";
 - a named backend that cannot run on this machine at all (not built, triton missing, no GPU) raises
   BackendUnavailable at creation, with the reasons;
-- the kernels for a (name, device, dtype) are chosen once and cached (what a backend takes depends on the device
-  type); a module keeps its choice and looks again only if its weight's device or dtype changed since (after
-  .cuda(), .half() ...), so a step calls one op and pays two comparisons (about 0.2 us). A named backend that cannot take the weight there (a CPU weight for "cuda") raises
-  BackendUnavailable, saying why, when the module first runs on it; the warm-up at creation (and the run of the
-  new parametrization that torch's register_parametrization makes), which run where the weight is, use "auto"'s
-  choice in that case, so that a model can be built on the CPU and then moved to the GPU.
+- the kernels for a (name, device, dtype) are chosen once and cached (what a backend takes depends on the device type);
+  a module keeps its choice and looks again only if its weight's device or dtype changed since (after .cuda(), .half()
+  ...), so a step calls one op and pays two comparisons (about 0.2 us). A named backend that cannot take the weight
+  there (a CPU weight for "cuda") raises BackendUnavailable, saying why, when the module first runs on it; the warm-up
+  at creation (and the run of the new parametrization that torch's register_parametrization makes), which run where the
+  weight is, use "auto"'s choice in that case, so that a model can be built on the CPU and then moved to the GPU.
 """
+
 import contextlib
 import dataclasses
 import importlib.util
@@ -63,6 +64,7 @@ class Backend:
         """The device types it takes (None: any)."""
         if self.name == "triton":
             from . import triton as sn_triton
+
             return ("cpu",) if sn_triton.interpreted() else ("cuda",)
         return {"cpu": ("cpu",), "cuda": ("cuda",)}.get(self.name)
 
@@ -75,9 +77,14 @@ class Backend:
         types = self.device_types()
         if types is not None and device.type not in types:
             where = " or ".join(t.upper() for t in types)
-            reasons.append(f"it takes {where} tensors and the weight is on {device}"
-                           + (" (set TRITON_INTERPRET=1 before sn_ext loads its Triton kernels to run them on the "
-                              "CPU, slowly)" if self.name == "triton" and device.type == "cpu" else ""))
+            reasons.append(
+                f"it takes {where} tensors and the weight is on {device}"
+                + (
+                    " (set TRITON_INTERPRET=1 before sn_ext loads its Triton kernels to run them on the CPU, slowly)"
+                    if self.name == "triton" and device.type == "cpu"
+                    else ""
+                )
+            )
         if dtype in reference.COMPLEX_DTYPES and self.name != "reference":
             reasons.append(f"complex weights run on the reference backend only, not {dtype}")
         elif dtype not in DTYPES and dtype not in reference.COMPLEX_DTYPES:
@@ -98,6 +105,7 @@ class Backend:
 
 # ---- machine-level reasons, per backend ----
 
+
 def _cpu_reasons():
     if not ops.library_status.loaded:
         yield ops.library_status.reason
@@ -109,8 +117,10 @@ def _cuda_reasons():
     if not ops.library_status.loaded:
         yield ops.library_status.reason
     elif not _library.has_compiled_kernel("CUDA"):
-        yield ("the compiled library was built without CUDA (build with CUDA_HOME set and a CUDA build of torch, "
-               "or FORCE_CUDA=1)")
+        yield (
+            "the compiled library was built without CUDA (build with CUDA_HOME set and a CUDA build of torch, "
+            "or FORCE_CUDA=1)"
+        )
     elif not torch.cuda.is_available():
         yield "compiled, but no CUDA device is visible"
 
@@ -126,8 +136,10 @@ def _triton_reasons():
             yield "triton is not installed (pip install 'triton>=3.2')"
             return
         if not sn_triton.interpreted() and not torch.cuda.is_available():
-            yield ("no CUDA device is visible (set TRITON_INTERPRET=1 before sn_ext loads its Triton kernels to run "
-                   "them on the CPU, slowly)")
+            yield (
+                "no CUDA device is visible (set TRITON_INTERPRET=1 before sn_ext loads its Triton kernels to run "
+                "them on the CPU, slowly)"
+            )
             return
     loaded, reason = sn_triton.load()
     if not loaded:
@@ -145,8 +157,9 @@ _MACHINE_REASONS = {"cpu": _cpu_reasons, "cuda": _cuda_reasons, "triton": _trito
 _BACKENDS = {
     "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", "spectral_normalize", "spectral_normalize_backward"),
     "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", "spectral_normalize", "spectral_normalize_backward"),
-    "triton": Backend("triton", "Triton kernels (sn_ext/triton)", "triton_spectral_normalize",
-                      "triton_spectral_normalize_backward"),
+    "triton": Backend(
+        "triton", "Triton kernels (sn_ext/triton)", "triton_spectral_normalize", "triton_spectral_normalize_backward"
+    ),
     "reference": Backend("reference", "pure PyTorch (sn_ext/reference.py)", *_library.REFERENCE_OPS),
 }
 
@@ -161,14 +174,14 @@ def get(name: str) -> Backend:
 
 # ---- the choice ----
 
+
 class Kernels:
     """What a module calls: the chosen backend's forward op, for weights on one device of one dtype. Immutable.
 
     Modules check `kernels.device != weight.device or kernels.dtype != weight.dtype` before each call (about
     0.2 us; `weight.device.type` alone would cost twice that)."""
 
-    def __init__(self, requested: str, backend: Backend | None, device: torch.device | None,
-                 dtype: torch.dtype | None):
+    def __init__(self, requested: str, backend: Backend | None, device: torch.device | None, dtype: torch.dtype | None):
         self.requested = requested
         self.backend = backend
         self.device = device
@@ -202,8 +215,10 @@ def requested_backend(backend: str | None) -> str:
     if backend != "auto":
         reasons = get(backend).unavailable_reasons()
         if reasons:
-            raise BackendUnavailable(f"sn_ext: the {backend!r} backend cannot run here: {'; '.join(reasons)}"
-                                     + (f" (chosen by {ENV_VAR})" if source == ENV_VAR else ""))
+            raise BackendUnavailable(
+                f"sn_ext: the {backend!r} backend cannot run here: {'; '.join(reasons)}"
+                + (f" (chosen by {ENV_VAR})" if source == ENV_VAR else "")
+            )
     return backend
 
 
@@ -226,8 +241,9 @@ def _choose(requested: str, device: torch.device, dtype: torch.dtype) -> "Kernel
         return Kernels(requested, auto_backend(device, dtype), device, dtype)
     reasons = get(requested).not_supported_reasons(device, dtype)
     if reasons:
-        return BackendUnavailable(f"sn_ext: the {requested!r} backend cannot take a {dtype} weight on "
-                                  f"{device}: {'; '.join(reasons)}")
+        return BackendUnavailable(
+            f"sn_ext: the {requested!r} backend cannot take a {dtype} weight on {device}: {'; '.join(reasons)}"
+        )
     return Kernels(requested, get(requested), device, dtype)
 
 
@@ -258,8 +274,16 @@ def kernels_for(owner, weight: torch.Tensor) -> Kernels:
     return kernels
 
 
-def prepare(requested: str, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
-            n_power_iterations: int, eps: float, v_first: bool = False) -> Kernels:
+def prepare(
+    requested: str,
+    weight: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    v_first: bool = False,
+) -> Kernels:
     """At a module's creation: runs the warm-up power iterations on (u, v) in place and returns the kernels the
     module keeps. The warm-up uses the requested backend, or "auto"'s choice where the requested one cannot take
     the weight (a model built on the CPU for the GPU); the module then chooses again, strictly, when it runs."""
@@ -317,9 +341,13 @@ def summary() -> dict:
         else:
             backends[name] = {"usable": True, "reason": _usable_reason(backend)}
     devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-    auto = {device: {str(dtype).replace("torch.", ""): auto_backend(device, dtype).name
-                     for dtype in (*DTYPES, *reference.COMPLEX_DTYPES)}
-            for device in devices}
+    auto = {
+        device: {
+            str(dtype).replace("torch.", ""): auto_backend(device, dtype).name
+            for dtype in (*DTYPES, *reference.COMPLEX_DTYPES)
+        }
+        for device in devices
+    }
     return {"backends": backends, "auto": auto}
 
 
@@ -330,5 +358,6 @@ def _usable_reason(backend: Backend) -> str:
         return f"compiled for CUDA {ops.library_status.built_with_cuda}, device {torch.cuda.get_device_name()}"
     if backend.name == "triton":
         from . import triton as sn_triton
+
         return f"Triton kernels: {sn_triton.load()[1]}"
     return "pure PyTorch; serves every device without a compiled kernel"

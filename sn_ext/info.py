@@ -2,6 +2,7 @@
 
 Importing this module (`import sn_ext.info`) makes Python set the attribute `sn_ext.info` to it, hiding the function
 of that name; the module is therefore callable, as the function, so `sn_ext.info()` works either way."""
+
 import json
 import sys
 import types

@@ -5,6 +5,7 @@ each forward, v-then-u power iteration in train mode, none in eval, no warm-up, 
 the normalized weight in. Beyond torch: a checkpoint of torch's parametrization version loads too, and a step
 whose weight is non-finite or zero leaves u and v as they were.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,16 +55,19 @@ class SpectralNorm:
         setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
 
     @staticmethod
-    def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float,
-              backend: str | None = None) -> "SpectralNorm":
+    def apply(
+        module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float, backend: str | None = None
+    ) -> "SpectralNorm":
         if has_spectral_norm(module, name):  # sn_ext's or torch's, either version
             raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
         weight = module._parameters.get(name)
         if weight is None:
             raise ValueError(f"Module '{type(module).__name__}' has no parameter with name '{name}'")
         if isinstance(weight, nn.parameter.UninitializedParameter):
-            raise ValueError("The module passed to `SpectralNorm` can't have uninitialized parameters. "
-                             "Make sure to run the dummy forward before applying spectral normalization")
+            raise ValueError(
+                "The module passed to `SpectralNorm` can't have uninitialized parameters. "
+                "Make sure to run the dummy forward before applying spectral normalization"
+            )
         check_arguments(weight, n_power_iterations, dim, eps, complex_ok=False)
         fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
         fn.backend = backends.requested_backend(backend)
@@ -93,8 +97,14 @@ class _StateDictVersion:
         local_metadata.setdefault("spectral_norm", {})[self.fn.name + ".version"] = self.fn._version
 
 
-def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None, backend: str | None = None) -> nn.Module:
+def spectral_norm(
+    module: nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+    backend: str | None = None,
+) -> nn.Module:
     """Applies legacy-style spectral normalization to `module.<name>`; torch.nn.utils.spectral_norm's arguments,
     and `backend` as sn_ext.spectral_norm's ("auto", "cpu", "cuda", "triton", "reference"; None: $SN_EXT_BACKEND,
     else "auto")."""

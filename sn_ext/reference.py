@@ -12,9 +12,9 @@ Same semantics as the fused kernels (csrc/cpu/spectral_norm_cpu.cpp), written wi
   and so sn_ext::spectral_normalize on every build, refuse them);
 - a run that meets a non-finite or zero vector returns the input vectors unchanged (no host synchronisation).
 """
+
 import torch
 from torch import Tensor
-
 
 REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
@@ -55,8 +55,9 @@ def _usable(norm: Tensor) -> Tensor:
     return torch.isfinite(norm) & (norm > 0)
 
 
-def _iterate(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
-             v_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _iterate(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (sigma, u_new, v_new); u_new, v_new in the weight's dtype."""
     dim = dim % weight.dim()
     acc = accumulate_dtype(weight.dtype)
@@ -79,12 +80,16 @@ def _iterate(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations:
 
 def _check(op: str, weight: Tensor, n_power_iterations: int, eps: float, complex_ok: bool) -> None:
     if weight.dtype not in REAL_DTYPES and not (complex_ok and weight.dtype in COMPLEX_DTYPES):
-        kinds = "float16, bfloat16, float32, float64, complex64 or complex128" if complex_ok else \
-            "float16, bfloat16, float32 or float64"
+        kinds = (
+            "float16, bfloat16, float32, float64, complex64 or complex128"
+            if complex_ok
+            else "float16, bfloat16, float32 or float64"
+        )
         raise TypeError(f"{op}: weight must be {kinds}, got {weight.dtype}")
     if weight.dim() == 0 or weight.numel() == 0:
-        raise ValueError(f"{op}: weight must be a non-empty tensor with at least 1 dimension, got shape "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"{op}: weight must be a non-empty tensor with at least 1 dimension, got shape {tuple(weight.shape)}"
+        )
     if n_power_iterations < 0:
         raise ValueError(f"{op}: n_power_iterations must be >= 0, got {n_power_iterations}")
     if not eps >= 0:  # NaN too, as the compiled kernels
@@ -93,29 +98,41 @@ def _check(op: str, weight: Tensor, n_power_iterations: int, eps: float, complex
 
 def _check_vectors(op: str, weight: Tensor, u: Tensor, v: Tensor, dim: int) -> None:
     if not -weight.dim() <= dim < weight.dim():
-        raise IndexError(f"{op}: dim out of range (expected to be in range of [{-weight.dim()}, {weight.dim() - 1}]"
-                         f" but got {dim})")
+        raise IndexError(
+            f"{op}: dim out of range (expected to be in range of [{-weight.dim()}, {weight.dim() - 1}] but got {dim})"
+        )
     h = weight.shape[dim]
     for name, vector, size in (("u", u, h), ("v", v, weight.numel() // h)):
         if vector.dim() != 1 or vector.shape[0] != size:
-            raise ValueError(f"{op}: {name} must be a vector of size {size} for a weight of shape "
-                             f"{list(weight.shape)}, got shape {list(vector.shape)}")
+            raise ValueError(
+                f"{op}: {name} must be a vector of size {size} for a weight of shape "
+                f"{list(weight.shape)}, got shape {list(vector.shape)}"
+            )
         if vector.dtype != weight.dtype:
             raise TypeError(f"{op}: {name} must have the weight's dtype {weight.dtype}, got {vector.dtype}")
         if vector.device != weight.device:
             raise RuntimeError(f"{op}: {name} must be on the weight's device {weight.device}, got {vector.device}")
 
 
-def check_forward_args(op: str, weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int,
-                       eps: float, complex_ok: bool = False) -> None:
+def check_forward_args(
+    op: str,
+    weight: Tensor,
+    u: Tensor,
+    v: Tensor,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    complex_ok: bool = False,
+) -> None:
     """All the checks of a forward op, as csrc/matrix_view.cpp's check_forward_args (every Python backend; complex
     weights only where `complex_ok`: this reference)."""
     _check(op, weight, n_power_iterations, eps, complex_ok)
     _check_vectors(op, weight, u, v, dim)
 
 
-def check_backward_args(op: str, grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
-                        dim: int, complex_ok: bool = False) -> None:
+def check_backward_args(
+    op: str, grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int, complex_ok: bool = False
+) -> None:
     """All the checks of spectral_normalize_backward, as csrc/matrix_view.cpp's check_backward_args."""
     _check(op, weight_sn, 0, 0.0, complex_ok)
     if grad.shape != weight_sn.shape:
@@ -129,8 +146,9 @@ def check_backward_args(op: str, grad: Tensor, weight_sn: Tensor, u: Tensor, v: 
     _check_vectors(op, weight_sn, u, v, dim)
 
 
-def power_iteration_(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
-                     v_first: bool = False) -> Tensor:
+def power_iteration_(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool = False
+) -> Tensor:
     check_forward_args("sn_ext::power_iteration_", weight, u, v, dim, n_power_iterations, eps)
     sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
     u.copy_(u_new)
@@ -138,9 +156,18 @@ def power_iteration_(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_ite
     return sigma
 
 
-def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
-                       v_first: bool = False, *, op: str = "sn_ext::spectral_normalize",
-                       complex_ok: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def spectral_normalize(
+    weight: Tensor,
+    u: Tensor,
+    v: Tensor,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    v_first: bool = False,
+    *,
+    op: str = "sn_ext::spectral_normalize",
+    complex_ok: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_forward_args(op, weight, u, v, dim, n_power_iterations, eps, complex_ok)
     sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
     weight_sn = (weight.to(sigma.dtype) / sigma).to(weight.dtype)
@@ -152,9 +179,17 @@ def rank_one(u: Tensor, v: Tensor, like: Tensor, dim: int) -> Tensor:
     return from_matrix(torch.outer(u, v.conj()), like, dim % like.dim())
 
 
-def spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
-                                dim: int, *, op: str = "sn_ext::spectral_normalize_backward",
-                                complex_ok: bool = False) -> Tensor:
+def spectral_normalize_backward(
+    grad: Tensor,
+    weight_sn: Tensor,
+    u: Tensor,
+    v: Tensor,
+    sigma: Tensor,
+    dim: int,
+    *,
+    op: str = "sn_ext::spectral_normalize_backward",
+    complex_ok: bool = False,
+) -> Tensor:
     check_backward_args(op, grad, weight_sn, u, v, sigma, dim, complex_ok)
     acc = sigma.dtype
     g = grad.to(acc)
@@ -167,19 +202,25 @@ def spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: T
 # The "reference" backend's own ops (sn_ext::reference_spectral_normalize(_backward)): the same, and they also take
 # complex weights. sn_ext::spectral_normalize refuses them on every build, as the compiled kernels do.
 
-def reference_spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
-                                 v_first: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return spectral_normalize(weight, u, v, dim, n_power_iterations, eps, v_first,
-                              op="sn_ext::reference_spectral_normalize", complex_ok=True)
+
+def reference_spectral_normalize(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return spectral_normalize(
+        weight, u, v, dim, n_power_iterations, eps, v_first, op="sn_ext::reference_spectral_normalize", complex_ok=True
+    )
 
 
-def reference_spectral_normalize_backward(grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
-                                          dim: int) -> Tensor:
-    return spectral_normalize_backward(grad, weight_sn, u, v, sigma, dim,
-                                       op="sn_ext::reference_spectral_normalize_backward", complex_ok=True)
+def reference_spectral_normalize_backward(
+    grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int
+) -> Tensor:
+    return spectral_normalize_backward(
+        grad, weight_sn, u, v, sigma, dim, op="sn_ext::reference_spectral_normalize_backward", complex_ok=True
+    )
 
 
 # ---- grouped mode: many layers per call (sn_ext.grouped_spectral_norm); the same as the per-layer ops ----
+
 
 def _check_grouped_lists(op: str, weights: list[Tensor], dims: list[int], lists: dict[str, list[Tensor]]) -> None:
     if not weights:
@@ -192,41 +233,62 @@ def _check_grouped_lists(op: str, weights: list[Tensor], dims: list[int], lists:
             raise ValueError(f"{op}: {name} must hold one tensor per weight ({len(weights)}), got {len(tensors)}")
         for i, t in enumerate(tensors):
             if t.dtype != first.dtype:
-                raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype} but the first weight has {first.dtype}: one "
-                                f"call takes tensors of one dtype and device (grouped_spectral_norm groups them so)")
+                raise TypeError(
+                    f"{op}: {name}[{i}] has dtype {t.dtype} but the first weight has {first.dtype}: one "
+                    f"call takes tensors of one dtype and device (grouped_spectral_norm groups them so)"
+                )
             if t.device != first.device:
-                raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but the first weight is on {first.device}: "
-                                   f"one call takes tensors of one dtype and device (grouped_spectral_norm groups "
-                                   f"them so)")
+                raise RuntimeError(
+                    f"{op}: {name}[{i}] is on {t.device} but the first weight is on {first.device}: "
+                    f"one call takes tensors of one dtype and device (grouped_spectral_norm groups "
+                    f"them so)"
+                )
 
 
-def check_grouped_forward_args(op: str, weights: list[Tensor], us: list[Tensor], vs: list[Tensor], dims: list[int],
-                               n_power_iterations: int, eps: float) -> None:
+def check_grouped_forward_args(
+    op: str,
+    weights: list[Tensor],
+    us: list[Tensor],
+    vs: list[Tensor],
+    dims: list[int],
+    n_power_iterations: int,
+    eps: float,
+) -> None:
     """All the checks of spectral_normalize_grouped_, as csrc/matrix_view.cpp's check_grouped_forward_args."""
     _check_grouped_lists(op, weights, dims, {"weights": weights, "us": us, "vs": vs})
     for i, (weight, u, v, dim) in enumerate(zip(weights, us, vs, dims)):
         check_forward_args(f"{op} (layer {i})", weight, u, v, dim, n_power_iterations, eps)
 
 
-def check_grouped_backward_args(op: str, grads: list[Tensor], weights_sn: list[Tensor], us: list[Tensor],
-                                vs: list[Tensor], sigmas: Tensor, dims: list[int]) -> None:
+def check_grouped_backward_args(
+    op: str,
+    grads: list[Tensor],
+    weights_sn: list[Tensor],
+    us: list[Tensor],
+    vs: list[Tensor],
+    sigmas: Tensor,
+    dims: list[int],
+) -> None:
     """All the checks of spectral_normalize_grouped_backward, as csrc/matrix_view.cpp's."""
     _check_grouped_lists(op, weights_sn, dims, {"grads": grads, "weights_sn": weights_sn, "us": us, "vs": vs})
     if sigmas.dim() != 1 or sigmas.shape[0] != len(weights_sn):
-        raise ValueError(f"{op}: sigmas must be a vector of one value per weight ({len(weights_sn)}), got shape "
-                         f"{list(sigmas.shape)}")
+        raise ValueError(
+            f"{op}: sigmas must be a vector of one value per weight ({len(weights_sn)}), got shape {list(sigmas.shape)}"
+        )
     if sigmas.dtype != accumulate_dtype(weights_sn[0].dtype):
-        raise TypeError(f"{op}: sigmas must be {accumulate_dtype(weights_sn[0].dtype)} for {weights_sn[0].dtype} "
-                        f"weights, got {sigmas.dtype}")
+        raise TypeError(
+            f"{op}: sigmas must be {accumulate_dtype(weights_sn[0].dtype)} for {weights_sn[0].dtype} "
+            f"weights, got {sigmas.dtype}"
+        )
     if sigmas.device != weights_sn[0].device:
         raise RuntimeError(f"{op}: sigmas must be on the weights' device {weights_sn[0].device}, got {sigmas.device}")
     for i, (grad, weight_sn, u, v, dim) in enumerate(zip(grads, weights_sn, us, vs, dims)):
         check_backward_args(f"{op} (layer {i})", grad, weight_sn, u, v, sigmas[i], dim)
 
 
-def spectral_normalize_grouped_(weights: list[Tensor], us: list[Tensor], vs: list[Tensor], dims: list[int],
-                                n_power_iterations: int, eps: float
-                                ) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor]]:
+def spectral_normalize_grouped_(
+    weights: list[Tensor], us: list[Tensor], vs: list[Tensor], dims: list[int], n_power_iterations: int, eps: float
+) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor]]:
     check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n_power_iterations, eps)
     weights_sn, sigmas, us_used, vs_used = [], [], [], []
     for weight, u, v, dim in zip(weights, us, vs, dims):
@@ -240,9 +302,11 @@ def spectral_normalize_grouped_(weights: list[Tensor], us: list[Tensor], vs: lis
     return weights_sn, torch.stack(sigmas), us_used, vs_used
 
 
-def spectral_normalize_grouped_backward(grads: list[Tensor], weights_sn: list[Tensor], us: list[Tensor],
-                                        vs: list[Tensor], sigmas: Tensor, dims: list[int]) -> list[Tensor]:
-    check_grouped_backward_args("sn_ext::spectral_normalize_grouped_backward", grads, weights_sn, us, vs, sigmas,
-                                dims)
-    return [spectral_normalize_backward(grad, weight_sn, u, v, sigmas[i], dim)
-            for i, (grad, weight_sn, u, v, dim) in enumerate(zip(grads, weights_sn, us, vs, dims))]
+def spectral_normalize_grouped_backward(
+    grads: list[Tensor], weights_sn: list[Tensor], us: list[Tensor], vs: list[Tensor], sigmas: Tensor, dims: list[int]
+) -> list[Tensor]:
+    check_grouped_backward_args("sn_ext::spectral_normalize_grouped_backward", grads, weights_sn, us, vs, sigmas, dims)
+    return [
+        spectral_normalize_backward(grad, weight_sn, u, v, sigmas[i], dim)
+        for i, (grad, weight_sn, u, v, dim) in enumerate(zip(grads, weights_sn, us, vs, dims))
+    ]

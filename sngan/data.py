@@ -6,6 +6,7 @@ Every data set is held in memory (images as uint8, N x C x H x W, at the trainin
 replacement by `sample(n, gen)` using the caller's torch.Generator, so a run's data stream is a pure function of
 the generator's state: checkpoint the state and a resumed run sees the same batches.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ class DataNotFoundError(FileNotFoundError):
 @dataclass
 class Mixture:
     """A mixture of isotropic 2-D Gaussians with equal weights."""
+
     name: str
     modes: torch.Tensor  # (K, 2)
     sigma: float
@@ -56,6 +58,7 @@ def grid25(sigma: float = 0.05) -> Mixture:
 class ImageData:
     """Images in memory as uint8 (N, C, H, W); `sample` returns floats in [-1, 1]. `train_*`/`test_*` (labels
     included) are for the metrics classifier; the GAN trains on `images` (the train split, or unlabeled data)."""
+
     name: str
     images: torch.Tensor
     train_x: torch.Tensor
@@ -139,8 +142,10 @@ def cifar10(root: str | None, img_size: int = 32) -> ImageData:
     names = [f for f, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
     missing = [f for f in names if not os.path.isfile(os.path.join(root, CIFAR10.base_folder, f))]
     if missing:
-        raise DataNotFoundError(f"cifar10: missing {', '.join(missing)} under {os.path.join(root, CIFAR10.base_folder)}"
-                                f" (expected {expected}); sngan never downloads")
+        raise DataNotFoundError(
+            f"cifar10: missing {', '.join(missing)} under {os.path.join(root, CIFAR10.base_folder)}"
+            f" (expected {expected}); sngan never downloads"
+        )
 
     class _Local(CIFAR10):
         def _check_integrity(self) -> bool:
@@ -148,6 +153,7 @@ def cifar10(root: str | None, img_size: int = 32) -> ImageData:
 
         def _load_meta(self) -> None:  # as torchvision's, without its md5 check
             import pickle
+
             with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
                 self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -175,8 +181,10 @@ def stl10(root: str | None, img_size: int = 48) -> ImageData:
     names = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin"]
     missing = [f for f in names if not os.path.isfile(os.path.join(root, STL10.base_folder, f))]
     if missing:
-        raise DataNotFoundError(f"stl10: missing {', '.join(missing)} under {os.path.join(root, STL10.base_folder)}"
-                                f" (expected {expected}); sngan never downloads")
+        raise DataNotFoundError(
+            f"stl10: missing {', '.join(missing)} under {os.path.join(root, STL10.base_folder)}"
+            f" (expected {expected}); sngan never downloads"
+        )
 
     class _Local(STL10):
         def _check_integrity(self) -> bool:

@@ -8,6 +8,7 @@ Every 2-D run has the same budget (steps, batch, n_dis, preset "toy", MLP G/D) a
 spectral norm; every digits run likewise (standard CNN at width 0.25, preset C). Runs go to runs/experiments/NAME,
 raw numbers to runs/experiments/results.json, the markdown table to runs/experiments/table.md (and stdout).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,14 @@ def _run(job: dict) -> dict:
     t = time.time()
     try:
         m = train(Config(**job))
-        return {"name": name, "config": job, "final": m["final"], "seconds": time.time() - t, "error": None,
-                "steps_per_s": m["train"]["steps_per_s"]}
+        return {
+            "name": name,
+            "config": job,
+            "final": m["final"],
+            "seconds": time.time() - t,
+            "error": None,
+            "steps_per_s": m["train"]["steps_per_s"],
+        }
     except Exception as e:  # a diverging loss is a result too
         return {"name": name, "config": job, "final": None, "seconds": time.time() - t, "error": repr(e)}
 
@@ -56,16 +63,42 @@ def jobs_for(args) -> list[dict]:
         for label, m in MIXTURE_METHODS.items():
             for seed in range(args.seeds):
                 name = f"{data}-{m['loss']}-{m['sn']}-{m.get('triplet_g', '')}-s{seed}"
-                jobs.append(dict(common, _name=name, _group=(data, label), data=data, arch="mlp", seed=seed,
-                                 steps=args.mixture_steps, batch_size=args.mixture_batch, threads=1, preset="toy",
-                                 out=os.path.join(out_root, name), **m))
+                jobs.append(
+                    dict(
+                        common,
+                        _name=name,
+                        _group=(data, label),
+                        data=data,
+                        arch="mlp",
+                        seed=seed,
+                        steps=args.mixture_steps,
+                        batch_size=args.mixture_batch,
+                        threads=1,
+                        preset="toy",
+                        out=os.path.join(out_root, name),
+                        **m,
+                    )
+                )
     if not args.no_digits and args.only in (None, "digits"):
         for label, m in DIGITS_METHODS.items():
             for seed in range(args.digits_seeds):
                 name = f"digits-{m['loss']}-{m['sn']}-{m.get('triplet_g', '')}-s{seed}"
-                jobs.append(dict(common, _name=name, _group=("digits", label), data="digits", arch="cnn",
-                                 width=args.digits_width, seed=seed, steps=args.digits_steps, preset="C",
-                                 batch_size=64, out=os.path.join(out_root, name), **m))
+                jobs.append(
+                    dict(
+                        common,
+                        _name=name,
+                        _group=("digits", label),
+                        data="digits",
+                        arch="cnn",
+                        width=args.digits_width,
+                        seed=seed,
+                        steps=args.digits_steps,
+                        preset="C",
+                        batch_size=64,
+                        out=os.path.join(out_root, name),
+                        **m,
+                    )
+                )
     return jobs
 
 
@@ -79,6 +112,7 @@ def _fmt(values: list[float], digits: int = 1) -> str:
 
 def table(results: list[dict], baseline: dict | None) -> str:
     from .train import PRESETS
+
     groups: dict = {}
     for r in results:
         groups.setdefault(tuple(r["group"]), []).append(r)
@@ -90,35 +124,49 @@ def table(results: list[dict], baseline: dict | None) -> str:
         n_modes = 8 if data == "ring8" else 25
         cfg = rows[0][1][0]["config"]
         p = PRESETS["toy"]
-        lines += [f"**{data}** ({n_modes} modes; MLP G/D, {cfg['steps']} G steps, n_dis {p['n_dis']}, batch "
-                  f"{cfg['batch_size']}, D's output x {p['d_scale']:g}, Adam {p['lr']:g} ({p['beta1']}, {p['beta2']}) "
-                  f"decayed linearly; 2500 samples; mean ± std over {len(rows[0][1])} seeds)",
-                  "", "| method | modes covered | % high quality | failed runs | s / run |", "|---|---|---|---|---|"]
+        lines += [
+            f"**{data}** ({n_modes} modes; MLP G/D, {cfg['steps']} G steps, n_dis {p['n_dis']}, batch "
+            f"{cfg['batch_size']}, D's output x {p['d_scale']:g}, Adam {p['lr']:g} ({p['beta1']}, {p['beta2']}) "
+            f"decayed linearly; 2500 samples; mean ± std over {len(rows[0][1])} seeds)",
+            "",
+            "| method | modes covered | % high quality | failed runs | s / run |",
+            "|---|---|---|---|---|",
+        ]
         for (_, label), rs in rows:
             ok = [r for r in rs if r["final"]]
-            lines.append(f"| {label} | {_fmt([r['final']['modes_covered'] for r in ok])} | "
-                         f"{_fmt([r['final']['high_quality_pct'] for r in ok])} | {len(rs) - len(ok)} | "
-                         f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
+            lines.append(
+                f"| {label} | {_fmt([r['final']['modes_covered'] for r in ok])} | "
+                f"{_fmt([r['final']['high_quality_pct'] for r in ok])} | {len(rs) - len(ok)} | "
+                f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
+            )
         lines.append("")
     rows = [(g, rs) for g, rs in groups.items() if g[0] == "digits"]
     if rows:
         cfg = rows[0][1][0]["config"]
         acc = next((r["final"]["classifier_test_accuracy"] for _, rs in rows for r in rs if r["final"]), None)
-        lines += [f"**digits** (scikit-learn, 16x16; standard CNN at width {cfg['width']}, {cfg['steps']} G steps, "
-                  f"preset C, batch 64; metrics in the features of a classifier trained on digits, test accuracy "
-                  f"{acc:.3f}; {len(rows[0][1])} seed(s); 1500 real vs 1500 generated)" if acc is not None else
-                  "**digits**", "",
-                  "| method | classifier-FID | KID x 100 | precision | recall | density | coverage |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**digits** (scikit-learn, 16x16; standard CNN at width {cfg['width']}, {cfg['steps']} G steps, "
+            f"preset C, batch 64; metrics in the features of a classifier trained on digits, test accuracy "
+            f"{acc:.3f}; {len(rows[0][1])} seed(s); 1500 real vs 1500 generated)"
+            if acc is not None
+            else "**digits**",
+            "",
+            "| method | classifier-FID | KID x 100 | precision | recall | density | coverage |",
+            "|---|---|---|---|---|---|---|",
+        ]
         if baseline:
-            lines.append(f"| real held-out digits (297) | {baseline['fid']:.2f} | {100 * baseline['kid']:.2f} | "
-                         f"{baseline['precision']:.2f} | {baseline['recall']:.2f} | {baseline['density']:.2f} | "
-                         f"{baseline['coverage']:.2f} |")
+            lines.append(
+                f"| real held-out digits (297) | {baseline['fid']:.2f} | {100 * baseline['kid']:.2f} | "
+                f"{baseline['precision']:.2f} | {baseline['recall']:.2f} | {baseline['density']:.2f} | "
+                f"{baseline['coverage']:.2f} |"
+            )
         for (_, label), rs in rows:
             ok = [r["final"] for r in rs if r["final"]]
-            lines.append(f"| {label} | {_fmt([f['fid'] for f in ok], 2)} | {_fmt([100 * f['kid'] for f in ok], 2)} | "
-                         f"{_fmt([f['precision'] for f in ok], 2)} | {_fmt([f['recall'] for f in ok], 2)} | "
-                         f"{_fmt([f['density'] for f in ok], 2)} | {_fmt([f['coverage'] for f in ok], 2)} |")
+            lines.append(
+                f"| {label} | {_fmt([f['fid'] for f in ok], 2)} | {_fmt([100 * f['kid'] for f in ok], 2)} | "
+                f"{_fmt([f['precision'] for f in ok], 2)} | {_fmt([f['recall'] for f in ok], 2)} | "
+                f"{_fmt([f['density'] for f in ok], 2)} | {_fmt([f['coverage'] for f in ok], 2)} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -136,8 +184,11 @@ def main(argv=None) -> int:
     p.add_argument("--digits-seeds", type=int, default=1)
     p.add_argument("--digits-width", type=float, default=0.25)
     p.add_argument("--no-digits", action="store_true")
-    p.add_argument("--only", choices=("mixtures", "digits"),
-                   help="re-run one part; the other part's runs are kept from OUT/results.json")
+    p.add_argument(
+        "--only",
+        choices=("mixtures", "digits"),
+        help="re-run one part; the other part's runs are kept from OUT/results.json",
+    )
     p.add_argument("--jobs", type=int, default=2, help="processes, one thread each")
     p.add_argument("--quick", action="store_true", help="tiny budget: checks the pipeline, numbers mean nothing")
     p.add_argument("--table-only", action="store_true", help="re-render the table from OUT/results.json")
@@ -159,14 +210,18 @@ def main(argv=None) -> int:
         j["_threads"] = 1 if args.jobs > 1 else 2
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    if not args.no_digits and args.only != "mixtures":  # train (or load) the metrics classifier once, before the parallel runs need it
+    if (
+        not args.no_digits and args.only != "mixtures"
+    ):  # train (or load) the metrics classifier once, before the parallel runs need it
         from .data import digits
         from .metrics import get_classifier
+
         get_classifier(digits(16), args.metrics_cache)
     print(f"{len(jobs)} runs, {args.jobs} at a time", file=sys.stderr)
     results = []
     if args.jobs > 1:
         import multiprocessing as mp
+
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
             for r in ex.map(_run, jobs):
                 results.append(r)
@@ -186,6 +241,7 @@ def main(argv=None) -> int:
     if not args.no_digits and any(r["group"][0] == "digits" for r in results):
         from .data import digits
         from .metrics import ImageMetrics
+
         baseline = ImageMetrics(digits(16), args.metrics_cache).real_baseline()
     md = table(results, baseline)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -199,8 +255,13 @@ def main(argv=None) -> int:
 
 def _report(r: dict, i: int, n: int, t0: float) -> None:
     f = r["final"] or {}
-    what = (f"modes {f.get('modes_covered')}, hq {f.get('high_quality_pct', 0):.1f}%" if "modes_covered" in f else
-            f"fid {f.get('fid', float('nan')):.2f}" if f else f"error {r['error']}")
+    what = (
+        f"modes {f.get('modes_covered')}, hq {f.get('high_quality_pct', 0):.1f}%"
+        if "modes_covered" in f
+        else f"fid {f.get('fid', float('nan')):.2f}"
+        if f
+        else f"error {r['error']}"
+    )
     print(f"[{i}/{n} {time.time() - t0:.0f}s] {r['name']}: {what} ({r['seconds']:.0f}s)", file=sys.stderr, flush=True)
 
 

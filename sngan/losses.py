@@ -16,6 +16,7 @@ Losses (D(x) is a logit / critic value, or an embedding e(x) in R^k for the trip
   real and fake samples (lambda = 10); G minimises -E D(G(z)).
 - triplet / triplet_hinge (the seed's siamese loss): see `TripletLoss`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,6 +46,7 @@ class GANLoss:
 
 class HingeLoss(GANLoss):
     """D: E relu(1 - D(x)) + E relu(1 + D(G(z))). G: -E D(G(z))."""
+
     name = "hinge"
 
     def d_loss(self, D, real, fake, gen=None):
@@ -59,6 +61,7 @@ class HingeLoss(GANLoss):
 class NonSaturatingLoss(GANLoss):
     """D: -E log sigmoid D(x) - E log(1 - sigmoid D(G(z))) (binary cross-entropy on logits).
     G: -E log sigmoid D(G(z)) (the non-saturating G loss of Goodfellow et al., used by the SN-GAN paper)."""
+
     name = "nonsat"
 
     def d_loss(self, D, real, fake, gen=None):
@@ -74,6 +77,7 @@ class WGANGPLoss(GANLoss):
     """Critic D: E D(G(z)) - E D(x) + lam * E (||grad D(x_hat)||_2 - 1)^2 with x_hat = eps x + (1 - eps) G(z),
     eps ~ U(0, 1) per sample (Gulrajani et al. 2017). G: -E D(G(z)). The penalty needs the gradient of D's
     output with respect to its input with create_graph=True: a double backward through spectral norm."""
+
     name = "wgan-gp"
 
     def __init__(self, lam: float = 10.0) -> None:
@@ -153,8 +157,9 @@ class TripletLoss(GANLoss):
         return (e_x.mean(0) - e_g.mean(0)).pow(2).sum(), {}
 
 
-def make_loss(name: str, *, alpha: float = 1.0, embed_dim: int = 16, triplet_g: str = "seed",
-              gp_lambda: float = 10.0) -> GANLoss:
+def make_loss(
+    name: str, *, alpha: float = 1.0, embed_dim: int = 16, triplet_g: str = "seed", gp_lambda: float = 10.0
+) -> GANLoss:
     if name == "hinge":
         return HingeLoss()
     if name == "nonsat":

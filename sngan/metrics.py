@@ -13,6 +13,7 @@ In its penultimate (128-d) features:
 Inception FID / IS run only when you supply the Inception weights file (torch-fidelity's pt_inception-2015-12-05
 .pth) and torch-fidelity is installed; otherwise they are reported as not available, with the reason.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageData, Mixture, to_float, to_uint8
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2-D mixtures
@@ -73,8 +73,16 @@ class Classifier(nn.Module):
             return [nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.body = nn.Sequential(
-            *block(channels, 16), nn.MaxPool2d(2), *block(16, 32), nn.MaxPool2d(2), *block(32, 64),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, self.num_features), nn.ReLU())
+            *block(channels, 16),
+            nn.MaxPool2d(2),
+            *block(16, 32),
+            nn.MaxPool2d(2),
+            *block(32, 64),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, self.num_features),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(self.num_features, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +133,7 @@ def train_classifier(data: ImageData, epochs: int, seed: int = 0, log=print) -> 
     opt = torch.optim.Adam(clf.parameters(), 1e-3)
     n = len(data.train_x)
     t0 = time.time()
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         clf.train()
         perm = torch.randperm(n, generator=g)
         for idx in perm.split(128):
@@ -155,8 +163,15 @@ def get_classifier(data: ImageData, cache_dir: str, epochs: int | None = None, l
         info = json.loads(blob["info"])
         return clf.eval(), info
     clf, acc = train_classifier(data, epochs, log=log)
-    info = {"data": data.name, "shape": list(data.shape), "epochs": epochs, "test_accuracy": acc,
-            "n_train": len(data.train_x), "n_test": len(data.test_x), "path": path}
+    info = {
+        "data": data.name,
+        "shape": list(data.shape),
+        "epochs": epochs,
+        "test_accuracy": acc,
+        "n_train": len(data.train_x),
+        "n_test": len(data.test_x),
+        "path": path,
+    }
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + f".tmp{os.getpid()}"
     torch.save({"state_dict": clf.state_dict(), "info": json.dumps(info)}, tmp)
@@ -200,8 +215,9 @@ def feature_metrics(real_u8: torch.Tensor, fake_u8: torch.Tensor, feature_net: n
     warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
     # sync_on_compute=False: under DDP only rank 0 evaluates, and torchmetrics would wait for the other ranks.
     fid = FrechetInceptionDistance(feature=ident, reset_real_features=False, sync_on_compute=False)
-    kid = KernelInceptionDistance(feature=ident, subsets=20, subset_size=min(1000, len(fr), len(ff)),
-                                  sync_on_compute=False)
+    kid = KernelInceptionDistance(
+        feature=ident, subsets=20, subset_size=min(1000, len(fr), len(ff)), sync_on_compute=False
+    )
     with torch.random.fork_rng():  # KID draws its subsets from the global generator: keep training's untouched
         torch.manual_seed(seed)
         for m in (fid, kid):
@@ -227,8 +243,9 @@ class ImageMetrics:
     """Classifier-feature metrics for one data set: the classifier (cached in cache_dir) and the real set
     (the GAN's training images, at most n_real of them)."""
 
-    def __init__(self, data: ImageData, cache_dir: str, n_real: int = 10000, epochs: int | None = None,
-                 log=print) -> None:
+    def __init__(
+        self, data: ImageData, cache_dir: str, n_real: int = 10000, epochs: int | None = None, log=print
+    ) -> None:
         self.data = data
         clf, self.classifier_info = get_classifier(data, cache_dir, epochs, log=log)
         self.net = _FeatureNet(clf)
@@ -251,8 +268,11 @@ def inception_metrics(real_u8: torch.Tensor, fake_u8: torch.Tensor, weights: str
     """Inception FID / IS (torchmetrics + torch-fidelity) with a local weights file; otherwise
     {"available": False, "reason": ...}. RGB only."""
     if not weights:
-        return {"available": False, "reason": "no Inception weights given (--inception-weights PATH to "
-                "torch-fidelity's pt_inception-2015-12-05-6726825d.pth); they cannot be downloaded here"}
+        return {
+            "available": False,
+            "reason": "no Inception weights given (--inception-weights PATH to "
+            "torch-fidelity's pt_inception-2015-12-05-6726825d.pth); they cannot be downloaded here",
+        }
     if not os.path.isfile(weights):
         return {"available": False, "reason": f"Inception weights file {weights} not found"}
     if real_u8.shape[1] != 3:
@@ -260,6 +280,7 @@ def inception_metrics(real_u8: torch.Tensor, fake_u8: torch.Tensor, weights: str
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
         from torchmetrics.image.inception import InceptionScore
+
         feat = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
         logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], feature_extractor_weights_path=weights)
     except (ImportError, ModuleNotFoundError) as e:

@@ -8,6 +8,7 @@ Conv/ConvTranspose/Linear/Embedding.
 Every D takes `out_dim`: 1 for the hinge, non-saturating and Wasserstein losses, k for the triplet loss's
 embedding. `width` scales every channel count (1.0 = the paper's; the tests use tiny widths).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,16 @@ from torch import nn
 
 SN_KINDS = ("none", "torch", "sn_ext", "sn_ext_grouped")
 ARCHS = ("mlp", "cnn", "resnet")
-_SN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-             nn.ConvTranspose3d, nn.Embedding)
+_SN_TYPES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Embedding,
+)
 
 
 def apply_spectral_norm(module: nn.Module, kind: str, n_power_iterations: int = 1) -> nn.Module:
@@ -35,6 +44,7 @@ def apply_spectral_norm(module: nn.Module, kind: str, n_power_iterations: int = 
         return module
     if kind == "sn_ext_grouped":
         from sn_ext import grouped_spectral_norm
+
         return grouped_spectral_norm(module, _SN_TYPES, n_power_iterations=n_power_iterations)
     if kind == "torch":
         from torch.nn.utils.parametrizations import spectral_norm
@@ -57,8 +67,9 @@ def _c(channels: int, width: float) -> int:
 class MLPGenerator(nn.Module):
     """z -> [Linear, BN?, ReLU] x depth -> Linear -> data; tanh for images. No BN by default (toy 2-D setups)."""
 
-    def __init__(self, z_dim: int, data_shape: tuple[int, ...], hidden: int = 128, depth: int = 3,
-                 tanh: bool = False) -> None:
+    def __init__(
+        self, z_dim: int, data_shape: tuple[int, ...], hidden: int = 128, depth: int = 3, tanh: bool = False
+    ) -> None:
         super().__init__()
         self.z_dim, self.data_shape, self.tanh = z_dim, tuple(data_shape), tanh
         layers, d = [], z_dim
@@ -80,8 +91,9 @@ class MLPDiscriminator(nn.Module):
     1-Lipschitz, so on the ring (modes 0.77 apart) its outputs stay near +-0.05, the hinge never saturates and G
     gets no push into the sigma = 0.01 modes; at 10x the hinge's margin of 1 is reachable (see README, GAN results)."""
 
-    def __init__(self, data_shape: tuple[int, ...], hidden: int = 128, depth: int = 3, out_dim: int = 1,
-                 out_scale: float = 1.0) -> None:
+    def __init__(
+        self, data_shape: tuple[int, ...], hidden: int = 128, depth: int = 3, out_dim: int = 1, out_scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.out_scale = out_scale
         layers, d = [], math.prod(data_shape)
@@ -244,8 +256,17 @@ class ResNetDiscriminator(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_models(arch: str, data_shape: tuple[int, ...], *, z_dim: int, width: float = 1.0, out_dim: int = 1,
-                 sn: str = "none", n_power_iterations: int = 1, d_scale: float = 1.0) -> tuple[nn.Module, nn.Module]:
+def build_models(
+    arch: str,
+    data_shape: tuple[int, ...],
+    *,
+    z_dim: int,
+    width: float = 1.0,
+    out_dim: int = 1,
+    sn: str = "none",
+    n_power_iterations: int = 1,
+    d_scale: float = 1.0,
+) -> tuple[nn.Module, nn.Module]:
     """(G, D) for data of shape (d,) (points) or (C, H, W) (images in [-1, 1]); spectral norm `sn` on D only.
     `d_scale` multiplies the MLP discriminator's output (see MLPDiscriminator); the CNN/ResNet take only 1."""
     if arch != "mlp" and d_scale != 1.0:

@@ -14,6 +14,7 @@ per rank whose state is checkpointed with the models, the optimisers and the ste
 generators. So a run resumed from step N continues exactly as if it had not stopped (bit for bit on CPU; on GPU up
 to the kernels' own non-determinism).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,49 +55,64 @@ PRESETS = {
 class Config:
     data: str = "ring8"
     data_root: str | None = None
-    img_size: int | None = None           # default: 16 digits, 32 CIFAR-10 / folder, 48 STL-10
-    arch: str | None = None               # default: mlp for 2-D data, cnn for images
+    img_size: int | None = None  # default: 16 digits, 32 CIFAR-10 / folder, 48 STL-10
+    arch: str | None = None  # default: mlp for 2-D data, cnn for images
     loss: str = "hinge"
     sn: str = "sn_ext"
     n_power_iterations: int = 1
-    steps: int | None = None              # generator updates; default 8000 (2-D), 10000 (images)
-    preset: str | None = None             # default: toy (mlp on 2-D), resnet (resnet), C (otherwise)
+    steps: int | None = None  # generator updates; default 8000 (2-D), 10000 (images)
+    preset: str | None = None  # default: toy (mlp on 2-D), resnet (resnet), C (otherwise)
     lr: float | None = None
     beta1: float | None = None
     beta2: float | None = None
     n_dis: int | None = None
-    lr_decay: str | None = None           # none | linear (to 0 at the last step)
-    batch_size: int | None = None         # D batch (real and fake each); default 64
-    g_batch_size: int | None = None       # G batch; default = batch_size
-    z_dim: int | None = None              # default 16 (2-D), 128 (images)
-    width: float = 1.0                    # scales every channel / hidden width
-    d_scale: float | None = None          # constant factor on the MLP D's output; default 10 (toy preset), else 1
-    embed_dim: int = 16                   # triplet losses: D's embedding size
-    alpha: float = 1.0                    # triplet margin
+    lr_decay: str | None = None  # none | linear (to 0 at the last step)
+    batch_size: int | None = None  # D batch (real and fake each); default 64
+    g_batch_size: int | None = None  # G batch; default = batch_size
+    z_dim: int | None = None  # default 16 (2-D), 128 (images)
+    width: float = 1.0  # scales every channel / hidden width
+    d_scale: float | None = None  # constant factor on the MLP D's output; default 10 (toy preset), else 1
+    embed_dim: int = 16  # triplet losses: D's embedding size
+    alpha: float = 1.0  # triplet margin
     triplet_g: str = "seed"
     gp_lambda: float = 10.0
     seed: int = 0
     device: str = "auto"
     out: str | None = None
     resume: str | None = None
-    stop_after: int | None = None         # stop (with a checkpoint) after this many steps of this run
-    ckpt_every: int | None = None         # default steps // 4 (and always at the end)
-    sample_every: int | None = None       # default steps // 5
-    eval_every: int | None = None         # default steps // 5 for 2-D; 0 (only at the end) for images
-    eval_samples: int | None = None       # default 2500 (2-D), min(5000, real images)
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this run
+    ckpt_every: int | None = None  # default steps // 4 (and always at the end)
+    sample_every: int | None = None  # default steps // 5
+    eval_every: int | None = None  # default steps // 5 for 2-D; 0 (only at the end) for images
+    eval_samples: int | None = None  # default 2500 (2-D), min(5000, real images)
     log_every: int = 50
     metrics_cache: str = os.path.join("runs", "cache")
     classifier_epochs: int | None = None
     inception_weights: str | None = None
     tensorboard: bool = False
     progress: bool = True
-    threads: int | None = None            # torch intra-op threads; default 1 for the MLP on 2-D data, else torch's
+    threads: int | None = None  # torch intra-op threads; default 1 for the MLP on 2-D data, else torch's
 
 
 # What a resumed run may change; everything else comes from the checkpoint.
-RUNTIME_KEYS = {"steps", "device", "out", "resume", "stop_after", "ckpt_every", "sample_every", "eval_every", "eval_samples",
-                "log_every", "metrics_cache", "classifier_epochs", "inception_weights", "tensorboard", "progress",
-                "threads"}
+RUNTIME_KEYS = {
+    "steps",
+    "device",
+    "out",
+    "resume",
+    "stop_after",
+    "ckpt_every",
+    "sample_every",
+    "eval_every",
+    "eval_samples",
+    "log_every",
+    "metrics_cache",
+    "classifier_epochs",
+    "inception_weights",
+    "tensorboard",
+    "progress",
+    "threads",
+}
 
 
 def resolve(cfg: Config, points: bool) -> Config:
@@ -181,8 +197,11 @@ def rank_consistency(G: nn.Module, D: nn.Module, d: Dist) -> dict:
     }
     gathered = [None] * d.world
     dist.all_gather_object(gathered, parts)
-    return {"world_size": d.world, **{f"{k}_identical": all(g[k] == parts[k] for g in gathered) for k in parts},
-            "n_sn_buffers": sum(1 for k in sd if k.endswith("._u") or k.endswith("._v"))}
+    return {
+        "world_size": d.world,
+        **{f"{k}_identical": all(g[k] == parts[k] for g in gathered) for k in parts},
+        "n_sn_buffers": sum(1 for k in sd if k.endswith("._u") or k.endswith("._v")),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,11 +212,14 @@ def save_samples(path: str, samples: torch.Tensor, data) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if isinstance(data, ImageData):
         from torchvision.utils import save_image
+
         n = min(64, len(samples))
-        save_image(samples[:n].float().cpu(), path, nrow=int(math.ceil(math.sqrt(n))), normalize=True,
-                   value_range=(-1, 1))
+        save_image(
+            samples[:n].float().cpu(), path, nrow=int(math.ceil(math.sqrt(n))), normalize=True, value_range=(-1, 1)
+        )
         return
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -244,12 +266,14 @@ class Evaluator:
         if self.points:
             return mixture_metrics(samples, self.data)
         if self._image_metrics is None:
-            self._image_metrics = ImageMetrics(self.data, self.cfg.metrics_cache, epochs=self.cfg.classifier_epochs,
-                                               log=self.log)
+            self._image_metrics = ImageMetrics(
+                self.data, self.cfg.metrics_cache, epochs=self.cfg.classifier_epochs, log=self.log
+            )
         out = self._image_metrics(samples)
         if self.cfg.inception_weights:
-            out["inception"] = inception_metrics(self.data.images[:10000], to_uint8(samples),
-                                                 self.cfg.inception_weights)
+            out["inception"] = inception_metrics(
+                self.data.images[:10000], to_uint8(samples), self.cfg.inception_weights
+            )
         return out
 
 
@@ -281,8 +305,10 @@ def _merge_resume(cfg: Config, saved: dict, explicit: set[str]) -> Config:
         if k in RUNTIME_KEYS:
             setattr(base, k, new)
         elif new != old:
-            raise ValueError(f"--resume: --{k.replace('_', '-')} {new} differs from the checkpoint's {old}; "
-                             f"only {', '.join(sorted(RUNTIME_KEYS))} may change on resume")
+            raise ValueError(
+                f"--resume: --{k.replace('_', '-')} {new} differs from the checkpoint's {old}; "
+                f"only {', '.join(sorted(RUNTIME_KEYS))} may change on resume"
+            )
     if "out" not in explicit:
         base.out = os.path.dirname(os.path.abspath(cfg.resume)) if not os.path.isdir(cfg.resume) else cfg.resume
     base.resume = cfg.resume
@@ -329,11 +355,20 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
         os.makedirs(out, exist_ok=True)
         _write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
 
-    loss = make_loss(cfg.loss, alpha=cfg.alpha, embed_dim=cfg.embed_dim, triplet_g=cfg.triplet_g,
-                     gp_lambda=cfg.gp_lambda)
+    loss = make_loss(
+        cfg.loss, alpha=cfg.alpha, embed_dim=cfg.embed_dim, triplet_g=cfg.triplet_g, gp_lambda=cfg.gp_lambda
+    )
     torch.manual_seed(cfg.seed)  # the initial weights (and SN's initial u, v): identical on every rank
-    G, D = build_models(cfg.arch, data.shape, z_dim=cfg.z_dim, width=cfg.width, out_dim=loss.out_dim, sn=cfg.sn,
-                        n_power_iterations=cfg.n_power_iterations, d_scale=cfg.d_scale)
+    G, D = build_models(
+        cfg.arch,
+        data.shape,
+        z_dim=cfg.z_dim,
+        width=cfg.width,
+        out_dim=loss.out_dim,
+        sn=cfg.sn,
+        n_power_iterations=cfg.n_power_iterations,
+        d_scale=cfg.d_scale,
+    )
     G, D = G.to(d.device), D.to(d.device)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -377,9 +412,14 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
         m = evaluator(Gm, d.device)
         m["step"], m["eval_seconds"] = at, round(time.time() - t, 3)
         history_evals.append(m)
-        log(f"step {at}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in m.items() if k in ("modes_covered", "high_quality_pct", "fid",
-                                                                      "kid", "precision", "recall")))
+        log(
+            f"step {at}: "
+            + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in m.items()
+                if k in ("modes_covered", "high_quality_pct", "fid", "kid", "precision", "recall")
+            )
+        )
         if writer is not None:
             for k, v in m.items():
                 if isinstance(v, (int, float)) and v is not None:
@@ -392,16 +432,34 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
             states = [None] * d.world
             dist.all_gather_object(states, gen.get_state())
         if d.main:
-            _atomic_save({"config": dataclasses.asdict(cfg), "step": at, "G": Gm.state_dict(), "D": Dm.state_dict(),
-                          "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "gen_states": states,
-                          "torch_rng": torch.get_rng_state(), "evals": history_evals, "elapsed": elapsed},
-                         os.path.join(out, "checkpoint.pt"))
+            _atomic_save(
+                {
+                    "config": dataclasses.asdict(cfg),
+                    "step": at,
+                    "G": Gm.state_dict(),
+                    "D": Dm.state_dict(),
+                    "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(),
+                    "gen_states": states,
+                    "torch_rng": torch.get_rng_state(),
+                    "evals": history_evals,
+                    "elapsed": elapsed,
+                },
+                os.path.join(out, "checkpoint.pt"),
+            )
 
     progress = None
     if cfg.progress and d.main:
         from tqdm import tqdm
-        progress = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.data} {cfg.arch} {cfg.loss} sn={cfg.sn}",
-                        unit="step", dynamic_ncols=True, file=sys.stderr)
+
+        progress = tqdm(
+            total=cfg.steps,
+            initial=step,
+            desc=f"{cfg.data} {cfg.arch} {cfg.loss} sn={cfg.sn}",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
     jsonl = open(os.path.join(out, "metrics.jsonl"), "a") if d.main else None
     t0 = time.time()
     start_step = step
@@ -443,9 +501,14 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
             if step % 10 == 0 or step == cfg.steps:
                 progress.set_postfix(d=f"{d_loss.item():.3f}", g=f"{g_loss.item():.3f}", refresh=False)
         if d.main and (step % cfg.log_every == 0 or step == cfg.steps):
-            rec = {"step": step, "d_loss": d_loss.item(), "g_loss": g_loss.item(), "lr": lr,
-                   **{k: float(v) for k, v in stats.items()},
-                   "steps_per_s": (step - start_step) / max(time.time() - t0, 1e-9)}
+            rec = {
+                "step": step,
+                "d_loss": d_loss.item(),
+                "g_loss": g_loss.item(),
+                "lr": lr,
+                **{k: float(v) for k, v in stats.items()},
+                "steps_per_s": (step - start_step) / max(time.time() - t0, 1e-9),
+            }
             jsonl.write(json.dumps(rec) + "\n")
             jsonl.flush()
             if writer is not None:
@@ -453,8 +516,11 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, step)
         if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-            save_samples(os.path.join(out, "samples", f"step_{step:06d}.png"),
-                         generate(Gm, 2500 if points else 64, cfg.z_dim, cfg.seed + 20_000, d.device), data)
+            save_samples(
+                os.path.join(out, "samples", f"step_{step:06d}.png"),
+                generate(Gm, 2500 if points else 64, cfg.z_dim, cfg.seed + 20_000, d.device),
+                data,
+            )
         if d.main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             if not history_evals or history_evals[-1]["step"] != step:
                 evaluate_now(step)
@@ -474,22 +540,36 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
         samples_png = os.path.join(out, "samples", "final.png")
         save_samples(samples_png, generate(Gm, 2500 if points else 64, cfg.z_dim, cfg.seed + 20_000, d.device), data)
         import sn_ext
-        result.update({
-            "final": final,
-            "evals": history_evals,
-            "train": {"steps": step, "steps_this_run": step - start_step, "seconds_this_run": round(seconds, 3),
-                      "steps_per_s": (step - start_step) / max(seconds, 1e-9),
-                      "seconds_total": round(elapsed_before + seconds, 3),
-                      "d_loss": d_loss.item(), "g_loss": g_loss.item(), "world_size": d.world,
-                      "device": str(d.device)},
-            "config": dataclasses.asdict(cfg),
-            "sn_ext": {"version": sn_ext.__version__, "compiled": sn_ext.ops.library_status.loaded,
-                       "disabled_by_env": os.environ.get("SN_EXT_DISABLE_EXT", "") == "1"},
-            "samples": samples_png,
-        })
+
+        result.update(
+            {
+                "final": final,
+                "evals": history_evals,
+                "train": {
+                    "steps": step,
+                    "steps_this_run": step - start_step,
+                    "seconds_this_run": round(seconds, 3),
+                    "steps_per_s": (step - start_step) / max(seconds, 1e-9),
+                    "seconds_total": round(elapsed_before + seconds, 3),
+                    "d_loss": d_loss.item(),
+                    "g_loss": g_loss.item(),
+                    "world_size": d.world,
+                    "device": str(d.device),
+                },
+                "config": dataclasses.asdict(cfg),
+                "sn_ext": {
+                    "version": sn_ext.__version__,
+                    "compiled": sn_ext.ops.library_status.loaded,
+                    "disabled_by_env": os.environ.get("SN_EXT_DISABLE_EXT", "") == "1",
+                },
+                "samples": samples_png,
+            }
+        )
         _write_json(os.path.join(out, "metrics.json"), result)
-        log(f"wrote {out}/metrics.json, {samples_png}, {out}/checkpoint.pt ({step - start_step} steps in "
-            f"{seconds:.1f}s, {(step - start_step) / max(seconds, 1e-9):.1f} steps/s)")
+        log(
+            f"wrote {out}/metrics.json, {samples_png}, {out}/checkpoint.pt ({step - start_step} steps in "
+            f"{seconds:.1f}s, {(step - start_step) / max(seconds, 1e-9):.1f} steps/s)"
+        )
     if jsonl is not None:
         jsonl.close()
     if writer is not None:
@@ -502,8 +582,12 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sngan.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m sngan.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     a = p.add_argument
     S = argparse.SUPPRESS  # unset options stay out of the namespace: we know which were given (for --resume)
     a("--data", choices=DATASETS, default=S, help="training data (default ring8)")
@@ -511,14 +595,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--img-size", type=int, default=S, help="image side (default 16 digits, 32 cifar10/folder, 48 stl10)")
     a("--arch", choices=ARCHS, default=S, help="G/D architecture (default mlp for 2-D, cnn for images)")
     a("--loss", choices=LOSSES, default=S, help="default hinge")
-    a("--sn", choices=SN_KINDS, default=S,
-      help="spectral norm on D: none, torch, sn_ext or sn_ext_grouped (default sn_ext)")
+    a(
+        "--sn",
+        choices=SN_KINDS,
+        default=S,
+        help="spectral norm on D: none, torch, sn_ext or sn_ext_grouped (default sn_ext)",
+    )
     a("--n-power-iterations", type=int, default=S)
     a("--steps", type=int, default=S, help="generator updates (default 8000 for 2-D, 10000 for images)")
-    a("--preset", choices=list(PRESETS), default=S,
-      help="Adam settings: A-F (paper Table 1), resnet (2e-4, (0, 0.9), n_dis 5, linear decay, batch 64/128), "
-           "toy (the 2-D default: lr 1e-3 (0.5, 0.9), n_dis 2, linear decay, batch 128, --d-scale 10). "
-           "Default toy (2-D), resnet, else C")
+    a(
+        "--preset",
+        choices=list(PRESETS),
+        default=S,
+        help="Adam settings: A-F (paper Table 1), resnet (2e-4, (0, 0.9), n_dis 5, linear decay, batch 64/128), "
+        "toy (the 2-D default: lr 1e-3 (0.5, 0.9), n_dis 2, linear decay, batch 128, --d-scale 10). "
+        "Default toy (2-D), resnet, else C",
+    )
     a("--lr", type=float, default=S)
     a("--beta1", type=float, default=S)
     a("--beta2", type=float, default=S)
@@ -528,13 +620,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--g-batch-size", type=int, default=S)
     a("--z-dim", type=int, default=S)
     a("--width", type=float, default=S, help="scale all channel counts (default 1.0 = the paper's)")
-    a("--d-scale", type=float, default=S,
-      help="constant factor on the MLP discriminator's output (default 10 with the toy preset, else 1)")
+    a(
+        "--d-scale",
+        type=float,
+        default=S,
+        help="constant factor on the MLP discriminator's output (default 10 with the toy preset, else 1)",
+    )
     a("--embed-dim", type=int, default=S, help="triplet losses: D's embedding size k (default 16)")
     a("--alpha", type=float, default=S, help="triplet margin (default 1.0)")
-    a("--triplet-g", choices=TRIPLET_G, default=S,
-      help="triplet G loss: seed = ||D(G(z))||^2 (default), seed_max = -||D(G(z))||^2, anchor = ||D(x)-D(G(z))||^2,"
-           " mean = ||mean D(x) - mean D(G(z))||^2")
+    a(
+        "--triplet-g",
+        choices=TRIPLET_G,
+        default=S,
+        help="triplet G loss: seed = ||D(G(z))||^2 (default), seed_max = -||D(G(z))||^2, anchor = ||D(x)-D(G(z))||^2,"
+        " mean = ||mean D(x) - mean D(G(z))||^2",
+    )
     a("--gp-lambda", type=float, default=S)
     a("--seed", type=int, default=S)
     a("--device", default=S, help="auto (default), cpu, cuda, cuda:1 ...")
@@ -572,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cli() -> int:
     from .data import DataNotFoundError
+
     try:
         return main()
     except (DataNotFoundError, ValueError, ImportError) as e:

@@ -3,9 +3,10 @@ relative errors, the tolerance table, and the module cases the parity tests run 
 
 The installed torch is the oracle. Every comparison is normwise: ``max|ours - ref| / max|ref|``.
 """
+
 import copy
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -105,17 +106,21 @@ CASES = [
     Case("linear_primes", lambda: nn.Linear(13, 7), _float_input(5, 13)),
     Case("conv2d_primes", lambda: nn.Conv2d(5, 11, 3), _float_input(1, 5, 7, 5)),
     Case("linear_transposed_weight", lambda: _transposed_linear(7, 5), _float_input(3, 7)),
-    Case("conv2d_channels_last", lambda: nn.Conv2d(3, 5, 3).to(memory_format=torch.channels_last),
-         _float_input(2, 3, 5, 6)),
-    Case("conv_transpose2d_channels_last", lambda: nn.ConvTranspose2d(3, 5, 2).to(memory_format=torch.channels_last),
-         _float_input(2, 3, 4, 3)),
+    Case(
+        "conv2d_channels_last",
+        lambda: nn.Conv2d(3, 5, 3).to(memory_format=torch.channels_last),
+        _float_input(2, 3, 5, 6),
+    ),
+    Case(
+        "conv_transpose2d_channels_last",
+        lambda: nn.ConvTranspose2d(3, 5, 2).to(memory_format=torch.channels_last),
+        _float_input(2, 3, 4, 3),
+    ),
     Case("linear_n3", lambda: nn.Linear(8, 5), _float_input(3, 8), {"n_power_iterations": 3}),
-    Case("conv2d_n3_dim1", lambda: nn.Conv2d(3, 4, 3), _float_input(2, 3, 5, 5),
-         {"n_power_iterations": 3, "dim": 1}),
+    Case("conv2d_n3_dim1", lambda: nn.Conv2d(3, 4, 3), _float_input(2, 3, 5, 5), {"n_power_iterations": 3, "dim": 1}),
     Case("conv2d_dim2", lambda: nn.Conv2d(3, 4, 3, padding=1), _float_input(1, 3, 4, 4), {"dim": 2}),
     # torch's legacy spectral_norm does not wrap a negative dim (its permute fails): parametrization only.
-    Case("conv2d_dim_neg1", lambda: nn.Conv2d(3, 4, (2, 3)), _float_input(1, 3, 4, 5), {"dim": -1},
-         legacy_ok=False),
+    Case("conv2d_dim_neg1", lambda: nn.Conv2d(3, 4, (2, 3)), _float_input(1, 3, 4, 5), {"dim": -1}, legacy_ok=False),
     Case("linear_dim_neg2", lambda: nn.Linear(6, 5), _float_input(2, 6), {"dim": -2}, legacy_ok=False),
     Case("conv_transpose1d_dim0", lambda: nn.ConvTranspose1d(4, 3, 3), _float_input(2, 4, 5), {"dim": 0}),
 ]
@@ -162,8 +167,16 @@ def copy_vectors(dst: nn.Module, src: nn.Module, name: str = "weight", legacy: b
             d.copy_(s)
 
 
-def make_pair(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0, *, legacy: bool = False,
-              copy_buffers: bool = True, train: bool = True, **override) -> tuple[nn.Module, nn.Module]:
+def make_pair(
+    case: Case,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    *,
+    legacy: bool = False,
+    copy_buffers: bool = True,
+    train: bool = True,
+    **override,
+) -> tuple[nn.Module, nn.Module]:
     """(torch module, sn_ext module): equal weights, spectral norm registered after the same seed.
 
     With copy_buffers, sn_ext's u, v are then set to torch's (they agree only to rounding after the warm-up
@@ -259,12 +272,14 @@ APPLY = {
 LEGACY = {"torch_legacy", "sn_ext_legacy"}
 
 
-def small_backend_net(register: Callable[..., nn.Module], backend: str | None, device: str,
-                      dtype: torch.dtype) -> nn.Module:
+def small_backend_net(
+    register: Callable[..., nn.Module], backend: str | None, device: str, dtype: torch.dtype
+) -> nn.Module:
     """Conv2d, ConvTranspose2d (dim=1) and Linear, each with `register(layer, backend=backend)`, seeded."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(),
-                        nn.Linear(2 * 6 * 6, 3)).to(device=device, dtype=dtype)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)
+    ).to(device=device, dtype=dtype)
     torch.manual_seed(1)
     for layer in net:
         if hasattr(layer, "weight"):
@@ -281,8 +296,9 @@ def apply_to_layers(net: nn.Module, apply: Callable[[nn.Module], nn.Module], see
     return net
 
 
-def make_net_pair(make_net: Callable[[], nn.Module], dtype: torch.dtype = torch.float64, seed: int = 0,
-                  train: bool = True) -> tuple[nn.Module, nn.Module]:
+def make_net_pair(
+    make_net: Callable[[], nn.Module], dtype: torch.dtype = torch.float64, seed: int = 0, train: bool = True
+) -> tuple[nn.Module, nn.Module]:
     """(torch net, sn_ext net): spectral norm on every layer with a >= 2-D weight, equal weights and buffers."""
     torch.manual_seed(seed)
     base = make_net().to(dtype).train(train)

@@ -1,5 +1,6 @@
 """Tiny stand-ins for CIFAR-10 and STL-10 in torchvision's on-disk formats, and an ImageFolder, for the sngan
 tests (the real data sets cannot be downloaded here, and sngan never downloads)."""
+
 import os
 import pickle
 

@@ -1,18 +1,18 @@
 """Choosing the kernels (sn_ext.backends): the `backend=` argument and $SN_EXT_BACKEND, what "auto" picks, that
 every backend gives the same numbers, that a choice costs nothing per step, and the errors that say why a named
 backend cannot run. The Triton kernels themselves are tested in test_triton.py."""
+
 import copy
 import io
 
 import pytest
 import torch
+from helpers import small_backend_net
 from torch import nn
 from torch.nn.utils import parametrize
 
 import sn_ext
 from sn_ext import backends
-
-from helpers import small_backend_net
 
 USABLE = [name for name in backends.BACKENDS if name != "triton" and not backends.get(name).unavailable_reasons()]
 UNUSABLE = [name for name in backends.BACKENDS if name != "triton" and backends.get(name).unavailable_reasons()]
@@ -113,8 +113,10 @@ def test_unusable_backend_says_why(kind, backend):
 def test_backend_refuses_a_weight_it_cannot_take(kind):
     layer = _net(kind, backend="cpu")[0]
     layer.to("meta")
-    with pytest.raises(backends.BackendUnavailable,
-                       match=r"'cpu' backend cannot take a torch.float64 weight on meta: it takes CPU tensors"):
+    with pytest.raises(
+        backends.BackendUnavailable,
+        match=r"'cpu' backend cannot take a torch.float64 weight on meta: it takes CPU tensors",
+    ):
         layer(torch.empty(1, 3, 5, 5, device="meta", dtype=torch.float64))
 
 
@@ -177,9 +179,11 @@ def test_info_lists_every_backend_and_the_automatic_choice():
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     assert list(info["auto"]) == devices
     for device in devices:
-        assert info["auto"][device] == {**{dtype: _expected_auto(device)
-                                           for dtype in ("float32", "float64", "float16", "bfloat16")},
-                                        "complex64": "reference", "complex128": "reference"}
+        assert info["auto"][device] == {
+            **{dtype: _expected_auto(device) for dtype in ("float32", "float64", "float16", "bfloat16")},
+            "complex64": "reference",
+            "complex128": "reference",
+        }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

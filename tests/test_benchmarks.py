@@ -2,6 +2,7 @@
 the CSVs and the plots with the expected rows and columns. Timings are not checked.
 
 Once per CI run is enough: skipped on the pure-PyTorch fallback run (SN_EXT_DISABLE_EXT=1)."""
+
 import csv
 import json
 import os
@@ -16,8 +17,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import bandwidth, gan_step, layer, layers, records  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("SN_EXT_DISABLE_EXT") == "1",
-                                reason="runs once per CI run, with the compiled kernels")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("SN_EXT_DISABLE_EXT") == "1", reason="runs once per CI run, with the compiled kernels"
+)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -29,16 +31,32 @@ def _rows(path: Path) -> list[dict]:
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
 
 def test_every_file_is_written(quick_run):
     out, stdout = quick_run
-    for name in ("report.md", "layer.csv", "layers.csv", "gan.csv", "layer.json", "layers.json", "gan.json",
-                 "layer.png", "layers.png", "gan.png"):
+    for name in (
+        "report.md",
+        "layer.csv",
+        "layers.csv",
+        "gan.csv",
+        "layer.json",
+        "layers.json",
+        "gan.json",
+        "layer.png",
+        "layers.png",
+        "gan.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     for name in ("layer.png", "layers.png", "gan.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -50,8 +68,13 @@ def test_layer_rows(quick_run):
     rows = _rows(out / "layer.csv")
     assert list(rows[0]) == layer.COLUMNS + records.META_COLUMNS
     settings = json.loads((out / "layer.json").read_text())
-    expected = {(s, d, m, p) for s in layer.QUICK_SHAPES for d in ("float32", "bfloat16") for m in layer.MODES
-                for p in layer.PROVIDERS}
+    expected = {
+        (s, d, m, p)
+        for s in layer.QUICK_SHAPES
+        for d in ("float32", "bfloat16")
+        for m in layer.MODES
+        for p in layer.PROVIDERS
+    }
     assert {(r["shape"], r["dtype"], r["mode"], r["provider"]) for r in rows} == expected
     assert settings["quick"] and not settings["compile"]
     ok = {r["provider"] for r in rows if r["status"] == "ok"}
@@ -69,7 +92,8 @@ def test_layers_rows(quick_run):
     rows = _rows(out / "layers.csv")
     assert list(rows[0]) == layers.COLUMNS + records.META_COLUMNS
     assert {(int(r["layers"]), r["provider"]) for r in rows} == {
-        (n, p) for n in layers.QUICK_LAYER_COUNTS for p in layers.PROVIDERS}
+        (n, p) for n in layers.QUICK_LAYER_COUNTS for p in layers.PROVIDERS
+    }
     assert all(r["status"] == "ok" and int(r["ops"]) > 0 and float(r["median_us"]) > 0 for r in rows)
     ops = {(int(r["layers"]), r["provider"]): int(r["ops"]) for r in rows}
     assert ops[(16, "torch")] > ops[(16, "sn_ext")]  # torch's many small ops per layer
@@ -80,8 +104,11 @@ def test_gan_rows(quick_run):
     rows = _rows(out / "gan.csv")
     assert list(rows[0]) == gan_step.COLUMNS + records.META_COLUMNS
     assert {(r["arch"], r["sn"], r["mode"], r["step"]) for r in rows} == {
-        (a, s, "eager", step) for a in gan_step.ARCHS for s in ("none", "torch", "sn_ext", "sn_ext_grouped")
-        for step in gan_step.STEPS}
+        (a, s, "eager", step)
+        for a in gan_step.ARCHS
+        for s in ("none", "torch", "sn_ext", "sn_ext_grouped")
+        for step in gan_step.STEPS
+    }
     assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
 
 
@@ -97,8 +124,16 @@ def test_bandwidth_rows(quick_run):
 def test_report_has_a_table_per_part(quick_run):
     out, _ = quick_run
     report = (out / "report.md").read_text()
-    for heading in ("## One layer", "### train, float32", "### eval, bfloat16", "## Many layers",
-                    "## SN-GAN training steps", "### cnn, eager", "### resnet, eager", "## Bandwidth"):
+    for heading in (
+        "## One layer",
+        "### train, float32",
+        "### eval, bfloat16",
+        "## Many layers",
+        "## SN-GAN training steps",
+        "### cnn, eager",
+        "### resnet, eager",
+        "## Bandwidth",
+    ):
         assert heading in report
     assert "Quick run" in report and "torch / sn_ext cpu" in report and "(layer.png)" in report
     assert "torch.compile not run" in report  # what --quick leaves out is stated

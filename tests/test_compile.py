@@ -6,24 +6,27 @@ On the CPU the matrix runs with torch.compile's "aot_eager" backend (dynamo + AO
 kernels and autograd formulas, no code generation: fast); one test runs Inductor itself. With a CUDA device the
 "cuda" and "triton" backends run under Inductor too. torch._dynamo.reset() between cases keeps them independent.
 """
+
 import copy
 
 import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
+from helpers import small_backend_net
 from torch import nn
 
 import sn_ext
 from sn_ext import backends
 
-from helpers import small_backend_net
-
 REGISTER = {"parametrization": sn_ext.spectral_norm, "legacy": sn_ext.legacy.spectral_norm}
 CASES = [(name, "cpu") for name in ("cpu", "reference") if not backends.get(name).unavailable_reasons()]
 if torch.cuda.is_available():
-    CASES += [(name, "cuda") for name in ("cuda", "triton", "reference")
-              if not backends.get(name).not_supported_reasons("cuda", torch.float32)]
+    CASES += [
+        (name, "cuda")
+        for name in ("cuda", "triton", "reference")
+        if not backends.get(name).not_supported_reasons("cuda", torch.float32)
+    ]
 
 
 @pytest.fixture(autouse=True)

@@ -6,18 +6,18 @@ Every comparison is normwise: max|ours - ref| / max|ref|. The float64 oracle run
 copies of the same (low-precision) inputs, so the tolerance covers our fp32 accumulation and the rounding of u, v
 and W_sn to the weight's dtype. Skipped without a CUDA device; the whole file takes well under a minute on an H100.
 """
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 
 import sn_ext
 from sn_ext import _library, ops, reference
-
-from helpers import rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -49,7 +49,6 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
@@ -213,8 +212,9 @@ def _check_backward(case, dtype, grad_layout="same"):
     out = ops.spectral_normalize_backward(grad, w_sn, u_new, v_new, sigma, dim)
     assert out.dtype == dtype and out.shape == weight.shape
     assert out.stride() == torch.empty_like(w_sn).stride()
-    ref = reference.spectral_normalize_backward(grad.double(), w_sn.double(), u_new.double(), v_new.double(),
-                                                sigma.double(), dim)
+    ref = reference.spectral_normalize_backward(
+        grad.double(), w_sn.double(), u_new.double(), v_new.double(), sigma.double(), dim
+    )
     assert_close(out, ref, TOL[dtype], f"{case[0]} {dtype} {grad_layout} grad_W")
 
 
@@ -236,8 +236,7 @@ def test_backward_matches_reference_large(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [SMALL_CASES[3], SMALL_CASES[6], SMALL_CASES[12], SPLIT_CASES[2]],
-                         ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [SMALL_CASES[3], SMALL_CASES[6], SMALL_CASES[12], SPLIT_CASES[2]], ids=lambda c: c[0])
 def test_matches_cpu_kernels(case, dtype):
     if not _library.has_compiled_kernel("CPU"):
         pytest.skip("no compiled CPU kernel")
@@ -376,13 +375,16 @@ def test_opcheck(case, dtype):
     u, v = _vectors(weight, dim)
     torch.library.opcheck(torch.ops.sn_ext.spectral_normalize.default, (weight, u, v, dim, 1, EPS, False))
     torch.library.opcheck(torch.ops.sn_ext.spectral_normalize.default, (weight, u, v, dim, 0, EPS, True))
-    torch.library.opcheck(torch.ops.sn_ext.power_iteration_.default,
-                          (weight.detach(), u.clone(), v.clone(), dim, 2, EPS, False))
+    torch.library.opcheck(
+        torch.ops.sn_ext.power_iteration_.default, (weight.detach(), u.clone(), v.clone(), dim, 2, EPS, False)
+    )
     with torch.no_grad():
         w_sn, sigma, u_new, v_new = ops.spectral_normalize(weight, u, v, dim, 1, EPS)
     grad = randn(*weight.shape, dtype=dtype, seed=60)
-    torch.library.opcheck(torch.ops.sn_ext.spectral_normalize_backward.default,
-                          (grad.requires_grad_(), w_sn.requires_grad_(), u_new, v_new, sigma, dim))
+    torch.library.opcheck(
+        torch.ops.sn_ext.spectral_normalize_backward.default,
+        (grad.requires_grad_(), w_sn.requires_grad_(), u_new, v_new, sigma, dim),
+    )
 
 
 @pytest.mark.parametrize("shape,dim", [((5, 4), 0), ((3, 2, 2, 2), 1), ((4, 3, 2), -1)])
@@ -398,9 +400,15 @@ def test_gradcheck_op(shape, dim):
     assert torch.autograd.gradgradcheck(f, (weight,))
 
 
-@pytest.mark.parametrize("make,x_shape", [(lambda: nn.Linear(5, 4), (2, 5)), (lambda: nn.Conv2d(2, 3, 2), (2, 2, 3, 3)),
-                                          (lambda: nn.ConvTranspose2d(3, 2, 2), (2, 3, 3, 3))],
-                         ids=["linear", "conv2d", "conv_transpose2d"])
+@pytest.mark.parametrize(
+    "make,x_shape",
+    [
+        (lambda: nn.Linear(5, 4), (2, 5)),
+        (lambda: nn.Conv2d(2, 3, 2), (2, 2, 3, 3)),
+        (lambda: nn.ConvTranspose2d(3, 2, 2), (2, 3, 3, 3)),
+    ],
+    ids=["linear", "conv2d", "conv_transpose2d"],
+)
 def test_gradcheck_module_weight(make, x_shape):
     # Eval mode: u, v are fixed, so the module is a function of its weight and finite differences apply.
     torch.manual_seed(71)
@@ -486,10 +494,18 @@ def test_two_forwards_then_one_backward_matches_torch(dtype):
         loss = m(x1).square().sum() + m(x2).sin().sum()  # two power iterations before one backward
         loss.backward()
     for name in ("_u", "_v"):
-        assert_close(getattr(ours.parametrizations.weight[0], name),
-                     getattr(theirs.parametrizations.weight[0], name), TORCH_TOL[dtype], name)
-    assert_close(ours.parametrizations.weight.original.grad, theirs.parametrizations.weight.original.grad,
-                 TORCH_TOL[dtype], "grad")
+        assert_close(
+            getattr(ours.parametrizations.weight[0], name),
+            getattr(theirs.parametrizations.weight[0], name),
+            TORCH_TOL[dtype],
+            name,
+        )
+    assert_close(
+        ours.parametrizations.weight.original.grad,
+        theirs.parametrizations.weight.original.grad,
+        TORCH_TOL[dtype],
+        "grad",
+    )
     assert_close(ours.bias.grad, theirs.bias.grad, TORCH_TOL[dtype], "bias grad")
 
 
@@ -531,8 +547,9 @@ def test_cuda_graph_capture_and_replay():
         torch.testing.assert_close(static_out, eager_out, msg=what)
         torch.testing.assert_close(sn_m._u, sn_e._u, msg=what)
         torch.testing.assert_close(sn_m._v, sn_e._v, msg=what)
-        torch.testing.assert_close(module.parametrizations.weight.original.grad,
-                                   eager.parametrizations.weight.original.grad, msg=what)
+        torch.testing.assert_close(
+            module.parametrizations.weight.original.grad, eager.parametrizations.weight.original.grad, msg=what
+        )
         torch.testing.assert_close(module.bias.grad, eager.bias.grad, msg=what)
 
 
@@ -542,8 +559,13 @@ def test_library_reports_cuda_backend():
 
 
 def _kernel_names(prof) -> list[str]:
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    return [
+        e.name
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and "memcpy" not in e.name.lower()
+        and "memset" not in e.name.lower()
+    ]
 
 
 @pytest.mark.parametrize("shape", [(64, 3, 3, 3), (512, 512, 3, 3), (1, 100003)], ids=str)
@@ -556,7 +578,8 @@ def test_one_launch_per_op(shape):
         "spectral_normalize": lambda: ops.spectral_normalize(weight, u, v, 0, 2, EPS),
         "power_iteration_": lambda: ops.power_iteration_(weight, u_buffer, v_buffer, 0, 1, EPS),
         "spectral_normalize_backward": lambda: ops.spectral_normalize_backward(
-            weight, weight, u, v, torch.tensor(1.5, device=DEVICE), 0),
+            weight, weight, u, v, torch.tensor(1.5, device=DEVICE), 0
+        ),
     }
     for name, call in calls.items():
         call()  # first-call work (occupancy query) outside the profile

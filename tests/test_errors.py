@@ -1,10 +1,12 @@
 """Errors that name the bad argument (module level and op level, compiled kernels and reference alike), and the
 documented degenerate behaviour: a zero or non-finite weight shows in W_sn but never poisons u and v."""
+
 import copy
 import math
 
 import pytest
 import torch
+from helpers import CASES, make_input, randn, sn_state, unit
 from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 from torch.nn.utils import parametrize
@@ -12,7 +14,6 @@ from torch.nn.utils import spectral_norm as torch_legacy_sn
 
 import sn_ext
 from sn_ext import reference
-from helpers import make_input, randn, sn_state, unit, CASES
 
 REGISTER = {"parametrization": sn_ext.spectral_norm, "legacy": sn_ext.legacy.spectral_norm}
 TORCH_REGISTER = {"parametrization": torch_param.spectral_norm, "legacy": torch_legacy_sn}
@@ -112,8 +113,11 @@ def test_negative_eps_is_a_value_error():
 # Op level: the dispatcher op (the compiled kernel when it is loaded) and the reference, same errors.
 
 IMPLS = {
-    "op": (torch.ops.sn_ext.power_iteration_, torch.ops.sn_ext.spectral_normalize,
-           torch.ops.sn_ext.spectral_normalize_backward),
+    "op": (
+        torch.ops.sn_ext.power_iteration_,
+        torch.ops.sn_ext.spectral_normalize,
+        torch.ops.sn_ext.spectral_normalize_backward,
+    ),
     "reference": (reference.power_iteration_, reference.spectral_normalize, reference.spectral_normalize_backward),
 }
 
@@ -136,8 +140,11 @@ FORWARD_BAD = {
     "dim_range": (lambda w, u, v: (w, u, v, 3, 1, 1e-12), IndexError, r"dim"),
     "empty": (lambda w, u, v: (torch.empty(0, 3), torch.empty(0), unit(3), 0, 1, 1e-12), ValueError, r"weight"),
     "weight_0d": (lambda w, u, v: (torch.tensor(1.5), unit(1), unit(1), 0, 1, 1e-12), ValueError, r"weight"),
-    "weight_complex": (lambda w, u, v: (w.to(torch.complex64), u.to(torch.complex64), v.to(torch.complex64), 1, 1,
-                                        1e-12), TypeError, r"weight.*(?i:complex)"),
+    "weight_complex": (
+        lambda w, u, v: (w.to(torch.complex64), u.to(torch.complex64), v.to(torch.complex64), 1, 1, 1e-12),
+        TypeError,
+        r"weight.*(?i:complex)",
+    ),
     "nan_eps": (lambda w, u, v: (w, u, v, 1, 1, float("nan")), ValueError, r"eps.*nan"),
 }
 

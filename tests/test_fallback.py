@@ -1,5 +1,6 @@
 """The pure-PyTorch fallback: with SN_EXT_DISABLE_EXT=1 the compiled library is not loaded, every op still runs
 (through sn_ext.reference) and still matches torch; sn_ext.info() says which backend serves the CPU."""
+
 import os
 import subprocess
 import sys
@@ -47,8 +48,9 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 
 def test_fallback_subprocess_matches_torch():
     env = dict(os.environ, SN_EXT_DISABLE_EXT="1")
-    result = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FALLBACK-OK" in result.stdout
 

@@ -1,12 +1,13 @@
 """Gradients of sn_ext's spectral norm: float64 gradcheck / gradgradcheck of W -> W_sn (eval mode, so u and v are
 fixed during the check) and of the op itself, and a gradient penalty (double backward) against torch's."""
+
 import pytest
 import torch
-from torch.autograd import gradcheck, gradgradcheck
+from helpers import assert_rel, make_net_pair, randn, tol_for, unit
 from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
 
 import sn_ext
-from helpers import assert_rel, make_net_pair, randn, tol_for, unit
 
 # (weight shape, dim): 2-D, conv 4-D, and dim=1 cases (a ConvTranspose layout), odd sizes.
 SHAPES = [((5, 7), 0), ((3, 1), 0), ((4, 3, 2, 3), 0), ((3, 5, 2, 2), 1), ((6, 5), 1), ((2, 3, 5), -1), ((7,), 0)]
@@ -67,9 +68,12 @@ def test_gradcheck_op_backward():
 
 def _discriminator():
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.LeakyReLU(0.2),
-        nn.Conv2d(4, 3, 3, stride=2), nn.LeakyReLU(0.2),
-        nn.Flatten(), nn.Linear(3 * 2 * 2, 1),
+        nn.Conv2d(2, 4, 3),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 3, 3, stride=2),
+        nn.LeakyReLU(0.2),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 1),
     )
 
 

@@ -4,17 +4,17 @@ The per-layer path is itself tested against torch (test_parity.py); grouped mode
 the same outputs, gradients and buffers, in train and eval mode, for a model called twice before one backward.
 The device-independent tests run on every visible device (the CPU kernels here, the CUDA kernel on a GPU).
 """
+
 import copy
 
 import pytest
 import torch
+from helpers import TOL, assert_rel, randn, unit
 from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 
 import sn_ext
 from sn_ext import ops, reference
-
-from helpers import TOL, assert_rel, randn, unit
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 EPS = 1e-12
@@ -93,8 +93,9 @@ def test_grouped_equals_per_layer(dtype, device):
 def test_grouped_matches_torch_spectral_norm():
     """Straight against the oracle: torch's parametrization on the same weights and vectors."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LeakyReLU(0.1), nn.ConvTranspose2d(8, 4, 3), nn.Flatten(),
-                          nn.Linear(4 * 7 * 7, 1)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.LeakyReLU(0.1), nn.ConvTranspose2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 7 * 7, 1)
+    ).double()
     theirs = copy.deepcopy(model)
     for i in (0, 2, 4):
         torch_param.spectral_norm(theirs[i])
@@ -111,8 +112,12 @@ def test_grouped_matches_torch_spectral_norm():
 
 def _layers(dtype, device, seed=0):
     """Weights of several shapes and layouts (dims 0 and 1), with unit u, v."""
-    weights = [randn(6, 4, 3, 3, dtype=dtype, seed=seed), randn(5, 9, dtype=dtype, seed=seed + 1).t(),
-               randn(4, 7, 2, 2, dtype=dtype, seed=seed + 2), randn(1, 13, dtype=dtype, seed=seed + 3)]
+    weights = [
+        randn(6, 4, 3, 3, dtype=dtype, seed=seed),
+        randn(5, 9, dtype=dtype, seed=seed + 1).t(),
+        randn(4, 7, 2, 2, dtype=dtype, seed=seed + 2),
+        randn(1, 13, dtype=dtype, seed=seed + 3),
+    ]
     dims = [0, 0, 1, 0]
     weights = [w.to(device) for w in weights]
     us = [unit(w.shape[d], dtype, seed + 10 + i).to(device) for i, (w, d) in enumerate(zip(weights, dims))]
@@ -135,8 +140,12 @@ def test_grouped_ops_equal_the_reference_per_layer(dtype, n, device):
         assert weights_sn[i].stride() == torch.empty_like(w).stride()  # the weight's layout, as torch's W / sigma
         assert_rel(weights_sn[i], ref_sn, tol, f"W_sn {i}")
         assert_rel(sigmas[i], ref_sigma, tol, f"sigma {i}")
-        for name, got, want in (("u", us[i], ref_u), ("v", vs[i], ref_v), ("u_used", us_used[i], ref_u),
-                                ("v_used", vs_used[i], ref_v)):
+        for name, got, want in (
+            ("u", us[i], ref_u),
+            ("v", vs[i], ref_v),
+            ("u_used", us_used[i], ref_u),
+            ("v_used", vs_used[i], ref_v),
+        ):
             assert_rel(got, want, tol, f"{name} {i}")
         ref_grad = reference.spectral_normalize_backward(grads[i], ref_sn, ref_u, ref_v, ref_sigma, d)
         assert_rel(grads_w[i], ref_grad, tol, f"grad {i}")
@@ -158,8 +167,11 @@ def test_grouped_op_opcheck():
     """Schema, fake kernel and autograd registration (torch.compile does not trace this op: see nn/grouped.py)."""
     weights, us, vs, dims = _layers(torch.float32, "cpu")
     weights = [w.detach().requires_grad_() for w in weights]
-    torch.library.opcheck(torch.ops.sn_ext.spectral_normalize_grouped_.default, (weights, us, vs, dims, 1, EPS),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.sn_ext.spectral_normalize_grouped_.default,
+        (weights, us, vs, dims, 1, EPS),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_a_layer_left_out_of_the_loss_gets_a_zero_gradient():
@@ -168,10 +180,16 @@ def test_a_layer_left_out_of_the_loss_gets_a_zero_gradient():
         x, label = _inputs(torch.float64, "cpu", 5)
         h = torch.relu(model.conv(x + model.embed(label)[:, :, None, None]))
         model.up(h).sum().backward()  # conv_cl and fc not used
-    assert grouped.fc.parametrizations.weight.original.grad is None or not grouped.fc.parametrizations.weight \
-        .original.grad.any()
-    assert_rel(grouped.conv.parametrizations.weight.original.grad,
-               per_layer.conv.parametrizations.weight.original.grad, 0.0, "conv grad")
+    assert (
+        grouped.fc.parametrizations.weight.original.grad is None
+        or not grouped.fc.parametrizations.weight.original.grad.any()
+    )
+    assert_rel(
+        grouped.conv.parametrizations.weight.original.grad,
+        per_layer.conv.parametrizations.weight.original.grad,
+        0.0,
+        "conv grad",
+    )
 
 
 def test_state_dict_is_torchs_and_torch_checkpoints_load():
@@ -242,8 +260,13 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def _cuda_kernels(prof) -> list[str]:
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    return [
+        e.name
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and "memcpy" not in e.name.lower()
+        and "memset" not in e.name.lower()
+    ]
 
 
 @cuda_only
@@ -267,8 +290,9 @@ def test_no_host_synchronisation_and_cuda_graph_replay():
     us_start, vs_start = [u.clone() for u in us], [v.clone() for v in vs]
     grads = [torch.randn_like(w) for w in weights]
     expected, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
-    expected_grads = ops.spectral_normalize_grouped_backward(grads, expected, us, vs,
-                                                             torch.ones(len(weights), device="cuda"), dims)
+    expected_grads = ops.spectral_normalize_grouped_backward(
+        grads, expected, us, vs, torch.ones(len(weights), device="cuda"), dims
+    )
     for u, u0 in zip(us, us_start):
         u.copy_(u0)
     for v, v0 in zip(vs, vs_start):
@@ -283,8 +307,9 @@ def test_no_host_synchronisation_and_cuda_graph_replay():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             got, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
-            got_grads = ops.spectral_normalize_grouped_backward(grads, got, us, vs,
-                                                                torch.ones(len(weights), device="cuda"), dims)
+            got_grads = ops.spectral_normalize_grouped_backward(
+                grads, got, us, vs, torch.ones(len(weights), device="cuda"), dims
+            )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for u, u0 in zip(us, us_start):  # capture does not run the kernels: start from the same vectors
@@ -307,8 +332,7 @@ def _unit_vector(x: torch.Tensor) -> torch.Tensor:
 def test_many_small_and_large_layers_equal_the_per_layer_kernels(dtype):
     """More layers than one launch takes (kMaxLayers = 48), and layers large enough for split reductions."""
     gen = torch.Generator().manual_seed(0)
-    shapes = [(3 + i % 5, 2 + i % 7) for i in range(53)] + [(512, 512, 3, 3), (2048, 4608), (1, 70000),
-                                                              (70000, 1)]
+    shapes = [(3 + i % 5, 2 + i % 7) for i in range(53)] + [(512, 512, 3, 3), (2048, 4608), (1, 70000), (70000, 1)]
     weights = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
     dims = [0] * len(weights)
     us = [_unit_vector(torch.randn(w.shape[0], generator=gen)).to("cuda", dtype) for w in weights]

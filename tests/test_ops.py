@@ -1,11 +1,13 @@
-"""The three sn_ext ops on CPU: torch.library.opcheck, and values against sn_ext.reference and against an
-independent float64 numpy computation (tolerance table keyed by dtype, tests/helpers.py TOL)."""
+"""The per-layer sn_ext ops (power_iteration_, spectral_normalize, spectral_normalize_backward) on CPU:
+torch.library.opcheck, and values against sn_ext.reference and against an independent float64 numpy computation
+(tolerance table keyed by dtype, tests/helpers.py TOL); the grouped ops are tested in tests/test_grouped.py."""
+
 import numpy as np
 import pytest
 import torch
+from helpers import TOL, assert_rel, numpy_matrix, numpy_power_iteration, randn, unit
 
 from sn_ext import reference
-from helpers import TOL, assert_rel, numpy_matrix, numpy_power_iteration, randn, unit
 
 ops = torch.ops.sn_ext
 EPS = 1e-12
@@ -43,14 +45,25 @@ def _sigma_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-ALL_LAYOUTS = ["contiguous", "transposed", "channels_last", "slice", "permuted", "conv_dim_neg", "column", "row",
-               "vector"]
+ALL_LAYOUTS = [
+    "contiguous",
+    "transposed",
+    "channels_last",
+    "slice",
+    "permuted",
+    "conv_dim_neg",
+    "column",
+    "row",
+    "vector",
+]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 # opcheck: every layout in float32, a few in the other dtypes (its checks pass for float16/bfloat16 too).
-OPCHECK_CASES = ([(torch.float32, layout) for layout in ALL_LAYOUTS if layout not in ("row", "column")]
-                 + [(torch.float64, layout) for layout in ("contiguous", "permuted")]
-                 + [(torch.float16, "transposed"), (torch.bfloat16, "slice")])
+OPCHECK_CASES = (
+    [(torch.float32, layout) for layout in ALL_LAYOUTS if layout not in ("row", "column")]
+    + [(torch.float64, layout) for layout in ("contiguous", "permuted")]
+    + [(torch.float16, "transposed"), (torch.bfloat16, "slice")]
+)
 
 
 @pytest.mark.parametrize("dtype,layout", OPCHECK_CASES, ids=lambda x: str(x).replace("torch.", ""))
@@ -59,11 +72,13 @@ def test_opcheck(dtype, layout):
     u, v = _vectors(weight, dim)
     sigma = torch.tensor(1.3, dtype=_sigma_dtype(dtype), requires_grad=True)
     torch.library.opcheck(ops.power_iteration_.default, (weight, u.clone(), v.clone(), dim, 2, EPS, False))
-    torch.library.opcheck(ops.spectral_normalize.default,
-                          (weight.detach().requires_grad_(), u, v, dim, 1, EPS, layout == "permuted"))
+    torch.library.opcheck(
+        ops.spectral_normalize.default, (weight.detach().requires_grad_(), u, v, dim, 1, EPS, layout == "permuted")
+    )
     grad = randn(*weight.shape, dtype=dtype, seed=5).requires_grad_()
-    torch.library.opcheck(ops.spectral_normalize_backward.default,
-                          (grad, weight.detach().requires_grad_(), u, v, sigma, dim))
+    torch.library.opcheck(
+        ops.spectral_normalize_backward.default, (grad, weight.detach().requires_grad_(), u, v, sigma, dim)
+    )
 
 
 def _oracle(weight, u, v, dim, n, v_first):
@@ -75,8 +90,10 @@ def _oracle(weight, u, v, dim, n, v_first):
 
 @pytest.mark.parametrize("v_first", [False, True], ids=["u_first", "v_first"])
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "slice", "permuted", "conv_dim_neg",
-                                    "column", "row", "vector"])
+@pytest.mark.parametrize(
+    "layout",
+    ["contiguous", "transposed", "channels_last", "slice", "permuted", "conv_dim_neg", "column", "row", "vector"],
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_spectral_normalize_values(dtype, layout, n, v_first):
     weight, dim = _weight(layout, dtype, seed=n)
@@ -154,8 +171,9 @@ def test_zero_iterations_sigma_is_u_w_v(dtype, layout):
     assert_rel(weight_sn, r[0], tol, "W_sn vs reference")
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "slice", "permuted", "conv_dim_neg",
-                                    "vector"])
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "transposed", "channels_last", "slice", "permuted", "conv_dim_neg", "vector"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_values(dtype, layout):
     weight_sn, dim = _weight(layout, dtype, seed=8)
@@ -172,8 +190,12 @@ def test_backward_values(dtype, layout):
     got_mat = numpy_matrix(out, dim)
     err = np.abs(got_mat - expected_mat).max() / np.abs(expected_mat).max()
     assert err <= TOL[dtype], f"backward vs float64: {err:.3e}"
-    assert_rel(out, reference.spectral_normalize_backward(grad, weight_sn, u, v, sigma, dim), TOL[dtype],
-               "backward vs reference")
+    assert_rel(
+        out,
+        reference.spectral_normalize_backward(grad, weight_sn, u, v, sigma, dim),
+        TOL[dtype],
+        "backward vs reference",
+    )
 
 
 def test_power_iteration_writes_strided_vectors():

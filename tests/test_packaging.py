@@ -3,8 +3,8 @@ in a child process), a library that exists but fails to load, `import sn_ext.inf
 SN_EXT_PACKAGING_TEST=1 (`make test-packaging`, run by CI), the whole route: an sdist built from this checkout,
 installed with --no-build-isolation into a fresh virtual environment that reuses this environment's torch, imported
 from outside the checkout, run forward and backward, `python -m sn_ext.info` reporting its compiled library."""
+
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -25,8 +25,10 @@ import build_config  # noqa: E402
 PACKAGING = os.environ.get("SN_EXT_PACKAGING_TEST") == "1"
 CUDA_HOME = build_config.find_cuda_home({"PATH": os.environ.get("PATH", "")})[0]
 # Whether setup.py builds the CUDA kernels here: a CUDA build of torch and a toolkit of its major version.
-CUDA_BUILD = CUDA_HOME is not None and build_config.cuda_problem(torch.version.cuda,
-                                                                  build_config.nvcc_version(CUDA_HOME)) is None
+CUDA_BUILD = (
+    CUDA_HOME is not None
+    and build_config.cuda_problem(torch.version.cuda, build_config.nvcc_version(CUDA_HOME)) is None
+)
 
 
 def run_setup(args: list[str], env_overrides: dict[str, str | None], python: str = sys.executable):
@@ -37,8 +39,7 @@ def run_setup(args: list[str], env_overrides: dict[str, str | None], python: str
             env.pop(name, None)
         else:
             env[name] = value
-    return subprocess.run([python, "setup.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([python, "setup.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def test_toolkit_is_validated_and_a_wrapper_nvcc_is_not_taken_for_one(tmp_path):
     wrapper_dir = tmp_path / "bin"
     wrapper_dir.mkdir()
     wrapper = wrapper_dir / "nvcc"
-    wrapper.write_text("#!/bin/sh\nexec /usr/local/cuda/bin/nvcc \"$@\"\n")
+    wrapper.write_text('#!/bin/sh\nexec /usr/local/cuda/bin/nvcc "$@"\n')
     wrapper.chmod(0o755)
     home, reason = build_config.find_cuda_home({"PATH": str(wrapper_dir)})
     assert home != str(tmp_path), reason  # tmp_path has bin/nvcc but no headers or libcudart
@@ -77,16 +78,25 @@ def test_cuda_problem_names_the_mismatch():
 def test_setup_finds_the_toolkit_and_picks_architectures_without_gpu_or_cuda_home(tmp_path):
     """No CUDA_HOME, an nvcc wrapper first on PATH, no TORCH_CUDA_ARCH_LIST, no GPU: the toolkit is found and the
     architectures are torch's own (the IndexError and the -lcudart link failure of issue 12)."""
-    (tmp_path / "nvcc").write_text("#!/bin/sh\nexec /usr/local/cuda/bin/nvcc \"$@\"\n")
+    (tmp_path / "nvcc").write_text('#!/bin/sh\nexec /usr/local/cuda/bin/nvcc "$@"\n')
     (tmp_path / "nvcc").chmod(0o755)
-    result = run_setup(["--version"], {"CUDA_HOME": None, "CUDA_PATH": None, "TORCH_CUDA_ARCH_LIST": None,
-                                       "FORCE_CUDA": None, "PATH": f"{tmp_path}:{os.environ['PATH']}",
-                                       "CUDA_VISIBLE_DEVICES": ""})
+    result = run_setup(
+        ["--version"],
+        {
+            "CUDA_HOME": None,
+            "CUDA_PATH": None,
+            "TORCH_CUDA_ARCH_LIST": None,
+            "FORCE_CUDA": None,
+            "PATH": f"{tmp_path}:{os.environ['PATH']}",
+            "CUDA_VISIBLE_DEVICES": "",
+        },
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("sn_ext: building"))
     assert "CPU + CUDA kernels" in line and f"toolkit {CUDA_HOME}" in line, line
-    expected = build_config.cuda_arch_list(torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split(),
-                                           build_config.nvcc_gpu_archs(CUDA_HOME))
+    expected = build_config.cuda_arch_list(
+        torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split(), build_config.nvcc_gpu_archs(CUDA_HOME)
+    )
     assert f"TORCH_CUDA_ARCH_LIST={expected}" in line and expected.endswith("+PTX"), line
 
 
@@ -98,7 +108,8 @@ def test_setup_builds_cpu_only_saying_why_and_force_cuda_makes_it_an_error(tmp_p
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         f"sn_ext: FORCE_CUDA=1 but the CUDA kernels cannot be built: CUDA_HOME={tmp_path} is unusable: "
-        f"{tmp_path}/bin/nvcc does not exist")
+        f"{tmp_path}/bin/nvcc does not exist"
+    )
 
 
 def test_setup_without_torch_says_in_one_line_what_to_run(tmp_path):
@@ -140,15 +151,22 @@ BROKEN_LIBRARY_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("disabled", [False, True], ids=["warns", "silenced"])
 def test_a_library_that_fails_to_load_warns_once_naming_the_reason(tmp_path, disabled):
     """A copy of the package whose _C is not a loadable library (as one built against another torch)."""
-    shutil.copytree(os.path.join(ROOT, "sn_ext"), tmp_path / "sn_ext",
-                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    shutil.copytree(
+        os.path.join(ROOT, "sn_ext"), tmp_path / "sn_ext", ignore=shutil.ignore_patterns("_C*.so", "__pycache__")
+    )
     (tmp_path / "sn_ext" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))).write_bytes(b"not a shared library")
     env = {k: v for k, v in os.environ.items() if k != "SN_EXT_DISABLE_EXT"}
     env["PYTHONPATH"] = str(tmp_path)
     if disabled:
         env["SN_EXT_DISABLE_EXT"] = "1"
-    result = subprocess.run([sys.executable, "-c", BROKEN_LIBRARY_SCRIPT], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", BROKEN_LIBRARY_SCRIPT],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     count, message, loaded = result.stdout.splitlines()[:3]
     assert loaded == "False"
@@ -160,11 +178,16 @@ def test_a_library_that_fails_to_load_warns_once_naming_the_reason(tmp_path, dis
 
 
 def test_info_stays_callable_after_importing_the_info_module():
-    result = subprocess.run([sys.executable, "-c", "import sn_ext.info, sn_ext, json; "
-                                                   "print(json.dumps(sn_ext.info()['sn_ext']))"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", "import sn_ext.info, sn_ext, json; print(json.dumps(sn_ext.info()['sn_ext']))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     import sn_ext
+
     assert json.loads(result.stdout) == sn_ext.__version__
 
 
@@ -190,18 +213,28 @@ USER_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not PACKAGING, reason="builds and installs an sdist (minutes): SN_EXT_PACKAGING_TEST=1, "
-                                          "`make test-packaging`")
+@pytest.mark.skipif(
+    not PACKAGING, reason="builds and installs an sdist (minutes): SN_EXT_PACKAGING_TEST=1, `make test-packaging`"
+)
 def test_sdist_installs_into_a_fresh_environment_and_runs(tmp_path):
     dist = tmp_path / "dist"
-    build = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist), ROOT],
-                           capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist), ROOT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stdout[-5000:] + build.stderr[-5000:]
     (sdist,) = glob.glob(str(dist / "sn_ext-*.tar.gz"))
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    tracked = subprocess.run(["git", "ls-files", "csrc", "setup.py", "build_config.py", "pyproject.toml"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "csrc", "setup.py", "build_config.py", "pyproject.toml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert set(tracked) <= names, f"missing from the sdist: {sorted(set(tracked) - names)}"
 
     # A fresh environment that sees this one's packages (torch) through a .pth file, not its sn_ext: the checkout is
@@ -209,23 +242,46 @@ def test_sdist_installs_into_a_fresh_environment_and_runs(tmp_path):
     env_dir = tmp_path / "env"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = str(env_dir / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     with open(os.path.join(site, "reuse_torch.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
     env.pop("SN_EXT_DISABLE_EXT", None)
     # --ignore-installed: pip sees this environment's sn_ext through the .pth file and must leave it alone.
-    install = subprocess.run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
-                              "--ignore-installed", "-v", sdist], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    install = subprocess.run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "-v",
+            sdist,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert install.returncode == 0, install.stdout[-8000:] + install.stderr[-5000:]
     assert "sn_ext: building" in install.stdout + install.stderr
 
-    run = subprocess.run([python, "-c", USER_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [python, "-c", USER_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0 and "USER-OK" in run.stdout, run.stdout + run.stderr
-    info = subprocess.run([python, "-m", "sn_ext.info"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    info = subprocess.run(
+        [python, "-m", "sn_ext.info"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert info.returncode == 0, info.stderr
     report = json.loads(info.stdout)
     assert report["compiled_library"]["loaded"] is True, report

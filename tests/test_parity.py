@@ -4,16 +4,29 @@ torch.nn.utils.spectral_norm: same W_sn, same u/v after train steps, same gradie
 The installed torch is the oracle; both sides start from equal weights and (where the warm-up's rounding would
 otherwise differ) equal u, v buffers.
 """
+
 import copy
 
 import pytest
 import torch
+from helpers import (
+    CASES,
+    DTYPES,
+    LEGACY_CASES,
+    assert_rel,
+    has_vectors,
+    make_input,
+    make_pair,
+    original,
+    perturb_,
+    randn,
+    sn_state,
+    tol_for,
+)
 from torch.nn.utils import parametrize
 from torch.nn.utils import remove_spectral_norm as torch_remove_spectral_norm
 
 import sn_ext
-from helpers import (CASES, DTYPES, LEGACY_CASES, assert_rel, has_vectors, make_input, make_pair, original,
-                     perturb_, randn, sn_state, tol_for)
 
 STEPS = 3
 
@@ -261,8 +274,9 @@ def test_legacy_eval_matches_torch_and_keeps_buffers(case, dtype):
     _compare_grads(ours, theirs, dtype, "legacy eval")
 
 
-@pytest.mark.parametrize("case", [c for c in LEGACY_CASES if c.id in ("linear", "conv_transpose2d", "bias_1d")],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "case", [c for c in LEGACY_CASES if c.id in ("linear", "conv_transpose2d", "bias_1d")], ids=repr
+)
 def test_legacy_state_dict_matches_torch(case):
     theirs, ours = make_pair(case, legacy=True)
     sd_t, sd_o = theirs.state_dict(), ours.state_dict()

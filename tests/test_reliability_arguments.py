@@ -2,20 +2,20 @@
 parameters, buffers, hooks and parametrizations, and the global RNG, which registration draws u and v from).
 
 Extends tests/test_errors.py (integer weights, n_power_iterations <= 0, dim out of range, a missing attribute,
-registering twice, op-level errors) with: complex (legacy version) and bool weights, 0-d and empty weights, NaN and negative eps for
-both versions, lazy parameters, spectral norm registered over another implementation's, the whole-state check for
-every case, dtype conversion after registration, and a module whose buffers no longer match its weight.
+registering twice, op-level errors) with: complex (legacy version) and bool weights, 0-d and empty weights, NaN and
+negative eps for both versions, lazy parameters, spectral norm registered over another implementation's, the whole-state
+check for every case, dtype conversion after registration, and a module whose buffers no longer match its weight.
 """
 
 import pytest
 import torch
+from helpers import CASES, TOL, assert_rel, make_input, make_pair, original, sn_state
 from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 from torch.nn.utils import parametrize
 from torch.nn.utils import spectral_norm as torch_legacy_sn
 
 import sn_ext
-from helpers import CASES, TOL, assert_rel, make_input, make_pair, original, sn_state
 
 REGISTER = {"parametrization": sn_ext.spectral_norm, "legacy": sn_ext.legacy.spectral_norm}
 
@@ -23,15 +23,18 @@ REGISTER = {"parametrization": sn_ext.spectral_norm, "legacy": sn_ext.legacy.spe
 def _snapshot(module: nn.Module) -> dict:
     """Everything a failed registration must leave as it was."""
     return {
-        "state": {k: v if isinstance(v, nn.parameter.UninitializedTensorMixin) else v.clone()
-                  for k, v in module.state_dict().items()},
+        "state": {
+            k: v if isinstance(v, nn.parameter.UninitializedTensorMixin) else v.clone()
+            for k, v in module.state_dict().items()
+        },
         "params": {k: id(p) for k, p in module.named_parameters()},
         "buffers": {k: id(b) for k, b in module.named_buffers()},
         "hooks": list(module._forward_pre_hooks.values()),
         "load_hooks": len(module._load_state_dict_pre_hooks),
         "class": type(module),
-        "parametrizations": ({k: list(v) for k, v in module.parametrizations.items()}
-                             if parametrize.is_parametrized(module) else None),
+        "parametrizations": (
+            {k: list(v) for k, v in module.parametrizations.items()} if parametrize.is_parametrized(module) else None
+        ),
         "rng": torch.get_rng_state(),
     }
 
@@ -74,8 +77,10 @@ BAD_WEIGHTS = {
 
 # Complex weights are bad for the legacy version only (the parametrization takes them as torch's does:
 # tests/test_torch_compat.py).
-@pytest.mark.parametrize("kind,bad", [(kind, bad) for kind in REGISTER for bad in BAD_WEIGHTS
-                                      if kind == "legacy" or not bad.startswith("complex")])
+@pytest.mark.parametrize(
+    "kind,bad",
+    [(kind, bad) for kind in REGISTER for bad in BAD_WEIGHTS if kind == "legacy" or not bad.startswith("complex")],
+)
 def test_bad_weight_is_rejected_before_any_change(kind, bad):
     make, error, pattern = BAD_WEIGHTS[bad]
     module = _module_with(make())
@@ -124,8 +129,12 @@ FIRST = {"torch": torch_param.spectral_norm, "torch_legacy": torch_legacy_sn, **
 
 # A parametrization over a parametrization stacks, as torch's does (tests/test_torch_compat.py); every other pair of
 # versions meets a legacy hook, which neither torch nor sn_ext stacks.
-REFUSED = [(first, second) for first in FIRST for second in REGISTER
-           if not (second == "parametrization" and first in ("torch", "parametrization"))]
+REFUSED = [
+    (first, second)
+    for first in FIRST
+    for second in REGISTER
+    if not (second == "parametrization" and first in ("torch", "parametrization"))
+]
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

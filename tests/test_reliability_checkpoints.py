@@ -8,6 +8,7 @@
 - a model built on the meta device and loaded with assign=True (the large-model pattern), and a checkpoint in
   another dtype.
 """
+
 import collections
 import copy
 import functools
@@ -15,14 +16,21 @@ import io
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import APPLY, LEGACY, TOL, apply_to_layers, assert_rel, randn
+from torch import nn
 
 NETS = {
     "linear": (lambda: nn.Linear(7, 5), (3, 7)),
-    "nested": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.LeakyReLU(0.2), nn.ConvTranspose2d(3, 2, 2),  # dim=1
-                                     nn.Flatten(), nn.Linear(2 * 3 * 4, 2)), (2, 2, 4, 5)),
+    "nested": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3),
+            nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(3, 2, 2),  # dim=1
+            nn.Flatten(),
+            nn.Linear(2 * 3 * 4, 2),
+        ),
+        (2, 2, 4, 5),
+    ),
 }
 MAP_LOCATIONS = {
     "cpu": "cpu",
@@ -37,7 +45,7 @@ def _build(kind: str, net: str = "nested", seed: int = 7) -> nn.Module:
     return apply_to_layers(NETS[net][0](), APPLY[kind], seed + 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_state(kind: str, net: str) -> dict:
     module = _build(kind, net, seed=1)
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
@@ -80,8 +88,7 @@ def _through_file(state: dict, map_location) -> dict:
     return torch.load(buffer, map_location=map_location, weights_only=True)
 
 
-@pytest.mark.parametrize("map_location,strict", [("cpu", True), ("device", False), ("dict", True),
-                                                  ("callable", False)])
+@pytest.mark.parametrize("map_location,strict", [("cpu", True), ("device", False), ("dict", True), ("callable", False)])
 def test_round_trip_chain(map_location, strict):
     # torch's two versions cannot load each other's layout; sn_ext's load both.
     chain = ["sn_ext", "torch", "sn_ext", "sn_ext_legacy", "torch_legacy", "sn_ext", "sn_ext_legacy", "sn_ext"]
@@ -90,8 +97,7 @@ def test_round_trip_chain(map_location, strict):
     module = source
     for hop, kind in enumerate(chain[1:], start=1):
         target = _build(kind, seed=20 + hop)
-        result = target.load_state_dict(_through_file(module.state_dict(), MAP_LOCATIONS[map_location]),
-                                        strict=strict)
+        result = target.load_state_dict(_through_file(module.state_dict(), MAP_LOCATIONS[map_location]), strict=strict)
         assert not result.missing_keys and not result.unexpected_keys, f"hop {hop} to {kind}: {result}"
         for got, want in zip(_sn_tensors(target), tensors, strict=True):
             assert torch.equal(got, want), f"hop {hop} to {kind}: a tensor changed"
@@ -102,8 +108,11 @@ def test_round_trip_chain(map_location, strict):
 def _layer_keys(kind: str, prefix: str) -> tuple[str, str, str]:
     if kind in LEGACY:
         return f"{prefix}weight_orig", f"{prefix}weight_u", f"{prefix}weight_v"
-    return (f"{prefix}parametrizations.weight.original", f"{prefix}parametrizations.weight.0._u",
-            f"{prefix}parametrizations.weight.0._v")
+    return (
+        f"{prefix}parametrizations.weight.original",
+        f"{prefix}parametrizations.weight.0._u",
+        f"{prefix}parametrizations.weight.0._v",
+    )
 
 
 @pytest.mark.parametrize("dst_kind", ["sn_ext", "sn_ext_legacy"])
@@ -144,7 +153,7 @@ def _version_0_state(net: str, metadata: str) -> tuple[dict, torch.Tensor]:
         else:
             state[key] = value.clone()
     state._metadata = copy.deepcopy(source.state_dict()._metadata)
-    for prefix, meta in state._metadata.items():
+    for _prefix, meta in state._metadata.items():
         if metadata == "absent":
             meta.pop("spectral_norm", None)
         elif "spectral_norm" in meta:

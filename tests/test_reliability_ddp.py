@@ -6,6 +6,7 @@ numbers as torch's own spectral norm under the same DDP run.
 The workers run in spawned processes (the compiled kernels or, with SN_EXT_DISABLE_EXT=1, the fallback: the
 environment is inherited), on a free port chosen at run time, and are killed if they outlive the time limit.
 """
+
 import datetime
 import inspect
 import os
@@ -18,9 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
-
 from helpers import TOL, assert_rel
+from torch import nn
 
 WORLD = 2
 STEPS = 4
@@ -34,16 +34,25 @@ def _register(kind):
 
     import sn_ext
 
-    return {"sn_ext": sn_ext.spectral_norm, "sn_ext_legacy": sn_ext.legacy.spectral_norm, "torch": P.spectral_norm,
-            "torch_legacy": U.spectral_norm}[kind]
+    return {
+        "sn_ext": sn_ext.spectral_norm,
+        "sn_ext_legacy": sn_ext.legacy.spectral_norm,
+        "torch": P.spectral_norm,
+        "torch_legacy": U.spectral_norm,
+    }[kind]
 
 
 def _discriminator(kind: str) -> nn.Module:
     apply = _register(kind)
     torch.manual_seed(0)
-    return nn.Sequential(apply(nn.Conv2d(3, 6, 3)), nn.LeakyReLU(0.2),
-                         apply(nn.ConvTranspose2d(6, 4, 2, stride=2)), nn.LeakyReLU(0.2),  # dim=1
-                         nn.Flatten(), apply(nn.Linear(4 * 8 * 8, 1)))
+    return nn.Sequential(
+        apply(nn.Conv2d(3, 6, 3)),
+        nn.LeakyReLU(0.2),
+        apply(nn.ConvTranspose2d(6, 4, 2, stride=2)),
+        nn.LeakyReLU(0.2),  # dim=1
+        nn.Flatten(),
+        apply(nn.Linear(4 * 8 * 8, 1)),
+    )
 
 
 def _sync_buffers_kwargs() -> dict:
@@ -58,14 +67,19 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.dup2(stderr, 2)
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=datetime.timedelta(seconds=60),
+        )
         for kind in KINDS:
             D = _discriminator(kind)
             ddp = nn.parallel.DistributedDataParallel(D, **_sync_buffers_kwargs())
             if rank == 1:  # out of step with rank 0: the broadcast before each forward must undo this
                 with torch.no_grad():
-                    for name, buf in D.named_buffers():
+                    for _name, buf in D.named_buffers():
                         buf.copy_(F.normalize(torch.randn_like(buf), dim=0))
             opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
             gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data: gradients differ per rank
@@ -75,8 +89,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            torch.save({k: v.detach().clone() for k, v in D.state_dict().items()},
-                       os.path.join(out_dir, f"{kind}_rank{rank}.pt"))
+            torch.save(
+                {k: v.detach().clone() for k, v in D.state_dict().items()},
+                os.path.join(out_dir, f"{kind}_rank{rank}.pt"),
+            )
         # A rank that leaves while the other still talks to it (rank 0 also hosts the store) can abort the other:
         # meet, shut down, and let rank 0 leave last.
         dist.barrier()
@@ -103,8 +119,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_states(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
-    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIME_LIMIT_S
     try:
         while not context.join(timeout=1):
@@ -113,8 +128,9 @@ def ddp_states(tmp_path_factory):
     except mp.ProcessRaisedException:
         pass  # the worker wrote its traceback; reported below
     except mp.ProcessExitedException as exited:  # killed by a signal: what it printed says why
-        stderr = [open(os.path.join(out_dir, f)).read()[-3000:] for f in sorted(os.listdir(out_dir))
-                  if f.endswith(".stderr")]
+        stderr = [
+            open(os.path.join(out_dir, f)).read()[-3000:] for f in sorted(os.listdir(out_dir)) if f.endswith(".stderr")
+        ]
         pytest.fail(f"{exited}\n" + "\n".join(stderr))
     finally:
         for process in context.processes:
@@ -122,8 +138,11 @@ def ddp_states(tmp_path_factory):
                 process.kill()
     errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
     assert not errors, errors[0]
-    return {(kind, rank): torch.load(os.path.join(out_dir, f"{kind}_rank{rank}.pt"), weights_only=True)
-            for kind in KINDS for rank in range(WORLD)}
+    return {
+        (kind, rank): torch.load(os.path.join(out_dir, f"{kind}_rank{rank}.pt"), weights_only=True)
+        for kind in KINDS
+        for rank in range(WORLD)
+    }
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -7,11 +7,13 @@ sn_ext.renormalize_buffers_(model) makes them unit vectors again, and with n_pow
 the averaged weights. "Correctly normalized" below: every layer's u, v are the exact top singular vectors of its
 averaged weight (so sigma is its largest singular value).
 """
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOL, assert_rel, randn, rel_err
 from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 from torch.nn.utils import parametrize
@@ -19,7 +21,6 @@ from torch.nn.utils import spectral_norm as torch_legacy_sn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import sn_ext
-from helpers import TOL, assert_rel, randn, rel_err
 from sn_ext.reference import to_matrix
 
 APPLY = {

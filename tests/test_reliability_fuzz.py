@@ -8,10 +8,12 @@
 Deterministic in CI: derandomized (the examples depend only on the test's source), no example database, no
 deadline. Run with HYPOTHESIS_PROFILE=sn_ext_explore for a longer, random search on a workstation.
 """
+
 import copy
 import os
 
 import torch
+from helpers import TOL, assert_rel, randn, sn_state, unit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -20,12 +22,22 @@ from torch.nn.utils import spectral_norm as torch_legacy_sn
 
 import sn_ext
 from sn_ext import reference
-from helpers import TOL, assert_rel, randn, sn_state, unit
 
-settings.register_profile("sn_ext_ci", max_examples=200, derandomize=True, database=None, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("sn_ext_explore", max_examples=5000, derandomize=False, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "sn_ext_ci",
+    max_examples=200,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "sn_ext_explore",
+    max_examples=5000,
+    derandomize=False,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "sn_ext_ci"))
 
 ops = torch.ops.sn_ext
@@ -40,7 +52,7 @@ def weights(draw, min_dims=1):
     shape = draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     layout = draw(st.sampled_from(LAYOUTS))
-    seed = draw(st.integers(0, 2 ** 16))
+    seed = draw(st.integers(0, 2**16))
     if layout == "transposed":  # stored in the reverse order of its dims
         weight = randn(*reversed(shape), dtype=dtype, seed=seed).permute(*reversed(range(ndim)))
     elif layout == "sliced":  # every other element of the last dim: not dense
@@ -48,7 +60,8 @@ def weights(draw, min_dims=1):
     elif layout == "permuted":  # stored in a random order of its dims
         order = draw(st.permutations(range(ndim)))
         weight = randn(*[shape[d] for d in order], dtype=dtype, seed=seed).permute(
-            *sorted(range(ndim), key=order.__getitem__))
+            *sorted(range(ndim), key=order.__getitem__)
+        )
     else:
         weight = randn(*shape, dtype=dtype, seed=seed)
     assert list(weight.shape) == shape
@@ -93,7 +106,7 @@ def test_ops_equal_reference(case, v_first, data):
     u_in, v_in = u.clone(), v.clone()
     sigma = ops.power_iteration_(weight, u_in, v_in, dim, n, eps, v_first)
     assert torch.equal(sigma, got[1]) and torch.equal(u_in, got[2]) and torch.equal(v_in, got[3])
-    grad = randn(*weight.shape, dtype=weight.dtype, seed=10 ** 6 + data.draw(st.integers(0, 99), label="grad seed"))
+    grad = randn(*weight.shape, dtype=weight.dtype, seed=10**6 + data.draw(st.integers(0, 99), label="grad seed"))
     weight_sn, sigma = want[0], want[1]
     got_grad = ops.spectral_normalize_backward(grad, weight_sn, got[2], got[3], sigma, dim)
     want_grad = reference.spectral_normalize_backward(grad, weight_sn, got[2], got[3], sigma, dim)
@@ -139,9 +152,25 @@ def _normalized_weight(module):
     return module()  # legacy: the pre-hook recomputes `weight`; parametrization: one access
 
 
+def _sigma_condition(module, legacy: bool, dim: int) -> float:
+    """How much rounding the sum sigma = u^T W v can amplify: sum |u_i W_ij v_j| / |u^T W v| for the vectors in use
+    (1 when nothing cancels). Before a training step the legacy version's u, v are random, and sigma can nearly cancel
+    (torch issue 51800): then W / sigma in float32 differs between two correct implementations by far more than
+    float32's rounding of a well-conditioned sum."""
+    original = module.weight_orig if legacy else module.parametrizations.weight.original
+    if original.ndim == 1 and not legacy:
+        return 1.0
+    u, v = (t.detach().double() for t in sn_state(module, legacy=legacy))
+    matrix = reference.to_matrix(original.detach().double(), dim % original.ndim)
+    return max(1.0, (u.abs() @ matrix.abs() @ v.abs()).item() / abs((u @ matrix @ v).item()))
+
+
 @PROFILE
-@given(case=weights(), legacy=st.booleans(),
-       actions=st.lists(st.sampled_from(["train", "eval", "update"]), min_size=1, max_size=5))
+@given(
+    case=weights(),
+    legacy=st.booleans(),
+    actions=st.lists(st.sampled_from(["train", "eval", "update"]), min_size=1, max_size=5),
+)
 def test_module_equals_torch(case, legacy, actions):
     weight, dim, eps, n = case
     tol = TOL[weight.dtype]
@@ -158,11 +187,11 @@ def test_module_equals_torch(case, legacy, actions):
         w_t, w_o = _normalized_weight(theirs), _normalized_weight(ours)
         assert w_o.dtype == w_t.dtype and w_o.shape == w_t.shape
         assert _layout(w_o) == _layout(w_t), "W_sn must have the layout of torch's W / sigma"
-        assert_rel(w_o, w_t, tol, f"W_sn at step {step} ({action})")
+        assert_rel(w_o, w_t, tol * _sigma_condition(theirs, legacy, dim), f"W_sn at step {step} ({action})")
         if weight.ndim > 1 or legacy:
             for label, o, t in zip("uv", sn_state(ours, legacy=legacy), sn_state(theirs, legacy=legacy)):
                 assert_rel(o, t, tol, f"{label} at step {step} ({action})")
-    g = randn(*weight.shape, dtype=weight.dtype, seed=10 ** 6)
+    g = randn(*weight.shape, dtype=weight.dtype, seed=10**6)
     w_t = _normalized_weight(theirs)
     (w_t * g).sum().backward()
     (_normalized_weight(ours) * g).sum().backward()
@@ -170,4 +199,5 @@ def test_module_equals_torch(case, legacy, actions):
     original_o = ours.weight_orig if legacy else ours.parametrizations.weight.original
     # The gradient (G - <G, W_sn> u v^T) / sigma may cancel: compare on the scale of G / sigma.
     sigma = original_t.abs().max().item() / w_t.abs().max().item()
+    tol *= _sigma_condition(theirs, legacy, dim)
     _assert_close(original_o.grad, original_t.grad, tol, g.abs().max().item() / sigma, "gradient")

@@ -7,17 +7,18 @@ Extends tests/test_errors.py (one bad step, conv2d, n_power_iterations=1, no bac
 two calls and one backward per step, an optimizer, consecutive bad steps, n_power_iterations 1 and 3, -Inf, all
 dtypes at the op level, and registration on a bad weight.
 """
+
 import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randn, unit
 from torch import nn
 
 import sn_ext
 from sn_ext import reference
-from helpers import randn, unit
 
 REGISTER = {"parametrization": sn_ext.spectral_norm, "legacy": sn_ext.legacy.spectral_norm}
 BAD = ["nan", "inf", "-inf", "zero"]

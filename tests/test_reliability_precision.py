@@ -8,14 +8,15 @@
   error in a low-precision setting is at most twice torch's own error in the same setting, plus one rounding of
   the result's dtype (the least any result stored in that dtype can promise).
 """
+
 import copy
 
 import pytest
 import torch
+from helpers import CASES, TOL, assert_rel, make_input, make_pair, randn, rel_err, sn_state, unit
 from torch import nn
 
 import sn_ext
-from helpers import CASES, TOL, assert_rel, make_input, make_pair, randn, rel_err, sn_state, unit
 
 ops = torch.ops.sn_ext
 LOW = [torch.float16, torch.bfloat16]
@@ -116,14 +117,20 @@ def _steps(case, dtype, autocast: bool, legacy: bool, steps: int = 2):
                 out = m(xin)
             (out * randn(*out.shape, dtype=torch.float64, seed=10 + step).to(out.dtype)).sum().backward()
             weight = m.weight_orig if legacy else m.parametrizations[case.name].original
-            results.append({"output": out.detach(), "grad": weight.grad.clone(),
-                            "u": sn_state(m, case.name, legacy)[0].clone(),
-                            "v": sn_state(m, case.name, legacy)[1].clone()})
+            results.append(
+                {
+                    "output": out.detach(),
+                    "grad": weight.grad.clone(),
+                    "u": sn_state(m, case.name, legacy)[0].clone(),
+                    "v": sn_state(m, case.name, legacy)[1].clone(),
+                }
+            )
             weight.grad = None
         ours_r, theirs_r, oracle_r = results
         for key in oracle_r:
-            errors.setdefault(key, []).append((rel_err(ours_r[key], oracle_r[key]),
-                                               rel_err(theirs_r[key], oracle_r[key]), ours_r[key].dtype))
+            errors.setdefault(key, []).append(
+                (rel_err(ours_r[key], oracle_r[key]), rel_err(theirs_r[key], oracle_r[key]), ours_r[key].dtype)
+            )
     return errors
 
 
@@ -131,8 +138,10 @@ def _assert_flash_rule(errors, what):
     for key, rows in errors.items():
         for step, (ours, theirs, dtype) in enumerate(rows):
             bound = 2 * theirs + _rounding(dtype)
-            assert ours <= bound, (f"{what}: {key} at step {step}: sn_ext's error {ours:.2e} > 2 x torch's "
-                                   f"{theirs:.2e} + {_rounding(dtype):.1e}")
+            assert ours <= bound, (
+                f"{what}: {key} at step {step}: sn_ext's error {ours:.2e} > 2 x torch's "
+                f"{theirs:.2e} + {_rounding(dtype):.1e}"
+            )
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["parametrization", "legacy"])
@@ -163,7 +172,7 @@ def _tiny_weights():
     yield "scale_1e-5", randn(8, 16, seed=1) * 1e-5  # float16 subnormals and small normals
     yield "scale_1e-7", randn(8, 16, seed=2) * 1e-7  # float16 subnormals (and zeros)
     one = torch.zeros(8, 16)
-    one[3, 5] = 2.0 ** -24  # the smallest float16 subnormal, alone
+    one[3, 5] = 2.0**-24  # the smallest float16 subnormal, alone
     yield "single_subnormal", one
 
 

@@ -1,12 +1,12 @@
 """The operator schemas exist once in C++ (csrc/sn_ext.cpp) and once in Python (sn_ext/_schemas.py, for the
 fallback). These tests keep the two copies equal, whichever of them defined the ops in this process."""
+
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-import sn_ext
 from sn_ext import _schemas
 
 CPP_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "sn_ext.cpp"

@@ -1,5 +1,6 @@
 """sngan data: the mixtures' modes, scikit-learn digits, CIFAR-10 / STL-10 / ImageFolder read from local files in
 torchvision's formats, and a clear, immediate error (never a download) when files are missing."""
+
 import math
 import time
 

@@ -1,5 +1,6 @@
 """sngan metrics: mixtures (a perfect sampler covers every mode at ~99% high quality, a collapsed one covers 1),
 PRDC and FID / KID sanity, the digits classifier, its cache, and Inception metrics reported as not available."""
+
 import pytest
 import torch
 
@@ -55,7 +56,7 @@ def test_fid_and_kid_in_a_feature_space():
     same = feature_metrics(real, torch.randint(0, 128, (600, 1, 2, 2), generator=g, dtype=torch.uint8), Net())
     shifted = feature_metrics(real, real + 50, Net())
     assert 0 <= same["fid"] < 0.01 * shifted["fid"]
-    assert shifted["fid"] == pytest.approx(4 * 50 ** 2, rel=0.01)  # same covariance: FID = ||mu_r - mu_g||^2
+    assert shifted["fid"] == pytest.approx(4 * 50**2, rel=0.01)  # same covariance: FID = ||mu_r - mu_g||^2
     assert shifted["kid"] > 1000 * abs(same["kid"])
 
 

@@ -1,14 +1,22 @@
 """sngan models and losses: a few optimisation steps of every (architecture, loss, spectral norm) combination at
 tiny sizes; spectral norm on every layer of D; the paper's shapes; the losses' values and the triplet loss's
 expectation."""
+
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from sngan.losses import LOSSES, TRIPLET_G, HingeLoss, NonSaturatingLoss, TripletLoss, WGANGPLoss, make_loss
-from sngan.models import (CNNDiscriminator, CNNGenerator, ResNetDiscriminator, ResNetGenerator, SN_KINDS,
-                          apply_spectral_norm, build_models)
+from sngan.models import (
+    SN_KINDS,
+    CNNDiscriminator,
+    CNNGenerator,
+    ResNetDiscriminator,
+    ResNetGenerator,
+    apply_spectral_norm,
+    build_models,
+)
 
 TINY = 1 / 16
 
@@ -133,11 +141,11 @@ def test_triplet_loss_expectation_matches_the_moment_formula():
     fake = (mu_g + s_g * torch.randn(n, k, generator=g)).double()
     loss = TripletLoss(hinge=False, alpha=alpha, out_dim=k)
     ld, _ = loss.d_loss(nn.Identity(), real, fake)
-    expected = (s_r ** 2).sum() - (s_g ** 2).sum() - ((mu_r - mu_g) ** 2).sum() + alpha
+    expected = (s_r**2).sum() - (s_g**2).sum() - ((mu_r - mu_g) ** 2).sum() + alpha
     assert ld.item() == pytest.approx(expected.item(), abs=0.05)
     # the seed's G loss: E ||e_g||^2 = ||mu_g||^2 + tr S_g, which G lowers by shrinking its spread (collapse)
     lg, _ = loss.g_loss(nn.Identity(), fake)
-    assert lg.item() == pytest.approx(((mu_g ** 2).sum() + (s_g ** 2).sum()).item(), rel=0.01)
+    assert lg.item() == pytest.approx(((mu_g**2).sum() + (s_g**2).sum()).item(), rel=0.01)
     # with the hinge the loss is non-negative and at most the un-hinged per-triplet mean's positive part
     lh, _ = TripletLoss(hinge=True, alpha=alpha, out_dim=k).d_loss(nn.Identity(), real, fake)
     assert lh.item() >= max(ld.item(), 0.0)

@@ -1,5 +1,6 @@
 """sngan training: the CLI end to end, every data set with every architecture for a few steps, bit-exact resume on
 CPU, and a 2-process DDP run (gloo) whose ranks end with identical weights and spectral-norm buffers."""
+
 import json
 import os
 import subprocess
@@ -21,8 +22,19 @@ def cache(tmp_path_factory):
 
 
 def tiny(out, cache_dir, **kw) -> Config:
-    base = dict(steps=2, width=1 / 16, batch_size=8, z_dim=8, eval_samples=40, progress=False, out=str(out),
-                metrics_cache=cache_dir, classifier_epochs=1, embed_dim=4, sample_every=0)
+    base = dict(
+        steps=2,
+        width=1 / 16,
+        batch_size=8,
+        z_dim=8,
+        eval_samples=40,
+        progress=False,
+        out=str(out),
+        metrics_cache=cache_dir,
+        classifier_epochs=1,
+        embed_dim=4,
+        sample_every=0,
+    )
     base.update(kw)
     return Config(**base)
 
@@ -43,6 +55,7 @@ def test_toy_preset_scales_the_mlp_discriminator_only():
     """The toy preset's D output scale (10: lets the hinge saturate under SN) reaches the MLP D; other archs get 1."""
     from sngan.models import build_models
     from sngan.train import resolve
+
     assert resolve(Config(data="ring8"), points=True).d_scale == 10.0
     assert resolve(Config(data="ring8", d_scale=1.0), points=True).d_scale == 1.0
     assert resolve(Config(data="digits", arch="cnn", preset="toy"), points=False).d_scale == 1.0
@@ -68,13 +81,22 @@ IMAGE_DATA = {
 @pytest.mark.parametrize("data", list(IMAGE_DATA))
 def test_image_data_with_every_arch(data, arch, tmp_path, cache):
     root = IMAGE_DATA[data](tmp_path)
-    cfg = tiny(tmp_path / "run", cache, data=data, data_root=root, arch=arch, img_size=16 if data == "folder" else None,
-               loss="nonsat", sn="sn_ext")
+    cfg = tiny(
+        tmp_path / "run",
+        cache,
+        data=data,
+        data_root=root,
+        arch=arch,
+        img_size=16 if data == "folder" else None,
+        loss="nonsat",
+        sn="sn_ext",
+    )
     m = train(cfg)
     size = {"digits": 16, "cifar10": 32, "stl10": 48, "folder": 16}[data]
     assert m["final"]["fid"] >= 0 and 0 <= m["final"]["coverage"] <= 1
     assert "classifier_test_accuracy" in m["final"]
     from PIL import Image
+
     with Image.open(tmp_path / "run" / "samples" / "final.png") as im:
         assert im.size[0] >= size
 
@@ -119,8 +141,9 @@ def test_resume_is_bit_exact_on_cpu(case, tmp_path, cache):
     stopped = _state(tmp_path / "stopped" / "checkpoint.pt")
     assert stopped["step"] == 3
     train(Config(resume=str(tmp_path / "stopped"), progress=False))
-    _assert_same_checkpoint(_state(tmp_path / "straight" / "checkpoint.pt"),
-                            _state(tmp_path / "stopped" / "checkpoint.pt"))
+    _assert_same_checkpoint(
+        _state(tmp_path / "straight" / "checkpoint.pt"), _state(tmp_path / "stopped" / "checkpoint.pt")
+    )
     a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["final"]
     b = json.loads((tmp_path / "stopped" / "metrics.json").read_text())["final"]
     a.pop("eval_seconds"), b.pop("eval_seconds")
@@ -141,10 +164,43 @@ def test_missing_data_is_a_clear_error(tmp_path):
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     # --standalone: torchrun picks a free port itself (a port chosen here could be taken before torchrun binds it).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sngan.train",
-           "--data", "digits", "--arch", "cnn", "--width", "0.0625", "--loss", "wgan-gp", "--steps", "4", "--n-dis", "2", "--sn", "sn_ext", "--batch-size", "8",
-           "--device", "cpu", "--eval-samples", "64", "--classifier-epochs", "1", "--metrics-cache",
-           str(tmp_path / "cache"), "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "sngan.train",
+        "--data",
+        "digits",
+        "--arch",
+        "cnn",
+        "--width",
+        "0.0625",
+        "--loss",
+        "wgan-gp",
+        "--steps",
+        "4",
+        "--n-dis",
+        "2",
+        "--sn",
+        "sn_ext",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--eval-samples",
+        "64",
+        "--classifier-epochs",
+        "1",
+        "--metrics-cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

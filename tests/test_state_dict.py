@@ -1,23 +1,32 @@
 """Checkpoints across the four spectral norms (torch's parametrization and legacy versions, sn_ext's two):
 plain strict load_state_dict works in every direction the brief names, and the loaded module then gives the
 source module's eval output (and, in the same family, the same next train step)."""
+
 import pytest
 import torch
-from torch import nn
-
 from helpers import APPLY, LEGACY, TOL, apply_to_layers, assert_rel, randn
+from torch import nn
 
 NETS = {
     "linear": (lambda: nn.Linear(7, 5), (3, 7)),
     "conv_transpose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 4, 5)),  # dim=1
-    "nested": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(3 * 3 * 4, 2)),
-               (2, 2, 5, 6)),
+    "nested": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(3 * 3 * 4, 2)),
+        (2, 2, 5, 6),
+    ),
 }
 
 PAIRS = [
-    ("torch", "sn_ext"), ("torch_legacy", "sn_ext"), ("sn_ext", "torch"),
-    ("torch", "sn_ext_legacy"), ("torch_legacy", "sn_ext_legacy"), ("sn_ext_legacy", "torch_legacy"),
-    ("sn_ext", "sn_ext_legacy"), ("sn_ext_legacy", "sn_ext"), ("sn_ext", "sn_ext"), ("sn_ext_legacy", "sn_ext_legacy"),
+    ("torch", "sn_ext"),
+    ("torch_legacy", "sn_ext"),
+    ("sn_ext", "torch"),
+    ("torch", "sn_ext_legacy"),
+    ("torch_legacy", "sn_ext_legacy"),
+    ("sn_ext_legacy", "torch_legacy"),
+    ("sn_ext", "sn_ext_legacy"),
+    ("sn_ext_legacy", "sn_ext"),
+    ("sn_ext", "sn_ext"),
+    ("sn_ext_legacy", "sn_ext_legacy"),
 ]
 
 
@@ -78,9 +87,11 @@ def test_load_state_dict(src_kind, dst_kind, net):
     _check_loaded(source, src_kind, target, dst_kind, net)
 
 
-@pytest.mark.parametrize("src_kind,dst_kind", [("sn_ext", "torch"), ("torch_legacy", "sn_ext"),
-                                               ("sn_ext_legacy", "torch_legacy"), ("torch", "sn_ext_legacy")],
-                         ids=lambda k: k)
+@pytest.mark.parametrize(
+    "src_kind,dst_kind",
+    [("sn_ext", "torch"), ("torch_legacy", "sn_ext"), ("sn_ext_legacy", "torch_legacy"), ("torch", "sn_ext_legacy")],
+    ids=lambda k: k,
+)
 def test_round_trip_through_file(tmp_path, src_kind, dst_kind):
     net = "nested"
     source = _trained(src_kind, net)

@@ -1,6 +1,7 @@
 """What torch's own spectral-norm tests exercise, written from torch's documented behaviour: a second spectral norm
 stacked on a tensor, complex weights, and removal of the legacy version leaving nothing behind. Each is compared
 with the installed torch (the oracle) on every backend that runs here, on fresh random inputs and odd sizes."""
+
 import copy
 import warnings
 
@@ -82,8 +83,10 @@ def test_second_spectral_norm_stacks_as_torchs(layer, first, backend):
     with pytest.warns(UserWarning, match="already has a spectral norm; a second one is stacked"):
         sn_ext.spectral_norm(ours, n_power_iterations=2, backend=backend)
     assert list(ours.state_dict()) == list(theirs.state_dict())
-    assert [k for k in ours.state_dict() if k.endswith("_u")] == ["parametrizations.weight.0._u",
-                                                                  "parametrizations.weight.1._u"]
+    assert [k for k in ours.state_dict() if k.endswith("_u")] == [
+        "parametrizations.weight.0._u",
+        "parametrizations.weight.1._u",
+    ]
     assert len(ours.parametrizations.weight) == 2
     _steps(theirs, ours, layer, torch.float64, _original)
 
@@ -180,9 +183,17 @@ def test_complex_weights_are_refused_by_the_kernels_saying_why():
 
 
 def _hook_kinds(module: nn.Module) -> dict[str, int]:
-    return {name: len(getattr(module, name)) for name in
-            ("_forward_pre_hooks", "_forward_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-             "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")}
+    return {
+        name: len(getattr(module, name))
+        for name in (
+            "_forward_pre_hooks",
+            "_forward_hooks",
+            "_state_dict_hooks",
+            "_state_dict_pre_hooks",
+            "_load_state_dict_pre_hooks",
+            "_load_state_dict_post_hooks",
+        )
+    }
 
 
 def test_legacy_removal_leaves_what_torchs_leaves():
@@ -200,8 +211,9 @@ def test_legacy_removal_leaves_what_torchs_leaves():
         # torch leaves its load_state_dict pre-hook behind (its isinstance check misses the _WrappedHook that
         # torch wraps it in), one more per cycle; sn_ext leaves nothing, and every other kind of hook as torch.
         assert _hook_kinds(ours) == {k: 0 for k in _hook_kinds(ours)}
-        assert {k: n for k, n in _hook_kinds(theirs).items() if k != "_load_state_dict_pre_hooks"} == \
-            {k: 0 for k in _hook_kinds(theirs) if k != "_load_state_dict_pre_hooks"}
+        assert {k: n for k, n in _hook_kinds(theirs).items() if k != "_load_state_dict_pre_hooks"} == {
+            k: 0 for k in _hook_kinds(theirs) if k != "_load_state_dict_pre_hooks"
+        }
         state_t, state_o = theirs.state_dict(), ours.state_dict()
         assert list(state_o) == list(state_t) and state_o._metadata == state_t._metadata
         _close(state_o["weight"], state_t["weight"], torch.float32, "baked weight")

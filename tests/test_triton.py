@@ -11,6 +11,7 @@ Where the kernels run:
   in Python); the "split" path runs on tiny weights by lowering the launch-plan knobs so that every loop, split and
   tile boundary is crossed anyway.
 """
+
 import os
 import subprocess
 import sys
@@ -52,10 +53,17 @@ if LOADED:
 else:
     INTERPRETED, _WRAPS = False, False
 
-_WHY_NOT = LOAD_REASON if not LOADED else ("loaded, but neither on a GPU nor interpreted (TRITON_INTERPRET=1 must "
-                                            "be set when sn_ext.triton loads), or wrap_triton is too old")
-needs_kernels = pytest.mark.skipif(not LOADED or not (CUDA or INTERPRETED) or not _WRAPS,
-                                   reason=f"the Triton kernels cannot run here: {_WHY_NOT}")
+_WHY_NOT = (
+    LOAD_REASON
+    if not LOADED
+    else (
+        "loaded, but neither on a GPU nor interpreted (TRITON_INTERPRET=1 must "
+        "be set when sn_ext.triton loads), or wrap_triton is too old"
+    )
+)
+needs_kernels = pytest.mark.skipif(
+    not LOADED or not (CUDA or INTERPRETED) or not _WRAPS, reason=f"the Triton kernels cannot run here: {_WHY_NOT}"
+)
 needs_cuda = pytest.mark.skipif(not CUDA or not LOADED, reason="needs a CUDA device and triton")
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -71,8 +79,15 @@ ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 PATHS = {
     "fused_one_pass": {"FUSED_MAX_NUMEL": 1 << 40},
     "fused_two_pass": {"FUSED_MAX_NUMEL": 1 << 40, "ONE_PASS_MAX": 0},
-    "split": {"FUSED_MAX_NUMEL": 0, "TARGET_PROGRAMS": 8, "MIN_COLS_PER_SPLIT": 4, "MIN_ROWS_PER_SPLIT": 4,
-              "TILE": 64, "VECTOR_BLOCK": 16, "MAX_LAMBDA_PARTS": 3},
+    "split": {
+        "FUSED_MAX_NUMEL": 0,
+        "TARGET_PROGRAMS": 8,
+        "MIN_COLS_PER_SPLIT": 4,
+        "MIN_ROWS_PER_SPLIT": 4,
+        "TILE": 64,
+        "VECTOR_BLOCK": 16,
+        "MAX_LAMBDA_PARTS": 3,
+    },
 }
 
 
@@ -124,8 +139,14 @@ BIG_CASES = [
 if CUDA:
     GRID = [(p, dt) for p in PATHS for dt in ALL_DTYPES]
 else:  # the interpreter: every path and dtype, not every pair
-    GRID = [("fused_one_pass", torch.float32), ("fused_one_pass", torch.bfloat16), ("fused_two_pass", torch.float64),
-            ("fused_two_pass", torch.float16), ("split", torch.float32), ("split", torch.bfloat16)]
+    GRID = [
+        ("fused_one_pass", torch.float32),
+        ("fused_one_pass", torch.bfloat16),
+        ("fused_two_pass", torch.float64),
+        ("fused_two_pass", torch.float16),
+        ("split", torch.float32),
+        ("split", torch.bfloat16),
+    ]
 GRID_IDS = [f"{p}-{str(dt).replace('torch.', '')}" for p, dt in GRID]
 
 
@@ -160,6 +181,7 @@ def test_triton_ops_load_where_triton_is_installed():
 
 def _as_called(schema) -> tuple:
     """What a caller sees of a schema: argument names, types (int and SymInt alike), defaults; output types."""
+
     def kind(t) -> str:
         return str(t).replace("SymInt", "int")
 
@@ -167,8 +189,13 @@ def _as_called(schema) -> tuple:
 
 
 @pytest.mark.skipif(not LOADED, reason=f"the Triton ops are not loaded: {_WHY_NOT}")
-@pytest.mark.parametrize("op,same_as", [("triton_spectral_normalize", "spectral_normalize"),
-                                        ("triton_spectral_normalize_backward", "spectral_normalize_backward")])
+@pytest.mark.parametrize(
+    "op,same_as",
+    [
+        ("triton_spectral_normalize", "spectral_normalize"),
+        ("triton_spectral_normalize_backward", "spectral_normalize_backward"),
+    ],
+)
 def test_triton_ops_have_the_cpp_ops_schema(op, same_as):
     registered = getattr(torch.ops.sn_ext, op).default._schema
     expected = torch._C.parse_schema(f"sn_ext::{op}" + _schemas.SCHEMAS[same_as])
@@ -200,8 +227,9 @@ def test_real_sizes_match_reference(case, dtype):
     weight_sn, sigma, u, v = reference.spectral_normalize(weight, u, v, dim, 1, EPS)
     grad = randn(*weight.shape, dtype=dtype, seed=31)
     ours = BWD(grad, weight_sn, u, v, sigma, dim)
-    ref = reference.spectral_normalize_backward(grad.double(), weight_sn.double(), u.double(), v.double(),
-                                                sigma.double(), dim)
+    ref = reference.spectral_normalize_backward(
+        grad.double(), weight_sn.double(), u.double(), v.double(), sigma.double(), dim
+    )
     assert rel_err(ours, ref) <= TOL[dtype]
 
 
@@ -215,8 +243,9 @@ def test_backward_matches_reference(case, path, dtype):
     weight_sn, sigma, u, v = reference.spectral_normalize(weight, u, v, dim, 1, EPS)
     grad = randn(*weight.shape, dtype=dtype, seed=30)
     ours = BWD(grad, weight_sn, u, v, sigma, dim)
-    ref = reference.spectral_normalize_backward(grad.double(), weight_sn.double(), u.double(), v.double(),
-                                                sigma.double(), dim)
+    ref = reference.spectral_normalize_backward(
+        grad.double(), weight_sn.double(), u.double(), v.double(), sigma.double(), dim
+    )
     err = rel_err(ours, ref)
     assert err <= TOL[dtype], f"grad_W: normwise error {err:.2e} > {TOL[dtype]:.0e}"
     assert ours.dtype == dtype and ours.stride() == torch.empty_like(weight_sn).stride()
@@ -241,8 +270,9 @@ def test_degenerate_round_keeps_input_vectors(path, fill):
 
 
 @needs_kernels
-@pytest.mark.parametrize("path,launches", [("fused_one_pass", (1, 1, 1)), ("split", (4 * 2 + 1, 3, 2))],
-                         indirect=["path"])
+@pytest.mark.parametrize(
+    "path,launches", [("fused_one_pass", (1, 1, 1)), ("split", (4 * 2 + 1, 3, 2))], indirect=["path"]
+)
 def test_launch_count(path, launches, monkeypatch):
     """Few launches: one program per op for small weights; 4n + 1 (n == 0: 3) and 2 on the grid."""
     counted = []
@@ -250,8 +280,14 @@ def test_launch_count(path, launches, monkeypatch):
     monkeypatch.setattr(triton_ops, "wrap_triton", lambda kernel: counted.append(kernel) or real(kernel))
     weight = randn(9, 11, seed=41)
     u, v = _vectors(weight, 0)
-    for (op, args), expected in zip([(FWD, (weight, u, v, 0, 2, EPS, False)), (FWD, (weight, u, v, 0, 0, EPS, False)),
-                                     (BWD, (weight, weight, u, v, torch.ones((), device=DEVICE), 0))], launches):
+    for (op, args), expected in zip(
+        [
+            (FWD, (weight, u, v, 0, 2, EPS, False)),
+            (FWD, (weight, u, v, 0, 0, EPS, False)),
+            (BWD, (weight, weight, u, v, torch.ones((), device=DEVICE), 0)),
+        ],
+        launches,
+    ):
         counted.clear()
         op(*args)
         assert len(counted) == expected, [k.fn.__name__ for k in counted]
@@ -305,16 +341,23 @@ def test_module_backend_matches_reference_backend(legacy):
     nets = []
     for backend in ("triton", "reference"):
         torch.manual_seed(0)
-        net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.ConvTranspose2d(5, 2, 2), nn.Flatten(),
-                            nn.Linear(2 * 6 * 6, 3)).double().to(DEVICE)
+        net = (
+            nn.Sequential(
+                nn.Conv2d(3, 5, 3), nn.ReLU(), nn.ConvTranspose2d(5, 2, 2), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)
+            )
+            .double()
+            .to(DEVICE)
+        )
         torch.manual_seed(1)
         for layer in net:
             if hasattr(layer, "weight"):
                 apply(layer, backend=backend)
         nets.append(net)
-    kernels = [h._kernels for m in nets[0].modules()
-               for h in ([m.parametrizations.weight[0]] if hasattr(m, "parametrizations") else
-                         m._forward_pre_hooks.values())]
+    kernels = [
+        h._kernels
+        for m in nets[0].modules()
+        for h in ([m.parametrizations.weight[0]] if hasattr(m, "parametrizations") else m._forward_pre_hooks.values())
+    ]
     assert kernels and all(k.backend.name == "triton" for k in kernels)
     x = randn(2, 3, 7, 7, dtype=torch.float64, seed=46)
     for step in range(3):
@@ -370,7 +413,7 @@ def test_weight_past_int32_offsets():
     """A weight with more than 2^31 elements (64-bit offsets): W = a b^T has sigma = |a| |b| and power iteration
     reaches it in one round from any start."""
     rows, cols = 5, (1 << 31) // 5 + 1000
-    if torch.cuda.get_device_properties(0).total_memory < 24 * 2 ** 30:
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
         pytest.skip("needs 24 GB of GPU memory")
     a = torch.arange(1, rows + 1, device=DEVICE, dtype=torch.float32)
     b = torch.ones(cols, device=DEVICE, dtype=torch.float32)
@@ -378,7 +421,7 @@ def test_weight_past_int32_offsets():
     del b
     u, v = unit(rows, torch.bfloat16, 53), unit(cols, torch.bfloat16, 54).abs()
     weight_sn, sigma, u_new, v_new = FWD(weight, u, v, 0, 1, EPS, False)
-    expected = a.norm().item() * cols ** 0.5
+    expected = a.norm().item() * cols**0.5
     assert abs(sigma.item() - expected) / expected < 1e-2
     for index in (0, cols - 1):
         assert abs(weight_sn[rows - 1, index].item() - rows / expected) < 1e-2 * rows / expected
@@ -449,8 +492,7 @@ NO_GPU_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(CUDA or CHILD, reason="checks the errors on a machine without a GPU (once, not in the child)")
 def test_triton_backend_without_gpu_explains_why():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SN_EXT_BACKEND")}
-    result = subprocess.run([sys.executable, "-c", NO_GPU_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", NO_GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "NO-GPU-OK" in result.stdout
 
@@ -489,9 +531,24 @@ def test_interpreter_run():
         pytest.skip("triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_ENV: "1"})
     env.pop("SN_EXT_BACKEND", None)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
-                             "ignore:invalid value encountered:RuntimeWarning", __file__],
-                            env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "ignore:invalid value encountered:RuntimeWarning",
+            __file__,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(__file__),
+    )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
     assert " passed" in summary and "skipped" in summary, summary  # the GPU-only tests skip in the child

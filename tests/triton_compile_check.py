@@ -5,6 +5,7 @@ interpreter cannot: code that does not lower to CUDA. Prints "COMPILED <n>" or "
 
     python tests/triton_compile_check.py [--all]      # run by tests/test_triton.py in a fresh process
 """
+
 import sys
 
 import torch
@@ -22,8 +23,10 @@ def main(all_variants: bool) -> None:
     import inspect
 
     if "constexprs" not in inspect.signature(ASTSource).parameters:  # triton < 3.3 takes `constants` of another form
-        print(f"SKIP triton {triton.__version__}'s ASTSource predates the API this check uses (triton >= 3.3); the "
-              f"kernels still run in its interpreter")
+        print(
+            f"SKIP triton {triton.__version__}'s ASTSource predates the API this check uses (triton >= 3.3); the "
+            f"kernels still run in its interpreter"
+        )
         return
     import sn_ext.triton as sn_triton
 
@@ -33,8 +36,13 @@ def main(all_variants: bool) -> None:
         return
     from sn_ext.triton import ops
 
-    pointer_types = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16",
-                     torch.bfloat16: "*bf16", torch.int32: "*i32"}
+    pointer_types = {
+        torch.float32: "*fp32",
+        torch.float64: "*fp64",
+        torch.float16: "*fp16",
+        torch.bfloat16: "*bf16",
+        torch.int32: "*i32",
+    }
     launches = {}
 
     class Recorder:
@@ -52,14 +60,19 @@ def main(all_variants: bool) -> None:
                     elif isinstance(arg, bool):
                         signature[name] = "i1"
                     elif isinstance(arg, int):
-                        signature[name] = "i64" if abs(arg) >= 2 ** 31 else "i32"
+                        signature[name] = "i64" if abs(arg) >= 2**31 else "i32"
                     else:
                         signature[name] = "fp32"
-                for name in names[len(args):]:
+                for name in names[len(args) :]:
                     signature[name], constants[name] = "constexpr", kwargs[name]
-                key = (self.kernel.fn.__name__, tuple(signature.items()), tuple(constants.items()),
-                       tuple(options.items()))
+                key = (
+                    self.kernel.fn.__name__,
+                    tuple(signature.items()),
+                    tuple(constants.items()),
+                    tuple(options.items()),
+                )
                 launches[key] = (self.kernel, signature, constants, options)
+
             return launch
 
     ops.wrap_triton = Recorder
@@ -92,8 +105,7 @@ def main(all_variants: bool) -> None:
     target = GPUTarget("cuda", 90, 32)
     for (name, _, constants, _), (kernel, signature, consts, options) in launches.items():
         try:
-            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target,
-                           options=options)
+            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target, options=options)
         except Exception as error:
             print(f"FAILED {name} {constants} {signature}\n{error}")
             sys.exit(1)

@@ -12,8 +12,9 @@
 namespace sn_ext {
 namespace {
 
-using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool);
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                           const at::Tensor&, int64_t, int64_t, double,
+                                                                           bool);
 using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, int64_t);
 
@@ -21,13 +22,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::ve
 spectral_normalize_grouped_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
                                int64_t n, double eps) {
   check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n, eps);
-  static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("sn_ext::spectral_normalize", "")
-                                  .typed<Forward>();
+  static const auto forward =
+      c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize", "").typed<Forward>();
   std::vector<at::Tensor> weights_sn, sigmas, us_used, vs_used;
   for (size_t i = 0; i < weights.size(); ++i) {
-    auto [weight_sn, sigma, u_new, v_new] = forward.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                                               weights[i], us[i], vs[i], dims[i], n, eps, false);
+    auto [weight_sn, sigma, u_new, v_new] = forward.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), weights[i],
+                                                               us[i], vs[i], dims[i], n, eps, false);
     at::Tensor(us[i]).copy_(u_new);
     at::Tensor(vs[i]).copy_(v_new);
     weights_sn.push_back(weight_sn);
@@ -41,11 +41,9 @@ spectral_normalize_grouped_cpu(at::TensorList weights, at::TensorList us, at::Te
 std::vector<at::Tensor> spectral_normalize_grouped_backward_cpu(at::TensorList grads, at::TensorList weights_sn,
                                                                 at::TensorList us, at::TensorList vs,
                                                                 const at::Tensor& sigmas, at::IntArrayRef dims) {
-  check_grouped_backward_args("sn_ext::spectral_normalize_grouped_backward", grads, weights_sn, us, vs, sigmas,
-                              dims);
-  static const auto backward = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("sn_ext::spectral_normalize_backward", "")
-                                   .typed<Backward>();
+  check_grouped_backward_args("sn_ext::spectral_normalize_grouped_backward", grads, weights_sn, us, vs, sigmas, dims);
+  static const auto backward =
+      c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize_backward", "").typed<Backward>();
   std::vector<at::Tensor> grads_weight;
   for (size_t i = 0; i < weights_sn.size(); ++i)
     grads_weight.push_back(backward.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), grads[i], weights_sn[i],

@@ -260,8 +260,7 @@ acc_t inner_product(const Matrix3d<const scalar_t>& A, const Matrix3d<const scal
 
 at::Tensor power_iteration_cpu(const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n,
                                double eps, bool v_first) {
-  const at::Tensor w3 =
-      as_matrix3d(weight, check_forward_args("sn_ext::power_iteration_", weight, u, v, dim, n, eps));
+  const at::Tensor w3 = as_matrix3d(weight, check_forward_args("sn_ext::power_iteration_", weight, u, v, dim, n, eps));
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -277,8 +276,7 @@ at::Tensor power_iteration_cpu(const at::Tensor& weight, at::Tensor& u, at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cpu(const at::Tensor& weight,
                                                                                   const at::Tensor& u,
                                                                                   const at::Tensor& v, int64_t dim,
-                                                                                  int64_t n, double eps,
-                                                                                  bool v_first) {
+                                                                                  int64_t n, double eps, bool v_first) {
   const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize", weight, u, v, dim, n, eps);
   const at::Tensor w3 = as_matrix3d(weight, shape);
   WeightShapedOutput out(weight, shape);
@@ -304,28 +302,28 @@ at::Tensor spectral_normalize_backward_cpu(const at::Tensor& grad, const at::Ten
       check_backward_args("sn_ext::spectral_normalize_backward", grad, weight_sn, u, v, sigma, dim);
   const at::Tensor g3 = as_matrix3d(grad, shape), s3 = as_matrix3d(weight_sn, shape);
   WeightShapedOutput grad_weight(weight_sn, shape);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_sn.scalar_type(), "spectral_normalize_backward",
-                                  [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const Matrix3d<const scalar_t> G(g3), S(s3);
-    const Matrix3d<scalar_t> out(grad_weight.view3d);
-    const opmath_t lambda = static_cast<opmath_t>(inner_product(G, S));
-    const opmath_t inv_sigma = opmath_t(1) / sigma.item<opmath_t>();
-    const Vector uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
-    at::parallel_for(0, G.lines(), grain_for(G.inner), [&](int64_t begin, int64_t end) {
-      for (int64_t l = begin; l < end; ++l) {
-        const int64_t o = l / G.rows, i = l % G.rows;
-        const scalar_t* g = G.line(l);
-        scalar_t* y = out.line(l);
-        const opmath_t lambda_u = lambda * static_cast<opmath_t>(uu[i]);
-        const acc_t* vo = vv.data() + o * G.inner;
-        for_each_in_line(G.inner, G.s_inner, out.s_inner, [&](int64_t r, int64_t a, int64_t b) {
-          const opmath_t corrected = static_cast<opmath_t>(g[a]) - lambda_u * static_cast<opmath_t>(vo[r]);
-          y[b] = static_cast<scalar_t>(corrected * inv_sigma);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight_sn.scalar_type(), "spectral_normalize_backward", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const Matrix3d<const scalar_t> G(g3), S(s3);
+        const Matrix3d<scalar_t> out(grad_weight.view3d);
+        const opmath_t lambda = static_cast<opmath_t>(inner_product(G, S));
+        const opmath_t inv_sigma = opmath_t(1) / sigma.item<opmath_t>();
+        const Vector uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
+        at::parallel_for(0, G.lines(), grain_for(G.inner), [&](int64_t begin, int64_t end) {
+          for (int64_t l = begin; l < end; ++l) {
+            const int64_t o = l / G.rows, i = l % G.rows;
+            const scalar_t* g = G.line(l);
+            scalar_t* y = out.line(l);
+            const opmath_t lambda_u = lambda * static_cast<opmath_t>(uu[i]);
+            const acc_t* vo = vv.data() + o * G.inner;
+            for_each_in_line(G.inner, G.s_inner, out.s_inner, [&](int64_t r, int64_t a, int64_t b) {
+              const opmath_t corrected = static_cast<opmath_t>(g[a]) - lambda_u * static_cast<opmath_t>(vo[r]);
+              y[b] = static_cast<scalar_t>(corrected * inv_sigma);
+            });
+          }
         });
-      }
-    });
-  });
+      });
   return grad_weight.finish();
 }
 

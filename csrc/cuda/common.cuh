@@ -1,7 +1,7 @@
-// Device code and launch plans shared by the per-layer CUDA kernels (spectral_norm_cuda.cu) and the grouped,
-// persistent ones (grouped_cuda.cu). Each phase is a __device__ function of its block coordinates that assumes a
-// 1-D block of kThreads threads (the one-block vector phases take any block size): a __global__ kernel is a thin
-// wrapper, and the persistent kernel loops over a phase's virtual blocks between grid-wide barriers.
+// Device code and launch plans of the CUDA kernels (spectral_norm_cuda.cu): every op, per layer or grouped, is one
+// persistent cooperative kernel. Each phase is a __device__ function of its block coordinates that assumes a 1-D
+// block of kThreads threads (the one-block vector phases take any block size); the persistent kernel loops over a
+// phase's virtual blocks between grid-wide barriers.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,7 +41,9 @@ constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxLambdaBlocks = kThreads;
 constexpr int64_t kLambdaItemsPerThread = 8;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // Smallest power of 2 >= n, capped at `cap` (a power of 2).
 int pow2_at_least(int64_t n, int cap) {
@@ -105,13 +107,13 @@ __device__ __forceinline__ bool usable(acc_t norm) {
 
 template <typename scalar_t, typename acc_t>
 struct MatvecArgs {
-  const scalar_t* w;   // the weight, through `view`
+  const scalar_t* w;  // the weight, through `view`
   View3d view;
-  const scalar_t* x;   // (cols,) with stride x_stride
+  const scalar_t* x;  // (cols,) with stride x_stride
   int64_t x_stride;
-  acc_t* partial;      // (splits, rows): partial[s * rows + i] = sum over split s's columns c of Wm[i, c] x[c]
-  int lanes;           // threads per row: a power of 2 <= kThreads; kThreads / lanes rows per block
-  int64_t chunk;       // columns per split
+  acc_t* partial;  // (splits, rows): partial[s * rows + i] = sum over split s's columns c of Wm[i, c] x[c]
+  int lanes;       // threads per row: a power of 2 <= kThreads; kThreads / lanes rows per block
+  int64_t chunk;   // columns per split
 };
 
 // y = Wm x. Threads of a row walk consecutive columns, so a contiguous row is read coalesced.
@@ -153,16 +155,15 @@ __device__ void matvec_block(const MatvecArgs<scalar_t, acc_t>& a, int64_t row_b
   if (tx == 0 && i < m.rows) a.partial[split * m.rows + i] = sum;
 }
 
-
 template <typename scalar_t, typename acc_t>
 struct RmatvecArgs {
-  const scalar_t* w;   // the weight, through `view`
+  const scalar_t* w;  // the weight, through `view`
   View3d view;
-  const scalar_t* y;   // (rows,) with stride y_stride
+  const scalar_t* y;  // (rows,) with stride y_stride
   int64_t y_stride;
-  acc_t* partial;      // (splits, cols): partial[s * cols + c] = sum over split s's rows i of Wm[i, c] y[i]
-  int lanes;           // threads per column group: a power of 2 <= kThreads; kThreads / lanes threads per column
-  int64_t chunk;       // rows per split
+  acc_t* partial;  // (splits, cols): partial[s * cols + c] = sum over split s's rows i of Wm[i, c] y[i]
+  int lanes;       // threads per column group: a power of 2 <= kThreads; kThreads / lanes threads per column
+  int64_t chunk;   // rows per split
 };
 
 // z = Wm^T y. Adjacent threads own adjacent columns (coalesced for a contiguous row); when there are fewer
@@ -193,7 +194,6 @@ __device__ void rmatvec_block(const RmatvecArgs<scalar_t, acc_t>& a, int64_t col
   if (ty == 0 && c < cols) a.partial[split * cols + c] = sums[tx];
 }
 
-
 // ---------------------------------------------------------------------------------------------------------------
 // Phase 2 of a half-step, one block: add the splits, normalize, and (last half-step) finish.
 
@@ -211,22 +211,22 @@ struct Vectors {
   int64_t u_stride;
   const scalar_t* v_in;  // the caller's v (cols,), stride v_stride
   int64_t v_stride;
-  scalar_t* u_work;      // contiguous (rows,): the rounds' u, in the weight's dtype like torch's buffers
-  scalar_t* v_work;      // contiguous (cols,)
-  scalar_t* u_commit;    // power_iteration_: the caller's u, writable (same memory as u_in); else nullptr
+  scalar_t* u_work;    // contiguous (rows,): the rounds' u, in the weight's dtype like torch's buffers
+  scalar_t* v_work;    // contiguous (cols,)
+  scalar_t* u_commit;  // power_iteration_: the caller's u, writable (same memory as u_in); else nullptr
   scalar_t* v_commit;
   int64_t rows, cols;
 };
 
 template <typename scalar_t, typename acc_t>
 struct NormalizeArgs {
-  acc_t* partial;       // (splits, n) partial sums of the raw vector; the block leaves the raw vector in row 0
+  acc_t* partial;  // (splits, n) partial sums of the raw vector; the block leaves the raw vector in row 0
   int64_t n, splits;
-  scalar_t* out;        // (n,) contiguous: raw / max(|raw|, eps), rounded to the weight's dtype
+  scalar_t* out;  // (n,) contiguous: raw / max(|raw|, eps), rounded to the weight's dtype
   acc_t eps;
-  int* degenerate;      // device flag: some round met a non-finite or zero norm
-  bool first;           // the first half-step of the call: starts the flag instead of adding to it
-  acc_t* sigma;         // last half-step only (else nullptr): sigma = s^2 / max(s, eps), s = |raw|
+  int* degenerate;  // device flag: some round met a non-finite or zero norm
+  bool first;       // the first half-step of the call: starts the flag instead of adding to it
+  acc_t* sigma;     // last half-step only (else nullptr): sigma = s^2 / max(s, eps), s = |raw|
   Finish finish;
   Vectors<scalar_t> vectors;
 };
@@ -267,7 +267,6 @@ __device__ void normalize_block(const NormalizeArgs<scalar_t, acc_t>& a) {
     copy_vector(v.v_commit, v.v_stride, v.v_work, 1, v.cols);
   }
 }
-
 
 // ---------------------------------------------------------------------------------------------------------------
 // Elementwise passes over W-shaped tensors. index_t is uint32_t when the element count allows: the two
@@ -345,9 +344,9 @@ __device__ acc_t lambda_total_block(const acc_t* partial, int64_t count) {
 
 // grad_W = (G - lambda u v^T) / sigma, in the CPU kernel's operation order.
 template <typename scalar_t, typename acc_t, typename index_t>
-__device__ void backward_block(const scalar_t* g, const View3d& gv, scalar_t* out, const View3d& ov,
-                               const scalar_t* u, int64_t u_stride, const scalar_t* v, int64_t v_stride, acc_t lambda,
-                               acc_t sigma, index_t numel, index_t block, index_t blocks) {
+__device__ void backward_block(const scalar_t* g, const View3d& gv, scalar_t* out, const View3d& ov, const scalar_t* u,
+                               int64_t u_stride, const scalar_t* v, int64_t v_stride, acc_t lambda, acc_t sigma,
+                               index_t numel, index_t block, index_t blocks) {
   const index_t rows = static_cast<index_t>(gv.rows), inner = static_cast<index_t>(gv.inner);
   const index_t step = blocks * kThreads;
   for (index_t e = block * kThreads + threadIdx.x; e < numel; e += step) {
@@ -363,7 +362,6 @@ __device__ void backward_block(const scalar_t* g, const View3d& gv, scalar_t* ou
 inline int64_t lambda_blocks_for(int64_t numel) {
   return std::max<int64_t>(1, std::min(ceil_div(numel, kThreads * kLambdaItemsPerThread), kMaxLambdaBlocks));
 }
-
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host side: launch plans and the op implementations.

@@ -56,7 +56,7 @@ struct LayerForward {
   scalar_t* out;  // W_sn through ov; nullptr for power_iteration_ (no division)
   View3d ov;
   Vectors<scalar_t> vec;
-  Finish finish;  // what the last normalize does with the vectors (see Finish)
+  Finish finish;   // what the last normalize does with the vectors (see Finish)
   acc_t* partial;  // this layer's workspace for the split matvecs
   int* degenerate;
   acc_t* sigma;
@@ -111,7 +111,7 @@ static_assert(sizeof(BackwardLaunch<double, double>) <= 32764, "kernel parameter
 // The layer that owns virtual block b of a phase, searching on from `layer` (b only grows within a phase).
 template <typename Layer>
 __device__ __forceinline__ int advance_layer(const Layer* layers, int count, int layer, int64_t b,
-                                             int64_t Layer::*first) {
+                                             int64_t Layer::* first) {
   while (layer + 1 < count && layers[layer + 1].*first <= b) ++layer;
   return layer;
 }
@@ -124,8 +124,9 @@ __device__ void matvec_phase(const ForwardLaunch<scalar_t, acc_t>& p, bool from_
     layer = advance_layer(p.layers, p.count, layer, b, &LayerForward<scalar_t, acc_t>::mv_first);
     const LayerForward<scalar_t, acc_t>& L = p.layers[layer];
     const int64_t local = b - L.mv_first;
-    const MatvecArgs<scalar_t, acc_t> args{L.w, L.wv, from_input ? L.vec.v_in : L.vec.v_work,
-                                           from_input ? L.vec.v_stride : 1, L.partial, L.mv_lanes, L.mv_chunk};
+    const MatvecArgs<scalar_t, acc_t> args{
+        L.w,        L.wv,      from_input ? L.vec.v_in : L.vec.v_work, from_input ? L.vec.v_stride : 1, L.partial,
+        L.mv_lanes, L.mv_chunk};
     matvec_block(args, local % L.mv_blocks_x, local / L.mv_blocks_x);
     __syncthreads();  // the next virtual block reuses this one's shared memory
   }
@@ -139,8 +140,9 @@ __device__ void rmatvec_phase(const ForwardLaunch<scalar_t, acc_t>& p, bool from
     layer = advance_layer(p.layers, p.count, layer, b, &LayerForward<scalar_t, acc_t>::rmv_first);
     const LayerForward<scalar_t, acc_t>& L = p.layers[layer];
     const int64_t local = b - L.rmv_first;
-    const RmatvecArgs<scalar_t, acc_t> args{L.w, L.wv, from_input ? L.vec.u_in : L.vec.u_work,
-                                            from_input ? L.vec.u_stride : 1, L.partial, L.rmv_lanes, L.rmv_chunk};
+    const RmatvecArgs<scalar_t, acc_t> args{
+        L.w,         L.wv,       from_input ? L.vec.u_in : L.vec.u_work, from_input ? L.vec.u_stride : 1, L.partial,
+        L.rmv_lanes, L.rmv_chunk};
     rmatvec_block(args, local % L.rmv_blocks_x, local / L.rmv_blocks_x);
     __syncthreads();
   }
@@ -211,8 +213,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-    backward_kernel(const __grid_constant__ BackwardLaunch<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads) backward_kernel(const __grid_constant__ BackwardLaunch<scalar_t, acc_t> p) {
   cg::grid_group grid = cg::this_grid();
   using Layer = LayerBackward<scalar_t, acc_t>;
   // lambda = <G, W_sn>: partial sums
@@ -269,9 +270,8 @@ template <auto kernel, typename Params>
 void launch_cooperative(const Params& params, int64_t wanted_blocks) {
   const int64_t blocks = std::max<int64_t>(1, std::min(wanted_blocks, resident_blocks<kernel>()));
   void* args[] = {const_cast<Params*>(&params)};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
-                                             dim3(static_cast<unsigned>(blocks)), dim3(kThreads), args, 0,
-                                             c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(blocks)),
+                                             dim3(kThreads), args, 0, c10::cuda::getCurrentCUDAStream()));
 }
 
 // One layer of a forward launch, as tensors. u_in, v_in: the vectors to start from; u_work, v_work: where the
@@ -284,8 +284,7 @@ struct ForwardLayer {
 
 // Runs the forward of `layers` (one dtype and device): n rounds, then W / sigma; sigma[i] (a contiguous tensor
 // of one value per layer, of any shape) for layer i.
-void forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, int64_t n, double eps,
-             bool v_first) {
+void forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, int64_t n, double eps, bool v_first) {
   const at::Tensor& w0 = layers[0].w3;
   const auto acc_options = w0.options().dtype(sigmas.scalar_type());
   std::vector<SplitPlan> mv_plans, rmv_plans;
@@ -295,8 +294,8 @@ void forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, 
     const View3d view = view_of(layer.w3);
     mv_plans.push_back(plan_matvec(view));
     rmv_plans.push_back(plan_rmatvec(view));
-    partial_offsets.push_back(partial_offsets.back() + std::max(mv_plans.back().splits * view.rows,
-                                                                rmv_plans.back().splits * view.cols()));
+    partial_offsets.push_back(partial_offsets.back() +
+                              std::max(mv_plans.back().splits * view.rows, rmv_plans.back().splits * view.cols()));
     max_numel = std::max(max_numel, layer.w3.numel());
   }
   at::Tensor workspace = at::empty({partial_offsets.back()}, acc_options);
@@ -445,9 +444,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cu
   return {out.finish(), sigma, u_new, v_new};
 }
 
-at::Tensor spectral_normalize_backward_cuda(const at::Tensor& grad, const at::Tensor& weight_sn,
-                                            const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma,
-                                            int64_t dim) {
+at::Tensor spectral_normalize_backward_cuda(const at::Tensor& grad, const at::Tensor& weight_sn, const at::Tensor& u,
+                                            const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
   const c10::cuda::CUDAGuard guard(weight_sn.device());
   const MatrixShape shape =
       check_backward_args("sn_ext::spectral_normalize_backward", grad, weight_sn, u, v, sigma, dim);
@@ -476,8 +474,8 @@ spectral_normalize_grouped_cuda(at::TensorList weights, at::TensorList us, at::T
     layers.push_back({as_matrix3d(weights[i], shapes[i]), outs[i].view3d, us[i], vs[i], us_used[i], vs_used[i],
                       n == 0 ? Finish::kRestore : Finish::kBoth});
   }
-  at::Tensor sigmas =
-      at::empty({static_cast<int64_t>(weights.size())}, weights[0].options().dtype(sigma_dtype(weights[0].scalar_type())));
+  at::Tensor sigmas = at::empty({static_cast<int64_t>(weights.size())},
+                                weights[0].options().dtype(sigma_dtype(weights[0].scalar_type())));
   forward(layers, sigmas, n, eps, false);
   std::vector<at::Tensor> weights_sn;
   for (auto& out : outs) weights_sn.push_back(out.finish());
@@ -487,15 +485,15 @@ spectral_normalize_grouped_cuda(at::TensorList weights, at::TensorList us, at::T
 std::vector<at::Tensor> spectral_normalize_grouped_backward_cuda(at::TensorList grads, at::TensorList weights_sn,
                                                                  at::TensorList us, at::TensorList vs,
                                                                  const at::Tensor& sigmas, at::IntArrayRef dims) {
-  const std::vector<MatrixShape> shapes = check_grouped_backward_args(
-      "sn_ext::spectral_normalize_grouped_backward", grads, weights_sn, us, vs, sigmas, dims);
+  const std::vector<MatrixShape> shapes = check_grouped_backward_args("sn_ext::spectral_normalize_grouped_backward",
+                                                                      grads, weights_sn, us, vs, sigmas, dims);
   const c10::cuda::CUDAGuard guard(weights_sn[0].device());
   std::vector<WeightShapedOutput> outs;
   std::vector<BackwardLayer> layers;
   for (size_t i = 0; i < weights_sn.size(); ++i) {
     outs.emplace_back(weights_sn[i], shapes[i]);
-    layers.push_back({as_matrix3d(grads[i], shapes[i]), as_matrix3d(weights_sn[i], shapes[i]), outs[i].view3d,
-                      us[i], vs[i]});
+    layers.push_back(
+        {as_matrix3d(grads[i], shapes[i]), as_matrix3d(weights_sn[i], shapes[i]), outs[i].view3d, us[i], vs[i]});
   }
   backward(layers, sigmas.contiguous());
   std::vector<at::Tensor> grads_weight;

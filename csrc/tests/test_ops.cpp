@@ -17,10 +17,13 @@ void expect(bool ok, const std::string& what) {
   if (!ok) ++failures;
 }
 
-double max_abs_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
 
-using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool);
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                           const at::Tensor&, int64_t, int64_t, double,
+                                                                           bool);
 using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, int64_t);
 
@@ -38,7 +41,9 @@ at::Tensor matrix_of(const at::Tensor& w, int64_t dim) {
   return w.permute(order).flatten(1);
 }
 
-at::Tensor unit(at::Tensor x) { return x / x.norm(); }
+at::Tensor unit(at::Tensor x) {
+  return x / x.norm();
+}
 
 // One u-first round and W / sigma, as torch.nn.utils.parametrizations.spectral_norm computes them.
 void check_forward_and_backward(std::vector<int64_t> shape, int64_t dim) {

@@ -22,6 +22,7 @@ fuses those ops itself, and the grouped op, which mutates lists of buffers, cann
 Kernels: the grouped op runs the compiled kernels (one launch on a GPU; on the CPU the per-layer kernels in turn)
 and, on a device without them, the pure-PyTorch reference.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -33,8 +34,16 @@ from torch.nn.utils import parametrize
 from .. import ops
 from .spectral_norm import SpectralNorm, has_spectral_norm, spectral_norm
 
-DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                 nn.ConvTranspose3d, nn.Embedding)
+DEFAULT_TYPES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Embedding,
+)
 
 
 class SpectralNormGroup:
@@ -44,8 +53,10 @@ class SpectralNormGroup:
         self.layers = layers
         self.parametrizations = [layer.parametrizations[name] for layer, name in layers]
         self.norms: list[SpectralNorm] = [p[0] for p in self.parametrizations]
-        self._handles = [model.register_forward_pre_hook(self._before_forward),
-                         model.register_forward_hook(self._after_forward, always_call=True)]
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward),
+            model.register_forward_hook(self._after_forward, always_call=True),
+        ]
 
     def _before_forward(self, model, args) -> None:
         # Under torch.compile the layers compute their own W / sigma in the graph, which the compiler fuses (and
@@ -67,8 +78,13 @@ class SpectralNormGroup:
             calls.setdefault((weight.device, weight.dtype, n, norm.eps), []).append(i)
         for (_, _, n, eps), members in calls.items():
             weights_sn, _, _, _ = ops.spectral_normalize_grouped_(
-                [weights[i] for i in members], [self.norms[i]._u for i in members],
-                [self.norms[i]._v for i in members], [self.norms[i].dim for i in members], n, eps)
+                [weights[i] for i in members],
+                [self.norms[i]._u for i in members],
+                [self.norms[i]._v for i in members],
+                [self.norms[i].dim for i in members],
+                n,
+                eps,
+            )
             for i, weight_sn in zip(members, weights_sn):
                 self.norms[i]._grouped_result = weight_sn
 
@@ -80,9 +96,14 @@ class SpectralNormGroup:
         del model._sn_ext_group
 
 
-def grouped_spectral_norm(model: nn.Module, types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
-                          layers: Iterable[nn.Module] | None = None, name: str = "weight",
-                          n_power_iterations: int = 1, eps: float = 1e-12) -> nn.Module:
+def grouped_spectral_norm(
+    model: nn.Module,
+    types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
+    layers: Iterable[nn.Module] | None = None,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+) -> nn.Module:
     """Puts spectral normalization on `name` of every submodule of `model` that is an instance of `types` (or of
     each module of `layers`, if given), and computes them all together in each forward of `model`. Returns
     `model`. The per-layer arguments (n_power_iterations, eps; dim as torch chooses it) are those of
@@ -92,18 +113,27 @@ def grouped_spectral_norm(model: nn.Module, types: tuple[type[nn.Module], ...] =
         raise RuntimeError("grouped_spectral_norm: this model is already grouped (ungroup_spectral_norm undoes it)")
     chosen = list(layers) if layers is not None else [m for m in model.modules() if isinstance(m, types)]
     for layer in chosen:  # every layer checked before any changes
-        weight = getattr(layer, name, None) if not parametrize.is_parametrized(layer, name) else \
-            layer.parametrizations[name].original
+        weight = (
+            getattr(layer, name, None)
+            if not parametrize.is_parametrized(layer, name)
+            else layer.parametrizations[name].original
+        )
         if parametrize.is_parametrized(layer, name) and len(layer.parametrizations[name]) > 1:
-            raise RuntimeError(f"grouped_spectral_norm: '{name}' of {type(layer).__name__} has "
-                               f"{len(layer.parametrizations[name])} stacked parametrizations; a grouped layer has "
-                               f"exactly one, sn_ext's spectral norm (remove the others first)")
+            raise RuntimeError(
+                f"grouped_spectral_norm: '{name}' of {type(layer).__name__} has "
+                f"{len(layer.parametrizations[name])} stacked parametrizations; a grouped layer has "
+                f"exactly one, sn_ext's spectral norm (remove the others first)"
+            )
         if weight is not None and weight.is_complex():
-            raise TypeError(f"grouped_spectral_norm: '{name}' of {type(layer).__name__} is {weight.dtype}: complex "
-                            f"weights run on the reference backend only, per layer (sn_ext.spectral_norm)")
+            raise TypeError(
+                f"grouped_spectral_norm: '{name}' of {type(layer).__name__} is {weight.dtype}: complex "
+                f"weights run on the reference backend only, per layer (sn_ext.spectral_norm)"
+            )
         if not _has_sn_ext_norm(layer, name) and has_spectral_norm(layer, name):
-            raise RuntimeError(f"grouped_spectral_norm: '{name}' of {type(layer).__name__} has torch's spectral "
-                               f"norm, which cannot be grouped: remove it first")
+            raise RuntimeError(
+                f"grouped_spectral_norm: '{name}' of {type(layer).__name__} has torch's spectral "
+                f"norm, which cannot be grouped: remove it first"
+            )
     members = []
     for layer in chosen:
         if not _has_sn_ext_norm(layer, name):
@@ -113,8 +143,10 @@ def grouped_spectral_norm(model: nn.Module, types: tuple[type[nn.Module], ...] =
             spectral_norm(layer, name, n_power_iterations, eps)
         members.append((layer, name))
     if not members:
-        raise ValueError(f"grouped_spectral_norm: no layer of {type(model).__name__} to normalize: none is a "
-                         f"{', '.join(t.__name__ for t in types)} with a '{name}' of 2 or more dimensions")
+        raise ValueError(
+            f"grouped_spectral_norm: no layer of {type(model).__name__} to normalize: none is a "
+            f"{', '.join(t.__name__ for t in types)} with a '{name}' of 2 or more dimensions"
+        )
     model._sn_ext_group = SpectralNormGroup(model, members)
     return model
 
@@ -130,4 +162,5 @@ def ungroup_spectral_norm(model: nn.Module) -> nn.Module:
 
 def _has_sn_ext_norm(layer: nn.Module, name: str) -> bool:
     return parametrize.is_parametrized(layer, name) and any(
-        isinstance(p, SpectralNorm) for p in layer.parametrizations[name])
+        isinstance(p, SpectralNorm) for p in layer.parametrizations[name]
+    )

@@ -12,6 +12,7 @@ it (after each update_parameters, or once before eval); training models need no 
     sn_ext.renormalize_buffers_(ema)                          # u, v unit again
     sn_ext.renormalize_buffers_(ema, n_power_iterations=15)   # ... and aligned with the averaged weights
 """
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize

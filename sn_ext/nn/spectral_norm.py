@@ -10,9 +10,9 @@ Beyond torch: loading a checkpoint of torch's legacy spectral norm works; regist
 stacks a second spectral norm as torch does, with a warning; a step whose weight is non-finite or zero leaves u and
 v as they were (the output shows NaN/Inf).
 """
+
 import warnings
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -31,8 +31,9 @@ class SpectralNorm(nn.Module):
     # W / sigma computed with the other layers of a grouped model (nn/grouped.py), for this layer's next read.
     _grouped_result: Tensor | None = None
 
-    def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
-                 backend: str | None = None) -> None:
+    def __init__(
+        self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12, backend: str | None = None
+    ) -> None:
         super().__init__()
         check_arguments(weight, n_power_iterations, dim, eps)
         self.backend = backends.requested_backend(backend)  # the name asked for ("auto", ...): see sn_ext.backends
@@ -85,17 +86,21 @@ def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: floa
     conjugates, so sn_ext.legacy refuses them)."""
     ndim = weight.ndim
     if ndim == 0 or weight.numel() == 0:
-        raise ValueError(f"spectral_norm: the weight must be a non-empty tensor with at least 1 dimension, "
-                         f"got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"spectral_norm: the weight must be a non-empty tensor with at least 1 dimension, "
+            f"got shape {tuple(weight.shape)}"
+        )
     if weight.dtype not in REAL_DTYPES and not (complex_ok and weight.dtype in COMPLEX_DTYPES):
-        kinds = "float16, bfloat16, float32, float64, complex64 or complex128" if complex_ok else \
-            "float16, bfloat16, float32 or float64 (complex weights: sn_ext.spectral_norm)"
+        kinds = (
+            "float16, bfloat16, float32, float64, complex64 or complex128"
+            if complex_ok
+            else "float16, bfloat16, float32 or float64 (complex weights: sn_ext.spectral_norm)"
+        )
         raise TypeError(f"spectral_norm: the weight must be {kinds}, got {weight.dtype}")
     if dim >= ndim or dim < -ndim:
         raise IndexError(f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim})")
     if n_power_iterations <= 0:
-        raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations="
-                         f"{n_power_iterations}")
+        raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}")
     if not eps >= 0:  # NaN too
         raise ValueError(f"spectral_norm: eps must be >= 0, got eps={eps}")
 
@@ -103,15 +108,18 @@ def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: floa
 def has_parametrization_spectral_norm(module: nn.Module, name: str) -> bool:
     """Whether module.<name> has a spectral-norm parametrization (sn_ext's or torch's)."""
     return parametrize.is_parametrized(module, name) and any(
-        isinstance(p, (SpectralNorm, _TorchSpectralNorm)) for p in module.parametrizations[name])
+        isinstance(p, (SpectralNorm, _TorchSpectralNorm)) for p in module.parametrizations[name]
+    )
 
 
 def has_legacy_spectral_norm(module: nn.Module, name: str) -> bool:
     """Whether module.<name> has a legacy spectral-norm hook (sn_ext's or torch's)."""
     from .. import legacy  # a late import: legacy imports this module
 
-    return any(isinstance(hook, (legacy.SpectralNorm, _TorchLegacySpectralNorm)) and hook.name == name
-               for hook in module._forward_pre_hooks.values())
+    return any(
+        isinstance(hook, (legacy.SpectralNorm, _TorchLegacySpectralNorm)) and hook.name == name
+        for hook in module._forward_pre_hooks.values()
+    )
 
 
 def has_spectral_norm(module: nn.Module, name: str) -> bool:
@@ -119,8 +127,10 @@ def has_spectral_norm(module: nn.Module, name: str) -> bool:
     return has_parametrization_spectral_norm(module, name) or has_legacy_spectral_norm(module, name)
 
 
-STACKING_WARNING = ("spectral_norm: '{name}' of {module} already has a spectral norm; a second one is stacked on it "
-                    "(it normalizes the first one's output, as torch's does), which is almost certainly unintended")
+STACKING_WARNING = (
+    "spectral_norm: '{name}' of {module} already has a spectral norm; a second one is stacked on it "
+    "(it normalizes the first one's output, as torch's does), which is almost certainly unintended"
+)
 
 
 def default_dim(module: nn.Module) -> int:
@@ -128,8 +138,14 @@ def default_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, _CONV_TRANSPOSE) else 0
 
 
-def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None, backend: str | None = None) -> nn.Module:
+def spectral_norm(
+    module: nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+    backend: str | None = None,
+) -> nn.Module:
     """Applies spectral normalization to `module.<name>`; the arguments of torch's parametrizations.spectral_norm.
 
     Returns the module. Its state dict holds ``parametrizations.<name>.original`` and
@@ -141,16 +157,20 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     """
     # Checked before getattr: reading a parametrized weight in train mode runs a power iteration.
     if has_legacy_spectral_norm(module, name):  # torch fails here too, less clearly (no parameter named so)
-        raise RuntimeError(f"spectral_norm: '{name}' of {type(module).__name__} already has a legacy spectral norm "
-                           f"(torch.nn.utils.spectral_norm or sn_ext.legacy): remove it first")
+        raise RuntimeError(
+            f"spectral_norm: '{name}' of {type(module).__name__} already has a legacy spectral norm "
+            f"(torch.nn.utils.spectral_norm or sn_ext.legacy): remove it first"
+        )
     if has_parametrization_spectral_norm(module, name):
         warnings.warn(STACKING_WARNING.format(name=name, module=type(module).__name__), UserWarning, stacklevel=2)
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
     if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(f"spectral_norm: '{name}' of {type(module).__name__} is an uninitialized (lazy) parameter: "
-                         f"run a dummy forward before applying spectral normalization")
+        raise ValueError(
+            f"spectral_norm: '{name}' of {type(module).__name__} is an uninitialized (lazy) parameter: "
+            f"run a dummy forward before applying spectral normalization"
+        )
     if dim is None:
         dim = default_dim(module)
     stacked = parametrize.is_parametrized(module, name)

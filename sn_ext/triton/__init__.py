@@ -8,6 +8,7 @@ TRITON_INTERPRET=1 in the environment before `load()`, Triton's interpreter runs
 
 Requirements: triton >= 3.2 and torch >= 2.6 (torch.library.triton_op / wrap_triton).
 """
+
 import os
 
 import torch

@@ -6,6 +6,7 @@ W3 = (outer, rows, inner) with outer = prod(sizes[:dim]) and inner = prod(sizes[
 Wm[i, o * inner + r] = W3[o, i, r]: torch's ``W.permute(dim, *others).flatten(1)`` without a copy. Column c of Wm
 is (o, r) = divmod(c, inner). Offsets are 64-bit, so any size works.
 """
+
 import triton
 import triton.language as tl
 
@@ -23,6 +24,7 @@ def matrix_offsets(rows, cols, inner, s_outer, s_row, s_inner):
 # round as torch and the C++ kernels do. float64 operations are IEEE already. Triton versions without div_rn /
 # sqrt_rn get the defaults (a few units in the last place).
 if hasattr(tl, "div_rn") and hasattr(tl, "sqrt_rn"):
+
     @triton.jit
     def precise_div(x, y):
         if x.dtype == tl.float32:
@@ -37,6 +39,7 @@ if hasattr(tl, "div_rn") and hasattr(tl, "sqrt_rn"):
         else:
             return tl.sqrt(x)
 else:  # pragma: no cover - old Triton
+
     @triton.jit
     def precise_div(x, y):
         return x / y

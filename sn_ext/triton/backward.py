@@ -4,6 +4,7 @@ Every program adds lambda_partial_kernel's partial sums itself, in the same orde
 and no one-program launch is needed in between), then writes its tile. The operation order is the C++ kernels':
 (g - (lambda u_i) v_c) / sigma.
 """
+
 import triton
 import triton.language as tl
 
@@ -18,8 +19,22 @@ def backward_kernel(
     v_ptr,  # (cols,) stride v_stride, weight dtype
     part_ptr,  # (parts,) accumulation dtype: the partial sums of lambda = <grad, W_sn>
     sigma_ptr,  # () accumulation dtype
-    rows, cols, inner, g_outer, g_row, g_inner, o_outer, o_row, o_inner, u_stride, v_stride, col_blocks, parts,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+    rows,
+    cols,
+    inner,
+    g_outer,
+    g_row,
+    g_inner,
+    o_outer,
+    o_row,
+    o_inner,
+    u_stride,
+    v_stride,
+    col_blocks,
+    parts,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_PARTS: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
     part_idx = tl.arange(0, BLOCK_PARTS)

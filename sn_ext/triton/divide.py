@@ -2,6 +2,7 @@
 
 Grid: one program per (BLOCK_ROWS x BLOCK_COLS) tile, tile t = (t // col_blocks, t % col_blocks).
 """
+
 import triton
 import triton.language as tl
 
@@ -13,8 +14,18 @@ def divide_kernel(
     w_ptr,  # (outer, rows, inner) strided: the weight's matrix view, weight dtype
     out_ptr,  # (outer, rows, inner) strided (its own strides): W_sn, weight dtype
     sigma_ptr,  # () accumulation dtype
-    rows, cols, inner, s_outer, s_row, s_inner, o_outer, o_row, o_inner, col_blocks,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    rows,
+    cols,
+    inner,
+    s_outer,
+    s_row,
+    s_inner,
+    o_outer,
+    o_row,
+    o_inner,
+    col_blocks,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     row_idx = (tile // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)

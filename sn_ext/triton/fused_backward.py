@@ -1,5 +1,6 @@
 """The whole backward in one program, for small weights (one launch instead of two):
 lambda = <grad, W_sn>, then grad_W = (grad - lambda u v^T) / sigma, as lambda_partial_kernel + backward_kernel."""
+
 import triton
 import triton.language as tl
 
@@ -14,9 +15,22 @@ def fused_backward_kernel(
     u_ptr,  # (rows,) stride u_stride, weight dtype
     v_ptr,  # (cols,) stride v_stride, weight dtype
     sigma_ptr,  # () accumulation dtype
-    rows, cols, inner, g_outer, g_row, g_inner, s_outer, s_row, s_inner, o_outer, o_row, o_inner,
-    u_stride, v_stride,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    rows,
+    cols,
+    inner,
+    g_outer,
+    g_row,
+    g_inner,
+    s_outer,
+    s_row,
+    s_inner,
+    o_outer,
+    o_row,
+    o_inner,
+    u_stride,
+    v_stride,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     sigma = tl.load(sigma_ptr)
     acc_dtype = sigma.dtype
@@ -26,10 +40,8 @@ def fused_backward_kernel(
         for col_start in range(0, cols, BLOCK_COLS):
             col_idx = col_start + tl.arange(0, BLOCK_COLS)
             mask = (row_idx < rows)[:, None] & (col_idx < cols)[None, :]
-            g = tl.load(g_ptr + matrix_offsets(row_idx, col_idx, inner, g_outer, g_row, g_inner), mask=mask,
-                        other=0.0)
-            s = tl.load(s_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner), mask=mask,
-                        other=0.0)
+            g = tl.load(g_ptr + matrix_offsets(row_idx, col_idx, inner, g_outer, g_row, g_inner), mask=mask, other=0.0)
+            s = tl.load(s_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner), mask=mask, other=0.0)
             acc += g.to(acc_dtype) * s.to(acc_dtype)
     lam = tl.sum(tl.sum(acc, axis=1), axis=0)
     for row_start in range(0, rows, BLOCK_ROWS):
@@ -40,8 +52,7 @@ def fused_backward_kernel(
             col_idx = col_start + tl.arange(0, BLOCK_COLS)
             col_mask = col_idx < cols
             mask = row_mask[:, None] & col_mask[None, :]
-            g = tl.load(g_ptr + matrix_offsets(row_idx, col_idx, inner, g_outer, g_row, g_inner), mask=mask,
-                        other=0.0)
+            g = tl.load(g_ptr + matrix_offsets(row_idx, col_idx, inner, g_outer, g_row, g_inner), mask=mask, other=0.0)
             v = tl.load(v_ptr + col_idx.to(tl.int64) * v_stride, mask=col_mask, other=0.0).to(acc_dtype)
             out = precise_div(g.to(acc_dtype) - lam_u[:, None] * v[None, :], sigma).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + matrix_offsets(row_idx, col_idx, inner, o_outer, o_row, o_inner), out, mask=mask)

@@ -13,6 +13,7 @@ v-first is the transpose: strips of columns give z = W^T u and W z. The host ena
 Vectors written by one phase are read by other threads in the next, so phases are separated by barriers; the
 scratch vectors y, z hold raw (unnormalized) products.
 """
+
 import triton
 import triton.language as tl
 
@@ -37,8 +38,9 @@ def _restore(src_ptr, src_stride, dst_ptr, n, ok, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _matvec(w_ptr, x_ptr, y_ptr, rows, cols, inner, s_outer, s_row, s_inner,
-            BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _matvec(
+    w_ptr, x_ptr, y_ptr, rows, cols, inner, s_outer, s_row, s_inner, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr
+):
     """y = Wm x (x contiguous, weight dtype; y raw, accumulation dtype); returns |y|^2."""
     acc_dtype = y_ptr.dtype.element_ty
     squares = tl.zeros([BLOCK_ROWS], acc_dtype)
@@ -49,8 +51,11 @@ def _matvec(w_ptr, x_ptr, y_ptr, rows, cols, inner, s_outer, s_row, s_inner,
         for col_start in range(0, cols, BLOCK_COLS):
             col_idx = col_start + tl.arange(0, BLOCK_COLS)
             col_mask = col_idx < cols
-            w = tl.load(w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner),
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(acc_dtype)
+            w = tl.load(
+                w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner),
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(acc_dtype)
             x = tl.load(x_ptr + col_idx, mask=col_mask, other=0.0).to(acc_dtype)
             acc += w * x[None, :]
         y = tl.sum(acc, axis=1)
@@ -60,8 +65,9 @@ def _matvec(w_ptr, x_ptr, y_ptr, rows, cols, inner, s_outer, s_row, s_inner,
 
 
 @triton.jit
-def _rmatvec(w_ptr, y_ptr, z_ptr, rows, cols, inner, s_outer, s_row, s_inner,
-             BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _rmatvec(
+    w_ptr, y_ptr, z_ptr, rows, cols, inner, s_outer, s_row, s_inner, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr
+):
     """z = Wm^T y (y contiguous, weight dtype; z raw, accumulation dtype); returns |z|^2."""
     acc_dtype = z_ptr.dtype.element_ty
     squares = tl.zeros([BLOCK_COLS], acc_dtype)
@@ -72,8 +78,11 @@ def _rmatvec(w_ptr, y_ptr, z_ptr, rows, cols, inner, s_outer, s_row, s_inner,
         for row_start in range(0, rows, BLOCK_ROWS):
             row_idx = row_start + tl.arange(0, BLOCK_ROWS)
             row_mask = row_idx < rows
-            w = tl.load(w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner),
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(acc_dtype)
+            w = tl.load(
+                w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner),
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(acc_dtype)
             y = tl.load(y_ptr + row_idx, mask=row_mask, other=0.0).to(acc_dtype)
             acc += w * y[:, None]
         z = tl.sum(acc, axis=0)
@@ -103,10 +112,27 @@ def fused_forward_kernel(
     v_new_ptr,  # (cols,) contiguous, weight dtype: v after n rounds (likewise)
     y_ptr,  # (rows,) contiguous, accumulation dtype: scratch, the raw W v of a round
     z_ptr,  # (cols,) contiguous, accumulation dtype: scratch, the raw W^T u of a round
-    rows, cols, inner, s_outer, s_row, s_inner, o_outer, o_row, o_inner, u_stride, v_stride, n_iters, eps,
-    V_FIRST: tl.constexpr, ONE_PASS: tl.constexpr, N_ZERO: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_VEC: tl.constexpr,
-    FULL: tl.constexpr, STRIP: tl.constexpr,
+    rows,
+    cols,
+    inner,
+    s_outer,
+    s_row,
+    s_inner,
+    o_outer,
+    o_row,
+    o_inner,
+    u_stride,
+    v_stride,
+    n_iters,
+    eps,
+    V_FIRST: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    N_ZERO: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_VEC: tl.constexpr,
+    FULL: tl.constexpr,
+    STRIP: tl.constexpr,
 ):
     acc_dtype = y_ptr.dtype.element_ty
     _copy(u_ptr, u_stride, u_new_ptr, rows, BLOCK_VEC)
@@ -126,8 +152,11 @@ def fused_forward_kernel(
                 for col_start in range(0, cols, STRIP):
                     col_idx = col_start + tl.arange(0, STRIP)
                     col_mask = col_idx < cols
-                    w = tl.load(w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner),
-                                mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(acc_dtype)
+                    w = tl.load(
+                        w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner),
+                        mask=row_mask[:, None] & col_mask[None, :],
+                        other=0.0,
+                    ).to(acc_dtype)
                     z = tl.sum(w * u[:, None], axis=0)
                     tl.store(z_ptr + col_idx, z, mask=col_mask)
                     z_squares += z * z
@@ -152,8 +181,11 @@ def fused_forward_kernel(
                 for row_start in range(0, rows, STRIP):
                     row_idx = row_start + tl.arange(0, STRIP)
                     row_mask = row_idx < rows
-                    w = tl.load(w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner),
-                                mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(acc_dtype)
+                    w = tl.load(
+                        w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner),
+                        mask=row_mask[:, None] & col_mask[None, :],
+                        other=0.0,
+                    ).to(acc_dtype)
                     y = tl.sum(w * v[None, :], axis=1)
                     tl.store(y_ptr + row_idx, y, mask=row_mask)
                     y_squares += y * y
@@ -171,25 +203,33 @@ def fused_forward_kernel(
             tl.debug_barrier()
         else:
             if V_FIRST:
-                norm_v = precise_sqrt(_rmatvec(w_ptr, u_new_ptr, z_ptr, rows, cols, inner, s_outer, s_row, s_inner,
-                                               BLOCK_ROWS, BLOCK_COLS))
+                norm_v = precise_sqrt(
+                    _rmatvec(
+                        w_ptr, u_new_ptr, z_ptr, rows, cols, inner, s_outer, s_row, s_inner, BLOCK_ROWS, BLOCK_COLS
+                    )
+                )
                 tl.debug_barrier()
                 _normalize_into(z_ptr, v_new_ptr, cols, clamp_min_eps(norm_v, eps), BLOCK_VEC)
                 tl.debug_barrier()
-                norm_u = precise_sqrt(_matvec(w_ptr, v_new_ptr, y_ptr, rows, cols, inner, s_outer, s_row, s_inner,
-                                              BLOCK_ROWS, BLOCK_COLS))
+                norm_u = precise_sqrt(
+                    _matvec(w_ptr, v_new_ptr, y_ptr, rows, cols, inner, s_outer, s_row, s_inner, BLOCK_ROWS, BLOCK_COLS)
+                )
                 tl.debug_barrier()
                 _normalize_into(y_ptr, u_new_ptr, rows, clamp_min_eps(norm_u, eps), BLOCK_VEC)
                 ok = ok & usable(norm_v) & usable(norm_u)
                 last = norm_u
             else:
-                norm_u = precise_sqrt(_matvec(w_ptr, v_new_ptr, y_ptr, rows, cols, inner, s_outer, s_row, s_inner,
-                                              BLOCK_ROWS, BLOCK_COLS))
+                norm_u = precise_sqrt(
+                    _matvec(w_ptr, v_new_ptr, y_ptr, rows, cols, inner, s_outer, s_row, s_inner, BLOCK_ROWS, BLOCK_COLS)
+                )
                 tl.debug_barrier()
                 _normalize_into(y_ptr, u_new_ptr, rows, clamp_min_eps(norm_u, eps), BLOCK_VEC)
                 tl.debug_barrier()
-                norm_v = precise_sqrt(_rmatvec(w_ptr, u_new_ptr, z_ptr, rows, cols, inner, s_outer, s_row, s_inner,
-                                               BLOCK_ROWS, BLOCK_COLS))
+                norm_v = precise_sqrt(
+                    _rmatvec(
+                        w_ptr, u_new_ptr, z_ptr, rows, cols, inner, s_outer, s_row, s_inner, BLOCK_ROWS, BLOCK_COLS
+                    )
+                )
                 tl.debug_barrier()
                 _normalize_into(z_ptr, v_new_ptr, cols, clamp_min_eps(norm_v, eps), BLOCK_VEC)
                 ok = ok & usable(norm_u) & usable(norm_v)
@@ -203,8 +243,9 @@ def fused_forward_kernel(
         for start in range(0, rows, BLOCK_VEC):
             idx = start + tl.arange(0, BLOCK_VEC)
             mask = idx < rows
-            total += tl.load(u_new_ptr + idx, mask=mask, other=0.0).to(acc_dtype) * tl.load(y_ptr + idx, mask=mask,
-                                                                                            other=0.0)
+            total += tl.load(u_new_ptr + idx, mask=mask, other=0.0).to(acc_dtype) * tl.load(
+                y_ptr + idx, mask=mask, other=0.0
+            )
         sigma = tl.sum(total, axis=0)
     else:
         sigma = precise_div(last * last, clamp_min_eps(last, eps))
@@ -216,7 +257,6 @@ def fused_forward_kernel(
         for col_start in range(0, cols, BLOCK_COLS):
             col_idx = col_start + tl.arange(0, BLOCK_COLS)
             mask = (row_idx < rows)[:, None] & (col_idx < cols)[None, :]
-            w = tl.load(w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner), mask=mask,
-                        other=0.0)
+            w = tl.load(w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner), mask=mask, other=0.0)
             out = precise_div(w.to(acc_dtype), sigma).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + matrix_offsets(row_idx, col_idx, inner, o_outer, o_row, o_inner), out, mask=mask)

@@ -3,6 +3,7 @@
 Grid (programs,): program p sums tiles p, p + programs, ... (a share fixed by the shape: deterministic).
 backward_kernel adds the partial sums in order.
 """
+
 import triton
 import triton.language as tl
 
@@ -14,8 +15,19 @@ def lambda_partial_kernel(
     g_ptr,  # (outer, rows, inner) strided: the incoming gradient's matrix view, weight dtype
     s_ptr,  # (outer, rows, inner) strided (its own strides): W_sn's matrix view, weight dtype
     part_ptr,  # (programs,) accumulation dtype: part[p] = program p's share of <grad, W_sn>
-    rows, cols, inner, g_outer, g_row, g_inner, s_outer, s_row, s_inner, col_blocks, tiles,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    rows,
+    cols,
+    inner,
+    g_outer,
+    g_row,
+    g_inner,
+    s_outer,
+    s_row,
+    s_inner,
+    col_blocks,
+    tiles,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
     program = tl.program_id(0)

@@ -4,6 +4,7 @@ Grid (row_blocks, splits). Program (b, s) sums the columns of split s for rows [
 one partial sum per row; normalize_kernel adds the splits in order (deterministic: the split depends on the shape
 only). Splitting the columns keeps a short-and-wide (1 x N) matrix from running on one program.
 """
+
 import triton
 import triton.language as tl
 
@@ -14,9 +15,18 @@ from ._helpers import matrix_offsets
 def matvec_kernel(
     w_ptr,  # (outer, rows, inner) strided: the weight's matrix view, weight dtype
     x_ptr,  # (cols,) stride x_stride: the vector, weight dtype
-    part_ptr,  # (splits, rows) contiguous, accumulation dtype: part[s, i] = sum over split s's columns c of Wm[i, c] x[c]
-    rows, cols, inner, s_outer, s_row, s_inner, x_stride, cols_per_split,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    # (splits, rows) contiguous, accumulation dtype: part[s, i] = sum over split s's columns c of Wm[i, c] x[c]
+    part_ptr,
+    rows,
+    cols,
+    inner,
+    s_outer,
+    s_row,
+    s_inner,
+    x_stride,
+    cols_per_split,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
     block = tl.program_id(0)

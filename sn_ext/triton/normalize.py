@@ -8,6 +8,7 @@ and on the last half-step write sigma and restore the input vectors if any round
 The raw vector is summed twice (once for its norm, once to normalize) rather than written and read back, so no
 element is ever read by a thread other than the one that wrote it.
 """
+
 import triton
 import triton.language as tl
 
@@ -31,8 +32,15 @@ def normalize_kernel(
     other_in_ptr,  # (other_n,) stride other_in_stride, weight dtype: the other input vector (LAST only)
     flag_ptr,  # (1,) int32: 1 while every round so far met only finite, non-zero norms
     sigma_ptr,  # () accumulation dtype: sigma, written on the LAST half-step
-    n, splits, other_n, out_in_stride, other_in_stride, eps,
-    FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr,
+    n,
+    splits,
+    other_n,
+    out_in_stride,
+    other_in_stride,
+    eps,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)

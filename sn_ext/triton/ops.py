@@ -14,6 +14,7 @@ Launches (all asynchronous: sigma, lambda and the "degenerate round" flag stay o
   and rows/strip x cols of traffic), which buys nothing over the second, split pass.
 Sums are split by the shape only (never by timing or device), so results are deterministic.
 """
+
 import dataclasses
 import math
 
@@ -55,6 +56,7 @@ def _pow2(n: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class _Matrix:
     """A weight-shaped tensor as the (outer, rows, inner) matrix view, and the tensor kernels index through."""
+
     outer: int
     rows: int
     inner: int
@@ -67,7 +69,7 @@ class _Matrix:
     def of(weight: torch.Tensor, dim: int) -> "_Matrix":
         dim = dim % weight.dim()
         shape = weight.shape
-        return _Matrix(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
+        return _Matrix(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """t as (outer, rows, inner): a view for every layout that has one (all contiguous ones), else a copy."""
@@ -100,6 +102,7 @@ def _tile(rows: int, cols: int, tile: int = 0) -> tuple[int, int]:
 @dataclasses.dataclass(frozen=True)
 class _Split:
     """A split matvec: grid (blocks, splits), each split a `chunk` of the summed dimension."""
+
     blocks: int
     splits: int
     chunk: int
@@ -142,10 +145,34 @@ def _forward_fused(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
     strip = max(1, min(_pow2(strip_dim), TILE // full)) if one_pass else 1
     block_rows, block_cols = _tile(m.rows, m.cols)
     wrap_triton(fused_forward_kernel)[(1,)](
-        w3, u, v, out3, sigma, u_new, v_new, y, z,
-        m.rows, m.cols, m.inner, *w3.stride(), *out3.stride(), u.stride(0), v.stride(0), n, eps,
-        V_FIRST=v_first, ONE_PASS=one_pass, N_ZERO=n == 0, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-        BLOCK_VEC=min(VECTOR_BLOCK, _pow2(max(m.rows, m.cols))), FULL=full, STRIP=strip, num_warps=FUSED_WARPS)
+        w3,
+        u,
+        v,
+        out3,
+        sigma,
+        u_new,
+        v_new,
+        y,
+        z,
+        m.rows,
+        m.cols,
+        m.inner,
+        *w3.stride(),
+        *out3.stride(),
+        u.stride(0),
+        v.stride(0),
+        n,
+        eps,
+        V_FIRST=v_first,
+        ONE_PASS=one_pass,
+        N_ZERO=n == 0,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        BLOCK_VEC=min(VECTOR_BLOCK, _pow2(max(m.rows, m.cols))),
+        FULL=full,
+        STRIP=strip,
+        num_warps=FUSED_WARPS,
+    )
 
 
 def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
@@ -157,25 +184,72 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
 
     def matvec(x, x_stride):
         wrap_triton(matvec_kernel)[(mv.blocks, mv.splits)](
-            w3, x, part, m.rows, m.cols, m.inner, *w3.stride(), x_stride, mv.chunk,
-            BLOCK_ROWS=mv.block_rows, BLOCK_COLS=mv.block_cols)
+            w3,
+            x,
+            part,
+            m.rows,
+            m.cols,
+            m.inner,
+            *w3.stride(),
+            x_stride,
+            mv.chunk,
+            BLOCK_ROWS=mv.block_rows,
+            BLOCK_COLS=mv.block_cols,
+        )
 
     def rmatvec(y, y_stride):
         wrap_triton(rmatvec_kernel)[(rmv.blocks, rmv.splits)](
-            w3, y, part, m.rows, m.cols, m.inner, *w3.stride(), y_stride, rmv.chunk,
-            BLOCK_ROWS=rmv.block_rows, BLOCK_COLS=rmv.block_cols)
+            w3,
+            y,
+            part,
+            m.rows,
+            m.cols,
+            m.inner,
+            *w3.stride(),
+            y_stride,
+            rmv.chunk,
+            BLOCK_ROWS=rmv.block_rows,
+            BLOCK_COLS=rmv.block_cols,
+        )
 
     def normalize(length, splits, out, out_in, other, other_in, first, last):
         wrap_triton(normalize_kernel)[(1,)](
-            part, out, out_in, other, other_in, flag, sigma,
-            length, splits, other.numel(), out_in.stride(0), other_in.stride(0), eps,
-            FIRST=first, LAST=last, BLOCK=vector_block, num_warps=FUSED_WARPS)
+            part,
+            out,
+            out_in,
+            other,
+            other_in,
+            flag,
+            sigma,
+            length,
+            splits,
+            other.numel(),
+            out_in.stride(0),
+            other_in.stride(0),
+            eps,
+            FIRST=first,
+            LAST=last,
+            BLOCK=vector_block,
+            num_warps=FUSED_WARPS,
+        )
 
     if n == 0:
         matvec(v, v.stride(0))
         wrap_triton(sigma_dot_kernel)[(1,)](
-            part, u, v, u_new, v_new, sigma, m.rows, m.cols, mv.splits, u.stride(0), v.stride(0),
-            BLOCK=vector_block, num_warps=FUSED_WARPS)
+            part,
+            u,
+            v,
+            u_new,
+            v_new,
+            sigma,
+            m.rows,
+            m.cols,
+            mv.splits,
+            u.stride(0),
+            v.stride(0),
+            BLOCK=vector_block,
+            num_warps=FUSED_WARPS,
+        )
     for k in range(n):
         first, last = k == 0, k == n - 1
         if v_first:
@@ -191,16 +265,32 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
     block_rows, block_cols = _tile(m.rows, m.cols)
     col_blocks = triton.cdiv(m.cols, block_cols)
     wrap_triton(divide_kernel)[(triton.cdiv(m.rows, block_rows) * col_blocks,)](
-        w3, out3, sigma, m.rows, m.cols, m.inner, *w3.stride(), *out3.stride(), col_blocks,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+        w3,
+        out3,
+        sigma,
+        m.rows,
+        m.cols,
+        m.inner,
+        *w3.stride(),
+        *out3.stride(),
+        col_blocks,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+    )
 
 
 # torch 2.14 registers `schema`; torch 2.6-2.11 accept it but infer the schema from the annotations instead (int
 # becomes SymInt, the outputs are unnamed): both are the same call (tests/test_triton.py compares them).
 @triton_op(FORWARD, mutates_args=(), schema=_schemas.SCHEMAS["spectral_normalize"])
-def triton_spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
-                              n_power_iterations: int, eps: float,
-                              v_first: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def triton_spectral_normalize(
+    weight: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    v_first: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = FORWARD
     reference.check_forward_args(op, weight, u, v, dim, n_power_iterations, eps)
     m = _Matrix.of(weight, dim)
@@ -219,8 +309,9 @@ def triton_spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Te
 
 
 @triton_op(BACKWARD, mutates_args=(), schema=_schemas.SCHEMAS["spectral_normalize_backward"])
-def triton_spectral_normalize_backward(grad: torch.Tensor, weight_sn: torch.Tensor, u: torch.Tensor,
-                                       v: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
+def triton_spectral_normalize_backward(
+    grad: torch.Tensor, weight_sn: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int
+) -> torch.Tensor:
     op = BACKWARD
     reference.check_backward_args(op, grad, weight_sn, u, v, sigma, dim)
     m = _Matrix.of(weight_sn, dim)
@@ -231,20 +322,63 @@ def triton_spectral_normalize_backward(grad: torch.Tensor, weight_sn: torch.Tens
     block_rows, block_cols = _tile(m.rows, m.cols)
     if weight_sn.numel() <= FUSED_MAX_NUMEL:
         wrap_triton(fused_backward_kernel)[(1,)](
-            g3, s3, out3, u, v, sig, m.rows, m.cols, m.inner, *g3.stride(), *s3.stride(), *out3.stride(),
-            u.stride(0), v.stride(0), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=FUSED_WARPS)
+            g3,
+            s3,
+            out3,
+            u,
+            v,
+            sig,
+            m.rows,
+            m.cols,
+            m.inner,
+            *g3.stride(),
+            *s3.stride(),
+            *out3.stride(),
+            u.stride(0),
+            v.stride(0),
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+            num_warps=FUSED_WARPS,
+        )
     else:
         col_blocks = triton.cdiv(m.cols, block_cols)
         tiles = triton.cdiv(m.rows, block_rows) * col_blocks
         parts = min(tiles, MAX_LAMBDA_PARTS)
         part = torch.empty(parts, dtype=sig.dtype, device=weight_sn.device)
         wrap_triton(lambda_partial_kernel)[(parts,)](
-            g3, s3, part, m.rows, m.cols, m.inner, *g3.stride(), *s3.stride(), col_blocks, tiles,
-            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+            g3,
+            s3,
+            part,
+            m.rows,
+            m.cols,
+            m.inner,
+            *g3.stride(),
+            *s3.stride(),
+            col_blocks,
+            tiles,
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+        )
         wrap_triton(backward_kernel)[(tiles,)](
-            g3, out3, u, v, part, sig, m.rows, m.cols, m.inner, *g3.stride(), *out3.stride(),
-            u.stride(0), v.stride(0), col_blocks, parts,
-            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, BLOCK_PARTS=_pow2(parts))
+            g3,
+            out3,
+            u,
+            v,
+            part,
+            sig,
+            m.rows,
+            m.cols,
+            m.inner,
+            *g3.stride(),
+            *out3.stride(),
+            u.stride(0),
+            v.stride(0),
+            col_blocks,
+            parts,
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+            BLOCK_PARTS=_pow2(parts),
+        )
     return _Matrix.finish(out, out3, scratch)
 
 

@@ -3,6 +3,7 @@
 Grid (col_blocks, splits). Program (b, s) sums the rows of split s for columns [b * BLOCK_COLS, ...) and writes
 one partial sum per column; normalize_kernel adds the splits in order (deterministic).
 """
+
 import triton
 import triton.language as tl
 
@@ -14,8 +15,16 @@ def rmatvec_kernel(
     w_ptr,  # (outer, rows, inner) strided: the weight's matrix view, weight dtype
     y_ptr,  # (rows,) stride y_stride: the vector, weight dtype
     part_ptr,  # (splits, cols) contiguous, accumulation dtype: part[s, c] = sum over split s's rows i of Wm[i, c] y[i]
-    rows, cols, inner, s_outer, s_row, s_inner, y_stride, rows_per_split,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    rows,
+    cols,
+    inner,
+    s_outer,
+    s_row,
+    s_inner,
+    y_stride,
+    rows_per_split,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
     block = tl.program_id(0)

@@ -1,5 +1,6 @@
 """n_power_iterations == 0, one program: sigma = u^T (W v) from matvec_kernel's partial sums of W v, and
 u_new, v_new = copies of the input vectors."""
+
 import triton
 import triton.language as tl
 
@@ -12,7 +13,11 @@ def sigma_dot_kernel(
     u_new_ptr,  # (rows,) contiguous, weight dtype: receives a copy of u
     v_new_ptr,  # (cols,) contiguous, weight dtype: receives a copy of v
     sigma_ptr,  # () accumulation dtype: u^T W v
-    rows, cols, splits, u_stride, v_stride,
+    rows,
+    cols,
+    splits,
+    u_stride,
+    v_stride,
     BLOCK: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
