@@ -1,5 +1,5 @@
 """How setup.py configures the build of sn_ext._C: which CUDA toolkit (if any), for which GPU architectures, and the
-CPU instruction set. Kept apart from setup.py so that tests can check each decision (tests/test_build_config.py);
+CPU instruction set. Kept apart from setup.py so that tests can check each decision (tests/test_packaging.py);
 every function takes what it looks at as arguments and returns (choice, reason), the reason printed by setup.py.
 
 Environment variables read (by setup.py, passed in here):

@@ -8,11 +8,10 @@ Usage::
     model = sn_ext.grouped_spectral_norm(model)  # every layer's W / sigma in one op per forward of the model
 """
 
-__version__ = "0.1.0"
-
-from . import backends, legacy, ops  # noqa: E402  (importing ops loads the kernels)
-from ._info import info  # noqa: E402
-from .nn import (  # noqa: E402
+from . import backends, legacy, ops  # importing ops loads the kernels
+from ._info import info
+from ._version import __version__
+from .nn import (
     SpectralNorm,
     grouped_spectral_norm,
     renormalize_buffers_,
@@ -21,6 +20,7 @@ from .nn import (  # noqa: E402
 )
 
 __all__ = [
+    "__version__",
     "SpectralNorm",
     "backends",
     "grouped_spectral_norm",

@@ -12,7 +12,7 @@ import functools
 import torch
 from torch import nn
 
-from .reference import to_matrix
+from ._matrix import to_matrix
 
 
 def legacy_keys(name: str) -> tuple[str, str, str]:

@@ -15,7 +15,8 @@ backend        ops                                         takes
                reference on the CPU; reference elsewhere
 =============  ==========================================  ====================================================
 
-How a module chooses (the `backend=` argument of sn_ext.spectral_norm and sn_ext.legacy.spectral_norm):
+How a module chooses (the `backend=` argument of sn_ext.spectral_norm and sn_ext.legacy.spectral_norm;
+sn_ext/nn/_kernels.py keeps the choice in the module):
 
 - the name is the argument, else $SN_EXT_BACKEND read when the module is created, else "auto";
 - a named backend that cannot run on this machine at all (not built, triton missing, no GPU) raises
@@ -28,14 +29,13 @@ How a module chooses (the `backend=` argument of sn_ext.spectral_norm and sn_ext
   weight is, use "auto"'s choice in that case, so that a model can be built on the CPU and then moved to the GPU.
 """
 
-import contextlib
 import dataclasses
 import importlib.util
 import os
 
 import torch
 
-from . import _library, ops, reference
+from . import _library, _matrix, ops
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 CHOICES = ("auto", *BACKENDS)
@@ -85,9 +85,9 @@ class Backend:
                     else ""
                 )
             )
-        if dtype in reference.COMPLEX_DTYPES and self.name != "reference":
+        if dtype in _matrix.COMPLEX_DTYPES and self.name != "reference":
             reasons.append(f"complex weights run on the reference backend only, not {dtype}")
-        elif dtype not in DTYPES and dtype not in reference.COMPLEX_DTYPES:
+        elif dtype not in DTYPES and dtype not in _matrix.COMPLEX_DTYPES:
             reasons.append(f"it takes float32, float64, float16 or bfloat16 weights, not {dtype}")
         return reasons
 
@@ -264,57 +264,6 @@ def select(requested: str, device: torch.device | str, dtype: torch.dtype) -> Ke
     return kernels
 
 
-def kernels_for(owner, weight: torch.Tensor) -> Kernels:
-    """The kernels for `weight` of a module (or legacy hook) `owner` whose `_kernels` were chosen for another
-    device or dtype (it was moved or cast): the cached choice, which an eager call also keeps in the owner (a
-    compiled one does not: the graph would guard on it and recompile)."""
-    kernels = select(owner._kernels.requested, weight.device, weight.dtype)
-    if not torch.compiler.is_compiling():
-        owner._kernels = kernels
-    return kernels
-
-
-def prepare(
-    requested: str,
-    weight: torch.Tensor,
-    u: torch.Tensor,
-    v: torch.Tensor,
-    dim: int,
-    n_power_iterations: int,
-    eps: float,
-    v_first: bool = False,
-) -> Kernels:
-    """At a module's creation: runs the warm-up power iterations on (u, v) in place and returns the kernels the
-    module keeps. The warm-up uses the requested backend, or "auto"'s choice where the requested one cannot take
-    the weight (a model built on the CPU for the GPU); the module then chooses again, strictly, when it runs."""
-    kernels = initial_kernels(requested, weight)
-    warm_up = kernels if kernels.backend is not None else select("auto", weight.device, weight.dtype)
-    with torch.no_grad():
-        if warm_up.backend.forward_op == "spectral_normalize":  # compiled kernels: the in-place op
-            ops.power_iteration_(weight, u, v, dim, n_power_iterations, eps, v_first)
-        else:
-            _, _, u_new, v_new = warm_up.forward(weight, u, v, dim, n_power_iterations, eps, v_first)
-            u.copy_(u_new)
-            v.copy_(v_new)
-    return kernels
-
-
-@contextlib.contextmanager
-def registering(owner, weight: torch.Tensor):
-    """Around torch's register_parametrization, which runs the new parametrization once (a power iteration in
-    train mode): if the requested backend cannot take the weight where it is, that run uses "auto"'s choice, as
-    the warm-up did; afterwards the module chooses again, strictly, when it runs."""
-    kernels = getattr(owner, "_kernels", None)
-    if kernels is None or kernels.backend is not None:
-        yield
-        return
-    owner._kernels = select("auto", weight.device, weight.dtype)
-    try:
-        yield
-    finally:
-        owner._kernels = kernels
-
-
 def initial_kernels(requested: str, weight: torch.Tensor) -> Kernels:
     """The kernels a new module keeps: the choice for its weight, or unresolved() if the requested backend cannot
     take the weight where it is (the module chooses again, strictly, when it runs). Also fills the cache for the
@@ -344,7 +293,7 @@ def summary() -> dict:
     auto = {
         device: {
             str(dtype).replace("torch.", ""): auto_backend(device, dtype).name
-            for dtype in (*DTYPES, *reference.COMPLEX_DTYPES)
+            for dtype in (*DTYPES, *_matrix.COMPLEX_DTYPES)
         }
         for device in devices
     }

@@ -11,90 +11,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _state_dict, backends
+from ._matrix import to_matrix
+from .nn.legacy_hook import SpectralNorm, _StateDictVersion
 from .nn.spectral_norm import check_arguments, default_dim, has_spectral_norm
-from .reference import to_matrix
 
 
-class SpectralNorm:
-    """The forward pre-hook; the attributes of torch's legacy SpectralNorm."""
-
-    _version = 1
-
-    def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
-        self.name = name
-        self.dim = dim
-        self.n_power_iterations = n_power_iterations
-        self.eps = eps
-        self.backend = "auto"  # the name asked for; apply() sets it and the kernels (see sn_ext.backends)
-        self._kernels = backends.unresolved(self.backend)
-
-    def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
-        weight = getattr(module, self.name + "_orig")
-        u = getattr(module, self.name + "_u")
-        v = getattr(module, self.name + "_v")
-        n = self.n_power_iterations if do_power_iteration else 0
-        kernels = self._kernels
-        if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
-            kernels = backends.kernels_for(self, weight)
-        weight_sn, _, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps, v_first=True)
-        if n:  # non-differentiable outputs: the copies record nothing for autograd (see nn/spectral_norm.py)
-            u.copy_(u_new)
-            v.copy_(v_new)
-        return weight_sn
-
-    def remove(self, module: nn.Module) -> None:
-        with torch.no_grad():
-            weight = self.compute_weight(module, do_power_iteration=False)
-        delattr(module, self.name)
-        delattr(module, self.name + "_u")
-        delattr(module, self.name + "_v")
-        delattr(module, self.name + "_orig")
-        module.register_parameter(self.name, nn.Parameter(weight.detach()))
-
-    def __call__(self, module: nn.Module, inputs) -> None:
-        setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
-
-    @staticmethod
-    def apply(
-        module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float, backend: str | None = None
-    ) -> "SpectralNorm":
-        if has_spectral_norm(module, name):  # sn_ext's or torch's, either version
-            raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
-        weight = module._parameters.get(name)
-        if weight is None:
-            raise ValueError(f"Module '{type(module).__name__}' has no parameter with name '{name}'")
-        if isinstance(weight, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                "The module passed to `SpectralNorm` can't have uninitialized parameters. "
-                "Make sure to run the dummy forward before applying spectral normalization"
-            )
-        check_arguments(weight, n_power_iterations, dim, eps, complex_ok=False)
-        fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
-        fn.backend = backends.requested_backend(backend)
-        fn._kernels = backends.initial_kernels(fn.backend, weight)
-        with torch.no_grad():
-            h, w = to_matrix(weight, fn.dim).shape
-            u = F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
-            v = F.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=fn.eps)
-        delattr(module, fn.name)
-        module.register_parameter(fn.name + "_orig", weight)
-        setattr(module, fn.name, weight.data)
-        module.register_buffer(fn.name + "_u", u)
-        module.register_buffer(fn.name + "_v", v)
-        module.register_forward_pre_hook(fn)
-        module._register_state_dict_hook(_StateDictVersion(fn))
-        _state_dict.accept_both_layouts(module, name, legacy=True, dim=fn.dim)
-        return fn
-
-
-class _StateDictVersion:
-    """Writes the metadata torch's legacy spectral norm writes, so torch's hook reads our checkpoints as its own."""
-
-    def __init__(self, fn: SpectralNorm):
-        self.fn = fn
-
-    def __call__(self, module, state_dict, prefix, local_metadata) -> None:
-        local_metadata.setdefault("spectral_norm", {})[self.fn.name + ".version"] = self.fn._version
+def _apply(
+    module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float, backend: str | None = None
+) -> SpectralNorm:
+    """Registers the hook, as torch's SpectralNorm.apply does."""
+    if has_spectral_norm(module, name):  # sn_ext's or torch's, either version
+        raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+    weight = module._parameters.get(name)
+    if weight is None:
+        raise ValueError(f"Module '{type(module).__name__}' has no parameter with name '{name}'")
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            "The module passed to `SpectralNorm` can't have uninitialized parameters. "
+            "Make sure to run the dummy forward before applying spectral normalization"
+        )
+    check_arguments(weight, n_power_iterations, dim, eps, complex_ok=False)
+    fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
+    fn.backend = backends.requested_backend(backend)
+    fn._kernels = backends.initial_kernels(fn.backend, weight)
+    with torch.no_grad():
+        h, w = to_matrix(weight, fn.dim).shape
+        u = F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
+        v = F.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=fn.eps)
+    delattr(module, fn.name)
+    module.register_parameter(fn.name + "_orig", weight)
+    setattr(module, fn.name, weight.data)
+    module.register_buffer(fn.name + "_u", u)
+    module.register_buffer(fn.name + "_v", v)
+    module.register_forward_pre_hook(fn)
+    module._register_state_dict_hook(_StateDictVersion(fn))
+    _state_dict.accept_both_layouts(module, name, legacy=True, dim=fn.dim)
+    return fn
 
 
 def spectral_norm(
@@ -110,7 +62,7 @@ def spectral_norm(
     else "auto")."""
     if dim is None:
         dim = default_dim(module)
-    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, backend)
+    _apply(module, name, n_power_iterations, dim, eps, backend)
     return module
 
 

@@ -16,34 +16,8 @@ Same semantics as the fused kernels (csrc/cpu/spectral_norm_cpu.cpp), written wi
 import torch
 from torch import Tensor
 
-REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-COMPLEX_DTYPES = (torch.complex64, torch.complex128)
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where sums happen, and sigma's dtype: float64 for float64 weights, the weight's own for complex ones, float32
-    for the rest."""
-    if dtype in (torch.float64, *COMPLEX_DTYPES):
-        return dtype
-    return torch.float32
-
-
-def to_matrix(weight: Tensor, dim: int) -> Tensor:
-    """torch's matrix view of a weight: (weight.shape[dim], numel / weight.shape[dim])."""
-    if weight.dim() == 1:
-        return weight.unsqueeze(1)
-    if dim != 0:
-        weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
-    return weight.flatten(1)
-
-
-def from_matrix(matrix: Tensor, like: Tensor, dim: int) -> Tensor:
-    """Inverse of to_matrix: a (h, w) matrix back in the layout of `like`."""
-    if dim == 0 or like.dim() == 1:
-        return matrix.reshape(like.shape)
-    order = [dim, *(d for d in range(like.dim()) if d != dim)]
-    permuted = matrix.reshape([like.shape[d] for d in order])
-    return permuted.permute(*sorted(range(like.dim()), key=order.__getitem__))
+from ._checks import check_backward_args, check_forward_args, check_grouped_backward_args, check_grouped_forward_args
+from ._matrix import accumulate_dtype, rank_one, to_matrix
 
 
 def _normalized(x: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -78,74 +52,6 @@ def _iterate(
     return sigma, torch.where(ok, uu.to(u.dtype), u), torch.where(ok, vv.to(v.dtype), v)
 
 
-def _check(op: str, weight: Tensor, n_power_iterations: int, eps: float, complex_ok: bool) -> None:
-    if weight.dtype not in REAL_DTYPES and not (complex_ok and weight.dtype in COMPLEX_DTYPES):
-        kinds = (
-            "float16, bfloat16, float32, float64, complex64 or complex128"
-            if complex_ok
-            else "float16, bfloat16, float32 or float64"
-        )
-        raise TypeError(f"{op}: weight must be {kinds}, got {weight.dtype}")
-    if weight.dim() == 0 or weight.numel() == 0:
-        raise ValueError(
-            f"{op}: weight must be a non-empty tensor with at least 1 dimension, got shape {tuple(weight.shape)}"
-        )
-    if n_power_iterations < 0:
-        raise ValueError(f"{op}: n_power_iterations must be >= 0, got {n_power_iterations}")
-    if not eps >= 0:  # NaN too, as the compiled kernels
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
-
-
-def _check_vectors(op: str, weight: Tensor, u: Tensor, v: Tensor, dim: int) -> None:
-    if not -weight.dim() <= dim < weight.dim():
-        raise IndexError(
-            f"{op}: dim out of range (expected to be in range of [{-weight.dim()}, {weight.dim() - 1}] but got {dim})"
-        )
-    h = weight.shape[dim]
-    for name, vector, size in (("u", u, h), ("v", v, weight.numel() // h)):
-        if vector.dim() != 1 or vector.shape[0] != size:
-            raise ValueError(
-                f"{op}: {name} must be a vector of size {size} for a weight of shape "
-                f"{list(weight.shape)}, got shape {list(vector.shape)}"
-            )
-        if vector.dtype != weight.dtype:
-            raise TypeError(f"{op}: {name} must have the weight's dtype {weight.dtype}, got {vector.dtype}")
-        if vector.device != weight.device:
-            raise RuntimeError(f"{op}: {name} must be on the weight's device {weight.device}, got {vector.device}")
-
-
-def check_forward_args(
-    op: str,
-    weight: Tensor,
-    u: Tensor,
-    v: Tensor,
-    dim: int,
-    n_power_iterations: int,
-    eps: float,
-    complex_ok: bool = False,
-) -> None:
-    """All the checks of a forward op, as csrc/matrix_view.cpp's check_forward_args (every Python backend; complex
-    weights only where `complex_ok`: this reference)."""
-    _check(op, weight, n_power_iterations, eps, complex_ok)
-    _check_vectors(op, weight, u, v, dim)
-
-
-def check_backward_args(
-    op: str, grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int, complex_ok: bool = False
-) -> None:
-    """All the checks of spectral_normalize_backward, as csrc/matrix_view.cpp's check_backward_args."""
-    _check(op, weight_sn, 0, 0.0, complex_ok)
-    if grad.shape != weight_sn.shape:
-        raise ValueError(f"{op}: grad must have weight_sn's shape {list(weight_sn.shape)}, got {list(grad.shape)}")
-    if grad.dtype != weight_sn.dtype:
-        raise TypeError(f"{op}: grad must have weight_sn's dtype {weight_sn.dtype}, got {grad.dtype}")
-    if grad.device != weight_sn.device:
-        raise RuntimeError(f"{op}: grad must be on weight_sn's device {weight_sn.device}, got {grad.device}")
-    if sigma.numel() != 1:
-        raise ValueError(f"{op}: sigma must hold one value, got shape {list(sigma.shape)}")
-    _check_vectors(op, weight_sn, u, v, dim)
-
-
 def power_iteration_(
     weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool = False
 ) -> Tensor:
@@ -172,11 +78,6 @@ def spectral_normalize(
     sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
     weight_sn = (weight.to(sigma.dtype) / sigma).to(weight.dtype)
     return weight_sn, sigma, u_new, v_new
-
-
-def rank_one(u: Tensor, v: Tensor, like: Tensor, dim: int) -> Tensor:
-    """u v^H (u v^T for real vectors) in the layout of `like` (the gradient of sigma = u^H W v with respect to W)."""
-    return from_matrix(torch.outer(u, v.conj()), like, dim % like.dim())
 
 
 def spectral_normalize_backward(
@@ -220,70 +121,6 @@ def reference_spectral_normalize_backward(
 
 
 # ---- grouped mode: many layers per call (sn_ext.grouped_spectral_norm); the same as the per-layer ops ----
-
-
-def _check_grouped_lists(op: str, weights: list[Tensor], dims: list[int], lists: dict[str, list[Tensor]]) -> None:
-    if not weights:
-        raise ValueError(f"{op}: weights must hold at least one tensor")
-    if len(dims) != len(weights):
-        raise ValueError(f"{op}: dims must hold one value per weight ({len(weights)}), got {len(dims)}")
-    first = weights[0]
-    for name, tensors in lists.items():
-        if len(tensors) != len(weights):
-            raise ValueError(f"{op}: {name} must hold one tensor per weight ({len(weights)}), got {len(tensors)}")
-        for i, t in enumerate(tensors):
-            if t.dtype != first.dtype:
-                raise TypeError(
-                    f"{op}: {name}[{i}] has dtype {t.dtype} but the first weight has {first.dtype}: one "
-                    f"call takes tensors of one dtype and device (grouped_spectral_norm groups them so)"
-                )
-            if t.device != first.device:
-                raise RuntimeError(
-                    f"{op}: {name}[{i}] is on {t.device} but the first weight is on {first.device}: "
-                    f"one call takes tensors of one dtype and device (grouped_spectral_norm groups "
-                    f"them so)"
-                )
-
-
-def check_grouped_forward_args(
-    op: str,
-    weights: list[Tensor],
-    us: list[Tensor],
-    vs: list[Tensor],
-    dims: list[int],
-    n_power_iterations: int,
-    eps: float,
-) -> None:
-    """All the checks of spectral_normalize_grouped_, as csrc/matrix_view.cpp's check_grouped_forward_args."""
-    _check_grouped_lists(op, weights, dims, {"weights": weights, "us": us, "vs": vs})
-    for i, (weight, u, v, dim) in enumerate(zip(weights, us, vs, dims)):
-        check_forward_args(f"{op} (layer {i})", weight, u, v, dim, n_power_iterations, eps)
-
-
-def check_grouped_backward_args(
-    op: str,
-    grads: list[Tensor],
-    weights_sn: list[Tensor],
-    us: list[Tensor],
-    vs: list[Tensor],
-    sigmas: Tensor,
-    dims: list[int],
-) -> None:
-    """All the checks of spectral_normalize_grouped_backward, as csrc/matrix_view.cpp's."""
-    _check_grouped_lists(op, weights_sn, dims, {"grads": grads, "weights_sn": weights_sn, "us": us, "vs": vs})
-    if sigmas.dim() != 1 or sigmas.shape[0] != len(weights_sn):
-        raise ValueError(
-            f"{op}: sigmas must be a vector of one value per weight ({len(weights_sn)}), got shape {list(sigmas.shape)}"
-        )
-    if sigmas.dtype != accumulate_dtype(weights_sn[0].dtype):
-        raise TypeError(
-            f"{op}: sigmas must be {accumulate_dtype(weights_sn[0].dtype)} for {weights_sn[0].dtype} "
-            f"weights, got {sigmas.dtype}"
-        )
-    if sigmas.device != weights_sn[0].device:
-        raise RuntimeError(f"{op}: sigmas must be on the weights' device {weights_sn[0].device}, got {sigmas.device}")
-    for i, (grad, weight_sn, u, v, dim) in enumerate(zip(grads, weights_sn, us, vs, dims)):
-        check_backward_args(f"{op} (layer {i})", grad, weight_sn, u, v, sigmas[i], dim)
 
 
 def spectral_normalize_grouped_(

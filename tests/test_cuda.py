@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 
 import sn_ext
-from sn_ext import _library, ops, reference
+from sn_ext import _library, _matrix, ops, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -148,7 +148,7 @@ def _check_forward(case, dtype, n, v_first):
     assert torch.equal(u, u_in) and torch.equal(v, v_in), "spectral_normalize must not write its inputs"
     assert w_sn.dtype == dtype and w_sn.shape == weight.shape and w_sn.device == weight.device
     assert w_sn.stride() == torch.empty_like(weight).stride(), "W_sn must have the fake kernel's layout"
-    assert sigma.dtype == reference.accumulate_dtype(dtype) and sigma.dim() == 0
+    assert sigma.dtype == _matrix.accumulate_dtype(dtype) and sigma.dim() == 0
     assert u_new.dtype == v_new.dtype == dtype and u_new.is_contiguous() and v_new.is_contiguous()
     r_sn, r_sigma, r_u, r_v = _reference_forward(weight, u, v, dim, n, v_first)
     tol = TOL[dtype]

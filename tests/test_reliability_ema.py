@@ -21,7 +21,7 @@ from torch.nn.utils import spectral_norm as torch_legacy_sn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import sn_ext
-from sn_ext.reference import to_matrix
+from sn_ext._matrix import to_matrix
 
 APPLY = {
     "sn_ext": sn_ext.spectral_norm,

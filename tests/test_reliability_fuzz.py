@@ -21,7 +21,7 @@ from torch.nn.utils import parametrizations as torch_param
 from torch.nn.utils import spectral_norm as torch_legacy_sn
 
 import sn_ext
-from sn_ext import reference
+from sn_ext import _matrix, reference
 
 settings.register_profile(
     "sn_ext_ci",
@@ -161,7 +161,7 @@ def _sigma_condition(module, legacy: bool, dim: int) -> float:
     if original.ndim == 1 and not legacy:
         return 1.0
     u, v = (t.detach().double() for t in sn_state(module, legacy=legacy))
-    matrix = reference.to_matrix(original.detach().double(), dim % original.ndim)
+    matrix = _matrix.to_matrix(original.detach().double(), dim % original.ndim)
     return max(1.0, (u.abs() @ matrix.abs() @ v.abs()).item() / abs((u @ matrix @ v).item()))
 
 

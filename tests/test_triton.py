@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sn_ext
-from sn_ext import _schemas, backends, reference
+from sn_ext import _matrix, _schemas, backends, reference
 
 CUDA = torch.cuda.is_available()
 
@@ -164,7 +164,7 @@ def _check_forward(weight, u, v, dim, n, v_first):
         assert err <= tol, f"{name} (n={n}, v_first={v_first}): normwise error {err:.2e} > {tol:.0e}"
     weight_sn, sigma, u_new, v_new = out
     assert weight_sn.dtype == weight.dtype and weight_sn.stride() == torch.empty_like(weight).stride()
-    assert sigma.dtype == reference.accumulate_dtype(weight.dtype) and sigma.shape == ()
+    assert sigma.dtype == _matrix.accumulate_dtype(weight.dtype) and sigma.shape == ()
     assert u_new.is_contiguous() and v_new.is_contiguous() and u_new.dtype == v_new.dtype == weight.dtype
 
 
@@ -309,7 +309,7 @@ def test_opcheck(dtype):
     utils = ("test_schema", "test_autograd_registration", "test_faketensor") if INTERPRETED else None
     weight = randn(4, 3, 2, 3, dtype=dtype, seed=43)
     u, v = _vectors(weight, 1)
-    sigma = torch.tensor(1.3, dtype=reference.accumulate_dtype(dtype), device=DEVICE, requires_grad=True)
+    sigma = torch.tensor(1.3, dtype=_matrix.accumulate_dtype(dtype), device=DEVICE, requires_grad=True)
     kwargs = {} if utils is None else {"test_utils": utils}
     torch.library.opcheck(FWD, (weight.detach().requires_grad_(), u, v, 1, 1, EPS, False), **kwargs)
     grad = randn(*weight.shape, dtype=dtype, seed=44).requires_grad_()

@@ -19,14 +19,13 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
-from .. import ops, reference
+from .. import _matrix, ops
+from .legacy_hook import SpectralNorm as LegacyHook
 from .spectral_norm import SpectralNorm
 
 
 def _spectral_norms(layer: nn.Module):
     """(weight, u, v, dim, eps, v_first) for each spectral norm registered directly on `layer`, of any kind."""
-    from .. import legacy  # a late import: legacy imports this package
-
     if parametrize.is_parametrized(layer):
         for plist in layer.parametrizations.values():
             weight = plist.original
@@ -36,14 +35,14 @@ def _spectral_norms(layer: nn.Module):
                     break
                 weight = p(weight)  # the input of a spectral norm stacked after other parametrizations
     for hook in layer._forward_pre_hooks.values():
-        if isinstance(hook, (legacy.SpectralNorm, _TorchLegacySpectralNorm)):
+        if isinstance(hook, (LegacyHook, _TorchLegacySpectralNorm)):
             orig, u, v = (getattr(layer, hook.name + suffix) for suffix in ("_orig", "_u", "_v"))
             yield orig, u, v, hook.dim, hook.eps, True
 
 
 def _unit_(vector: Tensor, eps: float) -> None:
     """vector <- vector / max(|vector|, eps), summed in float32 (float64 for float64); kept if zero or not finite."""
-    x = vector.to(reference.accumulate_dtype(vector.dtype))
+    x = vector.to(_matrix.accumulate_dtype(vector.dtype))
     norm = torch.linalg.vector_norm(x)
     vector.copy_(torch.where(torch.isfinite(norm) & (norm > 0), x / norm.clamp_min(eps), x))
 

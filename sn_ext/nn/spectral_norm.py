@@ -20,7 +20,10 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
 from .. import _state_dict, backends
-from ..reference import COMPLEX_DTYPES, REAL_DTYPES, to_matrix
+from .._checks import check_weight_dtype
+from .._matrix import to_matrix
+from . import _kernels
+from .legacy_hook import SpectralNorm as _LegacyHook
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -48,7 +51,7 @@ class SpectralNorm(nn.Module):
             v = weight.new_empty(w).normal_(0, 1)
             self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
-            self._kernels = backends.prepare(self.backend, weight, self._u, self._v, self.dim, 15, self.eps)
+            self._kernels = _kernels.prepare(self.backend, weight, self._u, self._v, self.dim, 15, self.eps)
 
     def forward(self, weight: Tensor) -> Tensor:
         grouped = self._grouped_result
@@ -61,7 +64,7 @@ class SpectralNorm(nn.Module):
         u, v = self._u, self._v
         kernels = self._kernels
         if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
-            kernels = backends.kernels_for(self, weight)
+            kernels = _kernels.kernels_for(self, weight)
         weight_sn, _, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps)
         if n:
             # Autograd saved u_new, v_new (not the buffers), so a later access may update the buffers in place
@@ -90,13 +93,8 @@ def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: floa
             f"spectral_norm: the weight must be a non-empty tensor with at least 1 dimension, "
             f"got shape {tuple(weight.shape)}"
         )
-    if weight.dtype not in REAL_DTYPES and not (complex_ok and weight.dtype in COMPLEX_DTYPES):
-        kinds = (
-            "float16, bfloat16, float32, float64, complex64 or complex128"
-            if complex_ok
-            else "float16, bfloat16, float32 or float64 (complex weights: sn_ext.spectral_norm)"
-        )
-        raise TypeError(f"spectral_norm: the weight must be {kinds}, got {weight.dtype}")
+    hint = "" if complex_ok or not weight.is_complex() else " (complex weights: sn_ext.spectral_norm)"
+    check_weight_dtype("spectral_norm: the weight", weight.dtype, complex_ok, hint)
     if dim >= ndim or dim < -ndim:
         raise IndexError(f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim})")
     if n_power_iterations <= 0:
@@ -114,10 +112,8 @@ def has_parametrization_spectral_norm(module: nn.Module, name: str) -> bool:
 
 def has_legacy_spectral_norm(module: nn.Module, name: str) -> bool:
     """Whether module.<name> has a legacy spectral-norm hook (sn_ext's or torch's)."""
-    from .. import legacy  # a late import: legacy imports this module
-
     return any(
-        isinstance(hook, (legacy.SpectralNorm, _TorchLegacySpectralNorm)) and hook.name == name
+        isinstance(hook, (_LegacyHook, _TorchLegacySpectralNorm)) and hook.name == name
         for hook in module._forward_pre_hooks.values()
     )
 
@@ -175,7 +171,7 @@ def spectral_norm(
         dim = default_dim(module)
     stacked = parametrize.is_parametrized(module, name)
     sn = SpectralNorm(weight, n_power_iterations, dim, eps, backend)
-    with backends.registering(sn, weight):
+    with _kernels.registering(sn, weight):
         parametrize.register_parametrization(module, name, sn)
     if not stacked:  # a legacy checkpoint's keys map to the first parametrization's
         _state_dict.accept_both_layouts(module, name, legacy=False, dim=sn.dim)

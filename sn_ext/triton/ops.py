@@ -22,7 +22,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from .. import _schemas, reference
+from .. import _checks, _matrix, _schemas
 from .. import ops as _sn_ext_ops
 from .backward import backward_kernel
 from .divide import divide_kernel
@@ -292,11 +292,11 @@ def triton_spectral_normalize(
     v_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = FORWARD
-    reference.check_forward_args(op, weight, u, v, dim, n_power_iterations, eps)
+    _checks.check_forward_args(op, weight, u, v, dim, n_power_iterations, eps)
     m = _Matrix.of(weight, dim)
     w3 = m.view(weight)
     out, out3, scratch = m.output(weight)
-    sigma = weight.new_empty((), dtype=reference.accumulate_dtype(weight.dtype))
+    sigma = weight.new_empty((), dtype=_matrix.accumulate_dtype(weight.dtype))
     u_new = torch.empty_like(u, memory_format=torch.contiguous_format)
     v_new = torch.empty_like(v, memory_format=torch.contiguous_format)
     run = _forward_fused if weight.numel() <= FUSED_MAX_NUMEL else _forward_split
@@ -313,10 +313,10 @@ def triton_spectral_normalize_backward(
     grad: torch.Tensor, weight_sn: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int
 ) -> torch.Tensor:
     op = BACKWARD
-    reference.check_backward_args(op, grad, weight_sn, u, v, sigma, dim)
+    _checks.check_backward_args(op, grad, weight_sn, u, v, sigma, dim)
     m = _Matrix.of(weight_sn, dim)
     # The kernels read sigma from the device, in the accumulation dtype (a no-op for the forward's own sigma).
-    sig = sigma.to(device=weight_sn.device, dtype=reference.accumulate_dtype(weight_sn.dtype)).reshape(())
+    sig = sigma.to(device=weight_sn.device, dtype=_matrix.accumulate_dtype(weight_sn.dtype)).reshape(())
     g3, s3 = m.view(grad), m.view(weight_sn)
     out, out3, scratch = m.output(weight_sn)
     block_rows, block_cols = _tile(m.rows, m.cols)
