@@ -35,7 +35,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 demo: setup
 	$(PYTHON) -m sngan.train
 
-# The results table of the README's SN-GAN section (about an hour on 2 cores).
+# The results tables of docs/gan_results.md (about an hour on 2 cores).
 results: setup
 	$(PYTHON) -m sngan.experiments
 

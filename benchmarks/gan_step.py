@@ -6,6 +6,9 @@ Steps: "D step" (G makes a fake batch without autograd; one forward of D on real
 and one G step, as in the paper). Eager and torch.compile'd G and D (the optimizers stay eager; under compile
 grouped mode computes each layer in the graph, see sn_ext/nn/grouped.py). Real batches are rotated; z is drawn
 each step. Peak memory: see benchmarks/memory.py; the iteration's is the larger of its two steps'.
+
+The D and G steps are sngan's own (sngan.step.d_step / g_step, as sngan.train's loop runs them), so that this
+times the step that trains.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from sngan import step as sngan_step
 from sngan.losses import HingeLoss
 from sngan.models import SN_KINDS, build_models
 
@@ -62,18 +66,12 @@ class Trainer:
 
     def d_step(self) -> None:
         self.calls += 1
-        with torch.no_grad():
-            fake = self.G(self._z())
-        loss, _ = self.loss.d_loss(self.D, self.reals[self.calls % REAL_BATCHES], fake)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_d.step()
+        sngan_step.d_step(self.G, self.D, self.loss, self.opt_d, self.reals[self.calls % REAL_BATCHES], self._z())
 
     def g_step(self) -> None:
-        loss, _ = self.loss.g_loss(self.D, self.G(self._z()))
-        self.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_g.step()
+        # Unlike the training loop, D's parameters stay trainable here (the backward also computes their gradients,
+        # which no optimiser uses): the G step these records have always measured.
+        sngan_step.g_step(self.G, self.D, self.loss, self.opt_g, self._z())
 
     def iteration(self) -> None:
         for _ in range(N_DIS):

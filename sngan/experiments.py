@@ -111,7 +111,7 @@ def _fmt(values: list[float], digits: int = 1) -> str:
 
 
 def table(results: list[dict], baseline: dict | None) -> str:
-    from .train import PRESETS
+    from .config import PRESETS
 
     groups: dict = {}
     for r in results:

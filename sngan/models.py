@@ -89,7 +89,7 @@ class MLPDiscriminator(nn.Module):
 
     `out_scale` (a constant, not learned) sets the Lipschitz bound of an SN discriminator: SN makes the MLP at most
     1-Lipschitz, so on the ring (modes 0.77 apart) its outputs stay near +-0.05, the hinge never saturates and G
-    gets no push into the sigma = 0.01 modes; at 10x the hinge's margin of 1 is reachable (see README, GAN results)."""
+    gets no push into the sigma = 0.01 modes; at 10x the hinge's margin of 1 is reachable (see docs/gan_results.md)."""
 
     def __init__(
         self, data_shape: tuple[int, ...], hidden: int = 128, depth: int = 3, out_dim: int = 1, out_scale: float = 1.0

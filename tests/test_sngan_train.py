@@ -53,8 +53,8 @@ def test_cli_writes_samples_metrics_and_checkpoint(tmp_path, capsys):
 
 def test_toy_preset_scales_the_mlp_discriminator_only():
     """The toy preset's D output scale (10: lets the hinge saturate under SN) reaches the MLP D; other archs get 1."""
+    from sngan.config import resolve
     from sngan.models import build_models
-    from sngan.train import resolve
 
     assert resolve(Config(data="ring8"), points=True).d_scale == 10.0
     assert resolve(Config(data="ring8", d_scale=1.0), points=True).d_scale == 1.0
@@ -67,6 +67,29 @@ def test_toy_preset_scales_the_mlp_discriminator_only():
     torch.testing.assert_close(D10(x), 10 * D1(x))
     with pytest.raises(ValueError, match="mlp"):
         build_models("cnn", (1, 16, 16), z_dim=4, width=1 / 16, d_scale=10.0)
+
+
+def test_steps_move_one_side_and_leave_frozen_parameters_trainable():
+    """sngan.step (the loop's and benchmarks/gan_step.py's step): the D step updates D only; the G step updates G
+    only, gives D's frozen parameters no gradient and leaves them trainable."""
+    from sngan.losses import HingeLoss
+    from sngan.models import build_models
+    from sngan.step import d_step, g_step
+
+    torch.manual_seed(0)
+    G, D = build_models("mlp", (2,), z_dim=4, sn="torch")
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), 1e-2), torch.optim.Adam(D.parameters(), 1e-2)
+    g0, d0 = [p.detach().clone() for p in G.parameters()], [p.detach().clone() for p in D.parameters()]
+    d_loss, _ = d_step(G, D, HingeLoss(), opt_d, torch.randn(8, 2), torch.randn(8, 4))
+    assert d_loss.ndim == 0 and all(p.grad is None for p in G.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(g0, G.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(d0, D.parameters()))
+    d1, grads = [p.detach().clone() for p in D.parameters()], [p.grad.clone() for p in D.parameters()]
+    g_loss = g_step(G, D, HingeLoss(), opt_g, torch.randn(8, 4), frozen=D.parameters())
+    assert g_loss.ndim == 0 and all(p.requires_grad for p in D.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(d1, D.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, D.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(g0, G.parameters()))
 
 
 IMAGE_DATA = {
