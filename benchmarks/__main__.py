@@ -5,10 +5,10 @@
     python -m benchmarks --only layer --shape 300x200x3x3 --dtype float32
     python -m benchmarks --device cuda --out /tmp/bench
 
-Sections (--only, repeatable; default all): "layer" (one layer's spectral norm per provider, shape, dtype, train
-and eval; benchmarks/layer.py), "layers" (all the spectral norms of a model of L layers: per layer vs grouped;
-benchmarks/layers.py), "gan" (SN-GAN D step, G step and iteration; benchmarks/gan_step.py), "bandwidth" (a
-4096x4096 weight's forward + backward against the device's copy bandwidth; benchmarks/bandwidth.py).
+Sections (--only, repeatable; default all): "layer" (one layer's spectral norm per provider, shape, dtype and mode:
+forward, backward, train = both, eval; benchmarks/layer.py), "layers" (all the spectral norms of a model of L layers:
+per layer vs grouped; benchmarks/layers.py), "gan" (SN-GAN D step, G step and iteration; benchmarks/gan_step.py),
+"bandwidth" (a 4096x4096 weight's forward + backward against the device's copy bandwidth; benchmarks/bandwidth.py).
 
 Writes <section>.csv (one row per measurement, with device, versions, threads, commit and date), <section>.json
 (the settings), PNG plots and report.md into --out (default benchmarks/results/<device>/), replacing what a
@@ -54,6 +54,12 @@ def parse_args(argv):
         "--shape", action="append", help="also time this weight shape in the layer section, e.g. 300x200x3x3"
     )
     p.add_argument(
+        "--mode",
+        action="append",
+        choices=layer.MODES,
+        help="layer section modes (repeatable; default all: forward, backward, train = both, eval)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run (~1 minute on a busy 2-core CPU): small shapes and models, few repetitions, no "
@@ -96,8 +102,11 @@ def run_sections(args, device: torch.device, out: Path) -> None:
             {
                 "shapes": (layer.QUICK_SHAPES if args.quick else layer.BASELINE_SHAPES) + (args.shape or []),
                 "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+                "modes": args.mode or list(layer.MODES),
             },
-            lambda s, w: layer.run(s["shapes"], dtypes, device, quick=args.quick, compile_ok=compile_ok, write=w),
+            lambda s, w: layer.run(
+                s["shapes"], dtypes, device, quick=args.quick, compile_ok=compile_ok, write=w, modes=tuple(s["modes"])
+            ),
         ),
         "layers": (
             layers.COLUMNS,

@@ -1,8 +1,9 @@
 """Section "layer": one layer's spectral norm, one power iteration, per provider, shape, dtype and mode.
 
-Modes: "train" (`w = module(); w.backward(g)`: the forward with its power iteration and the backward) and "eval"
-(`with torch.no_grad(): module()`: W / sigma, no power iteration). `module()` returns the layer's (normalized)
-weight. Providers:
+Modes, as Liger times its ops: "forward" (`module()` in train mode with autograd recording: the power iteration and
+W / sigma), "backward" (`w.backward(g)` of a forward run untimed just before), "train" (the full step: forward and
+backward, what a training step pays) and "eval" (`with torch.no_grad(): module()`: W / sigma, no power iteration).
+`module()` returns the layer's (normalized) weight. Providers:
 
 - plain: `W * 1.0`, the floor of any autograd op on the same weight;
 - torch: torch.nn.utils.parametrizations.spectral_norm; torch legacy: torch.nn.utils.spectral_norm;
@@ -28,7 +29,7 @@ from .timing import Step, measure, rotation
 
 BASELINE_SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "1024x1024x3x3", "4096x4096"]
 QUICK_SHAPES = BASELINE_SHAPES[:3]
-MODES = ("train", "eval")
+MODES = ("forward", "backward", "train", "eval")
 PROVIDERS = ["plain", "torch", "torch legacy", "torch compiled", *(f"sn_ext {b}" for b in backends.BACKENDS)]
 COLUMNS = [
     "shape",
@@ -95,18 +96,34 @@ def _call(module: nn.Module) -> torch.Tensor:
 def make_steps(
     modules: list[nn.Module], grads: list[torch.Tensor], mode: str, call: Callable[[nn.Module], torch.Tensor] = _call
 ) -> list[Step]:
-    """One Step per (module, grad) pair: train = forward + backward of `grad` (a tensor, or one per output when
-    the module returns several), eval = forward without autograd."""
+    """One Step per (module, grad) pair (see MODES): forward (train mode, autograd recording), backward of `grad` (a
+    tensor, or one per output when the module returns several) after an untimed forward, train = both, eval =
+    forward without autograd."""
     steps = []
     for module, grad in zip(modules, grads):
-        module.train(mode == "train")
+        module.train(mode != "eval")
         if mode == "train":
             steps.append(
                 Step(lambda m=module, g=grad: torch.autograd.backward(call(m), g), lambda m=module: m.zero_grad())
             )
+        elif mode == "forward":
+            steps.append(Step(lambda m=module: call(m), lambda m=module: m.zero_grad()))
+        elif mode == "backward":
+            steps.append(_backward_step(module, grad, call))
         else:
             steps.append(Step(lambda m=module: _no_grad(call, m)))
     return steps
+
+
+def _backward_step(module: nn.Module, grad, call: Callable[[nn.Module], torch.Tensor]) -> Step:
+    """The backward alone: Step.reset (untimed, before every call) runs the forward whose graph the call consumes."""
+    graph = {}
+
+    def forward() -> None:
+        module.zero_grad()
+        graph["output"] = call(module)
+
+    return Step(lambda: torch.autograd.backward(graph.pop("output"), grad), forward)
 
 
 def _no_grad(call, module):
@@ -136,6 +153,7 @@ def run(
     quick: bool,
     compile_ok: bool,
     write: Callable[[dict], None],
+    modes: tuple[str, ...] = MODES,
 ) -> None:
     budget = 0.05 if quick else 0.5
     for dtype in dtypes:
@@ -148,7 +166,7 @@ def run(
                 base = {"shape": shape_text, "params": params, "dtype": dtype_name, "provider": provider}
                 reason = skip_reason(provider, device, dtype, compile_ok)
                 if reason:
-                    for mode in MODES:
+                    for mode in modes:
                         write({**base, "mode": mode, "status": "skipped", "note": reason})
                     continue
                 # torch.compile guards on the parametrized module's class, which torch makes per module: each
@@ -156,7 +174,7 @@ def run(
                 compiled = provider == "torch compiled"
                 modules = [make_layer(provider, w.clone()) for w in (weights[:1] if compiled else weights)]
                 call = torch.compile(_call) if compiled else _call
-                for mode in MODES:
+                for mode in modes:
                     row = {**base, "mode": mode}
                     try:
                         t = measure(make_steps(modules, grads, mode, call), device, budget_s=budget)

@@ -37,9 +37,13 @@ def _save(fig, path: Path) -> Path:
 
 
 def layer_plot(tables: dict[tuple[str, str], dict[str, list[tuple[float, float]]]], path: Path) -> Path:
-    """tables: (dtype, mode) -> provider -> [(params, median µs)]: time vs weight size, one panel each."""
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.6 * len(tables), 4), squeeze=False)
-    for ax, ((dtype, mode), series) in zip(axes[0], tables.items()):
+    """tables: (dtype, mode) -> provider -> [(params, median µs)]: time vs weight size, one panel each, a row per
+    dtype and a column per mode."""
+    dtypes = list(dict.fromkeys(d for d, _ in tables))
+    modes = list(dict.fromkeys(m for _, m in tables))
+    fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(4.6 * len(modes), 4 * len(dtypes)), squeeze=False)
+    for (dtype, mode), series in tables.items():
+        ax = axes[dtypes.index(dtype)][modes.index(mode)]
         for provider, points in series.items():
             ax.plot(*zip(*points), marker="o", markersize=3, label=provider, **_style(provider))
         ax.set(

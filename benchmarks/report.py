@@ -53,9 +53,10 @@ def layer_part(rows: list[dict], settings: dict, out: Path) -> str:
     parts = [
         "## One layer\n",
         _header(rows, settings),
-        "\nMedian µs per call (CSV: 20th/80th percentiles, repetitions, rotation). train: forward with one "
-        "power iteration + backward; eval: forward under no_grad. plain = `W * 1.0`, the floor of any autograd "
-        "op on the weight.\n",
+        "\nMedian µs per call (CSV: 20th/80th percentiles, repetitions, rotation). forward: the forward with one "
+        "power iteration, autograd recording; backward: the backward alone (its forward untimed); train: the full "
+        "step, forward + backward; eval: forward under no_grad. plain = `W * 1.0`, the floor of any autograd op on "
+        "the weight.\n",
     ]
     device_type = settings.get("device_type", "cpu")
     curves = {}

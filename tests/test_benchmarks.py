@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -126,6 +127,8 @@ def test_report_has_a_table_per_part(quick_run):
     report = (out / "report.md").read_text()
     for heading in (
         "## One layer",
+        "### forward, float32",
+        "### backward, float32",
         "### train, float32",
         "### eval, bfloat16",
         "## Many layers",
@@ -137,3 +140,32 @@ def test_report_has_a_table_per_part(quick_run):
         assert heading in report
     assert "Quick run" in report and "torch / sn_ext cpu" in report and "(layer.png)" in report
     assert "torch.compile not run" in report  # what --quick leaves out is stated
+
+
+def test_layer_modes_time_what_they_say():
+    """forward records the graph and leaves no gradient; backward's untimed reset runs the forward and the timed call
+    only the backward; train does both; eval runs without autograd. Checked on the plain provider (W * 1.0: the
+    gradient is g) and on sn_ext's (against a twin that runs the same forwards, then a train step)."""
+    gen = torch.Generator().manual_seed(3)
+    weight, grad = torch.randn(5, 4, 3, generator=gen), torch.randn(5, 4, 3, generator=gen)
+    for provider in ("plain", "sn_ext reference"):
+        module, twin = (layer.make_layer(provider, weight.clone()) for _ in range(2))
+        (forward,) = layer.make_steps([module], [grad], "forward")
+        forward.reset()
+        assert forward.run().grad_fn is not None
+        assert all(p.grad is None for p in module.parameters())
+        (backward,) = layer.make_steps([module], [grad], "backward")
+        backward.reset()  # the forward (a second power iteration)
+        assert all(p.grad is None or not p.grad.any() for p in module.parameters())
+        backward.run()
+        (twin_forward,) = layer.make_steps([twin], [grad], "forward")
+        twin_forward.run()
+        (train,) = layer.make_steps([twin], [grad], "train")
+        train.reset()
+        train.run()
+        got, want = (next(p.grad for p in m.parameters()) for m in (module, twin))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        if provider == "plain":
+            assert torch.equal(got, grad)
+        (evaluate,) = layer.make_steps([module], [grad], "eval")
+        assert evaluate.run().grad_fn is None
