@@ -43,11 +43,13 @@ def _load_triton() -> tuple[bool, str]:
 LOADED, LOAD_REASON = _load_triton()
 if LOADED:
     import sn_ext.triton as sn_triton
-    from sn_ext.triton import ops as triton_ops
+    from sn_ext.triton import _host as triton_plan
+    from sn_ext.triton import spectral_normalize as triton_forward
+    from sn_ext.triton import spectral_normalize_backward as triton_backward
 
     INTERPRETED = sn_triton.interpreted()
     try:  # older torch's wrap_triton rejects interpreted kernels
-        _WRAPS = torch.library.wrap_triton(triton_ops.fused_forward_kernel) is not None
+        _WRAPS = torch.library.wrap_triton(triton_forward.fused_forward_kernel) is not None
     except RuntimeError:
         _WRAPS = False
 else:
@@ -94,7 +96,7 @@ PATHS = {
 @pytest.fixture
 def path(request, monkeypatch):
     for name, value in PATHS[request.param].items():
-        monkeypatch.setattr(triton_ops, name, value)
+        monkeypatch.setattr(triton_plan, name, value)
     return request.param
 
 
@@ -276,8 +278,9 @@ def test_degenerate_round_keeps_input_vectors(path, fill):
 def test_launch_count(path, launches, monkeypatch):
     """Few launches: one program per op for small weights; 4n + 1 (n == 0: 3) and 2 on the grid."""
     counted = []
-    real = triton_ops.wrap_triton
-    monkeypatch.setattr(triton_ops, "wrap_triton", lambda kernel: counted.append(kernel) or real(kernel))
+    real = torch.library.wrap_triton
+    for module in (triton_forward, triton_backward):
+        monkeypatch.setattr(module, "wrap_triton", lambda kernel: counted.append(kernel) or real(kernel))
     weight = randn(9, 11, seed=41)
     u, v = _vectors(weight, 0)
     for (op, args), expected in zip(
@@ -480,7 +483,7 @@ NO_GPU_SCRIPT = textwrap.dedent("""
     assert sn_ext.info()["backends"]["triton"]["usable"] is False
     assert "no CUDA device" in sn_ext.info()["backends"]["triton"]["reason"]
     import sys
-    assert "sn_ext.triton.ops" not in sys.modules, "the kernels were loaded to answer"
+    assert "sn_ext.triton.spectral_normalize" not in sys.modules, "the kernels were loaded to answer"
     # triton not installed
     real = importlib.util.find_spec
     importlib.util.find_spec = lambda name, *a: None if name == "triton" else real(name, *a)

@@ -34,7 +34,9 @@ def main(all_variants: bool) -> None:
     if not loaded or sn_triton.interpreted():
         print(f"SKIP the kernels are not loaded for a GPU: {reason}")
         return
-    from sn_ext.triton import ops
+    from sn_ext.triton import _host
+    from sn_ext.triton import spectral_normalize as forward_module
+    from sn_ext.triton import spectral_normalize_backward as backward_module
 
     pointer_types = {
         torch.float32: "*fp32",
@@ -75,22 +77,22 @@ def main(all_variants: bool) -> None:
 
             return launch
 
-    ops.wrap_triton = Recorder
+    forward_module.wrap_triton = backward_module.wrap_triton = Recorder
 
     def record(shape, dim, dtype, n, v_first, **knobs):
-        saved = {name: getattr(ops, name) for name in knobs}
+        saved = {name: getattr(_host, name) for name in knobs}
         for name, value in knobs.items():
-            setattr(ops, name, value)
+            setattr(_host, name, value)
         try:
             weight = torch.randn(shape).to(dtype)
             h = weight.shape[dim]
             u = F.normalize(torch.randn(h), dim=0).to(dtype)
             v = F.normalize(torch.randn(weight.numel() // h), dim=0).to(dtype)
-            ops.triton_spectral_normalize(weight, u, v, dim, n, 1e-12, v_first)
-            ops.triton_spectral_normalize_backward(weight, weight, u, v, torch.ones(()), dim)
+            forward_module.triton_spectral_normalize(weight, u, v, dim, n, 1e-12, v_first)
+            backward_module.triton_spectral_normalize_backward(weight, weight, u, v, torch.ones(()), dim)
         finally:
             for name, value in saved.items():
-                setattr(ops, name, value)
+                setattr(_host, name, value)
 
     # Every kernel variant in bfloat16 (a low-precision dtype: conversions); float64 (its own division and square
     # root) for the one-program kernels at their widest; --all: every dtype.

@@ -1,5 +1,7 @@
-"""sn_ext's Triton backend: the fused forward and rank-1 backward as Triton kernels, one file per kernel, behind
-the ops sn_ext::triton_spectral_normalize and sn_ext::triton_spectral_normalize_backward (ops.py).
+"""sn_ext's Triton backend: the fused forward and rank-1 backward as Triton kernels, one file per op (its kernels,
+launch plan and op): spectral_normalize.py (sn_ext::triton_spectral_normalize) and spectral_normalize_backward.py
+(sn_ext::triton_spectral_normalize_backward); _host.py holds the launch-plan knobs and host helpers both use,
+_helpers.py the device functions.
 
 Nothing here imports triton until `load()` is called (sn_ext.backends calls it the first time the "triton" backend
 is chosen), so `import sn_ext` stays fast and works without triton. The kernels run on CUDA tensors; with
@@ -55,13 +57,21 @@ def load() -> tuple[bool, str]:
     if _version_tuple(triton.__version__) < MIN_TRITON:
         _status = (False, f"triton {triton.__version__} is too old: sn_ext's kernels need triton >= 3.2")
         return _status
-    try:
-        from . import ops  # defines the ops
+    try:  # defines the ops, then gives them the fake kernels and autograd formulas every backend shares (no
+        # autocast exclusion: the kernels run in the inputs' dtype whatever autocast says)
+        from .. import ops
+        from . import spectral_normalize, spectral_normalize_backward
+
+        ops.register_backend_ops(
+            spectral_normalize.FORWARD.split("::")[1],
+            spectral_normalize_backward.BACKWARD.split("::")[1],
+            autocast=False,
+        )
     except Exception as error:  # a broken triton install, or an op registration torch rejects
         _status = (False, f"the Triton ops failed to register: {type(error).__name__}: {error}")
         return _status
     global _interpreted
-    _interpreted = type(ops.fused_forward_kernel).__name__ == "InterpretedFunction"
+    _interpreted = type(spectral_normalize.fused_forward_kernel).__name__ == "InterpretedFunction"
     mode = "interpreter (TRITON_INTERPRET=1), CPU tensors" if _interpreted else "CUDA tensors"
     _status = (True, f"triton {triton.__version__}, {mode}")
     return _status

@@ -1,0 +1,240 @@
+"""sn_ext::triton_spectral_normalize_backward: the backward's Triton kernels, their launch plan and the op (the twin
+of sn_ext::spectral_normalize_backward): grad_W = (G - <G, W_sn> u v^T) / sigma.
+
+Launches: weights with at most _host.FUSED_MAX_NUMEL elements, one program (fused_backward_kernel); larger, 2
+(lambda_partial_kernel: partial sums of lambda = <G, W_sn>; backward_kernel: every program adds them itself and
+writes its tile). Sums are split by the shape only, so results are deterministic.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import _checks, _matrix, _schemas
+from . import _host
+from ._helpers import matrix_offsets, precise_div
+
+BACKWARD = "sn_ext::triton_spectral_normalize_backward"
+
+# ---- fused_backward_kernel ----
+# The whole backward in one program, for small weights (one launch instead of two):
+# lambda = <grad, W_sn>, then grad_W = (grad - lambda u v^T) / sigma, as lambda_partial_kernel + backward_kernel.
+
+
+@triton.jit
+def fused_backward_kernel(
+    g_ptr,  # (outer, rows, inner) strided: the incoming gradient's matrix view, weight dtype
+    s_ptr,  # (outer, rows, inner) strided (its own strides): W_sn's matrix view, weight dtype
+    out_ptr,  # (outer, rows, inner) strided (its own strides): grad_W, weight dtype
+    u_ptr,  # (rows,) stride u_stride, weight dtype
+    v_ptr,  # (cols,) stride v_stride, weight dtype
+    sigma_ptr,  # () accumulation dtype
+    rows,
+    cols,
+    inner,
+    g_outer,
+    g_row,
+    g_inner,
+    s_outer,
+    s_row,
+    s_inner,
+    o_outer,
+    o_row,
+    o_inner,
+    u_stride,
+    v_stride,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    sigma = tl.load(sigma_ptr)
+    acc_dtype = sigma.dtype
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], acc_dtype)
+    for row_start in range(0, rows, BLOCK_ROWS):
+        row_idx = row_start + tl.arange(0, BLOCK_ROWS)
+        for col_start in range(0, cols, BLOCK_COLS):
+            col_idx = col_start + tl.arange(0, BLOCK_COLS)
+            mask = (row_idx < rows)[:, None] & (col_idx < cols)[None, :]
+            g = tl.load(g_ptr + matrix_offsets(row_idx, col_idx, inner, g_outer, g_row, g_inner), mask=mask, other=0.0)
+            s = tl.load(s_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner), mask=mask, other=0.0)
+            acc += g.to(acc_dtype) * s.to(acc_dtype)
+    lam = tl.sum(tl.sum(acc, axis=1), axis=0)
+    for row_start in range(0, rows, BLOCK_ROWS):
+        row_idx = row_start + tl.arange(0, BLOCK_ROWS)
+        row_mask = row_idx < rows
+        lam_u = lam * tl.load(u_ptr + row_idx.to(tl.int64) * u_stride, mask=row_mask, other=0.0).to(acc_dtype)
+        for col_start in range(0, cols, BLOCK_COLS):
+            col_idx = col_start + tl.arange(0, BLOCK_COLS)
+            col_mask = col_idx < cols
+            mask = row_mask[:, None] & col_mask[None, :]
+            g = tl.load(g_ptr + matrix_offsets(row_idx, col_idx, inner, g_outer, g_row, g_inner), mask=mask, other=0.0)
+            v = tl.load(v_ptr + col_idx.to(tl.int64) * v_stride, mask=col_mask, other=0.0).to(acc_dtype)
+            out = precise_div(g.to(acc_dtype) - lam_u[:, None] * v[None, :], sigma).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + matrix_offsets(row_idx, col_idx, inner, o_outer, o_row, o_inner), out, mask=mask)
+
+
+# ---- lambda_partial_kernel ----
+# Backward, stage 1: lambda = <grad, W_sn>, one partial sum per program over a fixed share of the tiles.
+#
+# Grid (programs,): program p sums tiles p, p + programs, ... (a share fixed by the shape: deterministic).
+# backward_kernel adds the partial sums in order.
+
+
+@triton.jit
+def lambda_partial_kernel(
+    g_ptr,  # (outer, rows, inner) strided: the incoming gradient's matrix view, weight dtype
+    s_ptr,  # (outer, rows, inner) strided (its own strides): W_sn's matrix view, weight dtype
+    part_ptr,  # (programs,) accumulation dtype: part[p] = program p's share of <grad, W_sn>
+    rows,
+    cols,
+    inner,
+    g_outer,
+    g_row,
+    g_inner,
+    s_outer,
+    s_row,
+    s_inner,
+    col_blocks,
+    tiles,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    acc_dtype = part_ptr.dtype.element_ty
+    program = tl.program_id(0)
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], acc_dtype)
+    for tile in range(program, tiles, tl.num_programs(0)):
+        row_idx = (tile // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        col_idx = (tile % col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        mask = (row_idx < rows)[:, None] & (col_idx < cols)[None, :]
+        g = tl.load(g_ptr + matrix_offsets(row_idx, col_idx, inner, g_outer, g_row, g_inner), mask=mask, other=0.0)
+        s = tl.load(s_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner), mask=mask, other=0.0)
+        acc += g.to(acc_dtype) * s.to(acc_dtype)
+    tl.store(part_ptr + program, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+# ---- backward_kernel ----
+# Backward, stage 2: grad_W = (grad - lambda u v^T) / sigma, elementwise over the matrix view.
+#
+# Every program adds lambda_partial_kernel's partial sums itself, in the same order (so all get the same lambda,
+# and no one-program launch is needed in between), then writes its tile. The operation order is the C++ kernels':
+# (g - (lambda u_i) v_c) / sigma.
+
+
+@triton.jit
+def backward_kernel(
+    g_ptr,  # (outer, rows, inner) strided: the incoming gradient's matrix view, weight dtype
+    out_ptr,  # (outer, rows, inner) strided (its own strides): grad_W, weight dtype
+    u_ptr,  # (rows,) stride u_stride, weight dtype
+    v_ptr,  # (cols,) stride v_stride, weight dtype
+    part_ptr,  # (parts,) accumulation dtype: the partial sums of lambda = <grad, W_sn>
+    sigma_ptr,  # () accumulation dtype
+    rows,
+    cols,
+    inner,
+    g_outer,
+    g_row,
+    g_inner,
+    o_outer,
+    o_row,
+    o_inner,
+    u_stride,
+    v_stride,
+    col_blocks,
+    parts,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_PARTS: tl.constexpr,
+):
+    acc_dtype = part_ptr.dtype.element_ty
+    part_idx = tl.arange(0, BLOCK_PARTS)
+    lam = tl.sum(tl.load(part_ptr + part_idx, mask=part_idx < parts, other=0.0), axis=0)
+    sigma = tl.load(sigma_ptr)
+    tile = tl.program_id(0)
+    row_idx = (tile // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col_idx = (tile % col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    row_mask = row_idx < rows
+    col_mask = col_idx < cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    g = tl.load(g_ptr + matrix_offsets(row_idx, col_idx, inner, g_outer, g_row, g_inner), mask=mask, other=0.0)
+    u = tl.load(u_ptr + row_idx.to(tl.int64) * u_stride, mask=row_mask, other=0.0).to(acc_dtype)
+    v = tl.load(v_ptr + col_idx.to(tl.int64) * v_stride, mask=col_mask, other=0.0).to(acc_dtype)
+    corrected = g.to(acc_dtype) - (lam * u)[:, None] * v[None, :]
+    out = precise_div(corrected, sigma).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + matrix_offsets(row_idx, col_idx, inner, o_outer, o_row, o_inner), out, mask=mask)
+
+
+# ---- the host plan and the op ----
+
+
+@triton_op(BACKWARD, mutates_args=(), schema=_schemas.SCHEMAS["spectral_normalize_backward"])
+def triton_spectral_normalize_backward(
+    grad: torch.Tensor, weight_sn: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int
+) -> torch.Tensor:
+    op = BACKWARD
+    _checks.check_backward_args(op, grad, weight_sn, u, v, sigma, dim)
+    m = _host.Matrix.of(weight_sn, dim)
+    # The kernels read sigma from the device, in the accumulation dtype (a no-op for the forward's own sigma).
+    sig = sigma.to(device=weight_sn.device, dtype=_matrix.accumulate_dtype(weight_sn.dtype)).reshape(())
+    g3, s3 = m.view(grad), m.view(weight_sn)
+    out, out3, scratch = m.output(weight_sn)
+    block_rows, block_cols = _host.tile_shape(m.rows, m.cols)
+    if weight_sn.numel() <= _host.FUSED_MAX_NUMEL:
+        wrap_triton(fused_backward_kernel)[(1,)](
+            g3,
+            s3,
+            out3,
+            u,
+            v,
+            sig,
+            m.rows,
+            m.cols,
+            m.inner,
+            *g3.stride(),
+            *s3.stride(),
+            *out3.stride(),
+            u.stride(0),
+            v.stride(0),
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+            num_warps=_host.FUSED_WARPS,
+        )
+    else:
+        col_blocks = triton.cdiv(m.cols, block_cols)
+        tiles = triton.cdiv(m.rows, block_rows) * col_blocks
+        parts = min(tiles, _host.MAX_LAMBDA_PARTS)
+        part = torch.empty(parts, dtype=sig.dtype, device=weight_sn.device)
+        wrap_triton(lambda_partial_kernel)[(parts,)](
+            g3,
+            s3,
+            part,
+            m.rows,
+            m.cols,
+            m.inner,
+            *g3.stride(),
+            *s3.stride(),
+            col_blocks,
+            tiles,
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+        )
+        wrap_triton(backward_kernel)[(tiles,)](
+            g3,
+            out3,
+            u,
+            v,
+            part,
+            sig,
+            m.rows,
+            m.cols,
+            m.inner,
+            *g3.stride(),
+            *out3.stride(),
+            u.stride(0),
+            v.stride(0),
+            col_blocks,
+            parts,
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+            BLOCK_PARTS=_host.pow2(parts),
+        )
+    return _host.Matrix.finish(out, out3, scratch)
