@@ -16,6 +16,9 @@ import re
 import shutil
 import subprocess
 
+# nvcc's flags for sn_ext's CUDA sources, besides torch's own (setup.py; .ci/compile_cuda.py compiles with the same).
+NVCC_FLAGS = ["-O3"]
+
 # Where toolkits are usually installed, after $CUDA_HOME / $CUDA_PATH and the nvcc on PATH.
 USUAL_CUDA_HOMES = ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True), "/opt/cuda", "/usr")
 
@@ -93,6 +96,12 @@ def cuda_arch_list(torch_archs: list[str], nvcc_archs: list[str]) -> str:
         numbers = sorted(compilable, key=int)[-1:]
     dotted = [f"{n[:-1]}.{n[-1]}" for n in numbers]
     return ";".join(dotted[:-1] + [dotted[-1] + "+PTX"])
+
+
+def torch_cuda_archs(torch) -> list[str]:
+    """The architectures the installed (CUDA) torch was built for, like "sm_90". torch.cuda.get_arch_list() answers
+    only with a GPU visible on older torch; the build's flags answer without one."""
+    return torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split()
 
 
 def nvcc_gpu_archs(home: str) -> list[str]:

@@ -35,7 +35,7 @@ if with_cuda:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # torch's own guess without a visible GPU fails (an empty list on a build machine or in Docker).
         os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.cuda_arch_list(
-            torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split(), build_config.nvcc_gpu_archs(cuda_home)
+            build_config.torch_cuda_archs(torch), build_config.nvcc_gpu_archs(cuda_home)
         )
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -58,7 +58,7 @@ extension = CppExtension
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     macros += [("SN_EXT_BUILD_CUDA", f'"{torch.version.cuda}"')]
-    extra_compile_args["nvcc"] = ["-O3"]
+    extra_compile_args["nvcc"] = build_config.NVCC_FLAGS
     extension = CUDAExtension
 
 from setuptools import setup  # noqa: E402

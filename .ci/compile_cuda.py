@@ -14,6 +14,8 @@ import torch.utils.cpp_extension as cpp_extension
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import build_config  # noqa: E402
 
 
 def main() -> None:
@@ -27,9 +29,9 @@ def main() -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory() as out:
-        # The nvcc flags of setup.py's extension ("-O3" plus torch's own).
+        # The nvcc flags of setup.py's extension (build_config.NVCC_FLAGS plus torch's own).
         extension = cpp_extension.CUDAExtension(
-            "sn_ext_cuda_compile_check", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}
+            "sn_ext_cuda_compile_check", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": build_config.NVCC_FLAGS}
         )
         setup(
             name="sn_ext_cuda_compile_check",

@@ -94,9 +94,7 @@ def test_setup_finds_the_toolkit_and_picks_architectures_without_gpu_or_cuda_hom
     assert result.returncode == 0, result.stdout + result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("sn_ext: building"))
     assert "CPU + CUDA kernels" in line and f"toolkit {CUDA_HOME}" in line, line
-    expected = build_config.cuda_arch_list(
-        torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split(), build_config.nvcc_gpu_archs(CUDA_HOME)
-    )
+    expected = build_config.cuda_arch_list(build_config.torch_cuda_archs(torch), build_config.nvcc_gpu_archs(CUDA_HOME))
     assert f"TORCH_CUDA_ARCH_LIST={expected}" in line and expected.endswith("+PTX"), line
 
 
