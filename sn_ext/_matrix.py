@@ -8,7 +8,7 @@ A weight of any shape is seen as torch's matrix ``W.permute(dim, *other dims).fl
 import torch
 from torch import Tensor
 
-REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
 

@@ -40,7 +40,6 @@ from . import _library, _matrix, ops
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 CHOICES = ("auto", *BACKENDS)
 ENV_VAR = "SN_EXT_BACKEND"
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # What "auto" tries, in order, by device type; any other device gets the reference.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
@@ -87,7 +86,7 @@ class Backend:
             )
         if dtype in _matrix.COMPLEX_DTYPES and self.name != "reference":
             reasons.append(f"complex weights run on the reference backend only, not {dtype}")
-        elif dtype not in DTYPES and dtype not in _matrix.COMPLEX_DTYPES:
+        elif dtype not in _matrix.REAL_DTYPES and dtype not in _matrix.COMPLEX_DTYPES:
             reasons.append(f"it takes float32, float64, float16 or bfloat16 weights, not {dtype}")
         return reasons
 
@@ -293,7 +292,7 @@ def summary() -> dict:
     auto = {
         device: {
             str(dtype).replace("torch.", ""): auto_backend(device, dtype).name
-            for dtype in (*DTYPES, *_matrix.COMPLEX_DTYPES)
+            for dtype in (*_matrix.REAL_DTYPES, *_matrix.COMPLEX_DTYPES)
         }
         for device in devices
     }

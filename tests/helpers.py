@@ -29,7 +29,8 @@ TOL = {
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max|ours - ref| / max|ref|, in float64; shapes must match, NaNs count as an infinite error."""
     assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    a, b = ours.detach().double(), ref.detach().double()
+    # complex tensors keep their imaginary part (.double() would drop it)
+    a, b = (t.detach().to(torch.complex128 if t.is_complex() else torch.float64) for t in (ours, ref))
     diff = (a - b).abs().max().item() if a.numel() else 0.0
     if diff != diff:  # NaN
         return float("inf")

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_rel
 from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 from torch.nn.utils import parametrize
@@ -29,9 +30,7 @@ def _pair(make, dtype, seed):
 
 
 def _close(ours, theirs, dtype, what):
-    tol = 1e-12 if dtype in (torch.float64, torch.complex128) else 2e-5
-    err = (ours - theirs).abs().max().item() / max(theirs.abs().max().item(), 1e-30)
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+    assert_rel(ours, theirs, 1e-12 if dtype in (torch.float64, torch.complex128) else 2e-5, what)
 
 
 LAYERS = {
