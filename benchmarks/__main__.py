@@ -7,7 +7,8 @@
 
 Sections (--only, repeatable; default all): "layer" (one layer's spectral norm per provider, shape, dtype and mode:
 forward, backward, train = both, eval; benchmarks/layer.py), "layers" (all the spectral norms of a model of L layers:
-per layer vs grouped; benchmarks/layers.py), "gan" (SN-GAN D step, G step and iteration; benchmarks/gan_step.py),
+per layer vs grouped; benchmarks/spectral_normalize_grouped.py), "ops" (each op called directly per backend against
+a floor; benchmarks/ops.py and a file per op), "gan" (SN-GAN D step, G step and iteration; benchmarks/gan_step.py),
 "bandwidth" (a 4096x4096 weight's forward + backward against the device's copy bandwidth; benchmarks/bandwidth.py).
 
 Writes <section>.csv (one row per measurement, with device, versions, threads, commit and date), <section>.json
@@ -26,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from . import bandwidth, gan_step, layer, layers, report
+from . import bandwidth, gan_step, layer, ops, report, spectral_normalize_grouped
 from .records import RESULTS_DIR, RowWriter, device_slug, log, run_metadata
 
-SECTIONS = ("layer", "layers", "gan", "bandwidth")
+SECTIONS = ("layer", "layers", "ops", "gan", "bandwidth")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -47,7 +48,7 @@ def parse_args(argv):
         "--dtype",
         action="append",
         choices=DTYPES,
-        help="layer section dtypes (repeatable; default float32 and bfloat16); the first one is also the "
+        help="layer and ops section dtypes (repeatable; default float32 and bfloat16); the first one is also the "
         "layers section's",
     )
     p.add_argument(
@@ -109,12 +110,27 @@ def run_sections(args, device: torch.device, out: Path) -> None:
             ),
         ),
         "layers": (
-            layers.COLUMNS,
+            spectral_normalize_grouped.COLUMNS,
             {
-                "counts": layers.QUICK_LAYER_COUNTS if args.quick else layers.LAYER_COUNTS,
-                "layer_shape": layers.QUICK_LAYER_SHAPE if args.quick else layers.LAYER_SHAPE,
+                "counts": spectral_normalize_grouped.QUICK_LAYER_COUNTS
+                if args.quick
+                else spectral_normalize_grouped.LAYER_COUNTS,
+                "layer_shape": spectral_normalize_grouped.QUICK_LAYER_SHAPE
+                if args.quick
+                else spectral_normalize_grouped.LAYER_SHAPE,
             },
-            lambda s, w: layers.run(s["counts"], s["layer_shape"], dtypes[0], device, quick=args.quick, write=w),
+            lambda s, w: spectral_normalize_grouped.run(
+                s["counts"], s["layer_shape"], dtypes[0], device, quick=args.quick, write=w
+            ),
+        ),
+        "ops": (
+            ops.COLUMNS,
+            {
+                "ops": list(ops.OPS),
+                "shapes": ops.QUICK_SHAPES if args.quick else ops.SHAPES,
+                "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+            },
+            lambda s, w: ops.run(s["shapes"], dtypes, device, quick=args.quick, write=w),
         ),
         "gan": (
             gan_step.COLUMNS,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sn_ext.backends import AUTO_ORDER
 
-from . import gan_step, layer, layers, memory, op_count, plots
+from . import gan_step, layer, memory, op_count, ops, plots, spectral_normalize_grouped
 from .records import markdown_table, read_rows
 
 
@@ -49,6 +49,39 @@ def _sn_ext_choice(rows: list[dict], device_type: str) -> str:
     return next((f"sn_ext {b}" for b in AUTO_ORDER.get(device_type, ()) if f"sn_ext {b}" in ran), "sn_ext reference")
 
 
+def _shape_table(
+    sub: list[dict], providers: list[str], device_type: str, versus: list[str], floor: str
+) -> tuple[str, dict] | None:
+    """One (dtype, mode or op) slice of the rows: a table of µs per weight shape and provider, with the ratios of
+    each of `versus` to sn_ext's choice and of that choice to `floor`; and the curves for the plot (provider ->
+    [(params, µs)] by size). None when nothing ran."""
+    ran = [p for p in providers if any(r["provider"] == p and r["status"] == "ok" for r in sub)]
+    if not ran:
+        return None
+    ours = _sn_ext_choice(sub, device_type)
+    versus = [p for p in versus if p in ran]
+    cell = {(r["shape"], r["provider"]): r for r in sub}
+    shapes = list(dict.fromkeys(r["shape"] for r in sub))
+    table = []
+    for shape in shapes:
+        t = {p: _median(cell.get((shape, p))) for p in ran}
+        table.append(
+            [
+                shape,
+                cell[(shape, ran[0])]["params"],
+                *(_f(t[p]) if t[p] else "" for p in ran),
+                *(_ratio(t.get(p), t[ours]) for p in versus),
+                _ratio(t[ours], t.get(floor)),
+            ]
+        )
+    header = ["weight", "params", *[f"{p} µs" for p in ran], *[f"{p} / {ours}" for p in versus], f"{ours} / {floor}"]
+    curves = {
+        p: sorted((int(cell[(s, p)]["params"]), _median(cell[(s, p)])) for s in shapes if _median(cell.get((s, p))))
+        for p in ran
+    }
+    return markdown_table(header, table), curves
+
+
 def layer_part(rows: list[dict], settings: dict, out: Path) -> str:
     parts = [
         "## One layer\n",
@@ -63,44 +96,10 @@ def layer_part(rows: list[dict], settings: dict, out: Path) -> str:
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         for mode in layer.MODES:
             sub = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode]
-            ran = [p for p in layer.PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sub)]
-            if not ran:
-                continue
-            ours = _sn_ext_choice(sub, device_type)
-            versus = [p for p in ("torch", "torch compiled") if p in ran]
-            cell = {(r["shape"], r["provider"]): r for r in sub}
-            shapes = list(dict.fromkeys(r["shape"] for r in sub))
-            table = []
-            for shape in shapes:
-                t = {p: _median(cell.get((shape, p))) for p in ran}
-                table.append(
-                    [
-                        shape,
-                        cell[(shape, ran[0])]["params"],
-                        *(_f(t[p]) if t[p] else "" for p in ran),
-                        *(_ratio(t.get(p), t[ours]) for p in versus),
-                        _ratio(t[ours], t.get("plain")),
-                    ]
-                )
-            parts.append(f"\n### {mode}, {dtype}\n")
-            parts.append(
-                markdown_table(
-                    [
-                        "weight",
-                        "params",
-                        *[f"{p} µs" for p in ran],
-                        *[f"{p} / {ours}" for p in versus],
-                        f"{ours} / plain",
-                    ],
-                    table,
-                )
-            )
-            curves[(dtype, mode)] = {
-                p: sorted(
-                    (int(cell[(s, p)]["params"]), _median(cell[(s, p)])) for s in shapes if _median(cell.get((s, p)))
-                )
-                for p in ran
-            }  # by size, for lines
+            made = _shape_table(sub, layer.PROVIDERS, device_type, ["torch", "torch compiled"], "plain")
+            if made:
+                parts += [f"\n### {mode}, {dtype}\n", made[0]]
+                curves[(dtype, mode)] = made[1]
     png = plots.layer_plot(curves, out / "layer.png")
     parts += [f"\n![time vs weight size]({png.name})\n", *_not_measured(rows)]
     return "\n".join(parts) + "\n"
@@ -108,7 +107,9 @@ def layer_part(rows: list[dict], settings: dict, out: Path) -> str:
 
 def layers_part(rows: list[dict], settings: dict, out: Path) -> str:
     kind = op_count.KIND[settings.get("device_type", "cpu")]
-    ran = [p for p in layers.PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in rows)]
+    ran = [
+        p for p in spectral_normalize_grouped.PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in rows)
+    ]
     cell = {(r["layers"], r["provider"]): r for r in rows}
     counts = list(dict.fromkeys(r["layers"] for r in rows))
     table = []
@@ -153,6 +154,29 @@ def layers_part(rows: list[dict], settings: dict, out: Path) -> str:
         )
         + "\n"
     )
+
+
+def ops_part(rows: list[dict], settings: dict, out: Path) -> str:
+    parts = [
+        "## Each op\n",
+        _header(rows, settings),
+        "\nMedian µs per direct call of the op (no module, no autograd), one power iteration, dim 0. floor: the "
+        "cheapest torch op that reads and writes what the op must at least (W * 1.0 for the forward, G - W_sn for "
+        "the backward, W v for a power-iteration round); sn_ext reference: the op in plain torch ops, what torch's "
+        "eager spectral norm launches.\n",
+    ]
+    device_type = settings.get("device_type", "cpu")
+    curves = {}
+    for op_name in dict.fromkeys(r["op"] for r in rows):
+        for dtype in dict.fromkeys(r["dtype"] for r in rows):
+            sub = [r for r in rows if r["op"] == op_name and r["dtype"] == dtype]
+            made = _shape_table(sub, ops.providers(op_name), device_type, ["sn_ext reference"], "floor")
+            if made:
+                parts += [f"\n### {op_name}, {dtype}\n", made[0]]
+                curves[(dtype, op_name)] = made[1]
+    png = plots.layer_plot(curves, out / "ops.png")
+    parts += [f"\n![time vs weight size, per op]({png.name})\n", *_not_measured(rows)]
+    return "\n".join(parts) + "\n"
 
 
 def gan_part(rows: list[dict], settings: dict, out: Path) -> str:
@@ -241,7 +265,13 @@ def bandwidth_part(rows: list[dict], settings: dict, out: Path) -> str:
     )
 
 
-PARTS = {"layer": layer_part, "layers": layers_part, "gan": gan_part, "bandwidth": bandwidth_part}
+PARTS = {
+    "layer": layer_part,
+    "layers": layers_part,
+    "ops": ops_part,
+    "gan": gan_part,
+    "bandwidth": bandwidth_part,
+}
 
 
 def write(out: Path) -> Path:

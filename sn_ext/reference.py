@@ -1,6 +1,6 @@
 """Pure-PyTorch spectral normalization: the test oracle, and the kernels used where no compiled one exists.
 
-Same semantics as the fused kernels (csrc/cpu/spectral_norm_cpu.cpp), written with plain torch ops:
+Same semantics as the fused kernels (csrc/cpu), written with plain torch ops:
 - the matrix is torch's: ``weight.permute(dim, *other dims).flatten(1)``;
 - ``N(x) = x / max(|x|, eps)``, computed in float32 (float64 for float64 weights) so eps never underflows,
   and rounded to the weight's dtype like torch's buffers;

@@ -252,15 +252,17 @@ def numpy_power_iteration(mat, u, v, n: int, eps: float = 1e-12, v_first: bool =
     return float(u @ mat @ v), u, v
 
 
-def unit(n: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
-    """A random unit vector (never zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, generator=gen, dtype=torch.float64), dim=0).to(dtype)
+def unit(n: int, dtype: torch.dtype = torch.float32, seed: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A random unit vector (never zero), normalized in float64 on `device`."""
+    return F.normalize(randn(n, dtype=torch.float64, seed=seed, device=device), dim=0).to(dtype)
 
 
-def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+def randn(
+    *shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Seeded float64 normal values (drawn on the CPU, the same on every device), then moved to device and dtype."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 # Every spectral norm a checkpoint can come from or go to, by name; the legacy (forward pre-hook) ones.

@@ -1,6 +1,7 @@
 """Choosing the kernels (sn_ext.backends): the `backend=` argument and $SN_EXT_BACKEND, what "auto" picks, that
 every backend gives the same numbers, that a choice costs nothing per step, and the errors that say why a named
-backend cannot run. The Triton kernels themselves are tested in test_triton.py."""
+backend cannot run. The Triton kernels themselves are tested by op (the triton cases of test_<op>.py) and in
+test_triton.py."""
 
 import copy
 import io

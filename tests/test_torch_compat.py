@@ -18,7 +18,8 @@ from torch.nn.utils import spectral_norm as torch_legacy
 import sn_ext
 from sn_ext import backends
 
-# The Triton kernels run in their own tests (test_triton.py); every other usable backend here.
+# The Triton kernels run in their own tests (the triton cases of test_<op>.py, in the interpreter child of
+# test_triton.py); every other usable backend here.
 BACKENDS = [name for name in backends.BACKENDS if name != "triton" and not backends.get(name).unavailable_reasons()]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

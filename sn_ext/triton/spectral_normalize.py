@@ -29,7 +29,7 @@ FORWARD = "sn_ext::triton_spectral_normalize"
 # ---- fused_forward_kernel ----
 # The whole forward in one program, for small weights (one launch): n rounds of power iteration, sigma, W / sigma.
 #
-# Semantics of csrc/cpu/spectral_norm_cpu.cpp. Each round rounds the new vector to the weight's dtype (it lives in
+# Semantics of the CPU kernels (csrc/cpu). Each round rounds the new vector to the weight's dtype (it lives in
 # u_new / v_new, the outputs, between half-steps, as torch's buffers do); sums, norms and sigma are in the
 # accumulation dtype (float32, float64 for float64 weights).
 #

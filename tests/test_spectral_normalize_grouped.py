@@ -1,23 +1,30 @@
-"""Grouped mode (sn_ext.grouped_spectral_norm and the grouped ops) against the per-layer path and torch.
+"""sn_ext::spectral_normalize_grouped_ and sn_ext::spectral_normalize_grouped_backward (many layers per call), and
+grouped mode built on them (sn_ext.grouped_spectral_norm), against the per-layer path and torch.
 
 The per-layer path is itself tested against torch (test_parity.py); grouped mode must give the same numbers as it:
 the same outputs, gradients and buffers, in train and eval mode, for a model called twice before one backward.
-The device-independent tests run on every visible device (the CPU kernels here, the CUDA kernel on a GPU).
+The ops' tests run on every backend that has grouped kernels (tests/op_cases.py; ids start with the backend, and one
+that cannot run here skips, saying why): the CPU kernels (the per-layer kernels, layer by layer), the CUDA kernel (one
+launch each way), the reference. Its launch count and CUDA-graph capture: in tests/test_cuda.py.
 """
 
 import copy
 
 import pytest
 import torch
-from helpers import TOL, assert_rel, randn, unit
+from helpers import TOL, assert_rel, randn
+from op_cases import DEVICE, EPS, NO_TRITON_OP, grouped_layers, not_run, param
 from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 
 import sn_ext
 from sn_ext import ops, reference
 
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-EPS = 1e-12
+GROUPED_OPS = {
+    "cpu": (ops.spectral_normalize_grouped_, ops.spectral_normalize_grouped_backward),
+    "cuda": (ops.spectral_normalize_grouped_, ops.spectral_normalize_grouped_backward),
+    "reference": (reference.spectral_normalize_grouped_, reference.spectral_normalize_grouped_backward),
+}
 
 
 class Discriminator(nn.Module):
@@ -66,9 +73,12 @@ def _step(model, dtype, device, seed):
     return out_a.detach(), out_b.detach()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_grouped_equals_per_layer(dtype, device):
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [param(b, dt, id=str(dt).replace("torch.", "")) for b in ("cpu", "cuda") for dt in (torch.float32, torch.float64)],
+)
+def test_grouped_equals_per_layer(backend, dtype):
+    device = DEVICE[backend]
     per_layer, grouped = _twins(dtype, device)
     for step in range(3):
         for model in (per_layer, grouped):
@@ -110,30 +120,24 @@ def test_grouped_matches_torch_spectral_norm():
         assert_rel(b, b_ref, 1e-12, name)
 
 
-def _layers(dtype, device, seed=0):
-    """Weights of several shapes and layouts (dims 0 and 1), with unit u, v."""
-    weights = [
-        randn(6, 4, 3, 3, dtype=dtype, seed=seed),
-        randn(5, 9, dtype=dtype, seed=seed + 1).t(),
-        randn(4, 7, 2, 2, dtype=dtype, seed=seed + 2),
-        randn(1, 13, dtype=dtype, seed=seed + 3),
+@pytest.mark.parametrize(
+    "backend,dtype,n",
+    [
+        param(b, dt, n, id=f"{str(dt).replace('torch.', '')}-{n}")
+        for b in ("cpu", "cuda", "reference")
+        for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        for n in (0, 1, 3)
     ]
-    dims = [0, 0, 1, 0]
-    weights = [w.to(device) for w in weights]
-    us = [unit(w.shape[d], dtype, seed + 10 + i).to(device) for i, (w, d) in enumerate(zip(weights, dims))]
-    vs = [unit(w.numel() // w.shape[d], dtype, seed + 20 + i).to(device) for i, (w, d) in enumerate(zip(weights, dims))]
-    return weights, us, vs, dims
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n", [0, 1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
-def test_grouped_ops_equal_the_reference_per_layer(dtype, n, device):
-    weights, us, vs, dims = _layers(dtype, device)
+    + [not_run("triton", NO_TRITON_OP, 2)],
+)
+def test_grouped_ops_equal_the_reference_per_layer(backend, dtype, n):
+    device = DEVICE[backend]
+    forward, backward = GROUPED_OPS[backend]
+    weights, us, vs, dims = grouped_layers(dtype, device)
     us_before, vs_before = [u.clone() for u in us], [v.clone() for v in vs]
-    weights_sn, sigmas, us_used, vs_used = ops.spectral_normalize_grouped_(weights, us, vs, dims, n, EPS)
+    weights_sn, sigmas, us_used, vs_used = forward(weights, us, vs, dims, n, EPS)
     grads = [randn(*w.shape, dtype=dtype, seed=40 + i).to(device) for i, w in enumerate(weights)]
-    grads_w = ops.spectral_normalize_grouped_backward(grads, weights_sn, us_used, vs_used, sigmas, dims)
+    grads_w = backward(grads, weights_sn, us_used, vs_used, sigmas, dims)
     tol = TOL[dtype] * (10 if device == "cuda" else 1)
     for i, (w, d) in enumerate(zip(weights, dims)):
         ref_sn, ref_sigma, ref_u, ref_v = reference.spectral_normalize(w, us_before[i], vs_before[i], d, n, EPS)
@@ -152,7 +156,7 @@ def test_grouped_ops_equal_the_reference_per_layer(dtype, n, device):
 
 
 def test_grouped_op_gradcheck_and_gradgradcheck():
-    weights, us, vs, dims = _layers(torch.float64, "cpu")
+    weights, us, vs, dims = grouped_layers(torch.float64, "cpu")
     weights = [w.detach().requires_grad_() for w in weights]
 
     def f(*ws):  # n = 0: the formulas hold u, v constant, as torch does (an iteration would make them move with W)
@@ -165,7 +169,7 @@ def test_grouped_op_gradcheck_and_gradgradcheck():
 
 def test_grouped_op_opcheck():
     """Schema, fake kernel and autograd registration (torch.compile does not trace this op: see nn/grouped.py)."""
-    weights, us, vs, dims = _layers(torch.float32, "cpu")
+    weights, us, vs, dims = grouped_layers(torch.float32, "cpu")
     weights = [w.detach().requires_grad_() for w in weights]
     torch.library.opcheck(
         torch.ops.sn_ext.spectral_normalize_grouped_.default,
@@ -224,7 +228,7 @@ def test_bad_models_and_arguments_are_named():
         sn_ext.grouped_spectral_norm(torch_normed)
     with pytest.raises(ValueError, match="no layer"):
         sn_ext.grouped_spectral_norm(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
-    weights, us, vs, dims = _layers(torch.float32, "cpu")
+    weights, us, vs, dims = grouped_layers(torch.float32, "cpu")
     with pytest.raises(ValueError, match="us must hold one tensor per weight"):
         ops.spectral_normalize_grouped_(weights, us[:-1], vs, dims, 1, EPS)
     with pytest.raises(ValueError, match="dims must hold one value per weight"):
@@ -254,82 +258,14 @@ def test_torch_compile_fullgraph():
     out.sum().backward()
 
 
-# ---- CUDA: one launch each way, CUDA graphs, no host synchronisation, many and large layers ----
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _cuda_kernels(prof) -> list[str]:
-    return [
-        e.name
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-        and "memcpy" not in e.name.lower()
-        and "memset" not in e.name.lower()
-    ]
-
-
-@cuda_only
-def test_one_launch_forward_and_one_backward():
-    weights, us, vs, dims = _layers(torch.float32, "cuda")
-    weights = [w.detach().requires_grad_() for w in weights]
-    grads = [torch.randn_like(w) for w in weights]
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        weights_sn, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
-        torch.autograd.backward(weights_sn, grads)
-        torch.cuda.synchronize()
-    kernels = _cuda_kernels(prof)
-    assert len(kernels) == 2, kernels
-    assert "forward_kernel" in kernels[0] and "backward_kernel" in kernels[1], kernels
-
-
-@cuda_only
-def test_no_host_synchronisation_and_cuda_graph_replay():
-    weights, us, vs, dims = _layers(torch.float32, "cuda")
-    us_start, vs_start = [u.clone() for u in us], [v.clone() for v in vs]
-    grads = [torch.randn_like(w) for w in weights]
-    expected, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
-    expected_grads = ops.spectral_normalize_grouped_backward(
-        grads, expected, us, vs, torch.ones(len(weights), device="cuda"), dims
-    )
-    for u, u0 in zip(us, us_start):
-        u.copy_(u0)
-    for v, v0 in zip(vs, vs_start):
-        v.copy_(v0)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graph asks
-            ops.spectral_normalize_grouped_(weights, [u.clone() for u in us], [v.clone() for v in vs], dims, 1, EPS)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
-            got_grads = ops.spectral_normalize_grouped_backward(
-                grads, got, us, vs, torch.ones(len(weights), device="cuda"), dims
-            )
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    for u, u0 in zip(us, us_start):  # capture does not run the kernels: start from the same vectors
-        u.copy_(u0)
-    for v, v0 in zip(vs, vs_start):
-        v.copy_(v0)
-    graph.replay()
-    torch.cuda.synchronize()
-    for i in range(len(weights)):
-        assert torch.equal(got[i], expected[i]), f"W_sn {i}"
-        assert torch.equal(got_grads[i], expected_grads[i]), f"grad {i}"
-
-
 def _unit_vector(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm()
 
 
-@cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_many_small_and_large_layers_equal_the_per_layer_kernels(dtype):
+@pytest.mark.parametrize(
+    "backend,dtype", [param("cuda", dt, id=str(dt).replace("torch.", "")) for dt in (torch.float32, torch.bfloat16)]
+)
+def test_many_small_and_large_layers_equal_the_per_layer_kernels(backend, dtype):
     """More layers than one launch takes (kMaxLayers = 48), and layers large enough for split reductions."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(3 + i % 5, 2 + i % 7) for i in range(53)] + [(512, 512, 3, 3), (2048, 4608), (1, 70000), (70000, 1)]
@@ -347,13 +283,14 @@ def test_many_small_and_large_layers_equal_the_per_layer_kernels(dtype):
         assert torch.equal(vs_used[i], ref_v) and torch.equal(vs[i], ref_v), f"v {i}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_non_finite_layer_leaves_its_buffers_and_spares_the_others(device):
-    weights, us, vs, dims = _layers(torch.float32, device)
+@pytest.mark.parametrize("backend", [param(b, id="float32") for b in ("cpu", "cuda", "reference")])
+def test_non_finite_layer_leaves_its_buffers_and_spares_the_others(backend):
+    device = DEVICE[backend]
+    weights, us, vs, dims = grouped_layers(torch.float32, device)
     weights[1] = weights[1].clone()
     weights[1][0, 0] = float("nan")
     before = [(u.clone(), v.clone()) for u, v in zip(us, vs)]
-    ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
+    GROUPED_OPS[backend][0](weights, us, vs, dims, 1, EPS)
     assert torch.equal(us[1], before[1][0]) and torch.equal(vs[1], before[1][1])
     assert not torch.equal(us[0], before[0][0])  # the healthy layers did iterate
     assert torch.isfinite(us[0]).all() and torch.isfinite(vs[2]).all()

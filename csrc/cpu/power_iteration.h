@@ -1,0 +1,143 @@
+// Power iteration on the CPU, shared by power_iteration_ (power_iteration_cpu.cpp) and spectral_normalize
+// (spectral_normalize_cpu.cpp): the matrix-vector products and power_iterate(), which runs the rounds.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace sn_ext {
+namespace {
+
+// y = Wm x
+template <typename scalar_t>
+void matvec(const Matrix3d<const scalar_t>& W, const Vector& x, Vector& y) {
+  at::parallel_for(0, W.rows, grain_for(W.cols()), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t sum = 0;
+      for (int64_t o = 0; o < W.outer; ++o) sum += dot(W.line(o, i), W.s_inner, x.data() + o * W.inner, W.inner);
+      y[i] = sum;
+    }
+  });
+}
+
+// z = Wm^T y, parallel over column chunks (each task owns its slice of z: no reduction across tasks).
+template <typename scalar_t>
+void rmatvec(const Matrix3d<const scalar_t>& W, const Vector& y, Vector& z) {
+  const int64_t chunk_grain = std::max<int64_t>(64, grain_for(W.rows));
+  at::parallel_for(0, W.cols(), chunk_grain, [&](int64_t begin, int64_t end) {
+    std::fill(z.begin() + begin, z.begin() + end, acc_t(0));
+    // Walk [begin, end) as segments of constant o: columns o * inner + [r0, r1).
+    for (int64_t c = begin; c < end;) {
+      const int64_t o = c / W.inner, r0 = c % W.inner, r1 = std::min(W.inner, r0 + (end - c));
+      acc_t* zo = z.data() + o * W.inner;
+      for (int64_t i = 0; i < W.rows; ++i) {
+        const scalar_t* w = W.line(o, i);
+        const acc_t yi = y[i];
+        if (W.s_inner == 1) {
+#pragma omp simd
+          for (int64_t r = r0; r < r1; ++r) zo[r] += yi * static_cast<acc_t>(w[r]);
+        } else {
+          for (int64_t r = r0; r < r1; ++r) zo[r] += yi * static_cast<acc_t>(w[r * W.s_inner]);
+        }
+      }
+      c += r1 - r0;
+    }
+  });
+}
+
+// y = Wm x and z = Wm^T y in ONE pass over W: each row is dotted with x, then added into z scaled by y_i while
+// it is still in L1. A u-first round needs W^T u = W^T y / max(|y|, eps), so this halves its memory traffic.
+// Rows are split into partitions that depend only on the shape, each with its own partial z, summed in order:
+// the result does not depend on the thread count.
+template <typename scalar_t>
+void matvec_and_gram(const Matrix3d<const scalar_t>& W, const Vector& x, Vector& y, Vector& z) {
+  const int64_t cols = W.cols();
+  constexpr int64_t kMaxPartialElements = int64_t(1) << 22;  // 32 MB of double partial sums at most
+  const int64_t partitions = std::max<int64_t>(
+      1, std::min({W.rows, (W.rows * cols) / kGrainElements, int64_t(64), kMaxPartialElements / cols}));
+  const int64_t rows_per_partition = (W.rows + partitions - 1) / partitions;
+  std::vector<acc_t> partial(partitions * cols);
+  at::parallel_for(0, partitions, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      acc_t* zp = partial.data() + p * cols;
+      for (int64_t i = p * rows_per_partition; i < std::min(W.rows, (p + 1) * rows_per_partition); ++i) {
+        acc_t yi = 0;
+        for (int64_t o = 0; o < W.outer; ++o) yi += dot(W.line(o, i), W.s_inner, x.data() + o * W.inner, W.inner);
+        y[i] = yi;
+        for (int64_t o = 0; o < W.outer; ++o) {
+          const scalar_t* w = W.line(o, i);
+          acc_t* zo = zp + o * W.inner;
+          if (W.s_inner == 1) {
+#pragma omp simd
+            for (int64_t r = 0; r < W.inner; ++r) zo[r] += yi * static_cast<acc_t>(w[r]);
+          } else {
+            for (int64_t r = 0; r < W.inner; ++r) zo[r] += yi * static_cast<acc_t>(w[r * W.s_inner]);
+          }
+        }
+      }
+    }
+  });
+  std::copy(partial.begin(), partial.begin() + cols, z.begin());
+  for (int64_t p = 1; p < partitions; ++p)
+    for (int64_t c = 0; c < cols; ++c) z[c] += partial[p * cols + c];
+}
+
+// x <- round_to_dtype(raw / max(|raw|, eps)); returns |raw|. Rounding through scalar_t mirrors torch, whose
+// vectors live in the weight's dtype between steps.
+template <typename scalar_t>
+acc_t normalize_into(const Vector& raw, Vector& x, double eps) {
+  acc_t sq = 0;
+  for (acc_t value : raw) sq += value * value;
+  const acc_t norm = std::sqrt(sq);
+  const acc_t denom = std::max<acc_t>(norm, eps);
+  for (size_t j = 0; j < raw.size(); ++j) x[j] = static_cast<acc_t>(static_cast<scalar_t>(raw[j] / denom));
+  return norm;
+}
+
+// n rounds of power iteration on (u, v), in place; returns sigma = u^T W v for the final vectors.
+// u-first (torch.nn.utils.parametrizations): u = N(W v), v = N(W^T u).  v-first (legacy torch): the reverse.
+// After the last half-step the newest vector is N(x) with |x| = s, so u^T W v = s^2 / max(s, eps): no third pass.
+// A round that meets a non-finite or zero vector would poison the buffers for ever (a zero vector stays zero):
+// then u and v are restored to their inputs and only sigma (and so W / sigma) shows the problem.
+template <typename scalar_t>
+acc_t power_iterate(const Matrix3d<const scalar_t>& W, Vector& u, Vector& v, int64_t n, double eps, bool v_first) {
+  Vector raw_u(u.size()), raw_v(v.size());
+  if (n == 0) {
+    matvec(W, v, raw_u);
+    acc_t sigma = 0;
+    for (size_t i = 0; i < u.size(); ++i) sigma += u[i] * raw_u[i];
+    return sigma;
+  }
+  const Vector u_in = u, v_in = v;
+  bool degenerate = false;
+  acc_t last_norm = 0;
+  auto usable = [](acc_t norm) { return std::isfinite(norm) && norm > 0; };
+  for (int64_t k = 0; k < n; ++k) {
+    if (v_first) {
+      rmatvec(W, u, raw_v);
+      degenerate |= !usable(normalize_into<scalar_t>(raw_v, v, eps));
+      matvec(W, v, raw_u);
+      last_norm = normalize_into<scalar_t>(raw_u, u, eps);
+    } else {
+      // u = N(y) with y = W v, and W^T u = W^T y / max(|y|, eps): one pass over W (matvec_and_gram).
+      matvec_and_gram(W, v, raw_u, raw_v);
+      const acc_t norm_y = normalize_into<scalar_t>(raw_u, u, eps);
+      degenerate |= !usable(norm_y);
+      const acc_t denom_y = std::max<acc_t>(norm_y, eps);
+      for (acc_t& value : raw_v) value /= denom_y;
+      last_norm = normalize_into<scalar_t>(raw_v, v, eps);
+    }
+    degenerate |= !usable(last_norm);
+  }
+  if (degenerate) {
+    u = u_in;
+    v = v_in;
+  }
+  return last_norm * last_norm / std::max<acc_t>(last_norm, eps);
+}
+
+}  // namespace
+}  // namespace sn_ext
