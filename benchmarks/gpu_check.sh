@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (torch 2.11, Python 3.12, no package registry): builds sn_ext offline, runs the
-# CUDA tests and the benchmark suite, and leaves logs, CSVs, plots and the report ($OUT/bench/report.md) under
-# $OUT. Each step has a timeout so that the whole script stays near 8 minutes even when a step hangs (build ~1-2 min,
-# then at most 2 + 2 min of tests and 4 min of benchmarks).
+# One call on a lent GPU machine (torch 2.11, Python 3.12, no package registry): builds sn_ext offline, then
+#   1. the smoke step (benchmarks/gpu_smoke.py, ~1 minute): every op against the CPU kernels, cooperative vs phased
+#      launches bit for bit, CUDA-graph capture and replay of both, one layer's time against `W * 1.0` and against
+#      device copies: $OUT/smoke.json, written check by check, before anything long starts;
+#   2. the CUDA and Triton tests;
+#   3. the benchmark suite, one section per call;
+#   4. $OUT/summary.json (benchmarks/gpu_summary.py), from which the README's GPU table is made back home:
+#      python -m benchmarks.gpu_summary --out <the fetched $OUT> --readme README.md
+# Each step has its own timeout; the whole stays near 8 minutes even when a step hangs.
 #   OUT=gpu_results bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_results}
@@ -18,23 +23,35 @@ if ! (time MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps --n
 fi
 python3 -m sn_ext.info | tee "$OUT/info.json"
 
-# The CUDA kernels (one persistent launch per op) and grouped mode; up to 20 failures listed, for one fix-and-rerun.
-timeout 150 python3 -m pytest -q --maxfail=20 -rf tests/test_cuda.py tests/test_grouped.py > "$OUT/test_cuda.log" 2>&1 \
-  || status=1
+# 1. Smoke: if this fails, its JSON says where, and the rest still runs (each step its own timeout).
+timeout 100 python3 -m benchmarks.gpu_smoke --out "$OUT" > "$OUT/smoke.log" 2>&1 || { status=1; echo "smoke: failed"; }
+grep -E "^(check|timing) +(False|True)" "$OUT/smoke.log" | grep -v "^check  True" | cut -c1-400 | tail -30
+
+# 2. Tests. The per-op test files: their "cuda-..." and "triton-..." cases run on the GPU here (-k picks them by id).
+OP_TESTS="tests/test_power_iteration.py tests/test_spectral_normalize.py tests/test_spectral_normalize_backward.py"
+# The CUDA kernels (the cuda cases, tests/test_cuda.py, the launch modes and size classes of
+# tests/test_cuda_launch.py) and grouped mode (all of its file, CPU cases included); up to 20 failures listed, for
+# one fix-and-rerun.
+# shellcheck disable=SC2086
+timeout 100 python3 -m pytest -q --maxfail=20 -rf -k "(cuda or grouped) and not triton" \
+  $OP_TESTS tests/test_spectral_normalize_grouped.py tests/test_cuda.py tests/test_cuda_launch.py \
+  > "$OUT/test_cuda.log" 2>&1 || status=1
 tail -25 "$OUT/test_cuda.log"
-# The Triton backend on the GPU (full grid, opcheck, no host sync, torch.compile), backend choice, torch.compile.
-timeout 120 python3 -m pytest -q -rs tests/test_triton.py tests/test_backends.py tests/test_compile.py \
-  > "$OUT/test_triton.log" 2>&1 || status=1
+# The Triton backend on the GPU (full grid, opcheck, no host sync, torch.compile: the triton cases and
+# tests/test_triton.py), backend choice, torch.compile.
+# shellcheck disable=SC2086
+timeout 80 python3 -m pytest -q -rs -k "triton or test_backends.py or test_compile.py" \
+  $OP_TESTS tests/test_triton.py tests/test_backends.py tests/test_compile.py > "$OUT/test_triton.log" 2>&1 || status=1
 tail -8 "$OUT/test_triton.log"
 
-# The benchmark suite (python -m benchmarks), one section per call so that each has its own timeout: a section
+# 3. The benchmark suite (python -m benchmarks), one section per call so that each has its own timeout: a section
 # stopped by its timeout keeps the rows it wrote (CSVs are written row by row), and the last call rebuilds
-# report.md and the plots from whatever is there. ~4 minutes at most; "torch compiled" compiles once per shape,
+# report.md and the plots from whatever is there. ~2.5 minutes at most; "torch compiled" compiles once per shape,
 # dtype and mode; the GAN section times eager G and D first, then compiles them (what did not finish by the
 # timeout is missing from its table). The layer section times the train (forward + backward) and eval modes only:
 # the forward-only and backward-only modes would double it past its budget (run them with --mode on a later call).
 BENCH="$OUT/bench"
-for section in layer:120 layers:30 bandwidth:20 gan:90; do
+for section in layer:60 layers:20 bandwidth:15 gan:45; do
   modes=""
   [ "${section%:*}" = layer ] && modes="--mode train --mode eval"
   # shellcheck disable=SC2086
@@ -43,4 +60,7 @@ for section in layer:120 layers:30 bandwidth:20 gan:90; do
 done
 python3 -m benchmarks --device cuda --report-only --out "$BENCH" > "$OUT/bench_report.log" 2>&1 || status=1
 tail -5 "$OUT"/bench_*.log
+
+# 4. One summary (smoke checks and timings, each test log's last line) for the README's GPU table.
+python3 -m benchmarks.gpu_summary --out "$OUT" || status=1
 exit $status

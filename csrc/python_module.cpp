@@ -2,6 +2,13 @@
 // what it was built with, for `python -m sn_ext.info`. setup.py passes the SN_EXT_BUILD_* macros.
 #include <Python.h>
 
+#ifdef SN_EXT_BUILD_CUDA
+#include <string>
+
+#include "cuda/launch.h"
+#define SN_EXT_WITH_CUDA 1
+#endif
+
 #ifndef SN_EXT_BUILD_TORCH
 #define SN_EXT_BUILD_TORCH "unknown"
 #endif
@@ -12,7 +19,26 @@
 #define SN_EXT_BUILD_CUDA ""
 #endif
 
-static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sn_ext compiled kernels", -1, nullptr};
+#ifdef SN_EXT_WITH_CUDA
+// cuda_launch(device_index) -> str: how the CUDA kernels launch on that device (cuda/launch.h).
+static PyObject* cuda_launch(PyObject*, PyObject* arg) {
+  const long device = PyLong_AsLong(arg);
+  if (device == -1 && PyErr_Occurred()) return nullptr;
+  try {
+    return PyUnicode_FromString(sn_ext::launch_mode_description(static_cast<c10::DeviceIndex>(device)).c_str());
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+}
+
+static PyMethodDef methods[] = {{"cuda_launch", cuda_launch, METH_O, "How the CUDA kernels launch on a device."},
+                                {nullptr, nullptr, 0, nullptr}};
+#else
+static PyMethodDef methods[] = {{nullptr, nullptr, 0, nullptr}};
+#endif
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sn_ext compiled kernels", -1, methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&module_def);

@@ -56,6 +56,13 @@ def _load_compiled() -> LibraryStatus:
     )
 
 
+def cuda_launch(device_index: int) -> str:
+    """How the compiled CUDA kernels launch on a device (csrc/cuda/launch.h): "cooperative", or "phased (why)"."""
+    from . import _C
+
+    return _C.cuda_launch(device_index)
+
+
 def _define_schemas() -> None:
     lib = torch.library.Library(_schemas.NAMESPACE, "DEF")
     for name, schema in _schemas.SCHEMAS.items():

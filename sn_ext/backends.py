@@ -40,6 +40,7 @@ from . import _library, _matrix, ops
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 CHOICES = ("auto", *BACKENDS)
 ENV_VAR = "SN_EXT_BACKEND"
+LAUNCH_ENV_VAR = "SN_EXT_CUDA_LAUNCH"  # how the CUDA kernels launch (csrc/cuda/launch.h)
 # What "auto" tries, in order, by device type; any other device gets the reference.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
@@ -303,7 +304,11 @@ def _usable_reason(backend: Backend) -> str:
     if backend.name == "cpu":
         return f"fused C++ kernels ({ops.library_status.built_with_cpu_isa} build)"
     if backend.name == "cuda":
-        return f"compiled for CUDA {ops.library_status.built_with_cuda}, device {torch.cuda.get_device_name()}"
+        device = torch.cuda.current_device()
+        return (
+            f"compiled for CUDA {ops.library_status.built_with_cuda}, device {torch.cuda.get_device_name(device)}, "
+            f"launches: {_library.cuda_launch(device)} (${LAUNCH_ENV_VAR}: auto, cooperative or phased)"
+        )
     if backend.name == "triton":
         from . import triton as sn_triton
 

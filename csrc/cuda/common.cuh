@@ -1,7 +1,8 @@
-// Device code and launch plans of the CUDA kernels (spectral_norm_cuda.cu): every op, per layer or grouped, is one
-// persistent cooperative kernel. Each phase is a __device__ function of its block coordinates that assumes a 1-D
-// block of kThreads threads (the one-block vector phases take any block size); the persistent kernel loops over a
-// phase's virtual blocks between grid-wide barriers.
+// Device code and launch plans of the CUDA kernels (spectral_normalize_cuda.cu, spectral_normalize_backward_cuda.cu):
+// every op, per layer or grouped, is one persistent kernel. Each phase is a __device__ function of its block
+// coordinates that assumes a 1-D block of kThreads threads (the one-block vector phases take any block size); the
+// kernel loops over a phase's virtual blocks, and runs its phases in one launch separated by barriers or, phased,
+// one launch per phase (launch_steps).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +12,7 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,8 +21,11 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "../matrix_view.h"
+#include "kernels.h"
+#include "launch.h"
 
 namespace sn_ext {
 namespace {
@@ -29,6 +34,9 @@ namespace {
 // with it too: a block sum's order depends on the block size, so one size makes a layer's bits the same whether it
 // is launched alone or in a group.
 constexpr int kThreads = 256;
+// Blocks per SM the kernels are compiled for (__launch_bounds__): at most 65536 / (3 * 256) = 85 registers per
+// thread, which the kernels fit without spilling (64, the next step up, made ptxas spill; tests/test_cuda_sass.py).
+constexpr int kMinBlocksPerSm = 3;
 // About how many blocks a matvec should have to fill an H100/H200 (132 SMs). A constant, not the device's SM
 // count, so the reduction split (and so every result bit) depends on the shape only.
 constexpr int64_t kTargetBlocks = 256;
@@ -37,9 +45,23 @@ constexpr int64_t kTargetBlocks = 256;
 constexpr int64_t kMinColsPerSplit = 2048;
 constexpr int64_t kMinRowsPerThread = 8;
 constexpr int64_t kMaxGridY = 65535;
-// lambda's partial sums: at most one per thread of the one-block total.
-constexpr int64_t kMaxLambdaBlocks = kThreads;
+// lambda's partial sums: at most four per thread of the one-block total, so that the first stage can keep a whole
+// H100/H200 busy (3 x 132 resident blocks); the split depends on the shape alone.
+constexpr int64_t kMaxLambdaBlocks = 4 * kThreads;
 constexpr int64_t kLambdaItemsPerThread = 8;
+// Layers per launch. Their plans travel as one kernel parameter: a per-layer op passes one layer (a few hundred
+// bytes), a grouped op up to kGroupLayers per launch, a parameter block under 4 KB (static_asserts in the kernel
+// files): the limit every launch path has always accepted (CUDA 12.1 raised it to 32 KB for ordinary launches, and
+// nothing documents the larger blocks for cooperative ones). A larger group takes one launch per kGroupLayers.
+constexpr int kGroupLayers = 12;
+constexpr size_t kMaxParameterBytes = 4096;
+// Size classes. A launch whose layers have at most kOneBlockMaxNumel elements in all runs in one block: its phases
+// are separated by __syncthreads, with no grid-wide barrier and no cooperative launch. A larger one gets a grid
+// sized by its work, kElementsPerThread elements per thread (fewer blocks to wait for at each grid barrier), at
+// most what the largest phase can use and what fits on the device at once; the phases' virtual blocks are walked
+// by that grid, so the split of every sum (and every result bit) depends on the shapes alone.
+constexpr int64_t kOneBlockMaxNumel = int64_t(1) << 16;
+constexpr int64_t kElementsPerThread = 8;
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
@@ -98,6 +120,27 @@ __device__ T block_sum(T value, T* scratch) {
 template <typename acc_t>
 __device__ __forceinline__ bool usable(acc_t norm) {
   return isfinite(norm) && norm > acc_t(0);
+}
+
+// The barrier between two phases of one launch: the whole grid's (a cooperative launch), or only the block's when
+// the launch has one block (__syncthreads also makes the block's global-memory writes visible to the block).
+__device__ __forceinline__ void phase_barrier(bool one_block) {
+  if (one_block) {
+    __syncthreads();
+  } else {
+    cooperative_groups::this_grid().sync();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A launch's layers
+
+// The layer that owns virtual block b of a phase, searching on from `layer` (b only grows within a phase).
+template <typename Layer>
+__device__ __forceinline__ int advance_layer(const Layer* layers, int count, int layer, int64_t b,
+                                             int64_t Layer::* first) {
+  while (layer + 1 < count && layers[layer + 1].*first <= b) ++layer;
+  return layer;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -196,14 +239,6 @@ __device__ void rmatvec_block(const RmatvecArgs<scalar_t, acc_t>& a, int64_t col
 
 // ---------------------------------------------------------------------------------------------------------------
 // Phase 2 of a half-step, one block: add the splits, normalize, and (last half-step) finish.
-
-// What the last half-step does with the vectors once it knows whether any round was degenerate.
-enum class Finish : int {
-  kNone,     // not the last half-step
-  kRestore,  // spectral_normalize: the work vectors are the outputs u_new, v_new; on failure they get the inputs
-  kCommit,   // power_iteration_: on success the work vectors are copied into the caller's u, v
-  kBoth,     // grouped forward: kRestore on failure, kCommit on success (outputs and buffers both hold the result)
-};
 
 template <typename scalar_t>
 struct Vectors {
@@ -306,10 +341,58 @@ __device__ void dot_block(const acc_t* partial, int64_t splits, const Vectors<sc
   }
 }
 
-// W_sn = W / sigma in op-math (as torch's `weight / sigma`).
+// Contiguous fast paths. When the weight-shaped tensors of a pass are contiguous and 16-byte aligned (checked on the
+// host: packable()), the elementwise passes move 16 bytes per access (LDG.E.128 / STG.E.128), two accesses in flight
+// per thread, with no index arithmetic per element: element e is at offset e. Pack k holds elements
+// [k * kSize, (k + 1) * kSize); a block walks packs block * kThreads + t, + blocks * kThreads, ... and the elements
+// after the last whole pack go one per thread (the tail).
+template <typename scalar_t>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(scalar_t);
+  scalar_t val[kSize];
+};
+
+// Calls body(pack_index) for this block's packs of `packs`, two at a time while it can (two loads in flight), then
+// tail(e) for this block's elements in [packs * kSize, numel).
+template <int kSize, typename Body, typename Tail>
+__device__ __forceinline__ void for_each_pack(int64_t numel, int64_t block, int64_t blocks, const Body& body,
+                                              const Tail& tail) {
+  const int64_t packs = numel / kSize, stride = blocks * kThreads;
+  int64_t k = block * kThreads + threadIdx.x;
+  for (; k + stride < packs; k += 2 * stride) body(k, k + stride);
+  if (k < packs) body(k, -1);
+  for (int64_t e = packs * kSize + block * kThreads + threadIdx.x; e < numel; e += stride) tail(e);
+}
+
+// W_sn = W / sigma in op-math (as torch's `weight / sigma`). `packed`: both views contiguous and aligned.
 template <typename scalar_t, typename acc_t, typename index_t>
 __device__ void divide_block(const scalar_t* w, const View3d& wv, scalar_t* out, const View3d& ov, acc_t sigma,
-                             index_t numel, index_t block, index_t blocks) {
+                             bool packed, index_t numel, index_t block, index_t blocks) {
+  if (packed) {
+    using P = Pack<scalar_t>;
+    const P* wp = reinterpret_cast<const P*>(w);
+    P* op = reinterpret_cast<P*>(out);
+    const auto divide = [&](const P& a) {
+      P b;
+#pragma unroll
+      for (int j = 0; j < P::kSize; ++j) b.val[j] = static_cast<scalar_t>(static_cast<acc_t>(a.val[j]) / sigma);
+      return b;
+    };
+    for_each_pack<P::kSize>(
+        numel, block, blocks,
+        [&](int64_t k0, int64_t k1) {
+          const P a0 = wp[k0];
+          if (k1 < 0) {
+            op[k0] = divide(a0);
+            return;
+          }
+          const P a1 = wp[k1];
+          op[k0] = divide(a0);
+          op[k1] = divide(a1);
+        },
+        [&](int64_t e) { out[e] = static_cast<scalar_t>(static_cast<acc_t>(w[e]) / sigma); });
+    return;
+  }
   const index_t rows = static_cast<index_t>(wv.rows), inner = static_cast<index_t>(wv.inner);
   const index_t step = blocks * kThreads;
   for (index_t e = block * kThreads + threadIdx.x; e < numel; e += step) {
@@ -318,14 +401,40 @@ __device__ void divide_block(const scalar_t* w, const View3d& wv, scalar_t* out,
   }
 }
 
-// lambda = <G, W_sn>, stage 1: this block's partial sum, returned to thread 0.
+// lambda = <G, W_sn>, stage 1: this block's partial sum, returned to thread 0. `packed`: both views contiguous and
+// aligned (the split of the sum then follows the packs: deterministic for given inputs all the same).
 template <typename scalar_t, typename acc_t, typename index_t>
 __device__ acc_t lambda_partial_block(const scalar_t* g, const View3d& gv, const scalar_t* s, const View3d& sv,
-                                      index_t numel, index_t block, index_t blocks) {
+                                      bool packed, index_t numel, index_t block, index_t blocks) {
   __shared__ acc_t scratch[32];
+  acc_t sum = 0;
+  if (packed) {
+    using P = Pack<scalar_t>;
+    const P* gp = reinterpret_cast<const P*>(g);
+    const P* sp = reinterpret_cast<const P*>(s);
+    const auto dot = [](const P& a, const P& b) {
+      acc_t d = 0;
+#pragma unroll
+      for (int j = 0; j < P::kSize; ++j) d += static_cast<acc_t>(a.val[j]) * static_cast<acc_t>(b.val[j]);
+      return d;
+    };
+    for_each_pack<P::kSize>(
+        numel, block, blocks,
+        [&](int64_t k0, int64_t k1) {
+          const P g0 = gp[k0], s0 = sp[k0];
+          if (k1 < 0) {
+            sum += dot(g0, s0);
+            return;
+          }
+          const P g1 = gp[k1], s1 = sp[k1];
+          sum += dot(g0, s0);
+          sum += dot(g1, s1);
+        },
+        [&](int64_t e) { sum += static_cast<acc_t>(g[e]) * static_cast<acc_t>(s[e]); });
+    return block_sum(sum, scratch);
+  }
   const index_t rows = static_cast<index_t>(gv.rows), inner = static_cast<index_t>(gv.inner);
   const index_t step = blocks * kThreads;
-  acc_t sum = 0;
   for (index_t e = block * kThreads + threadIdx.x; e < numel; e += step) {
     const Index3d<index_t> k = unflatten(e, rows, inner);
     sum += static_cast<acc_t>(g[gv.offset(k.o, k.i, k.r)]) * static_cast<acc_t>(s[sv.offset(k.o, k.i, k.r)]);
@@ -342,23 +451,58 @@ __device__ acc_t lambda_total_block(const acc_t* partial, int64_t count) {
   return block_sum(sum, scratch);
 }
 
-// grad_W = (G - lambda u v^T) / sigma, in the CPU kernel's operation order.
+// grad_W = (G - lambda u v^T) / sigma, in the CPU kernel's operation order. `packed`: G's and the output's views
+// contiguous and aligned, and a line (inner elements) a whole number of packs, so that a pack lies in one line: one
+// division per pack finds its row i and first column.
 template <typename scalar_t, typename acc_t, typename index_t>
 __device__ void backward_block(const scalar_t* g, const View3d& gv, scalar_t* out, const View3d& ov, const scalar_t* u,
                                int64_t u_stride, const scalar_t* v, int64_t v_stride, acc_t lambda, acc_t sigma,
-                               index_t numel, index_t block, index_t blocks) {
+                               bool packed, index_t numel, index_t block, index_t blocks) {
   const index_t rows = static_cast<index_t>(gv.rows), inner = static_cast<index_t>(gv.inner);
+  const auto corrected = [&](scalar_t g_e, acc_t lambda_u, int64_t col) {
+    return static_cast<scalar_t>((static_cast<acc_t>(g_e) - lambda_u * static_cast<acc_t>(v[col * v_stride])) / sigma);
+  };
+  if (packed) {
+    using P = Pack<scalar_t>;
+    const P* gp = reinterpret_cast<const P*>(g);
+    P* op = reinterpret_cast<P*>(out);
+    const auto correct = [&](int64_t k, const P& a) {
+      const index_t line = static_cast<index_t>(k * P::kSize) / inner;
+      const index_t o = line / rows, i = line - o * rows;
+      const int64_t col0 =
+          static_cast<int64_t>(o) * inner + (static_cast<int64_t>(k * P::kSize) - int64_t(line) * inner);
+      const acc_t lambda_u = lambda * static_cast<acc_t>(u[static_cast<int64_t>(i) * u_stride]);
+      P b;
+#pragma unroll
+      for (int j = 0; j < P::kSize; ++j) b.val[j] = corrected(a.val[j], lambda_u, col0 + j);
+      op[k] = b;
+    };
+    // The tail is empty: numel = outer * rows * inner is a whole number of packs when inner is.
+    for_each_pack<P::kSize>(
+        numel, block, blocks,
+        [&](int64_t k0, int64_t k1) {
+          const P a0 = gp[k0];
+          if (k1 < 0) {
+            correct(k0, a0);
+            return;
+          }
+          const P a1 = gp[k1];
+          correct(k0, a0);
+          correct(k1, a1);
+        },
+        [](int64_t) {});
+    return;
+  }
   const index_t step = blocks * kThreads;
   for (index_t e = block * kThreads + threadIdx.x; e < numel; e += step) {
     const Index3d<index_t> k = unflatten(e, rows, inner);
     const acc_t lambda_u = lambda * static_cast<acc_t>(u[static_cast<int64_t>(k.i) * u_stride]);
     const int64_t col = static_cast<int64_t>(k.o) * gv.inner + k.r;
-    out[ov.offset(k.o, k.i, k.r)] = static_cast<scalar_t>(
-        (static_cast<acc_t>(g[gv.offset(k.o, k.i, k.r)]) - lambda_u * static_cast<acc_t>(v[col * v_stride])) / sigma);
+    out[ov.offset(k.o, k.i, k.r)] = corrected(g[gv.offset(k.o, k.i, k.r)], lambda_u, col);
   }
 }
 
-// How many blocks lambda's first stage has for `numel` elements (at most one partial per thread of stage 2).
+// How many blocks lambda's first stage has for `numel` elements (kLambdaItemsPerThread each, at most kMaxLambdaBlocks).
 inline int64_t lambda_blocks_for(int64_t numel) {
   return std::max<int64_t>(1, std::min(ceil_div(numel, kThreads * kLambdaItemsPerThread), kMaxLambdaBlocks));
 }
@@ -421,12 +565,90 @@ int elementwise_blocks(int64_t numel) {
   return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(numel, kThreads), max_blocks)));
 }
 
+// Whether a weight-shaped (outer, rows, inner) view is contiguous (element e at offset e) and 16-byte aligned: what
+// the packed paths of the elementwise passes need. `line_packs`: also a line (inner) a whole number of 16-byte packs.
+inline bool packable(const at::Tensor& t3, bool line_packs = false) {
+  const int64_t outer = t3.size(0), rows = t3.size(1), inner = t3.size(2);
+  const bool contiguous = (inner == 1 || t3.stride(2) == 1) && (rows == 1 || t3.stride(1) == inner) &&
+                          (outer == 1 || t3.stride(0) == rows * inner);
+  const int64_t pack = 16 / t3.element_size();
+  return contiguous && reinterpret_cast<uintptr_t>(t3.const_data_ptr()) % 16 == 0 && (!line_packs || inner % pack == 0);
+}
+
+// Calls f(std::integral_constant<int, kLayers>{}): the launch structs' capacity, 1 for a single layer (a small
+// parameter block), kGroupLayers for a group.
+template <typename F>
+void with_layer_capacity(size_t layers, const F& f) {
+  if (layers == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    f(std::integral_constant<int, kGroupLayers>{});
+  }
+}
+
 template <typename F>
 void with_index_type(int64_t numel, const F& f) {
   if (numel <= std::numeric_limits<int32_t>::max()) {
     f(uint32_t{0});
   } else {
     f(uint64_t{0});
+  }
+}
+
+// Launching (a cooperative launch's grid-wide barriers need every block resident)
+
+// How many blocks of `kernel` fit on the current device at once (a cooperative launch must not ask for more),
+// looked up once per kernel and device.
+template <auto kernel>
+int64_t resident_blocks() {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int per_sm = cache[device].load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+    TORCH_CHECK(per_sm > 0, "sn_ext: the CUDA kernel cannot be resident on this device");
+    cache[device].store(per_sm, std::memory_order_relaxed);
+  }
+  return per_sm * multiprocessor_count();
+}
+
+// How many blocks a launch of `kernel` gets, for layers of `numel` elements in all whose largest phase has `wanted`
+// virtual blocks (see kOneBlockMaxNumel).
+template <auto kernel>
+int64_t launch_blocks(int64_t numel, int64_t wanted) {
+  if (numel <= kOneBlockMaxNumel) return 1;
+  return std::max<int64_t>(
+      1, std::min({wanted, ceil_div(numel, kThreads * kElementsPerThread), resident_blocks<kernel>()}));
+}
+
+// Runs the `steps` phases of kernel(p) on the current stream. One block: one ordinary launch of them all. More: one
+// cooperative launch whose blocks wait for each other between phases, or, when the launch mode says so (launch.h)
+// or the cooperative launch is refused, one ordinary launch per phase, stream order standing for the barriers.
+// The kernels read p.first_step, p.step_count and p.one_block; the parameter block is copied at each launch.
+template <auto kernel, typename Params>
+void launch_steps(Params& p, int64_t steps, int64_t blocks) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  const void* function = reinterpret_cast<const void*>(kernel);
+  void* args[] = {&p};
+  const dim3 grid(static_cast<unsigned>(blocks)), block(kThreads);
+  p.one_block = blocks == 1;
+  p.first_step = 0;
+  p.step_count = steps;
+  if (p.one_block) {
+    C10_CUDA_CHECK(cudaLaunchKernel(function, grid, block, args, 0, stream));
+    return;
+  }
+  if (launch_mode(device) == LaunchMode::kCooperative) {
+    const cudaError_t error = cudaLaunchCooperativeKernel(function, grid, block, args, 0, stream);
+    if (error == cudaSuccess) return;
+    if (!is_cooperative_refusal(error)) C10_CUDA_CHECK(error);
+    (void)cudaGetLastError();  // clears the refusal, which the next CUDA error check would report
+    cooperative_refused(device, error);
+  }
+  p.step_count = 1;
+  for (p.first_step = 0; p.first_step < steps; ++p.first_step) {
+    C10_CUDA_CHECK(cudaLaunchKernel(function, grid, block, args, 0, stream));
   }
 }
 

@@ -1,0 +1,223 @@
+"""The first step of benchmarks/gpu_check.sh: in about a minute, whether sn_ext's CUDA kernels work and roughly how
+fast they are. Every check's result goes to <out>/smoke.json as soon as it is known, so that a later hang or crash
+keeps what came before.
+
+- correct: every op (spectral_normalize u-first and v-first with n = 0, 1, 3; power_iteration_;
+  spectral_normalize_backward; the grouped ops on a 13-layer group) on a few shapes and dtypes, against the same op
+  on the CPU (normwise relative error; the CPU kernels round u and v to the weight's dtype as the CUDA ones do);
+- launch modes: cooperative and phased launches (SN_EXT_CUDA_LAUNCH) give the same bits, and a forward + backward
+  captured in a CUDA graph replays to the eager result, in each mode;
+- fast: one layer's train step (forward + backward, eager float32) with sn_ext's cuda and triton backends and
+  torch's spectral norm, against plain `W * 1.0` (the goal: <= 1.3x plain up to 512x512x3x3), and 4096x4096 against
+  3.5 device-to-device copies of W (the 7 weight-sized passes a step must make; the goal: <= 1.25x).
+
+    python -m benchmarks.gpu_smoke --out gpu_results
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from sn_ext import backends, ops
+
+from .layer import make_layer, make_steps, weights_and_grads
+from .timing import Step, measure
+
+EPS = 1e-12
+SHAPES = [(64, 3, 3, 3), (256, 256, 3, 3), (257, 129, 3), (1, 100003)]
+DTYPES = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}  # normwise relative error allowed
+TIMED_SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "4096x4096"]
+PLAIN_GOAL, COPY_GOAL = 1.3, 1.25
+
+
+class Results:
+    """smoke.json, rewritten after every check."""
+
+    def __init__(self, path: Path):
+        self.path, self.data = path, {"checks": [], "timings": []}
+
+    def add(self, kind: str, record: dict) -> None:
+        self.data[kind].append(record)
+        status = record.get("ok", "")
+        print(f"{kind[:-1]:6} {status!s:5} {json.dumps(record)}", flush=True)
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def launch_mode(mode: str):
+    """SN_EXT_CUDA_LAUNCH=mode within the block (the CUDA kernels read it at every launch)."""
+    old = os.environ.get(backends.LAUNCH_ENV_VAR)
+    os.environ[backends.LAUNCH_ENV_VAR] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop(backends.LAUNCH_ENV_VAR) if old is None else os.environ.update({backends.LAUNCH_ENV_VAR: old})
+
+
+def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double().cpu()
+    return float((ours.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def inputs(shape, dtype, seed=0):
+    """A random weight, unit u and v, and a gradient, on the CPU in `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    u, v = (torch.randn(n, generator=gen, dtype=torch.float64) for n in (shape[0], w[0].numel()))
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in (w, u / u.norm(), v / v.norm(), g)]
+
+
+def all_ops(w, u, v, g, n, v_first):
+    """Every per-layer op's outputs on these inputs (power_iteration_ on copies of u and v)."""
+    w_sn, sigma, u_new, v_new = ops.spectral_normalize(w, u, v, 0, n, EPS, v_first)
+    grad = ops.spectral_normalize_backward(g, w_sn, u_new, v_new, sigma, 0)
+    u_buf, v_buf = u.clone(), v.clone()
+    sigma_pi = ops.power_iteration_(w, u_buf, v_buf, 0, n, EPS, v_first)
+    return {"w_sn": w_sn, "sigma": sigma, "u": u_new, "v": v_new, "grad": grad, "pi_sigma": sigma_pi, "pi_u": u_buf}
+
+
+def check_ops(results: Results) -> None:
+    for dtype, tol in DTYPES.items():
+        for shape in SHAPES:
+            for n, v_first in [(0, False), (1, False), (3, False), (1, True)]:
+                cpu = inputs(shape, dtype)
+                expected = all_ops(*cpu, n, v_first)
+                with launch_mode("cooperative"):
+                    cooperative = all_ops(*(t.cuda() for t in cpu), n, v_first)
+                with launch_mode("phased"):
+                    phased = all_ops(*(t.cuda() for t in cpu), n, v_first)
+                errors = {k: _rel(cooperative[k], expected[k]) for k in expected}
+                same = all(torch.equal(cooperative[k], phased[k]) for k in expected)
+                results.add(
+                    "checks",
+                    {
+                        "check": "op vs cpu",
+                        "shape": "x".join(map(str, shape)),
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "n": n,
+                        "v_first": v_first,
+                        "max_rel_err": max(errors.values()),
+                        "worst": max(errors, key=errors.get),
+                        "cooperative_equals_phased": same,
+                        "ok": max(errors.values()) <= tol and same,
+                    },
+                )
+
+
+def check_grouped(results: Results) -> None:
+    count = 13  # two grouped launches: 12 layers, then 1
+    layers = [inputs((16 + 8 * (i % 5), 3 + i % 4, 3, 3), torch.float32, seed=i) for i in range(count)]
+    ws, us, vs, gs = (list(t) for t in zip(*layers))
+    dims = [0] * count
+    cpu_sn = ops.spectral_normalize_grouped_(ws, [u.clone() for u in us], [v.clone() for v in vs], dims, 1, EPS)[0]
+    for mode in ("cooperative", "phased"):
+        with launch_mode(mode):
+            w, u, v, g = ([t.clone().cuda() for t in ts] for ts in (ws, us, vs, gs))
+            w_sn, sigmas, u_used, v_used = ops.spectral_normalize_grouped_(w, u, v, dims, 1, EPS)
+            grads = ops.spectral_normalize_grouped_backward(g, w_sn, u_used, v_used, sigmas, dims)
+            same = True
+            for i in range(count):  # each layer's bits equal its per-layer launch's
+                w_sn_i, sigma_i, u_i, v_i = ops.spectral_normalize(w[i], us[i].cuda(), vs[i].cuda(), 0, 1, EPS)
+                grad_i = ops.spectral_normalize_backward(g[i], w_sn_i, u_i, v_i, sigma_i, 0)
+                same &= (
+                    torch.equal(w_sn_i, w_sn[i]) and torch.equal(sigma_i, sigmas[i]) and torch.equal(grad_i, grads[i])
+                )
+        err = max(_rel(a, b) for a, b in zip(w_sn, cpu_sn))
+        results.add(
+            "checks",
+            {
+                "check": f"grouped, {count} layers",
+                "mode": mode,
+                "max_rel_err": err,
+                "layers_equal_per_layer": same,
+                "ok": same and err <= DTYPES[torch.float32],
+            },
+        )
+
+
+def captured(step):
+    """(graph, its outputs): `step` captured in a CUDA graph after a warm-up call on a side stream (as
+    torch.cuda.graphs asks); graph.replay() reruns it into those outputs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
+def check_graphs(results: Results) -> None:
+    w, u, v, g = (t.cuda() for t in inputs((256, 128, 3, 3), torch.float32))
+    for mode in ("cooperative", "phased"):
+        with launch_mode(mode):
+
+            def step():
+                w_sn, sigma, u_new, v_new = ops.spectral_normalize(w, u, v, 0, 1, EPS)
+                return ops.spectral_normalize_backward(g, w_sn, u_new, v_new, sigma, 0)
+
+            eager = step()
+            graph, static = captured(step)
+            graph.replay()
+            torch.cuda.synchronize()
+            results.add("checks", {"check": "cuda graph", "mode": mode, "ok": torch.equal(static, eager)})
+
+
+def time_layers(results: Results) -> None:
+    device = torch.device("cuda")
+    for shape in TIMED_SHAPES:
+        params, weights, grads = weights_and_grads(shape, torch.float32, device, quick=False)
+        times = {}
+        for provider in ["plain", "torch", "sn_ext cuda", "sn_ext triton"]:
+            try:
+                modules = [make_layer(provider, w.clone()) for w in weights]
+                times[provider] = measure(make_steps(modules, grads, "train"), device, budget_s=0.2)["median_us"]
+            except Exception as error:  # a backend that cannot run here: say why, time the others
+                times[provider] = f"failed: {type(error).__name__}: {error}"[:200]
+        record = {"shape": shape, "params": params, "mode": "train (forward + backward), float32, eager", **times}
+        ours = times.get("sn_ext cuda")
+        if isinstance(ours, float) and isinstance(times["plain"], float):
+            record["cuda_over_plain"] = round(ours / times["plain"], 3)
+            record["ok"] = shape == "4096x4096" or record["cuda_over_plain"] <= PLAIN_GOAL
+        if shape == "4096x4096" and isinstance(ours, float):
+            outs = [torch.empty_like(w) for w in weights]
+            copy = measure([Step(lambda w=w, o=o: o.copy_(w)) for w, o in zip(weights, outs)], device, budget_s=0.2)
+            record["copy_us"] = copy["median_us"]
+            record["cuda_over_3.5_copies"] = round(ours / (3.5 * copy["median_us"]), 3)
+            record["ok"] = record["cuda_over_3.5_copies"] <= COPY_GOAL
+        results.add("timings", record)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_smoke", description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("gpu_results"))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = Results(args.out / "smoke.json")
+    results.data["device"] = torch.cuda.get_device_name()
+    failed = False
+    for part in (check_ops, check_grouped, check_graphs, time_layers):
+        start = time.perf_counter()
+        try:
+            part(results)
+        except Exception:
+            failed = True
+            results.add("checks", {"check": part.__name__, "ok": False, "error": traceback.format_exc()[-2000:]})
+        print(f"# {part.__name__}: {time.perf_counter() - start:.1f} s", flush=True)
+    checks_ok = all(c["ok"] for c in results.data["checks"])
+    return 0 if checks_ok and not failed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+// The two CUDA kernels as the op files see them (host code only): run_forward, the forward kernel of
+// spectral_normalize_cuda.cu, serves spectral_normalize, power_iteration_ and spectral_normalize_grouped_;
+// run_backward, the backward kernel of spectral_normalize_backward_cuda.cu, serves spectral_normalize_backward and
+// spectral_normalize_grouped_backward. Each runs a list of layers (one dtype and device): one layer in one launch, a
+// group in one launch per kGroupLayers layers (common.cuh; or one per phase, phased: launch.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace sn_ext {
+
+// What the last half-step does with the vectors once it knows whether any round was degenerate.
+enum class Finish : int {
+  kNone,     // not the last half-step
+  kRestore,  // spectral_normalize: the work vectors are the outputs u_new, v_new; on failure they get the inputs
+  kCommit,   // power_iteration_: on success the work vectors are copied into the caller's u, v
+  kBoth,     // grouped forward: kRestore on failure, kCommit on success (outputs and buffers both hold the result)
+};
+
+// One layer of a forward launch, as tensors. u_in, v_in: the vectors to start from; u_work, v_work: where the
+// rounds write theirs (contiguous); `finish` says whether they are the outputs, scratch to commit into u_in, v_in,
+// or both. `out`: W_sn's (outer, rows, inner) view, undefined for no division.
+struct ForwardLayer {
+  at::Tensor w3, out3, u_in, v_in, u_work, v_work;
+  Finish finish;
+};
+
+// Runs the forward of `layers` (one dtype and device): n rounds, then W / sigma; sigma[i] (a contiguous tensor
+// of one value per layer, of any shape) for layer i.
+void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, int64_t n, double eps,
+                 bool v_first);
+
+// One layer of a backward launch: grad_W = (G - <G, W_sn> u v^T) / sigma, written through out3.
+struct BackwardLayer {
+  at::Tensor g3, s3, out3, u, v;
+};
+
+// grad_W of every layer, with sigma[i] (a contiguous tensor of one op-math value per layer) for layer i.
+void run_backward(const std::vector<BackwardLayer>& layers, const at::Tensor& sigmas);
+
+}  // namespace sn_ext

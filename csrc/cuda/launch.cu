@@ -1,0 +1,102 @@
+// The launch mode of the CUDA kernels (launch.h): SN_EXT_CUDA_LAUNCH, and the devices that refused a cooperative
+// launch.
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "launch.h"
+
+namespace sn_ext {
+namespace {
+
+enum class Requested { kAuto, kCooperative, kPhased };
+
+Requested requested_mode() {
+  const char* value = std::getenv(kLaunchModeEnv);
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "auto") == 0) return Requested::kAuto;
+  if (std::strcmp(value, "cooperative") == 0) return Requested::kCooperative;
+  if (std::strcmp(value, "phased") == 0) return Requested::kPhased;
+  TORCH_CHECK(false, "sn_ext: ", kLaunchModeEnv, " must be auto, cooperative or phased, not '", value, "'");
+}
+
+// Per device: 0 = not looked at yet, 1 = cooperative launches possible, 2 = the device has no cooperative launch,
+// 3 = a cooperative launch was refused (reason in refusals[device]).
+enum State : int { kUnknown = 0, kCapable = 1, kIncapable = 2, kRefused = 3 };
+std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> states{};
+std::array<std::string, C10_COMPILE_TIME_MAX_GPUS> refusals;
+std::mutex refusals_mutex;
+
+State state_of(c10::DeviceIndex device) {
+  int state = states[device].load(std::memory_order_acquire);
+  if (state == kUnknown) {
+    int capable = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&capable, cudaDevAttrCooperativeLaunch, device));
+    int expected = kUnknown;
+    states[device].compare_exchange_strong(expected, capable ? kCapable : kIncapable, std::memory_order_acq_rel);
+    state = states[device].load(std::memory_order_acquire);
+  }
+  return static_cast<State>(state);
+}
+
+}  // namespace
+
+LaunchMode launch_mode(c10::DeviceIndex device) {
+  switch (requested_mode()) {
+    case Requested::kPhased:
+      return LaunchMode::kPhased;
+    case Requested::kCooperative:
+      return LaunchMode::kCooperative;
+    case Requested::kAuto:
+      break;
+  }
+  return state_of(device) == kCapable ? LaunchMode::kCooperative : LaunchMode::kPhased;
+}
+
+bool is_cooperative_refusal(cudaError_t error) {
+  return error == cudaErrorCooperativeLaunchTooLarge || error == cudaErrorNotSupported ||
+         error == cudaErrorNotPermitted || error == cudaErrorLaunchOutOfResources;
+}
+
+void cooperative_refused(c10::DeviceIndex device, cudaError_t error) {
+  const std::string reason = std::string(cudaGetErrorName(error)) + ": " + cudaGetErrorString(error);
+  TORCH_CHECK(requested_mode() != Requested::kCooperative,
+              "sn_ext: the cooperative launch was refused on cuda:", static_cast<int>(device), " (", reason, ") and ",
+              kLaunchModeEnv,
+              "=cooperative; unset it (or set it to auto or phased) to run one ordinary launch per phase instead");
+  {
+    const std::lock_guard<std::mutex> lock(refusals_mutex);
+    refusals[device] = reason;
+  }
+  states[device].store(kRefused, std::memory_order_release);
+  TORCH_WARN_ONCE("sn_ext: a cooperative launch was refused on cuda:", static_cast<int>(device), " (", reason,
+                  "); the CUDA kernels run one ordinary launch per phase there from now on (same results; set ",
+                  kLaunchModeEnv, "=phased to choose it from the start)");
+}
+
+std::string launch_mode_description(c10::DeviceIndex device) {
+  switch (requested_mode()) {
+    case Requested::kPhased:
+      return std::string("phased (") + kLaunchModeEnv + "=phased)";
+    case Requested::kCooperative:
+      return std::string("cooperative (") + kLaunchModeEnv + "=cooperative)";
+    case Requested::kAuto:
+      break;
+  }
+  switch (state_of(device)) {
+    case kCapable:
+      return "cooperative";
+    case kIncapable:
+      return "phased (the device has no cooperative launch)";
+    default: {
+      const std::lock_guard<std::mutex> lock(refusals_mutex);
+      return "phased (a cooperative launch was refused: " + refusals[device] + ")";
+    }
+  }
+}
+
+}  // namespace sn_ext

@@ -1,0 +1,37 @@
+// How the CUDA kernels are launched: one cooperative launch per op (the persistent kernel and its grid-wide
+// barriers), or one ordinary launch per phase ("phased": the same __device__ phase code, stream order in place of
+// the barriers, bit-identical results). A cooperative launch can be refused where an ordinary one is not (MPS with
+// an active-thread limit, green contexts, other resident kernels such as NCCL's): then "auto" remembers the refusal
+// for the device, warns once and runs phased from then on.
+#pragma once
+
+#include <c10/core/Device.h>
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+namespace sn_ext {
+
+enum class LaunchMode { kCooperative, kPhased };
+
+// The environment variable that chooses: auto (default), cooperative or phased. Read at every launch, so a test
+// or a user can switch in-process.
+constexpr const char* kLaunchModeEnv = "SN_EXT_CUDA_LAUNCH";
+
+// The mode for a launch on `device`: SN_EXT_CUDA_LAUNCH's choice, where "auto" is cooperative unless the device
+// cannot launch cooperatively or refused it before. Raises on any other value of the variable, naming it.
+LaunchMode launch_mode(c10::DeviceIndex device);
+
+// Whether `error`, returned by cudaLaunchCooperativeKernel, means "not as a cooperative launch" (try phased) rather
+// than a bug or a broken device.
+bool is_cooperative_refusal(cudaError_t error);
+
+// A cooperative launch on `device` was refused with `error`: under "auto", remembered for the device with a warning
+// (once per process); under "cooperative", an error that says so.
+void cooperative_refused(c10::DeviceIndex device, cudaError_t error);
+
+// What runs on `device`, in words, for `python -m sn_ext.info`: "cooperative", "phased (SN_EXT_CUDA_LAUNCH=phased)",
+// "phased (cooperative launch refused: ...)", ...
+std::string launch_mode_description(c10::DeviceIndex device);
+
+}  // namespace sn_ext

@@ -1,0 +1,142 @@
+"""How the CUDA kernels launch (csrc/cuda/launch.h, common.cuh): cooperative and phased launches give the same bits,
+both capture into a CUDA graph, the one-block size class gives a layer the same bits as a multi-block launch of its
+group, grouped launches chunk, and SN_EXT_CUDA_LAUNCH is checked. Needs a GPU and a CUDA build of sn_ext."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sn_ext import _library, ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import gpu_smoke  # noqa: E402
+from benchmarks.gpu_smoke import launch_mode  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _library.has_compiled_kernel("CUDA")),
+    reason="needs a CUDA device and sn_ext built with its CUDA kernels",
+)
+
+DEVICE = "cuda"
+EPS = 1e-12
+MODES = ("cooperative", "phased")
+# A one-block layer (<= 65536 elements), mid-size layers (a grid sized by their work), and a short-and-wide one.
+SHAPES = [(64, 3, 3, 3), (128, 128, 3, 3), (257, 129, 3), (1, 100003)]
+
+
+def _weight(shape, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def _inputs(shape, seed=0, dtype=torch.float32):
+    w, u, v, _ = gpu_smoke.inputs(shape, dtype, seed)
+    return w.to(DEVICE), u.to(DEVICE), v.to(DEVICE)
+
+
+@pytest.mark.parametrize("v_first", [False, True], ids=["u_first", "v_first"])
+@pytest.mark.parametrize("n", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cooperative_and_phased_give_the_same_bits(shape, dtype, n, v_first):
+    cuda_inputs = [t.to(DEVICE) for t in gpu_smoke.inputs(shape, dtype)]
+    results = {}
+    for mode in MODES:
+        with launch_mode(mode):
+            results[mode] = gpu_smoke.all_ops(*cuda_inputs, n, v_first)
+    for name, value in results["cooperative"].items():
+        assert torch.equal(value, results["phased"][name]), name
+
+
+def _group(count, dtype=torch.float32):
+    shapes = [(16 + 8 * (i % 5), 3 + i % 4, 3, 3) for i in range(count)]
+    weights, us, vs = zip(*(_inputs(s, seed=10 * i, dtype=dtype) for i, s in enumerate(shapes)))
+    return list(weights), list(us), list(vs)
+
+
+@pytest.mark.parametrize("count", [3, 12, 13, 30], ids=lambda c: f"{c}_layers")
+def test_grouped_chunks_agree_with_per_layer_launches(count):
+    """Up to 12 layers per grouped launch (a 4 KB parameter block), more in several: every layer's bits equal its
+    per-layer launch's, in both launch modes."""
+    weights, us, vs = _group(count)
+    for mode in MODES:
+        with launch_mode(mode):
+            us_g, vs_g = [u.clone() for u in us], [v.clone() for v in vs]
+            weights_sn, sigmas, us_used, vs_used = ops.spectral_normalize_grouped_(
+                weights, us_g, vs_g, [0] * count, 1, EPS
+            )
+            grads = [_weight(w.shape, 50 + i) for i, w in enumerate(weights)]
+            grads_w = ops.spectral_normalize_grouped_backward(grads, weights_sn, us_used, vs_used, sigmas, [0] * count)
+            for i in range(count):
+                w_sn, sigma, u_new, v_new = ops.spectral_normalize(weights[i], us[i], vs[i], 0, 1, EPS)
+                assert torch.equal(w_sn, weights_sn[i]) and torch.equal(sigma, sigmas[i]), (mode, i)
+                assert torch.equal(u_new, us_g[i]) and torch.equal(v_new, vs_g[i]), (mode, i)
+                grad = ops.spectral_normalize_backward(grads[i], w_sn, u_new, v_new, sigma, 0)
+                assert torch.equal(grad, grads_w[i]), (mode, i)
+
+
+def test_one_block_layer_has_the_bits_of_a_multi_block_launch():
+    """A small layer alone runs in one block; grouped with a large layer, on a grid of many: same bits."""
+    small, big = (64, 3, 3, 3), (512, 256, 3, 3)
+    (w1, w2), (u1, u2), (v1, v2) = zip(_inputs(small, 1), _inputs(big, 2))
+    alone = ops.spectral_normalize(w1, u1, v1, 0, 1, EPS)
+    grouped = ops.spectral_normalize_grouped_([w1, w2], [u1.clone(), u2], [v1.clone(), v2], [0, 0], 1, EPS)
+    assert torch.equal(alone[0], grouped[0][0]) and torch.equal(alone[1], grouped[1][0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_graph_capture_and_replay(mode):
+    shape = (256, 128, 3, 3)
+    w, u, v = _inputs(shape)
+    g = _weight(shape, 5)
+    with launch_mode(mode):
+
+        def step():
+            w_sn, sigma, u_new, v_new = ops.spectral_normalize(w, u, v, 0, 1, EPS)
+            return ops.spectral_normalize_backward(g, w_sn, u_new, v_new, sigma, 0), sigma
+
+        eager_grad, eager_sigma = step()
+        graph, (static_grad, static_sigma) = gpu_smoke.captured(step)
+        for _ in range(2):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static_grad, eager_grad) and torch.equal(static_sigma, eager_sigma)
+
+
+def _launches(call) -> int:
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return sum(
+        1
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not any(k in e.name.lower() for k in ("memcpy", "memset"))
+    )
+
+
+@pytest.mark.parametrize("shape,n,phased_launches", [((512, 512, 3, 3), 1, 5), ((512, 512, 3, 3), 2, 9)], ids=str)
+def test_phased_launches_one_kernel_per_phase(shape, n, phased_launches):
+    w, u, v = _inputs(shape)
+    with launch_mode("cooperative"):
+        assert _launches(lambda: ops.spectral_normalize(w, u, v, 0, n, EPS)) == 1
+    with launch_mode("phased"):
+        assert _launches(lambda: ops.spectral_normalize(w, u, v, 0, n, EPS)) == phased_launches
+    small = _inputs((64, 3, 3, 3))
+    with launch_mode("phased"):  # one block: one launch whatever the mode
+        assert _launches(lambda: ops.spectral_normalize(*small, 0, n, EPS)) == 1
+
+
+def test_launch_mode_is_checked_and_reported():
+    w, u, v = _inputs((512, 512, 3, 3))
+    with launch_mode("sideways"), pytest.raises(RuntimeError, match="SN_EXT_CUDA_LAUNCH must be auto, cooperative"):
+        ops.spectral_normalize(w, u, v, 0, 1, EPS)
+    device = torch.cuda.current_device()
+    with launch_mode("phased"):
+        assert _library.cuda_launch(device).startswith("phased (SN_EXT_CUDA_LAUNCH=phased)")
+    with launch_mode("auto"):
+        assert _library.cuda_launch(device).split()[0] in ("cooperative", "phased")

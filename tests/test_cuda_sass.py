@@ -1,0 +1,96 @@
+"""What the compiled CUDA kernels look like, read from the built library without a GPU (CI builds them for sm_90):
+ptxas' resource usage per kernel through cuobjdump (the copy triton ships, or the CUDA toolkit's).
+
+- no local memory and no stack: nothing spilled from registers;
+- at most 85 registers per thread: 3 blocks of kThreads = 256 threads fit on an SM (65536 registers), the
+  kernels' __launch_bounds__ (kMinBlocksPerSm in csrc/cuda/common.cuh);
+- the parameter block: a per-layer launch's well under 4 KB, a grouped launch's under 4 KB (csrc/cuda/common.cuh,
+  kGroupLayers); CONSTANT[0] also holds the driver's 0x210 bytes before the parameters on sm_90.
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from sn_ext import ops
+
+MAX_REGISTERS = 65536 // (3 * 256)
+DRIVER_CONSTANT_BYTES = 0x210
+
+
+def _cuobjdump() -> str | None:
+    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        candidates.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if os.access(c, os.X_OK)), shutil.which("cuobjdump"))
+
+
+def _library() -> str | None:
+    """The compiled library this interpreter loads (a checkout may hold others, built for other Pythons)."""
+    spec = importlib.util.find_spec("sn_ext._C")
+    return spec.origin if spec is not None else None
+
+
+pytestmark = pytest.mark.skipif(
+    not (ops.library_status.loaded and ops.library_status.built_with_cuda and _library() and _cuobjdump()),
+    reason="needs sn_ext built with its CUDA kernels and cuobjdump (shipped with triton, or in the CUDA toolkit)",
+)
+
+
+def _resource_usage() -> dict[str, dict[str, int]]:
+    """Kernel (mangled name) -> {"REG": ..., "STACK": ..., "LOCAL": ..., "CONSTANT[0]": ..., ...} for sm_90."""
+    text = subprocess.run(
+        [_cuobjdump(), "-res-usage", "-arch", "sm_90", _library()], capture_output=True, text=True, check=True
+    ).stdout
+    kernels = {}
+    for name, usage in re.findall(r"Function (\S+):\n\s+(.*)", text):
+        kernels[name] = {key: int(value) for key, value in re.findall(r"(\S+):(\d+)", usage)}
+    return kernels
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    found = {name: usage for name, usage in _resource_usage().items() if re.search(r"(forward|backward)_kernel", name)}
+    # 4 dtypes x 2 index types x {per-layer, grouped}, for each of the two kernels
+    assert len(found) == 32, sorted(found)
+    return found
+
+
+def test_no_spills_and_no_stack(kernels):
+    for name, usage in kernels.items():
+        assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (name, usage)
+
+
+def test_registers_allow_three_blocks_per_sm(kernels):
+    for name, usage in kernels.items():
+        assert usage["REG"] <= MAX_REGISTERS, (name, usage)
+
+
+def test_parameter_blocks(kernels):
+    """The launch structs' capacity is a template argument: Li1E (one layer) or Li12E (kGroupLayers) in the name."""
+    for name, usage in kernels.items():
+        parameters = usage["CONSTANT[0]"] - DRIVER_CONSTANT_BYTES
+        limit = 512 if "Li1EE" in name else 4096
+        assert 0 < parameters <= limit, (name, parameters)
+
+
+def _sass() -> dict[str, str]:
+    """Kernel (mangled name) -> its sm_90 SASS."""
+    text = subprocess.run(
+        [_cuobjdump(), "-sass", "-arch", "sm_90", _library()], capture_output=True, text=True, check=True
+    ).stdout
+    return dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", text, re.S))
+
+
+def test_streaming_passes_move_16_bytes_per_access():
+    """The packed paths of the elementwise passes (W / sigma in the forward; <G, W_sn> and the correction in the
+    backward) load and store 128 bits per instruction."""
+    found = {name: code for name, code in _sass().items() if re.search(r"(forward|backward)_kernel", name)}
+    assert len(found) == 32, sorted(found)
+    for name, code in found.items():
+        assert "LDG.E.128" in code and "STG.E.128" in code, name
