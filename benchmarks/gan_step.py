@@ -1,5 +1,6 @@
 """Section "gan": SN-GAN training steps (sngan.models, 32x32 images, hinge loss, random data) with spectral norm
-on D by each of sngan's kinds: none, torch, sn_ext (per layer), sn_ext_grouped (sn_ext.grouped_spectral_norm).
+on D by each of sngan's kinds: none, torch, sn_ext (per layer), sn_ext_grouped (sn_ext.grouped_spectral_norm) and
+torch_converted (torch's, swapped by sn_ext.convert_spectral_norm: the swap costs what sn_ext per layer costs).
 
 Steps: "D step" (G makes a fake batch without autograd; one forward of D on real and fake, backward, Adam step),
 "G step" (G makes a batch, D scores it, backward through D into G, Adam step) and "iteration" (n_dis = 5 D steps
@@ -131,6 +132,6 @@ def _measure(trainer: Trainer, base: dict, budget_s: float, write: Callable[[dic
             }
         )
         log(
-            f"  gan {base['mode']} {base['arch']:6} sn={base['sn']:14} {step:9} {t['median_us'] / 1e3:9.2f} ms"
+            f"  gan {base['mode']} {base['arch']:6} sn={base['sn']:15} {step:9} {t['median_us'] / 1e3:9.2f} ms"
             + ("" if peak is None else f"  peak {peak:7.1f} MiB")
         )

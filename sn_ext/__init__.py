@@ -6,11 +6,15 @@ Usage::
     layer = sn_ext.spectral_norm(torch.nn.Linear(20, 40))  # as torch.nn.utils.parametrizations.spectral_norm
     layer = sn_ext.legacy.spectral_norm(torch.nn.Linear(20, 40))  # as torch.nn.utils.spectral_norm
     model = sn_ext.grouped_spectral_norm(model)  # every layer's W / sigma in one op per forward of the model
+    model = sn_ext.convert_spectral_norm(model)  # a built model's torch spectral norms -> sn_ext's, in place
+    sn_ext.sigmas(model); print(sn_ext.spectral_report(model, x))  # each sigma; exact sigmas, operator norms
 """
 
 from . import backends, legacy, ops  # importing ops loads the kernels
 from ._info import info
 from ._version import __version__
+from .convert import convert_spectral_norm, restore_torch_spectral_norm
+from .diagnostics import SpectralReport, sigmas, spectral_report
 from .nn import (
     SpectralNorm,
     grouped_spectral_norm,
@@ -18,16 +22,23 @@ from .nn import (
     spectral_norm,
     ungroup_spectral_norm,
 )
+from .patch import patch_torch
 
 __all__ = [
     "__version__",
     "SpectralNorm",
+    "SpectralReport",
     "backends",
+    "convert_spectral_norm",
     "grouped_spectral_norm",
     "info",
     "legacy",
     "ops",
+    "patch_torch",
     "renormalize_buffers_",
+    "restore_torch_spectral_norm",
+    "sigmas",
     "spectral_norm",
+    "spectral_report",
     "ungroup_spectral_norm",
 ]

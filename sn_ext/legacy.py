@@ -16,6 +16,18 @@ from .nn.legacy_hook import SpectralNorm, _StateDictVersion
 from .nn.spectral_norm import check_arguments, default_dim, has_spectral_norm
 
 
+def make_hook(
+    weight: torch.Tensor, name: str, n_power_iterations: int, dim: int, eps: float, backend: str | None = None
+) -> SpectralNorm:
+    """The forward pre-hook for `weight` (`<name>_orig`), its arguments checked and its kernels chosen; registers
+    nothing (_apply does, and sn_ext.convert_spectral_norm puts it in place of torch's)."""
+    check_arguments(weight, n_power_iterations, dim, eps, complex_ok=False)
+    fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
+    fn.backend = backends.requested_backend(backend)
+    fn._kernels = backends.initial_kernels(fn.backend, weight)
+    return fn
+
+
 def _apply(
     module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float, backend: str | None = None
 ) -> SpectralNorm:
@@ -30,10 +42,7 @@ def _apply(
             "The module passed to `SpectralNorm` can't have uninitialized parameters. "
             "Make sure to run the dummy forward before applying spectral normalization"
         )
-    check_arguments(weight, n_power_iterations, dim, eps, complex_ok=False)
-    fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
-    fn.backend = backends.requested_backend(backend)
-    fn._kernels = backends.initial_kernels(fn.backend, weight)
+    fn = make_hook(weight, name, n_power_iterations, dim, eps, backend)
     with torch.no_grad():
         h, w = to_matrix(weight, fn.dim).shape
         u = F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)

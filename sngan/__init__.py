@@ -10,6 +10,6 @@ WGAN-GP, the seed's siamese/triplet loss and its variants), data (2-D mixtures, 
 STL-10 / image folders from local files only), metrics (mixture modes / high quality, classifier FID / KID /
 precision / recall / density / coverage), config (the Config, the presets, the CLI's flags), checkpoint (save,
 bit-exact resume), step (one D and one G update, also timed by benchmarks/gan_step.py), evaluate (samples, metrics
-during training), ddp (the process group, the ranks' consistency check), train (the CLI and the loop), experiments
-(the results script).
+during training), sigma_log (D's sigmas and spectral reports, logged and plotted), ddp (the process group, the
+ranks' consistency check), train (the CLI and the loop), experiments (the results script).
 """

@@ -140,7 +140,8 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         "--sn",
         choices=SN_KINDS,
         default=S,
-        help="spectral norm on D: none, torch, sn_ext or sn_ext_grouped (default sn_ext)",
+        help="spectral norm on D: none, torch, sn_ext, sn_ext_grouped or torch_converted (torch's, converted by "
+        "sn_ext.convert_spectral_norm) (default sn_ext)",
     )
     a("--n-power-iterations", type=int, default=S)
     a("--steps", type=int, default=S, help="generator updates (default 8000 for 2-D, 10000 for images)")

@@ -3,7 +3,7 @@
 32x32 layout with a bottom of size/8, e.g. 2x2 for 16x16 digits).
 
 Spectral norm goes on the discriminator only, after construction and initialisation, with
-`apply_spectral_norm(D, "none" | "torch" | "sn_ext" | "sn_ext_grouped")`, which covers every
+`apply_spectral_norm(D, "none" | "torch" | "sn_ext" | "sn_ext_grouped" | "torch_converted")`, which covers every
 Conv/ConvTranspose/Linear/Embedding.
 Every D takes `out_dim`: 1 for the hinge, non-saturating and Wasserstein losses, k for the triplet loss's
 embedding. `width` scales every channel count (1.0 = the paper's; the tests use tiny widths).
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SN_KINDS = ("none", "torch", "sn_ext", "sn_ext_grouped")
+SN_KINDS = ("none", "torch", "sn_ext", "sn_ext_grouped", "torch_converted")
 ARCHS = ("mlp", "cnn", "resnet")
 _SN_TYPES = (
     nn.Linear,
@@ -36,12 +36,17 @@ def apply_spectral_norm(module: nn.Module, kind: str, n_power_iterations: int = 
     returns it). kind: "none" (leave it), "torch" (torch.nn.utils.parametrizations.spectral_norm), "sn_ext"
     (sn_ext.spectral_norm, the same parametrization with fused kernels) or "sn_ext_grouped"
     (sn_ext.grouped_spectral_norm(module): the same per-layer parametrizations, all computed by one op per forward
-    of `module`). All use torch's default `dim` (1 for ConvTranspose, else 0) and the same state_dict keys, so
-    checkpoints load across them."""
+    of `module`) or "torch_converted" (torch's, then swapped for sn_ext's by sn_ext.convert_spectral_norm: how a
+    model whose code calls torch gets sn_ext). All use torch's default `dim` (1 for ConvTranspose, else 0) and the
+    same state_dict keys, so checkpoints load across them."""
     if kind not in SN_KINDS:
         raise ValueError(f"unknown spectral norm {kind!r}: choose one of {', '.join(SN_KINDS)}")
     if kind == "none":
         return module
+    if kind == "torch_converted":
+        from sn_ext import convert_spectral_norm
+
+        return convert_spectral_norm(apply_spectral_norm(module, "torch", n_power_iterations))
     if kind == "sn_ext_grouped":
         from sn_ext import grouped_spectral_norm
 

@@ -6,8 +6,8 @@
     python -m sngan.train --resume runs/NAME           # continue a run (bit-exactly on CPU)
     torchrun --nproc_per_node 2 -m sngan.train ...     # DDP: gloo on CPU, nccl on GPU
 
-Writes to --out (default runs/DATA-ARCH-LOSS-SN-sSEED): config.json, samples/*.png, metrics.jsonl (losses
-during training), metrics.json (final metrics, timing), checkpoint.pt, tensorboard/ (with --tensorboard).
+Writes to --out (default runs/DATA-ARCH-LOSS-SN-sSEED): config.json, samples/*.png, metrics.jsonl (losses, D's
+sigmas), metrics.json (final metrics, timing), sigma.png (sngan/sigma_log.py), checkpoint.pt, tensorboard/.
 
 Every random draw of the loop (data batches, z, WGAN-GP's interpolation weights) comes from one torch.Generator
 per rank whose state is checkpointed with the models, the optimisers and the step; evaluation uses its own
@@ -39,6 +39,7 @@ from .ddp import gather_gen_states, rank_consistency, setup_dist
 from .evaluate import Evaluator, generate, save_samples
 from .losses import make_loss
 from .models import build_models
+from .sigma_log import plot, report_record, sigma_record
 from .step import d_step, g_step
 
 
@@ -117,6 +118,7 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
     def evaluate_now(at: int) -> dict:
         t = time.time()
         m = evaluator(Gm, d.device)
+        m.update(report_record(Dm, data.shape, d.device))  # D's spectral norms (sngan/sigma_log.py)
         m["step"], m["eval_seconds"] = at, round(time.time() - t, 3)
         history_evals.append(m)
         log(
@@ -189,6 +191,7 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
                 "lr": lr,
                 **{k: float(v) for k, v in stats.items()},
                 "steps_per_s": (step - start_step) / max(time.time() - t0, 1e-9),
+                **sigma_record(Dm),  # sigma/<layer>: each D layer's sigma of its last forward
             }
             jsonl.write(json.dumps(rec) + "\n")
             jsonl.flush()
@@ -215,6 +218,7 @@ def _train(cfg: Config, explicit: set[str] | None) -> dict:
             evaluate_now(step)
         samples_png = os.path.join(out, "samples", "final.png")
         samples(samples_png)
+        plot(history_evals, os.path.join(out, "sigma.png"))  # estimated vs exact sigma per D layer
         train_stats = {
             "steps": step,
             "steps_this_run": step - start_step,

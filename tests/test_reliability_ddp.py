@@ -61,7 +61,9 @@ def _sync_buffers_kwargs() -> dict:
     return {"forward_sync_buffers": True} if "forward_sync_buffers" in params else {"broadcast_buffers": True}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, build=_discriminator, kinds=tuple(KINDS)) -> None:
+    """Trains build(kind) under DDP for each of `kinds` and saves its state dict (tests/test_convert.py passes its
+    own `build`: a module-level function, which spawn pickles by name)."""
     # Native messages (gloo, an abort) go to a file the test reports, as Python tracebacks do.
     stderr = os.open(os.path.join(out_dir, f"rank{rank}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(stderr, 2)
@@ -74,8 +76,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             world_size=WORLD,
             timeout=datetime.timedelta(seconds=60),
         )
-        for kind in KINDS:
-            D = _discriminator(kind)
+        for kind in kinds:
+            D = build(kind)
             ddp = nn.parallel.DistributedDataParallel(D, **_sync_buffers_kwargs())
             if rank == 1:  # out of step with rank 0: the broadcast before each forward must undo this
                 with torch.no_grad():
@@ -116,10 +118,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ddp_states(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("ddp"))
-    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+def run_ddp(out_dir: str, build=_discriminator, kinds=tuple(KINDS)) -> dict:
+    """Runs _worker on WORLD spawned processes: {(kind, rank): state dict after the steps}."""
+    context = mp.start_processes(
+        _worker, args=(_free_port(), out_dir, build, kinds), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIME_LIMIT_S
     try:
         while not context.join(timeout=1):
@@ -140,9 +143,14 @@ def ddp_states(tmp_path_factory):
     assert not errors, errors[0]
     return {
         (kind, rank): torch.load(os.path.join(out_dir, f"{kind}_rank{rank}.pt"), weights_only=True)
-        for kind in KINDS
+        for kind in kinds
         for rank in range(WORLD)
     }
+
+
+@pytest.fixture(scope="module")
+def ddp_states(tmp_path_factory):
+    return run_ddp(str(tmp_path_factory.mktemp("ddp")))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -62,7 +62,7 @@ def test_every_combination_trains(arch, loss_name, sn):
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet"])
 def test_spectral_norm_on_every_layer_of_d_only(arch):
-    for kind in ("torch", "sn_ext", "sn_ext_grouped"):
+    for kind in ("torch", "sn_ext", "sn_ext_grouped", "torch_converted"):
         G, D = build_models(arch, _shape(arch), z_dim=8, width=TINY, sn=kind)
         assert hasattr(D, "_sn_ext_group") == (kind == "sn_ext_grouped")
         layers = [m for m in D.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -75,15 +75,18 @@ def test_spectral_norm_on_every_layer_of_d_only(arch):
 def test_torch_and_sn_ext_give_the_same_discriminator():
     """Same init, same u/v draws, same state_dict keys: the D's agree on outputs (grouped sn_ext included)."""
     Ds = []
-    for kind in ("torch", "sn_ext", "sn_ext_grouped"):
+    for kind in ("torch", "sn_ext", "sn_ext_grouped", "torch_converted"):
         torch.manual_seed(1)
         _, D = build_models("cnn", (3, 32, 32), z_dim=8, width=TINY, sn=kind)
         Ds.append(D)
     assert list(Ds[0].state_dict()) == list(Ds[1].state_dict()) == list(Ds[2].state_dict())
+    assert list(Ds[3].state_dict()) == list(Ds[0].state_dict())
+    assert all(type(m).__module__.startswith("sn_ext") for m in Ds[3].modules() if "SpectralNorm" in type(m).__name__)
     x = torch.randn(4, 3, 32, 32)
     outs = [D(x) for D in Ds]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[2], outs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[3], outs[0], rtol=1e-5, atol=1e-6)
     Ds[1].load_state_dict(Ds[0].state_dict())  # a torch checkpoint loads into sn_ext
 
 

@@ -48,6 +48,12 @@ def test_cli_writes_samples_metrics_and_checkpoint(tmp_path, capsys):
     assert m["train"]["steps"] == 20 and m["train"]["steps_per_s"] > 0
     assert (out / "samples" / "final.png").stat().st_size > 1000 and (out / "checkpoint.pt").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # log_every 50: only the last step
+    # D's spectral norms (sngan/sigma_log.py): every layer's sigma per log step, the report per evaluation, the plot
+    rec = json.loads((out / "metrics.jsonl").read_text())
+    names = [row["name"] for row in m["final"]["spectral_report"]]
+    assert names and sorted(k for k in rec if k.startswith("sigma/")) == sorted(f"sigma/{n}" for n in names)
+    assert all(row["operator_norm"] > 0 for row in m["final"]["spectral_report"]) and m["final"]["lipschitz_bound"] > 0
+    assert (out / "sigma.png").stat().st_size > 1000
     assert json.loads((out / "config.json").read_text())["steps"] == 20
 
 

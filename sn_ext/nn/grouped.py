@@ -77,7 +77,7 @@ class SpectralNormGroup:
             n = norm.n_power_iterations if norm.training else 0
             calls.setdefault((weight.device, weight.dtype, n, norm.eps), []).append(i)
         for (_, _, n, eps), members in calls.items():
-            weights_sn, _, _, _ = ops.spectral_normalize_grouped_(
+            weights_sn, sigmas, _, _ = ops.spectral_normalize_grouped_(
                 [weights[i] for i in members],
                 [self.norms[i]._u for i in members],
                 [self.norms[i]._v for i in members],
@@ -85,8 +85,11 @@ class SpectralNormGroup:
                 n,
                 eps,
             )
-            for i, weight_sn in zip(members, weights_sn):
-                self.norms[i]._grouped_result = weight_sn
+            sigmas = sigmas.data  # kept for sn_ext.sigmas with each layer's index (see SpectralNorm._sigma)
+            for index, (i, weight_sn) in enumerate(zip(members, weights_sn)):
+                norm = self.norms[i]
+                norm._grouped_result = weight_sn
+                norm._sigma, norm._sigma_index = sigmas, index
 
     def remove(self, model: nn.Module) -> None:
         """Back to the per-layer mode: the layers keep their spectral norms (and buffers), computed one by one."""

@@ -21,6 +21,7 @@ class SpectralNorm:
         self.eps = eps
         self.backend = "auto"  # the name asked for; sn_ext.legacy.spectral_norm sets it and the kernels
         self._kernels = backends.unresolved(self.backend)
+        self._sigma = None  # the sigma of the last computation (sn_ext.sigmas)
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         weight = getattr(module, self.name + "_orig")
@@ -30,7 +31,8 @@ class SpectralNorm:
         kernels = self._kernels
         if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
             kernels = _kernels.kernels_for(self, weight)
-        weight_sn, _, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps, v_first=True)
+        weight_sn, sigma, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps, v_first=True)
+        self._sigma = sigma.data  # for sn_ext.sigmas: a plain attribute, .data adds no op (nn/spectral_norm.py)
         if n:  # non-differentiable outputs: the copies record nothing for autograd (see nn/spectral_norm.py)
             u.copy_(u_new)
             v.copy_(v_new)

@@ -33,10 +33,24 @@ class SpectralNorm(nn.Module):
 
     # W / sigma computed with the other layers of a grouped model (nn/grouped.py), for this layer's next read.
     _grouped_result: Tensor | None = None
+    # The sigma of the last computation (sn_ext.sigmas reads it): a plain attribute, not a buffer (the state dict
+    # keeps torch's keys), detached with .data (no dispatched op, no launch, no sync). A grouped computation
+    # keeps its vector of sigmas and this layer's index in it (indexing would be an op).
+    _sigma: Tensor | None = None
+    _sigma_index: int = 0
 
     def __init__(
-        self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12, backend: str | None = None
+        self,
+        weight: Tensor,
+        n_power_iterations: int = 1,
+        dim: int = 0,
+        eps: float = 1e-12,
+        backend: str | None = None,
+        *,
+        vectors: tuple[Tensor, Tensor] | None = None,
     ) -> None:
+        """`vectors`: an existing (u, v) to keep as the buffers (the same tensors; sn_ext.convert_spectral_norm),
+        with no random draws and no warm-up."""
         super().__init__()
         check_arguments(weight, n_power_iterations, dim, eps)
         self.backend = backends.requested_backend(backend)  # the name asked for ("auto", ...): see sn_ext.backends
@@ -45,6 +59,11 @@ class SpectralNorm(nn.Module):
         self.eps = eps
         if ndim > 1:
             self.n_power_iterations = n_power_iterations
+            if vectors is not None:
+                self.register_buffer("_u", vectors[0])
+                self.register_buffer("_v", vectors[1])
+                self._kernels = backends.initial_kernels(self.backend, weight)
+                return
             h, w = to_matrix(weight, self.dim).shape
             # torch's random draws, in torch's order, so that equal seeds give equal buffers.
             u = weight.new_empty(h).normal_(0, 1)
@@ -65,7 +84,8 @@ class SpectralNorm(nn.Module):
         kernels = self._kernels
         if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
             kernels = _kernels.kernels_for(self, weight)
-        weight_sn, _, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps)
+        weight_sn, sigma, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps)
+        self._sigma = sigma.data
         if n:
             # Autograd saved u_new, v_new (not the buffers), so a later access may update the buffers in place
             # before this one's backward: calling the module twice before one backward works. They are
