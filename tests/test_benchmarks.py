@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bandwidth, gan_step, layer, layers, records  # noqa: E402
+from benchmarks import bandwidth, gan_step, layer, ops, records, spectral_normalize_grouped  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("SN_EXT_DISABLE_EXT") == "1", reason="runs once per CI run, with the compiled kernels"
@@ -50,16 +50,19 @@ def test_every_file_is_written(quick_run):
         "report.md",
         "layer.csv",
         "layers.csv",
+        "ops.csv",
         "gan.csv",
         "layer.json",
         "layers.json",
+        "ops.json",
         "gan.json",
         "layer.png",
         "layers.png",
+        "ops.png",
         "gan.png",
     ):
         assert (out / name).stat().st_size > 0, name
-    for name in ("layer.png", "layers.png", "gan.png"):
+    for name in ("layer.png", "layers.png", "ops.png", "gan.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "report:" in stdout and "## layer" in stdout  # progress is shown
 
@@ -91,13 +94,50 @@ def test_layer_rows(quick_run):
 def test_layers_rows(quick_run):
     out, _ = quick_run
     rows = _rows(out / "layers.csv")
-    assert list(rows[0]) == layers.COLUMNS + records.META_COLUMNS
+    assert list(rows[0]) == spectral_normalize_grouped.COLUMNS + records.META_COLUMNS
     assert {(int(r["layers"]), r["provider"]) for r in rows} == {
-        (n, p) for n in layers.QUICK_LAYER_COUNTS for p in layers.PROVIDERS
+        (n, p) for n in spectral_normalize_grouped.QUICK_LAYER_COUNTS for p in spectral_normalize_grouped.PROVIDERS
     }
     assert all(r["status"] == "ok" and int(r["ops"]) > 0 and float(r["median_us"]) > 0 for r in rows)
     ops = {(int(r["layers"]), r["provider"]): int(r["ops"]) for r in rows}
     assert ops[(16, "torch")] > ops[(16, "sn_ext")]  # torch's many small ops per layer
+
+
+def test_ops_rows(quick_run):
+    out, _ = quick_run
+    rows = _rows(out / "ops.csv")
+    assert list(rows[0]) == ops.COLUMNS + records.META_COLUMNS
+    assert {(r["op"], r["shape"], r["dtype"], r["provider"]) for r in rows} == {
+        (o, s, d, p)
+        for o in ops.OPS
+        for s in ops.QUICK_SHAPES
+        for d in ("float32", "bfloat16")
+        for p in ops.providers(o)
+    }
+    ok = {(r["op"], r["provider"]) for r in rows if r["status"] == "ok"}
+    assert {(o, p) for o in ops.OPS for p in ("floor", "sn_ext cpu", "sn_ext reference")} <= ok
+    for r in rows:
+        if r["status"] == "ok":
+            assert float(r["median_us"]) > 0 and float(r["of_floor"]) > 0
+        else:
+            assert r["status"] == "skipped" and r["note"]
+
+
+@pytest.mark.parametrize("op_name", list(ops.OPS))
+def test_ops_call_what_they_say(op_name):
+    """Each provider's step computes its op: every backend's result equals the float64 reference's (floor aside)."""
+    weight = torch.randn(12, 5, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grad = torch.randn(12, 5, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    results = {}
+    for provider in ops.providers(op_name)[1:]:
+        if not ops._skip_reason(provider, weight.device, weight.dtype):
+            (step,) = ops.steps(op_name, provider, [weight], [grad])
+            out = step.run()
+            results[provider] = out[0] if isinstance(out, tuple) else out
+    assert {"sn_ext cpu", "sn_ext reference"} <= set(results)
+    for provider, value in results.items():
+        torch.testing.assert_close(value, results["sn_ext reference"], rtol=1e-12, atol=1e-12, msg=provider)
+    assert results["sn_ext reference"].abs().sum() > 0
 
 
 def test_gan_rows(quick_run):
@@ -107,7 +147,7 @@ def test_gan_rows(quick_run):
     assert {(r["arch"], r["sn"], r["mode"], r["step"]) for r in rows} == {
         (a, s, "eager", step)
         for a in gan_step.ARCHS
-        for s in ("none", "torch", "sn_ext", "sn_ext_grouped")
+        for s in ("none", "torch", "sn_ext", "sn_ext_grouped", "torch_converted")
         for step in gan_step.STEPS
     }
     assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
@@ -132,6 +172,10 @@ def test_report_has_a_table_per_part(quick_run):
         "### train, float32",
         "### eval, bfloat16",
         "## Many layers",
+        "## Each op",
+        "### spectral_normalize, float32",
+        "### spectral_normalize_backward, bfloat16",
+        "### power_iteration_, float32",
         "## SN-GAN training steps",
         "### cnn, eager",
         "### resnet, eager",
@@ -169,3 +213,70 @@ def test_layer_modes_time_what_they_say():
             assert torch.equal(got, grad)
         (evaluate,) = layer.make_steps([module], [grad], "eval")
         assert evaluate.run().grad_fn is None
+
+
+def test_gpu_summary_rewrites_the_readme_table(tmp_path):
+    """gpu_check.sh's last step: smoke.json and the test logs become summary.json and the README's GPU table."""
+    from benchmarks import gpu_summary
+
+    smoke = {
+        "device": "NVIDIA H200",
+        "checks": [{"check": "op vs cpu", "ok": True}, {"check": "cuda graph", "mode": "phased", "ok": False}],
+        "timings": [
+            {"shape": "64x3x3x3", "plain": 10.0, "torch": 120.0, "sn_ext cuda": 12.5, "sn_ext triton": "failed: x"},
+            {"shape": "4096x4096", "plain": 300.0, "sn_ext cuda": 700.0, "cuda_over_3.5_copies": 1.1},
+        ],
+    }
+    (tmp_path / "smoke.json").write_text(json.dumps(smoke))
+    (tmp_path / "test_cuda.log").write_text("....\n===== 41 passed, 2 failed in 12.0s =====\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{gpu_summary.START}\nnot measured yet\n{gpu_summary.END}\n\nafter\n")
+    gpu_summary.main(["--out", str(tmp_path), "--readme", str(readme)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["checks_passed"] == 1 and summary["checks"] == 2 and len(summary["failed_checks"]) == 1
+    assert summary["tests"] == {"test_cuda": "41 passed, 2 failed in 12.0s"}
+    text = readme.read_text()
+    assert "not measured yet" not in text and text.endswith("after\n") and "NVIDIA H200" in text
+    assert "| 64x3x3x3 | 10.0 | 120.0 | 12.5 | failed |" in text and "| 1.1 |" in text
+    gpu_summary.main(["--out", str(tmp_path), "--readme", str(readme)])  # idempotent: one table
+    assert readme.read_text().count(gpu_summary.START) == 1
+
+
+def test_cuda_plan_uses_the_kernels_constants():
+    """benchmarks/cuda_plan.py models the CUDA launch plan: its constants are csrc/cuda/common.cuh's."""
+    import re
+
+    from benchmarks import cuda_plan
+
+    header = (ROOT / "csrc" / "cuda" / "common.cuh").read_text()
+
+    def constant(name):
+        (expr,) = re.findall(rf"constexpr \S+ {name} = ([^;]+);", header)
+        return eval(expr.replace("int64_t(1)", "1").replace("kThreads", str(cuda_plan.THREADS)))
+
+    assert cuda_plan.THREADS == constant("kThreads")
+    assert cuda_plan.MIN_BLOCKS_PER_SM == constant("kMinBlocksPerSm")
+    assert cuda_plan.TARGET_BLOCKS == constant("kTargetBlocks")
+    assert cuda_plan.MIN_COLS_PER_SPLIT == constant("kMinColsPerSplit")
+    assert cuda_plan.MIN_ROWS_PER_THREAD == constant("kMinRowsPerThread")
+    assert cuda_plan.ONE_BLOCK_MAX_NUMEL == constant("kOneBlockMaxNumel")
+    assert cuda_plan.ELEMENTS_PER_THREAD == constant("kElementsPerThread")
+    assert cuda_plan.MAX_LAMBDA_BLOCKS == constant("kMaxLambdaBlocks")
+    assert cuda_plan.LAMBDA_ITEMS_PER_THREAD == constant("kLambdaItemsPerThread")
+    small, large = cuda_plan.plan((64, 3, 3, 3), 4, 132), cuda_plan.plan((4096, 4096), 4, 132)
+    assert [r["grid barriers"] for r in small] == [0, 0] and [r["grid barriers"] for r in large] == [4, 2]
+    assert sum(r["minimum passes"] for r in large) == 7 and large[0]["blocks"] == "396"
+
+
+def test_sigma_cost_rows():
+    """benchmarks/sigma_cost.py (issue 13): keeping sigma adds no op to the forward (the grouped forward is one op
+    besides the layers' own); reading it back runs none, but for a grouped model one index per layer."""
+    from benchmarks import sigma_cost
+
+    rows = {r["version"]: r for r in sigma_cost.run(torch.device("cpu"), quick=True)}
+    assert set(rows) == {"parametrization", "legacy", "grouped"}
+    assert rows["grouped"]["forward_ops"] < rows["parametrization"]["forward_ops"]
+    assert rows["parametrization"]["sigmas_read_ops"] == rows["legacy"]["sigmas_read_ops"] == 0
+    assert rows["grouped"]["sigmas_read_ops"] == sigma_cost.LAYERS
+    for row in rows.values():
+        assert row["forward_us"] > 0 and 0 < row["keep_share_pct"] < 100
