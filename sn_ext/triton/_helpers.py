@@ -1,5 +1,6 @@
 """Triton device functions shared by the kernels: indexing a weight's matrix view, IEEE division and square root,
-and the "usable norm" test. Inlined into every kernel that calls them.
+and the "usable norm" test (inlined into every kernel that calls them); and `kernel`, how the launched kernels are
+jitted.
 
 The matrix view (csrc/matrix_view.h): a weight W of any rank is seen, for `dim`, as a 3-D strided tensor
 W3 = (outer, rows, inner) with outer = prod(sizes[:dim]) and inner = prod(sizes[dim+1:]), and
@@ -7,8 +8,38 @@ Wm[i, o * inner + r] = W3[o, i, r]: torch's ``W.permute(dim, *others).flatten(1)
 is (o, r) = divmod(c, inner). Offsets are 64-bit, so any size works.
 """
 
+import inspect
+
 import triton
 import triton.language as tl
+
+# Integer arguments Triton would otherwise specialize on (equal to 1, divisible by 16): the matrix's sizes and the
+# vectors' strides and lengths, which do not change how W is loaded. Specialized, each layer shape compiled kernels
+# of its own (664 variants for the CUDA test grid: 3-6 minutes cold; ../shared/reference/triton_desk_review.md).
+# The weight's inner size and its strides stay specialized: 16-byte loads need them.
+NOT_SPECIALIZED = (
+    "rows",
+    "cols",
+    "n_iters",
+    "u_stride",
+    "v_stride",
+    "x_stride",
+    "y_stride",
+    "out_in_stride",
+    "other_in_stride",
+    "n",
+    "other_n",
+    "splits",
+    "col_blocks",
+    "tiles",
+    "parts",
+)
+
+
+def kernel(fn):
+    """triton.jit for a launched kernel: not specialized on the arguments of NOT_SPECIALIZED it has."""
+    names = inspect.signature(fn).parameters
+    return triton.jit(do_not_specialize=[name for name in NOT_SPECIALIZED if name in names])(fn)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _checks, _matrix, _schemas
 from . import _host
-from ._helpers import clamp_min_eps, matrix_offsets, precise_div, precise_sqrt, usable
+from ._helpers import clamp_min_eps, kernel, matrix_offsets, precise_div, precise_sqrt, usable
 
 FORWARD = "sn_ext::triton_spectral_normalize"
 
@@ -124,7 +124,7 @@ def _normalize_into(raw_ptr, out_ptr, n, denom, BLOCK: tl.constexpr):
         tl.store(out_ptr + idx, precise_div(raw, denom).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@kernel
 def fused_forward_kernel(
     w_ptr,  # (outer, rows, inner) strided: the weight's matrix view, weight dtype
     u_ptr,  # (rows,) stride u_stride, weight dtype: the input u
@@ -293,7 +293,7 @@ def fused_forward_kernel(
 # only). Splitting the columns keeps a short-and-wide (1 x N) matrix from running on one program.
 
 
-@triton.jit
+@kernel
 def matvec_kernel(
     w_ptr,  # (outer, rows, inner) strided: the weight's matrix view, weight dtype
     x_ptr,  # (cols,) stride x_stride: the vector, weight dtype
@@ -335,7 +335,7 @@ def matvec_kernel(
 # one partial sum per column; normalize_kernel adds the splits in order (deterministic).
 
 
-@triton.jit
+@kernel
 def rmatvec_kernel(
     w_ptr,  # (outer, rows, inner) strided: the weight's matrix view, weight dtype
     y_ptr,  # (rows,) stride y_stride: the vector, weight dtype
@@ -389,7 +389,7 @@ def _raw(part_ptr, idx, mask, n, splits, acc_dtype: tl.constexpr, BLOCK: tl.cons
     return x
 
 
-@triton.jit
+@kernel
 def normalize_kernel(
     part_ptr,  # (splits, n) contiguous, accumulation dtype: partial sums of the raw vector x
     out_ptr,  # (n,) contiguous, weight dtype: the new vector (u_new or v_new)
@@ -445,7 +445,7 @@ def normalize_kernel(
 # u_new, v_new = copies of the input vectors.
 
 
-@triton.jit
+@kernel
 def sigma_dot_kernel(
     part_ptr,  # (splits, rows) contiguous, accumulation dtype: partial sums of W v
     u_ptr,  # (rows,) stride u_stride, weight dtype: the input u
@@ -485,7 +485,7 @@ def sigma_dot_kernel(
 # Grid: one program per (BLOCK_ROWS x BLOCK_COLS) tile, tile t = (t // col_blocks, t % col_blocks).
 
 
-@triton.jit
+@kernel
 def divide_kernel(
     w_ptr,  # (outer, rows, inner) strided: the weight's matrix view, weight dtype
     out_ptr,  # (outer, rows, inner) strided (its own strides): W_sn, weight dtype

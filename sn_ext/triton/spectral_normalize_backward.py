@@ -13,7 +13,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _checks, _matrix, _schemas
 from . import _host
-from ._helpers import matrix_offsets, precise_div
+from ._helpers import kernel, matrix_offsets, precise_div
 
 BACKWARD = "sn_ext::triton_spectral_normalize_backward"
 
@@ -22,7 +22,7 @@ BACKWARD = "sn_ext::triton_spectral_normalize_backward"
 # lambda = <grad, W_sn>, then grad_W = (grad - lambda u v^T) / sigma, as lambda_partial_kernel + backward_kernel.
 
 
-@triton.jit
+@kernel
 def fused_backward_kernel(
     g_ptr,  # (outer, rows, inner) strided: the incoming gradient's matrix view, weight dtype
     s_ptr,  # (outer, rows, inner) strided (its own strides): W_sn's matrix view, weight dtype
@@ -80,7 +80,7 @@ def fused_backward_kernel(
 # backward_kernel adds the partial sums in order.
 
 
-@triton.jit
+@kernel
 def lambda_partial_kernel(
     g_ptr,  # (outer, rows, inner) strided: the incoming gradient's matrix view, weight dtype
     s_ptr,  # (outer, rows, inner) strided (its own strides): W_sn's matrix view, weight dtype
@@ -120,7 +120,7 @@ def lambda_partial_kernel(
 # (g - (lambda u_i) v_c) / sigma.
 
 
-@triton.jit
+@kernel
 def backward_kernel(
     g_ptr,  # (outer, rows, inner) strided: the incoming gradient's matrix view, weight dtype
     out_ptr,  # (outer, rows, inner) strided (its own strides): grad_W, weight dtype
