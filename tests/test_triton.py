@@ -219,6 +219,19 @@ NO_GPU_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(CHILD, reason="host code: once, in the main process")
+def test_launch_plan_arithmetic_equals_tritons():
+    """The launch plans' plain-integer cdiv and pow2 (sn_ext/triton/_host.py) equal triton's cdiv and
+    next_power_of_2, which cost ~7 us a call on the host."""
+    triton = pytest.importorskip("triton")
+    from sn_ext.triton import _host
+
+    assert [_host.pow2(n) for n in range(1, 5000)] == [triton.next_power_of_2(n) for n in range(1, 5000)]
+    assert _host.pow2(0) == 1
+    pairs = [(a, b) for a in range(0, 300) for b in range(1, 40)] + [(2**40 + 3, 7), (2**33, 2**16)]
+    assert [_host.cdiv(a, b) for a, b in pairs] == [triton.cdiv(a, b) for a, b in pairs]
+
+
 @pytest.mark.skipif(CUDA or CHILD, reason="checks the errors on a machine without a GPU (once, not in the child)")
 def test_triton_backend_without_gpu_explains_why():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SN_EXT_BACKEND")}

@@ -529,21 +529,21 @@ class _Split:
 
 def _split(length: int, block: int, other_blocks: int, min_per_split: int) -> tuple[int, int]:
     """(splits, chunk) of a summed dimension of `length`, chunks a multiple of `block`, no piece empty."""
-    wanted = max(1, min(triton.cdiv(_host.TARGET_PROGRAMS, other_blocks), triton.cdiv(length, min_per_split)))
-    chunk = triton.cdiv(triton.cdiv(length, wanted), block) * block
-    return triton.cdiv(length, chunk), chunk
+    wanted = max(1, min(_host.cdiv(_host.TARGET_PROGRAMS, other_blocks), _host.cdiv(length, min_per_split)))
+    chunk = _host.cdiv(_host.cdiv(length, wanted), block) * block
+    return _host.cdiv(length, chunk), chunk
 
 
 def _plan_matvec(m: _host.Matrix) -> _Split:
     block_rows, block_cols = _host.tile_shape(m.rows, m.cols)
-    blocks = triton.cdiv(m.rows, block_rows)
+    blocks = _host.cdiv(m.rows, block_rows)
     splits, chunk = _split(m.cols, block_cols, blocks, _host.MIN_COLS_PER_SPLIT)
     return _Split(blocks, splits, chunk, block_rows, block_cols)
 
 
 def _plan_rmatvec(m: _host.Matrix) -> _Split:
     block_rows, block_cols = _host.tile_shape(m.rows, m.cols)
-    blocks = triton.cdiv(m.cols, block_cols)
+    blocks = _host.cdiv(m.cols, block_cols)
     splits, chunk = _split(m.rows, block_rows, blocks, _host.MIN_ROWS_PER_SPLIT)
     return _Split(blocks, splits, chunk, block_rows, block_cols)
 
@@ -676,8 +676,8 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
             rmatvec(u_new, 1)
             normalize(m.cols, rmv.splits, v_new, v, u_new, u, False, last)
     block_rows, block_cols = _host.tile_shape(m.rows, m.cols)
-    col_blocks = triton.cdiv(m.cols, block_cols)
-    wrap_triton(divide_kernel)[(triton.cdiv(m.rows, block_rows) * col_blocks,)](
+    col_blocks = _host.cdiv(m.cols, block_cols)
+    wrap_triton(divide_kernel)[(_host.cdiv(m.rows, block_rows) * col_blocks,)](
         w3,
         out3,
         sigma,

@@ -7,7 +7,6 @@ writes its tile). Sums are split by the shape only, so results are deterministic
 """
 
 import torch
-import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
@@ -199,8 +198,8 @@ def triton_spectral_normalize_backward(
             num_warps=_host.FUSED_WARPS,
         )
     else:
-        col_blocks = triton.cdiv(m.cols, block_cols)
-        tiles = triton.cdiv(m.rows, block_rows) * col_blocks
+        col_blocks = _host.cdiv(m.cols, block_cols)
+        tiles = _host.cdiv(m.rows, block_rows) * col_blocks
         parts = min(tiles, _host.MAX_LAMBDA_PARTS)
         part = torch.empty(parts, dtype=sig.dtype, device=weight_sn.device)
         wrap_triton(lambda_partial_kernel)[(parts,)](
