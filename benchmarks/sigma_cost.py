@@ -5,6 +5,7 @@ reading every sigma back with ``sn_ext.sigmas(model)``.
 
     python -m benchmarks.sigma_cost                 # cuda if available, else cpu
     python -m benchmarks.sigma_cost --quick --device cpu
+    python -m benchmarks.sigma_cost --out benchmarks/results/cpu-amd-epyc   # also sigma_cost.md and .json
 
 The forward's op count is the one before sigma was kept (3 per layer in train mode per layer: the op and the two
 buffer copies; grouped: one op for all the layers): tests/test_diagnostics.py checks it.
@@ -13,7 +14,9 @@ buffer copies; grouped: one op for all the layers): tests/test_diagnostics.py ch
 from __future__ import annotations
 
 import argparse
+import json
 import timeit
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +24,7 @@ from torch import nn
 import sn_ext
 
 from .op_count import KIND, count_ops
+from .records import device_name, markdown_table
 from .timing import Step, measure
 
 LAYERS = 8
@@ -79,14 +83,21 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sigma_cost", description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="short timings (a smoke run, not for numbers)")
+    p.add_argument("--out", type=Path, help="also write sigma_cost.md and sigma_cost.json here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     rows = run(device, args.quick)
-    print(f"# keeping sigma, {LAYERS} conv layers {WIDTH}x{WIDTH}x3x3, train-mode forward, {device.type}")
-    print(f"# ops: {KIND[device.type]}")
-    print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    lines = [
+        f"# keeping sigma, {LAYERS} conv layers {WIDTH}x{WIDTH}x3x3, train-mode forward, {device_name(device)}",
+        f"# ops: {KIND[device.type]}",
+        "",
+        markdown_table(list(rows[0]), [[f"{v:.3g}" if isinstance(v, float) else v for v in r.values()] for r in rows]),
+    ]
+    print("\n".join(lines))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sigma_cost.md").write_text("\n".join(lines) + "\n")
+        (args.out / "sigma_cost.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 
