@@ -352,8 +352,8 @@ struct alignas(16) Pack {
   scalar_t val[kSize];
 };
 
-// Calls body(pack_index) for this block's packs of `packs`, two at a time while it can (two loads in flight), then
-// tail(e) for this block's elements in [packs * kSize, numel).
+// Walks this block's whole packs two at a time, body(k0, k1) (two loads in flight; k1 = -1 for a last single pack),
+// then calls tail(e) for this block's elements after the last whole pack, in [packs * kSize, numel).
 template <int kSize, typename Body, typename Tail>
 __device__ __forceinline__ void for_each_pack(int64_t numel, int64_t block, int64_t blocks, const Body& body,
                                               const Tail& tail) {
