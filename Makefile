@@ -13,7 +13,7 @@ ifeq ($(shell command -v nvidia-smi),)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 endif
 
-SOURCES := setup.py build_config.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py build_config.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
 .PHONY: setup demo test test-python test-cpp test-packaging test-matrix lint format bench clean results
 
@@ -61,7 +61,7 @@ test-matrix:
 
 # ruff (lint + format check, pyproject.toml) and clang-format (.clang-format) on csrc/; run by CI. `make format`
 # applies both formatters.
-CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/tests/*.cpp)
+CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/tests/*.cpp)
 lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
