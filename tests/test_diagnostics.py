@@ -185,9 +185,9 @@ def test_compiles_fullgraph_and_keeps_sigma(grouped):
             assert not ours[name].requires_grad
             assert_rel(ours[name], theirs[name], 1e-6, name)
             assert_rel(ours[name], _u_w_v(twin[int(name[0])]), 1e-6, name)
-    # grouped: one recompile at the second call, when the group's forward hook has made `_grouped_result` an
-    # instance attribute (so before sigma was kept too); none after
-    assert counter.frame_count == (2 if grouped else 1)
+    # No recompile per step. Grouped: at most one, at the second call, when the group's forward hook has made
+    # `_grouped_result` an instance attribute (so before sigma was kept too); torch 2.14 recompiles there, 2.6 not.
+    assert 1 <= counter.frame_count <= (2 if grouped else 1)
     torch._dynamo.reset()
 
 
