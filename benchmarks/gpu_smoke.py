@@ -59,7 +59,10 @@ def launch_mode(mode: str):
     try:
         yield
     finally:
-        os.environ.pop(backends.LAUNCH_ENV_VAR) if old is None else os.environ.update({backends.LAUNCH_ENV_VAR: old})
+        if old is None:
+            del os.environ[backends.LAUNCH_ENV_VAR]
+        else:
+            os.environ[backends.LAUNCH_ENV_VAR] = old
 
 
 def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -31,6 +31,7 @@ from ._matrix import to_matrix
 from .nn.grouped import SpectralNormGroup, ungroup_spectral_norm
 from .nn.legacy_hook import SpectralNorm as _LegacyHook
 from .nn.legacy_hook import _StateDictVersion
+from .nn.registered import Registered, spectral_norms
 from .nn.spectral_norm import SpectralNorm
 
 
@@ -50,23 +51,11 @@ class _Swap:
         return not isinstance(self.old, nn.Module)
 
 
-def _where(qualname: str, module: nn.Module, name: str) -> str:
-    kind = parametrize.type_before_parametrizations(module).__name__  # Linear, not torch's ParametrizedLinear
-    return f"'{qualname}' ({kind}), tensor '{name}'" if qualname else f"the model's ({kind}) tensor '{name}'"
-
-
-def _find(model: nn.Module, parametrization: type, hook: type):
-    """(where, module, name, key, norm) of every spectral norm in `model` that is an instance of `parametrization`
-    (in parametrizations[name], key = its index) or `hook` (a forward pre-hook, key = its key)."""
-    for qualname, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for name, plist in module.parametrizations.items():
-                for index, norm in enumerate(plist):
-                    if isinstance(norm, parametrization):
-                        yield _where(qualname, module, name), module, name, index, norm
-        for key, fn in module._forward_pre_hooks.items():
-            if isinstance(fn, hook):
-                yield _where(qualname, module, fn.name), module, fn.name, key, fn
+def _where(found: Registered) -> str:
+    """The layer and tensor, for error messages."""
+    kind = parametrize.type_before_parametrizations(found.module).__name__  # Linear, not torch's ParametrizedLinear
+    layer = f"'{found.qualname}' ({kind}), tensor" if found.qualname else f"the model's ({kind}) tensor"
+    return f"{layer} '{found.tensor_name}'"
 
 
 def _check_exact(norm: object, torch_type: type) -> None:
@@ -164,7 +153,8 @@ def convert_spectral_norm(model: nn.Module, grouped: bool = False, *, backend: s
     shape, ...) before changing anything. Warns if `model` has no spectral norm of torch's. Returns `model`.
     """
     swaps, failures = [], []
-    for where, module, name, key, old in _find(model, _TorchSpectralNorm, _TorchLegacySpectralNorm):
+    for found in spectral_norms(model, (_TorchSpectralNorm,), (_TorchLegacySpectralNorm,)):
+        where, module, name, key, old = _where(found), found.module, found.tensor_name, found.key, found.norm
         try:
             if isinstance(old, nn.Module):
                 new = _sn_ext_parametrization(module, name, key, old, backend)
@@ -201,7 +191,8 @@ def restore_torch_spectral_norm(model: nn.Module) -> nn.Module:
     torch's same version with the same settings, keeping the Parameter objects, u, v and the state_dict, so that
     the model runs (and pickles) without sn_ext. Grouped models are ungrouped first. Returns `model`."""
     swaps = []
-    for where, module, name, key, old in _find(model, SpectralNorm, _LegacyHook):
+    for found in spectral_norms(model, (SpectralNorm,), (_LegacyHook,)):
+        where, module, name, key, old = _where(found), found.module, found.tensor_name, found.key, found.norm
         if isinstance(old, nn.Module):
             new = _torch_parametrization(old)
         else:

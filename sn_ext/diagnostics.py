@@ -29,13 +29,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
-from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
 from ._matrix import to_matrix
-from .nn.legacy_hook import SpectralNorm as _LegacyHook
-from .nn.spectral_norm import SpectralNorm
+from .nn.registered import spectral_norms
 
 # The operator-norm power iteration stops when its relative residual is below TOL, or after MAX_ITERS rounds
 # (operator_norm); report.rows say how many rounds ran and whether it converged.
@@ -67,19 +63,17 @@ class _Norm:
 
 def _norms(model: nn.Module) -> list[_Norm]:
     found = []
-    for path, module in model.named_modules():
-        prefix = f"{path}." if path else ""
-        if parametrize.is_parametrized(module):
-            for tensor_name, chain in module.parametrizations.items():
-                norm = chain[0]
-                if isinstance(norm, (SpectralNorm, _TorchSpectralNorm)):
-                    u, v = getattr(norm, "_u", None), getattr(norm, "_v", None)
-                    found.append(_Norm(prefix + tensor_name, module, tensor_name, norm, chain.original, u, v, norm.dim))
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, (_LegacyHook, _TorchLegacySpectralNorm)):
-                n = hook.name
-                weight, u, v = (getattr(module, n + suffix) for suffix in ("_orig", "_u", "_v"))
-                found.append(_Norm(prefix + n, module, n, hook, weight, u, v, hook.dim))
+    for entry in spectral_norms(model):
+        module, tensor_name, norm = entry.module, entry.tensor_name, entry.norm
+        name = f"{entry.qualname}.{tensor_name}" if entry.qualname else tensor_name
+        if entry.is_hook:
+            weight, u, v = (getattr(module, tensor_name + suffix) for suffix in ("_orig", "_u", "_v"))
+        elif entry.key == 0:  # the first parametrization of its tensor (a later one's input needs a forward)
+            weight = module.parametrizations[tensor_name].original
+            u, v = getattr(norm, "_u", None), getattr(norm, "_v", None)
+        else:
+            continue
+        found.append(_Norm(name, module, tensor_name, norm, weight, u, v, norm.dim))
     return found
 
 
