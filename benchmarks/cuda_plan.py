@@ -69,7 +69,7 @@ def rmatvec_blocks(rows: int, cols: int) -> tuple[int, int]:
 
 
 def plan(shape: tuple[int, ...], itemsize: int, sms: int, n: int = 1) -> list[dict]:
-    """One row per op: spectral_normalize (u-first, n rounds) and spectral_normalize_backward, for dim 0."""
+    """One row per op: spectral_normalize_ (u-first, n rounds) and spectral_normalize_backward, for dim 0."""
     rows, numel = shape[0], math.prod(shape)
     cols = numel // rows
     elementwise = max(1, min(math.ceil(numel / THREADS), sms * (2048 // THREADS)))
@@ -95,7 +95,7 @@ def plan(shape: tuple[int, ...], itemsize: int, sms: int, n: int = 1) -> list[di
         blocks = 1 if one_block else min(wanted, math.ceil(numel / (THREADS * ELEMENTS_PER_THREAD)), resident)
         out.append(
             {
-                "op": "spectral_normalize" if op == "forward" else "spectral_normalize_backward",
+                "op": "spectral_normalize_" if op == "forward" else "spectral_normalize_backward",
                 "blocks": "1 (one block)" if one_block else str(blocks),
                 "launches": "1" if one_block else f"1 (phased: {phases})",
                 "grid barriers": 0 if one_block else phases - 1,

@@ -2,7 +2,7 @@
 fast they are. Every check's result goes to <out>/smoke.json as soon as it is known, so that a later hang or crash
 keeps what came before.
 
-- correct: every op (spectral_normalize u-first and v-first with n = 0, 1, 3; power_iteration_;
+- correct: every op (spectral_normalize_ u-first and v-first with n = 0, 1, 3; power_iteration_;
   spectral_normalize_backward; the grouped ops on a 13-layer group) on a few shapes and dtypes, against the same op
   on the CPU (normwise relative error; the CPU kernels round u and v to the weight's dtype as the CUDA ones do);
 - launch modes: cooperative and phased launches (SN_EXT_CUDA_LAUNCH) give the same bits, and a forward + backward
@@ -80,12 +80,23 @@ def inputs(shape, dtype, seed=0):
 
 
 def all_ops(w, u, v, g, n, v_first):
-    """Every per-layer op's outputs on these inputs (power_iteration_ on copies of u and v)."""
-    w_sn, sigma, u_new, v_new = ops.spectral_normalize(w, u, v, 0, n, EPS, v_first)
-    grad = ops.spectral_normalize_backward(g, w_sn, u_new, v_new, sigma, 0)
-    u_buf, v_buf = u.clone(), v.clone()
-    sigma_pi = ops.power_iteration_(w, u_buf, v_buf, 0, n, EPS, v_first)
-    return {"w_sn": w_sn, "sigma": sigma, "u": u_new, "v": v_new, "grad": grad, "pi_sigma": sigma_pi, "pi_u": u_buf}
+    """Every per-layer op's outputs on these inputs (the in-place ops on copies of u and v, which are outputs too)."""
+    u_sn, v_sn = u.clone(), v.clone()
+    w_sn, sigma, u_used, v_used = ops.spectral_normalize_(w, u_sn, v_sn, 0, n, EPS, v_first)
+    grad = ops.spectral_normalize_backward(g, w_sn, u_used, v_used, sigma, 0)
+    u_pi, v_pi = u.clone(), v.clone()
+    sigma_pi = ops.power_iteration_(w, u_pi, v_pi, 0, n, EPS, v_first)
+    return {
+        "w_sn": w_sn,
+        "sigma": sigma,
+        "u": u_used,
+        "v": v_used,
+        "u_in_place": u_sn,
+        "v_in_place": v_sn,
+        "grad": grad,
+        "pi_sigma": sigma_pi,
+        "pi_u": u_pi,
+    }
 
 
 def check_ops(results: Results) -> None:
@@ -129,7 +140,7 @@ def check_grouped(results: Results) -> None:
             grads = ops.spectral_normalize_grouped_backward(g, w_sn, u_used, v_used, sigmas, dims)
             same = True
             for i in range(count):  # each layer's bits equal its per-layer launch's
-                w_sn_i, sigma_i, u_i, v_i = ops.spectral_normalize(w[i], us[i].cuda(), vs[i].cuda(), 0, 1, EPS)
+                w_sn_i, sigma_i, u_i, v_i = ops.spectral_normalize_(w[i], us[i].cuda(), vs[i].cuda(), 0, 1, EPS)
                 grad_i = ops.spectral_normalize_backward(g[i], w_sn_i, u_i, v_i, sigma_i, 0)
                 same &= (
                     torch.equal(w_sn_i, w_sn[i]) and torch.equal(sigma_i, sigmas[i]) and torch.equal(grad_i, grads[i])
@@ -162,13 +173,16 @@ def captured(step):
 
 
 def check_graphs(results: Results) -> None:
-    w, u, v, g = (t.cuda() for t in inputs((256, 128, 3, 3), torch.float32))
+    w, u0, v0, g = (t.cuda() for t in inputs((256, 128, 3, 3), torch.float32))
+    u, v = u0.clone(), v0.clone()
     for mode in ("cooperative", "phased"):
         with launch_mode(mode):
 
-            def step():
-                w_sn, sigma, u_new, v_new = ops.spectral_normalize(w, u, v, 0, 1, EPS)
-                return ops.spectral_normalize_backward(g, w_sn, u_new, v_new, sigma, 0)
+            def step():  # from the same vectors every time (the op updates u, v in place)
+                u.copy_(u0)
+                v.copy_(v0)
+                w_sn, sigma, u_used, v_used = ops.spectral_normalize_(w, u, v, 0, 1, EPS)
+                return ops.spectral_normalize_backward(g, w_sn, u_used, v_used, sigma, 0)
 
             eager = step()
             graph, static = captured(step)

@@ -21,7 +21,7 @@ from .records import failure, log, rounded
 from .timing import Step, measure
 
 OPS = {
-    "spectral_normalize": spectral_normalize,
+    "spectral_normalize_": spectral_normalize,
     "spectral_normalize_backward": spectral_normalize_backward,
     "power_iteration_": power_iteration,
 }

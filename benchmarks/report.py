@@ -254,9 +254,10 @@ def bandwidth_part(rows: list[dict], settings: dict, out: Path) -> str:
             [
                 "## Bandwidth\n",
                 _header(rows, settings),
-                "\nA train step (forward with one power iteration + backward) must move at least 5 weight-sized "
-                "tensors (read W, write W_sn; read G and W_sn, write grad_W); a copy moves 2. Effective GB/s = those "
-                "bytes / the median time; the last column compares it with the copy's.\n",
+                "\nA train step (forward with one power iteration + backward) must make at least 7 weight-sized "
+                "passes (read W for the round; read W, write W_sn; read G and W_sn for <G, W_sn>; read G, write "
+                "grad_W); a copy makes 2. Effective GB/s = the bytes of those passes / the median time; the last "
+                "column compares it with the copy's.\n",
                 markdown_table(["weight", "dtype", "provider", "µs", "bytes", "effective GB/s", "of copy"], table),
                 *_not_measured(rows),
             ]

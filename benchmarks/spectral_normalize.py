@@ -1,5 +1,6 @@
-"""How the "ops" section (benchmarks/ops.py) calls sn_ext::spectral_normalize: a layer's whole forward (one power
-iteration, sigma, W / sigma) on a weight of the section's shape, with dim 0, through each backend's forward op."""
+"""How the "ops" section (benchmarks/ops.py) calls sn_ext::spectral_normalize_: a layer's whole forward (one power
+iteration, sigma, W / sigma, u and v updated in place) on a weight of the section's shape, with dim 0, through each
+backend's forward as modules call it (sn_ext.backends.Backend.forward)."""
 
 from __future__ import annotations
 

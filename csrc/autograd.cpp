@@ -19,19 +19,24 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
-                                                                                    const at::Tensor&,
-                                                                                    const at::Tensor&, int64_t, int64_t,
+using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, at::Tensor&,
+                                                                                    at::Tensor&, int64_t, int64_t,
                                                                                     double, bool);
 using BackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      const at::Tensor&, int64_t);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& weight, const at::Tensor& u,
-                                                                        const at::Tensor& v, int64_t dim, int64_t n,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& weight, at::Tensor& u,
+                                                                        at::Tensor& v, int64_t dim, int64_t n,
                                                                         double eps, bool v_first) {
   static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize", "").typed<ForwardSignature>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize_", "").typed<ForwardSignature>();
   return op.call(weight, u, v, dim, n, eps, v_first);
+}
+
+// Below ADInplaceOrView nothing bumped the versions of the vectors an op updated in place: do it, as an in-place
+// aten op would (autograd then refuses a backward through anything that saved them before the update).
+void bump_versions(at::TensorList tensors) {
+  for (const auto& t : tensors) torch::autograd::impl::bump_version(t);
 }
 
 at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& weight_sn, const at::Tensor& u, const at::Tensor& v,
@@ -71,15 +76,22 @@ int64_t wrapped(int64_t dim, const at::Tensor& t) {
 
 class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
-                               int64_t dim, int64_t n, double eps, bool v_first) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [weight_sn, sigma, u_new, v_new] = call_forward(weight, u, v, dim, n, eps, v_first);
-    ctx->mark_non_differentiable({u_new, v_new});
+  // Autograd saves the vectors used (fresh tensors), not the buffers u and v, so that a second call before this
+  // one's backward may update the buffers again.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u, at::Tensor v, int64_t dim,
+                               int64_t n, double eps, bool v_first) {
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      result = call_forward(weight, u, v, dim, n, eps, v_first);
+    }
+    bump_versions({u, v});
+    auto& [weight_sn, sigma, u_used, v_used] = result;
+    ctx->mark_non_differentiable({u_used, v_used});
     ctx->set_materialize_grads(false);  // callers usually ignore sigma: no zero tensor for its gradient
-    ctx->save_for_backward({weight_sn, sigma, u_new, v_new});
+    ctx->save_for_backward({weight_sn, sigma, u_used, v_used});
     ctx->saved_data["dim"] = wrapped(dim, weight);
-    return {weight_sn, sigma, u_new, v_new};
+    return {weight_sn, sigma, u_used, v_used};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -130,10 +142,9 @@ class SpectralNormalizeBackward : public torch::autograd::Function<SpectralNorma
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_autograd(const at::Tensor& weight,
-                                                                                       const at::Tensor& u,
-                                                                                       const at::Tensor& v, int64_t dim,
-                                                                                       int64_t n, double eps,
-                                                                                       bool v_first) {
+                                                                                       at::Tensor& u, at::Tensor& v,
+                                                                                       int64_t dim, int64_t n,
+                                                                                       double eps, bool v_first) {
   auto out = SpectralNormalize::apply(weight, u, v, dim, n, eps, v_first);
   return {out[0], out[1], out[2], out[3]};
 }
@@ -165,9 +176,8 @@ class SpectralNormalizeGrouped : public torch::autograd::Function<SpectralNormal
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       result = op.call(weights, us, vs, dims, n, eps);
     }
-    // Below ADInplaceOrView nothing bumped the buffers' versions: do it, as an in-place aten op would.
-    for (const auto& t : us) torch::autograd::impl::bump_version(t);
-    for (const auto& t : vs) torch::autograd::impl::bump_version(t);
+    bump_versions(us);
+    bump_versions(vs);
     auto& [weights_sn, sigmas, us_used, vs_used] = result;
     const size_t layers = weights.size();
     for (size_t i = 0; i < layers; ++i) dims[i] = wrapped(dims[i], weights[i]);
@@ -254,7 +264,7 @@ std::vector<at::Tensor> spectral_normalize_grouped_backward_autograd(at::TensorL
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sn_ext, Autograd, m) {
-  m.impl("spectral_normalize", &spectral_normalize_autograd);
+  m.impl("spectral_normalize_", &spectral_normalize_autograd);
   m.impl("spectral_normalize_backward", &spectral_normalize_backward_autograd);
   m.impl("spectral_normalize_grouped_", &spectral_normalize_grouped_autograd);
   m.impl("spectral_normalize_grouped_backward", &spectral_normalize_grouped_backward_autograd);

@@ -28,7 +28,7 @@ void check_vectors(const char* op, const at::Tensor& weight, const at::Tensor& u
                    const MatrixShape& shape);
 void check_iterations(const char* op, int64_t n_power_iterations, double eps);
 
-// All the checks of a forward op (spectral_normalize, power_iteration_); returns the weight's matrix shape.
+// All the checks of a forward op (spectral_normalize_, power_iteration_); returns the weight's matrix shape.
 MatrixShape check_forward_args(const char* op, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                int64_t dim, int64_t n_power_iterations, double eps);
 // All the checks of spectral_normalize_backward; returns the matrix shape.

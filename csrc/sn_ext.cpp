@@ -8,19 +8,20 @@ TORCH_LIBRARY(sn_ext, m) {
   m.def(
       "power_iteration_(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, "
       "float eps, bool v_first=False) -> Tensor");
-  // Fused forward of one layer: n rounds of power iteration from (u, v), sigma, and weight / sigma.
-  // Functional: returns the new vectors instead of writing them, so autograd can save them.
+  // Fused forward of one layer: n rounds of power iteration from (u, v), sigma, and weight / sigma, in one call
+  // (one launch on a GPU). u and v are updated in place (not when n == 0, or when a round was degenerate), and the
+  // vectors sigma was computed with are also returned as fresh tensors for autograd to save, so that a second call
+  // before the first one's backward may overwrite u and v.
   m.def(
-      "spectral_normalize(Tensor weight, Tensor u, Tensor v, int dim, int n_power_iterations, float eps, "
-      "bool v_first=False) -> (Tensor weight_sn, Tensor sigma, Tensor u_new, Tensor v_new)");
+      "spectral_normalize_(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float eps, "
+      "bool v_first=False) -> (Tensor weight_sn, Tensor sigma, Tensor u_used, Tensor v_used)");
   // Backward of weight -> weight / (u^T W v): (grad - <grad, weight_sn> u v^T) / sigma.
   m.def(
       "spectral_normalize_backward(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, int dim) "
       "-> Tensor");
   // Grouped mode (sn_ext.grouped_spectral_norm): the forward of many layers in one call (one launch on a GPU).
-  // u-first rounds as spectral_normalize for every layer; us and vs are updated in place (no copy launches), and
-  // the vectors the results were computed with are returned for autograd (a second call before the first one's
-  // backward overwrites us and vs). sigmas holds one value per layer. All weights share one dtype and device.
+  // u-first rounds as spectral_normalize_ for every layer, us and vs updated in place and the vectors used
+  // returned as spectral_normalize_ does. sigmas holds one value per layer. All weights share one dtype and device.
   m.def(
       "spectral_normalize_grouped_(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, "
       "int n_power_iterations, float eps) -> (Tensor[] weights_sn, Tensor sigmas, Tensor[] us_used, "

@@ -43,7 +43,7 @@ def register() -> None:
     register_ops(
         (
             "power_iteration_",
-            "spectral_normalize",
+            "spectral_normalize_",
             "spectral_normalize_backward",
             "spectral_normalize_grouped_",
             "spectral_normalize_grouped_backward",

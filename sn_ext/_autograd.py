@@ -22,28 +22,28 @@ _ops = torch.ops.sn_ext
 
 def _setup_forward(ctx, inputs, output):
     weight, _, _, dim, *_ = inputs
-    weight_sn, sigma, u_new, v_new = output
-    ctx.mark_non_differentiable(u_new, v_new)
+    weight_sn, sigma, u_used, v_used = output
+    ctx.mark_non_differentiable(u_used, v_used)
     ctx.set_materialize_grads(False)  # the usual caller ignores sigma: no zero tensor for its gradient
-    ctx.save_for_backward(weight_sn, sigma, u_new, v_new)
+    ctx.save_for_backward(weight_sn, sigma, u_used, v_used)
     ctx.dim = dim
 
 
-def _backward_of_forward(backward_op):
-    """The backward of a forward op, calling `backward_op` (a spectral_normalize_backward-schema op of the same
+def _backward_of_forward(backward: str):
+    """The backward of a forward op, calling sn_ext::<backward> (a spectral_normalize_backward-schema op of the same
     backend) for the W_sn part: one formula for every backend."""
 
-    def backward(ctx, grad_weight_sn, grad_sigma, _grad_u, _grad_v):
+    def backward_fn(ctx, grad_weight_sn, grad_sigma, _grad_u, _grad_v):
         weight_sn, sigma, u, v = ctx.saved_tensors
         grad_weight = None
         if grad_weight_sn is not None:
-            grad_weight = backward_op(grad_weight_sn, weight_sn, u, v, sigma, ctx.dim)
+            grad_weight = getattr(_ops, backward).default(grad_weight_sn, weight_sn, u, v, sigma, ctx.dim)
         if grad_sigma is not None:
             from_sigma = (grad_sigma * rank_one(u, v, weight_sn, ctx.dim)).to(weight_sn.dtype)
             grad_weight = from_sigma if grad_weight is None else grad_weight + from_sigma
         return grad_weight, None, None, None, None, None, None
 
-    return backward
+    return backward_fn
 
 
 # Double backward (gradient penalties through W's gradient, gradgradcheck). With out = (G - lam P) / sigma,
@@ -68,9 +68,27 @@ def _backward_backward(ctx, h):
     return d_grad, d_weight_sn, None, None, d_sigma, None
 
 
-# torch.library.register_autograd refuses ops that mutate inputs (us, vs), so without the compiled library the
-# formulas of csrc/autograd.cpp's SpectralNormalizeGrouped are registered as an Autograd kernel directly: a
-# torch.autograd.Function over the flattened lists (L weights_sn, sigmas, L us_used, L vs_used).
+# torch.library.register_autograd refuses ops that mutate inputs (u, v), so without the compiled library the
+# formulas of csrc/autograd.cpp's SpectralNormalize and SpectralNormalizeGrouped are registered as Autograd kernels
+# directly: torch.autograd.Functions (the grouped one over the flattened lists: L weights_sn, sigmas, L us_used,
+# L vs_used). Below Autograd nothing bumps the versions of the vectors updated in place: they do, as an in-place
+# aten op would.
+
+
+class _Forward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, u, v, dim, n_power_iterations, eps, v_first):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = _ops.spectral_normalize_.default(weight, u, v, dim, n_power_iterations, eps, v_first)
+        torch.autograd.graph.increment_version((u, v))
+        _setup_forward(ctx, (weight, u, v, dim), output)
+        return output
+
+    backward = staticmethod(_backward_of_forward("spectral_normalize_backward"))
+
+
+def _forward_autograd(weight, u, v, dim, n_power_iterations, eps, v_first=False):
+    return _Forward.apply(weight, u, v, dim, n_power_iterations, eps, v_first)
 
 
 class _Grouped(torch.autograd.Function):
@@ -81,6 +99,7 @@ class _Grouped(torch.autograd.Function):
             weights_sn, sigmas, us_used, vs_used = _ops.spectral_normalize_grouped_.default(
                 list(weights), list(us), list(vs), dims, n_power_iterations, eps
             )
+        torch.autograd.graph.increment_version((*us, *vs))
         ctx.mark_non_differentiable(*us_used, *vs_used)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*weights_sn, sigmas, *us_used, *vs_used)
@@ -121,19 +140,19 @@ def _grouped_autograd(weights, us, vs, dims, n_power_iterations, eps):
 
 
 def register_ops(forward: str, backward: str) -> None:
-    """The formulas for a backend's pair of ops with the schemas of spectral_normalize / spectral_normalize_backward
-    (names in the sn_ext namespace): the forward's backward calls `backward`."""
-    torch.library.register_autograd(
-        f"sn_ext::{forward}", _backward_of_forward(getattr(_ops, backward).default), setup_context=_setup_forward
-    )
+    """The formulas for a backend's pair of ops with the schemas _schemas.BACKEND_FORWARD_SCHEMA /
+    spectral_normalize_backward's (names in the sn_ext namespace): the forward's backward calls `backward`."""
+    torch.library.register_autograd(f"sn_ext::{forward}", _backward_of_forward(backward), setup_context=_setup_forward)
     torch.library.register_autograd(f"sn_ext::{backward}", _backward_backward, setup_context=_setup_backward)
 
 
 def register() -> None:
-    """Without the compiled library: the formulas of every sn_ext op, as csrc/autograd.cpp registers them.
-    torch.library.register_autograd refuses ops that mutate inputs (the grouped forward's us, vs), so that one is
-    an Autograd kernel of its own."""
-    register_ops("spectral_normalize", "spectral_normalize_backward")
+    """Without the compiled library: the formulas of every sn_ext op, as csrc/autograd.cpp registers them. The
+    forwards update u and v in place, which register_autograd refuses: they are Autograd kernels of their own."""
+    torch.library.register_autograd(
+        "sn_ext::spectral_normalize_backward", _backward_backward, setup_context=_setup_backward
+    )
     lib = torch.library.Library("sn_ext", "IMPL")
+    lib.impl("spectral_normalize_", _forward_autograd, "Autograd")
     lib.impl("spectral_normalize_grouped_", _grouped_autograd, "Autograd")
     _library.keep_alive(lib)

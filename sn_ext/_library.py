@@ -77,15 +77,16 @@ def _register_reference() -> None:
     _libraries.append(lib)
 
 
-# The reference again under its own names, with the same schemas: the "reference" backend (sn_ext.backends) calls
-# these, so that it can be chosen on a device whose sn_ext::spectral_normalize runs compiled kernels.
+# The reference again under its own names, with the backends' schemas: the "reference" backend (sn_ext.backends)
+# calls these, so that it can be chosen on a device whose sn_ext::spectral_normalize_ runs compiled kernels.
 REFERENCE_OPS = ("reference_spectral_normalize", "reference_spectral_normalize_backward")
 
 
 def _define_reference_ops() -> None:
     lib = torch.library.Library(_schemas.NAMESPACE, "FRAGMENT")
-    for name, same_as in zip(REFERENCE_OPS, ("spectral_normalize", "spectral_normalize_backward")):
-        lib.define(name + _schemas.SCHEMAS[same_as])
+    schemas = (_schemas.BACKEND_FORWARD_SCHEMA, _schemas.SCHEMAS["spectral_normalize_backward"])
+    for name, schema in zip(REFERENCE_OPS, schemas):
+        lib.define(name + schema)
         lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
     _libraries.append(lib)
 
@@ -106,5 +107,5 @@ def load() -> LibraryStatus:
 
 def has_compiled_kernel(dispatch_key: str) -> bool:
     """Whether the compiled library registered a kernel for this dispatch key ("CPU", "CUDA")."""
-    qualname = f"{_schemas.NAMESPACE}::spectral_normalize"
+    qualname = f"{_schemas.NAMESPACE}::spectral_normalize_"
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)

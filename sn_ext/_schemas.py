@@ -11,9 +11,9 @@ SCHEMAS = {
         "(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float eps, "
         "bool v_first=False) -> Tensor"
     ),
-    "spectral_normalize": (
-        "(Tensor weight, Tensor u, Tensor v, int dim, int n_power_iterations, float eps, bool v_first=False) "
-        "-> (Tensor weight_sn, Tensor sigma, Tensor u_new, Tensor v_new)"
+    "spectral_normalize_": (
+        "(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float eps, "
+        "bool v_first=False) -> (Tensor weight_sn, Tensor sigma, Tensor u_used, Tensor v_used)"
     ),
     "spectral_normalize_backward": (
         "(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor"
@@ -26,3 +26,12 @@ SCHEMAS = {
         "(Tensor[] grads, Tensor[] weights_sn, Tensor[] us, Tensor[] vs, Tensor sigmas, int[] dims) -> Tensor[]"
     ),
 }
+
+# The forward of the other backends (sn_ext.backends: "triton", "reference"): spectral_normalize_ without the
+# in-place update, returning the new vectors instead. Python custom ops cannot have autograd formulas when they
+# mutate an input (torch.library.register_autograd refuses them); the backend's caller copies u_new, v_new into
+# the buffers (sn_ext.backends.Backend.forward).
+BACKEND_FORWARD_SCHEMA = (
+    "(Tensor weight, Tensor u, Tensor v, int dim, int n_power_iterations, float eps, bool v_first=False) "
+    "-> (Tensor weight_sn, Tensor sigma, Tensor u_new, Tensor v_new)"
+)

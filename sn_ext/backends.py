@@ -1,13 +1,15 @@
 """Which kernels run a spectral norm: the backends, why each can or cannot take an input, and the automatic choice.
 
-Every backend is a pair of ops with the schemas of sn_ext::spectral_normalize / spectral_normalize_backward, and
-shares their fake kernels and autograd formulas (sn_ext/ops.py):
+Every backend is a pair of ops, a forward and a backward with sn_ext::spectral_normalize_backward's schema, sharing
+the fake kernels and autograd formulas (sn_ext/ops.py). The compiled backends' forward, sn_ext::spectral_normalize_,
+updates u and v in place; the others' (_schemas.BACKEND_FORWARD_SCHEMA) return the new vectors, and
+Backend.forward copies them into u and v, so that every backend's forward does the same for its caller:
 
 =============  ==========================================  ====================================================
 backend        ops                                         takes
 =============  ==========================================  ====================================================
-"cpu"          sn_ext::spectral_normalize (csrc/cpu)       CPU tensors, when the compiled library is loaded
-"cuda"         sn_ext::spectral_normalize (csrc/cuda)      CUDA tensors, when the library was built with CUDA
+"cpu"          sn_ext::spectral_normalize_ (csrc/cpu)      CPU tensors, when the compiled library is loaded
+"cuda"         sn_ext::spectral_normalize_ (csrc/cuda)     CUDA tensors, when the library was built with CUDA
 "triton"       sn_ext::triton_spectral_normalize           CUDA tensors, with triton >= 3.2 and torch >= 2.6
                (sn_ext/triton)                             (CPU tensors instead under TRITON_INTERPRET=1: slow)
 "reference"    sn_ext::reference_spectral_normalize        any device (pure PyTorch)
@@ -30,6 +32,7 @@ sn_ext/nn/_kernels.py keeps the choice in the module):
 """
 
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -93,7 +96,10 @@ class Backend:
 
     @property
     def forward(self):
-        return getattr(torch.ops.sn_ext, self.forward_op).default
+        """(W, u, v, dim, n, eps, v_first=False) -> (W_sn, sigma, u_used, v_used), u and v updated in place:
+        sn_ext::spectral_normalize_'s contract, whichever backend."""
+        op = getattr(torch.ops.sn_ext, self.forward_op).default
+        return op if self.forward_op == "spectral_normalize_" else functools.partial(_updating_vectors, op)
 
     @property
     def backward(self):
@@ -101,6 +107,17 @@ class Backend:
 
     def __reduce__(self):  # pickles by name (ops do not pickle)
         return get, (self.name,)
+
+
+def _updating_vectors(op, weight, u, v, dim, n_power_iterations, eps, v_first=False):
+    """A forward of _schemas.BACKEND_FORWARD_SCHEMA with spectral_normalize_'s contract: the new vectors copied into
+    u and v (non-differentiable outputs: the copies record nothing for autograd; autograd saved u_new, v_new, so a
+    second call before the first one's backward is right)."""
+    weight_sn, sigma, u_new, v_new = op(weight, u, v, dim, n_power_iterations, eps, v_first)
+    if n_power_iterations:
+        u.copy_(u_new)
+        v.copy_(v_new)
+    return weight_sn, sigma, u_new, v_new
 
 
 # ---- machine-level reasons, per backend ----
@@ -155,8 +172,8 @@ def _no_reasons():
 _MACHINE_REASONS = {"cpu": _cpu_reasons, "cuda": _cuda_reasons, "triton": _triton_reasons, "reference": _no_reasons}
 
 _BACKENDS = {
-    "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", "spectral_normalize", "spectral_normalize_backward"),
-    "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", "spectral_normalize", "spectral_normalize_backward"),
+    "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", "spectral_normalize_", "spectral_normalize_backward"),
+    "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", "spectral_normalize_", "spectral_normalize_backward"),
     "triton": Backend(
         "triton", "Triton kernels (sn_ext/triton)", "triton_spectral_normalize", "triton_spectral_normalize_backward"
     ),
@@ -176,7 +193,8 @@ def get(name: str) -> Backend:
 
 
 class Kernels:
-    """What a module calls: the chosen backend's forward op, for weights on one device of one dtype. Immutable.
+    """What a module calls: the chosen backend's forward (Backend.forward), for weights on one device of one dtype.
+    Immutable.
 
     Modules check `kernels.device != weight.device or kernels.dtype != weight.dtype` before each call (about
     0.2 us; `weight.device.type` alone would cost twice that)."""

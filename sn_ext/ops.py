@@ -5,16 +5,21 @@ Importing this module loads the kernels (see _library.py). The ops, all on W's m
 (torch's ``W.permute(dim, *others).flatten(1)``, which the kernels read in place):
 
 - ``power_iteration_(W, u, v, dim, n, eps, v_first=False) -> sigma``: n rounds, u and v updated in place.
-- ``spectral_normalize(W, u, v, dim, n, eps, v_first=False) -> (W_sn, sigma, u_new, v_new)``: the fused forward,
-  differentiable in W (W_sn and sigma); u_new, v_new are the vectors after n rounds (fresh tensors, no grad).
+- ``spectral_normalize_(W, u, v, dim, n, eps, v_first=False) -> (W_sn, sigma, u_used, v_used)``: the fused
+  forward, differentiable in W (W_sn and sigma), with u and v updated in place (one launch on a GPU); u_used,
+  v_used are the vectors after n rounds as fresh tensors (no grad) for autograd to save, so that a second call
+  before the first one's backward may update u and v again. n == 0 changes nothing; a degenerate round (a
+  non-finite or zero vector) leaves u and v as they were.
 - ``spectral_normalize_backward(grad, W_sn, u, v, sigma, dim) -> grad_W``: ``(grad - <grad, W_sn> u v^T) / sigma``.
 - ``spectral_normalize_grouped_(Ws, us, vs, dims, n, eps) -> (W_sns, sigmas, us_used, vs_used)``: the forward of
-  many layers in one call (one launch on a GPU), u-first, with us and vs updated in place; ``sigmas`` is a vector.
+  many layers in one call (one launch on a GPU), u-first, as spectral_normalize_ per layer; ``sigmas`` is a vector.
 - ``spectral_normalize_grouped_backward(grads, W_sns, us, vs, sigmas, dims) -> grads_W``: their backward.
 
-The other backends' pairs (sn_ext.backends) have the same schemas and share the fake kernels and autograd formulas
-(register_backend_ops): ``reference_spectral_normalize(_backward)`` (pure PyTorch, always defined) and
-``triton_spectral_normalize(_backward)`` (sn_ext/triton, defined when that backend is first chosen).
+The other backends' pairs (sn_ext.backends) share the fake kernels and autograd formulas (register_backend_ops):
+``reference_spectral_normalize(_backward)`` (pure PyTorch, always defined) and ``triton_spectral_normalize(_backward)``
+(sn_ext/triton, defined when that backend is first chosen). Their forward is spectral_normalize_ without the
+in-place update (_schemas.BACKEND_FORWARD_SCHEMA: u_new, v_new returned, u and v untouched); sn_ext.backends
+makes the update for their callers.
 """
 
 import torch
@@ -34,10 +39,10 @@ def power_iteration_(
     return _ops.power_iteration_.default(weight, u, v, dim, n_power_iterations, eps, v_first)
 
 
-def spectral_normalize(
+def spectral_normalize_(
     weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _ops.spectral_normalize.default(weight, u, v, dim, n_power_iterations, eps, v_first)
+    return _ops.spectral_normalize_.default(weight, u, v, dim, n_power_iterations, eps, v_first)
 
 
 def spectral_normalize_backward(
@@ -81,8 +86,9 @@ def _(weight, u, v, dim, n_power_iterations, eps, v_first=False):
     return _sigma_like(weight)
 
 
-# Shared by every backend's ops with these schemas (see register_backend_ops).
-@torch.library.register_fake("sn_ext::spectral_normalize")
+# Shared by every backend's forward (see register_backend_ops): the outputs are the same whether or not the op
+# also updates u and v (functionalization handles that from the schema).
+@torch.library.register_fake("sn_ext::spectral_normalize_")
 def _fake_forward(weight, u, v, dim, n_power_iterations, eps, v_first=False):
     _check_vector_sizes(weight, u, v, dim)
     return (
@@ -131,9 +137,9 @@ if not library_status.loaded:
 
 
 def register_backend_ops(forward: str, backward: str, *, autocast: bool = True) -> None:
-    """Registers, for a backend's pair of ops with the schemas of spectral_normalize / spectral_normalize_backward
-    (names in the sn_ext namespace), the shared fake kernels, the autograd formulas (the forward's backward calling
-    `backward`), and optionally the autocast exclusion."""
+    """Registers, for a backend's pair of ops with the schemas _schemas.BACKEND_FORWARD_SCHEMA /
+    spectral_normalize_backward's (names in the sn_ext namespace), the shared fake kernels, the autograd formulas
+    (the forward's backward calling `backward`), and optionally the autocast exclusion."""
     torch.library.register_fake(f"sn_ext::{forward}", _fake_forward)
     torch.library.register_fake(f"sn_ext::{backward}", _fake_backward)
     _autograd.register_ops(forward, backward)

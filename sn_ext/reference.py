@@ -9,7 +9,7 @@ Same semantics as the fused kernels (csrc/cpu), written with plain torch ops:
 - complex weights (complex64, complex128) as torch's parametrization takes them: conjugate transposes where torch
   has them (W^H u, vdot), sigma = u^H W v in the weight's complex dtype (real after a round), and the gradient
   (G - <W_sn, G> u v^H) / conj(sigma); only the reference backend's ops take them (the compiled and Triton kernels,
-  and so sn_ext::spectral_normalize on every build, refuse them);
+  and so sn_ext::spectral_normalize_ on every build, refuse them);
 - a run that meets a non-finite or zero vector returns the input vectors unchanged (no host synchronisation).
 """
 
@@ -71,12 +71,25 @@ def spectral_normalize(
     eps: float,
     v_first: bool = False,
     *,
-    op: str = "sn_ext::spectral_normalize",
+    op: str = "sn_ext::spectral_normalize_",
     complex_ok: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """spectral_normalize_ without the in-place update (the test oracle, and the other backends' schema):
+    (W_sn, sigma, u_new, v_new), u and v untouched."""
     check_forward_args(op, weight, u, v, dim, n_power_iterations, eps, complex_ok)
     sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
     weight_sn = (weight.to(sigma.dtype) / sigma).to(weight.dtype)
+    return weight_sn, sigma, u_new, v_new
+
+
+def spectral_normalize_(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op: u and v also updated in place (u_new, v_new are the inputs' values when n == 0 or a round was
+    degenerate, so the copies change nothing then)."""
+    weight_sn, sigma, u_new, v_new = spectral_normalize(weight, u, v, dim, n_power_iterations, eps, v_first)
+    u.copy_(u_new)
+    v.copy_(v_new)
     return weight_sn, sigma, u_new, v_new
 
 
@@ -101,7 +114,7 @@ def spectral_normalize_backward(
 
 
 # The "reference" backend's own ops (sn_ext::reference_spectral_normalize(_backward)): the same, and they also take
-# complex weights. sn_ext::spectral_normalize refuses them on every build, as the compiled kernels do.
+# complex weights. sn_ext::spectral_normalize_ refuses them on every build, as the compiled kernels do.
 
 
 def reference_spectral_normalize(
@@ -129,9 +142,7 @@ def spectral_normalize_grouped_(
     check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n_power_iterations, eps)
     weights_sn, sigmas, us_used, vs_used = [], [], [], []
     for weight, u, v, dim in zip(weights, us, vs, dims):
-        weight_sn, sigma, u_new, v_new = spectral_normalize(weight, u, v, dim, n_power_iterations, eps)
-        u.copy_(u_new)
-        v.copy_(v_new)
+        weight_sn, sigma, u_new, v_new = spectral_normalize_(weight, u, v, dim, n_power_iterations, eps)
         weights_sn.append(weight_sn)
         sigmas.append(sigma)
         us_used.append(u_new)

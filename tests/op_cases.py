@@ -119,7 +119,7 @@ WHY_NOT = {
     "reference": None,
 }
 ON_GPU_ONLY = "a GPU-only case (real layer sizes, too slow for the Triton interpreter)"
-NO_TRITON_OP = "sn_ext/triton has kernels for spectral_normalize and spectral_normalize_backward only"
+NO_TRITON_OP = "sn_ext/triton has kernels for spectral_normalize_ and spectral_normalize_backward only"
 
 
 def dtype_id(dtype: torch.dtype) -> str:
@@ -139,10 +139,31 @@ def not_run(backend: str, reason: str, n_values: int):
 
 
 def forward_op(backend: str):
-    return {
-        "triton": lambda: torch.ops.sn_ext.triton_spectral_normalize.default,
-        "reference": lambda: torch.ops.sn_ext.reference_spectral_normalize.default,
-    }.get(backend, lambda: torch.ops.sn_ext.spectral_normalize.default)()
+    """The backend's forward op itself (for opcheck): sn_ext::spectral_normalize_ (u, v updated in place) for the
+    compiled backends, a _schemas.BACKEND_FORWARD_SCHEMA op (u, v untouched) for the others."""
+    return getattr(torch.ops.sn_ext, sn_ext.backends.get(backend).forward_op).default
+
+
+def _copy_keeping_strides(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
+def forward(backend: str) -> Callable:
+    """The backend's forward as modules call it (sn_ext.backends.Backend.forward: u and v updated in place),
+    called on copies of u and v (same strides) so that the caller's stay the inputs the tests compare against.
+    Checks that contract on every call: afterwards the copies hold the vectors used (the inputs when n == 0 or a
+    round was degenerate), and those are fresh contiguous tensors."""
+    run = sn_ext.backends.get(backend).forward
+
+    def call(weight, u, v, *args):
+        u_buffer, v_buffer = _copy_keeping_strides(u), _copy_keeping_strides(v)
+        out = run(weight, u_buffer, v_buffer, *args)
+        for buffer, used, name in ((u_buffer, out[2], "u"), (v_buffer, out[3], "v")):
+            torch.testing.assert_close(buffer, used, rtol=0, atol=0, equal_nan=True, msg=f"{name} updated in place")
+            assert used.data_ptr() != buffer.data_ptr(), f"{name}_used must be a fresh tensor"
+        return out
+
+    return call
 
 
 def backward_op(backend: str):

@@ -173,7 +173,7 @@ def test_report_has_a_table_per_part(quick_run):
         "### eval, bfloat16",
         "## Many layers",
         "## Each op",
-        "### spectral_normalize, float32",
+        "### spectral_normalize_, float32",
         "### spectral_normalize_backward, bfloat16",
         "### power_iteration_, float32",
         "## SN-GAN training steps",

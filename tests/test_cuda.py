@@ -32,12 +32,12 @@ def test_no_host_synchronisation():
     weight = randn(64, 3, 3, 3, seed=50, device=DEVICE)
     u, v = vectors(weight, 0, seed=10)
     grad = randn(64, 3, 3, 3, seed=51, device=DEVICE)
-    ops.spectral_normalize(weight, u, v, 0, 1, EPS)  # warm-up (lazy initialisation may synchronise)
+    ops.spectral_normalize_(weight, u, v, 0, 1, EPS)  # warm-up (lazy initialisation may synchronise)
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for n in (0, 1, 3):
-            w_sn, sigma, u_new, v_new = ops.spectral_normalize(weight, u, v, 0, n, EPS)
+            w_sn, sigma, u_new, v_new = ops.spectral_normalize_(weight, u, v, 0, n, EPS)
             ops.spectral_normalize_backward(grad, w_sn, u_new, v_new, sigma, 0)
             ops.power_iteration_(weight, u, v, 0, n, EPS)
     finally:
@@ -47,11 +47,11 @@ def test_no_host_synchronisation():
 def test_side_stream():
     weight = randn(97, 4099, seed=53, device=DEVICE)
     u, v = vectors(weight, 0, seed=10)
-    expected = ops.spectral_normalize(weight, u, v, 0, 2, EPS)
+    expected = ops.spectral_normalize_(weight, u.clone(), v.clone(), 0, 2, EPS)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        got = ops.spectral_normalize(weight, u, v, 0, 2, EPS)
+        got = ops.spectral_normalize_(weight, u.clone(), v.clone(), 0, 2, EPS)
     torch.cuda.current_stream().wait_stream(stream)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
@@ -61,18 +61,18 @@ def test_argument_checks():
     weight = randn(6, 5, seed=54, device=DEVICE)
     u, v = vectors(weight, 0, seed=10)
     with pytest.raises(ValueError, match="u must be a vector of size 6"):
-        ops.spectral_normalize(weight, u[:5], v, 0, 1, EPS)
+        ops.spectral_normalize_(weight, u[:5], v, 0, 1, EPS)
     with pytest.raises(TypeError, match="must have the weight's dtype"):
-        ops.spectral_normalize(weight, u.double(), v, 0, 1, EPS)
+        ops.spectral_normalize_(weight, u.double(), v, 0, 1, EPS)
     with pytest.raises(RuntimeError, match="must be on the weight's device"):
-        ops.spectral_normalize(weight, u.cpu(), v, 0, 1, EPS)
+        ops.spectral_normalize_(weight, u.cpu(), v, 0, 1, EPS)
     with pytest.raises(IndexError, match="dim out of range"):
         ops.power_iteration_(weight, u, v, 2, 1, EPS)
     with pytest.raises(ValueError, match="n_power_iterations must be >= 0"):
         ops.power_iteration_(weight, u, v, 0, -1, EPS)
     with pytest.raises(TypeError, match="weight must be float16, bfloat16, float32 or float64"):
-        ops.spectral_normalize(weight.int(), u, v, 0, 1, EPS)
-    w_sn, sigma, u_new, v_new = ops.spectral_normalize(weight, u, v, 0, 1, EPS)
+        ops.spectral_normalize_(weight.int(), u, v, 0, 1, EPS)
+    w_sn, sigma, u_new, v_new = ops.spectral_normalize_(weight, u, v, 0, 1, EPS)
     with pytest.raises(ValueError, match="grad must have weight_sn's shape"):
         ops.spectral_normalize_backward(w_sn[:5], w_sn, u_new, v_new, sigma, 0)
 
@@ -143,7 +143,7 @@ def test_one_launch_per_op(shape):
     u, v = unit(shape[0], seed=1, device=DEVICE), unit(weight[0].numel(), seed=2, device=DEVICE)
     u_buffer, v_buffer = u.clone(), v.clone()
     calls = {
-        "spectral_normalize": lambda: ops.spectral_normalize(weight, u, v, 0, 2, EPS),
+        "spectral_normalize_": lambda: ops.spectral_normalize_(weight, u_buffer, v_buffer, 0, 2, EPS),
         "power_iteration_": lambda: ops.power_iteration_(weight, u_buffer, v_buffer, 0, 1, EPS),
         "spectral_normalize_backward": lambda: ops.spectral_normalize_backward(
             weight, weight, u, v, torch.tensor(1.5, device=DEVICE), 0

@@ -1,6 +1,7 @@
 """How the CUDA kernels launch (csrc/cuda/launch.h, common.cuh): cooperative and phased launches give the same bits,
 both capture into a CUDA graph, the one-block size class gives a layer the same bits as a multi-block launch of its
-group, grouped launches chunk, and SN_EXT_CUDA_LAUNCH is checked. Needs a GPU and a CUDA build of sn_ext."""
+group, grouped launches chunk, a layer's forward is one launch, and SN_EXT_CUDA_LAUNCH is checked. Needs a GPU and a
+CUDA build of sn_ext."""
 
 import sys
 from pathlib import Path
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import sn_ext
+import sn_ext.legacy
 from sn_ext import _library, ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -70,7 +73,7 @@ def test_grouped_chunks_agree_with_per_layer_launches(count):
             grads = [_weight(w.shape, 50 + i) for i, w in enumerate(weights)]
             grads_w = ops.spectral_normalize_grouped_backward(grads, weights_sn, us_used, vs_used, sigmas, [0] * count)
             for i in range(count):
-                w_sn, sigma, u_new, v_new = ops.spectral_normalize(weights[i], us[i], vs[i], 0, 1, EPS)
+                w_sn, sigma, u_new, v_new = ops.spectral_normalize_(weights[i], us[i].clone(), vs[i].clone(), 0, 1, EPS)
                 assert torch.equal(w_sn, weights_sn[i]) and torch.equal(sigma, sigmas[i]), (mode, i)
                 assert torch.equal(u_new, us_g[i]) and torch.equal(v_new, vs_g[i]), (mode, i)
                 grad = ops.spectral_normalize_backward(grads[i], w_sn, u_new, v_new, sigma, 0)
@@ -81,7 +84,7 @@ def test_one_block_layer_has_the_bits_of_a_multi_block_launch():
     """A small layer alone runs in one block; grouped with a large layer, on a grid of many: same bits."""
     small, big = (64, 3, 3, 3), (512, 256, 3, 3)
     (w1, w2), (u1, u2), (v1, v2) = zip(_inputs(small, 1), _inputs(big, 2))
-    alone = ops.spectral_normalize(w1, u1, v1, 0, 1, EPS)
+    alone = ops.spectral_normalize_(w1, u1.clone(), v1.clone(), 0, 1, EPS)
     grouped = ops.spectral_normalize_grouped_([w1, w2], [u1.clone(), u2], [v1.clone(), v2], [0, 0], 1, EPS)
     assert torch.equal(alone[0], grouped[0][0]) and torch.equal(alone[1], grouped[1][0])
 
@@ -89,12 +92,15 @@ def test_one_block_layer_has_the_bits_of_a_multi_block_launch():
 @pytest.mark.parametrize("mode", MODES)
 def test_graph_capture_and_replay(mode):
     shape = (256, 128, 3, 3)
-    w, u, v = _inputs(shape)
+    w, u0, v0 = _inputs(shape)
+    u, v = u0.clone(), v0.clone()
     g = _weight(shape, 5)
     with launch_mode(mode):
 
-        def step():
-            w_sn, sigma, u_new, v_new = ops.spectral_normalize(w, u, v, 0, 1, EPS)
+        def step():  # from the same vectors every time (the op updates u, v in place)
+            u.copy_(u0)
+            v.copy_(v0)
+            w_sn, sigma, u_new, v_new = ops.spectral_normalize_(w, u, v, 0, 1, EPS)
             return ops.spectral_normalize_backward(g, w_sn, u_new, v_new, sigma, 0), sigma
 
         eager_grad, eager_sigma = step()
@@ -123,18 +129,31 @@ def _launches(call) -> int:
 def test_phased_launches_one_kernel_per_phase(shape, n, phased_launches):
     w, u, v = _inputs(shape)
     with launch_mode("cooperative"):
-        assert _launches(lambda: ops.spectral_normalize(w, u, v, 0, n, EPS)) == 1
+        assert _launches(lambda: ops.spectral_normalize_(w, u, v, 0, n, EPS)) == 1
     with launch_mode("phased"):
-        assert _launches(lambda: ops.spectral_normalize(w, u, v, 0, n, EPS)) == phased_launches
+        assert _launches(lambda: ops.spectral_normalize_(w, u, v, 0, n, EPS)) == phased_launches
     small = _inputs((64, 3, 3, 3))
     with launch_mode("phased"):  # one block: one launch whatever the mode
-        assert _launches(lambda: ops.spectral_normalize(*small, 0, n, EPS)) == 1
+        assert _launches(lambda: ops.spectral_normalize_(*small, 0, n, EPS)) == 1
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["parametrization", "legacy"])
+def test_module_forward_is_one_launch(legacy):
+    """A spectral-norm layer's forward in train mode is one launch: the op updates u and v in place (no copies)."""
+    layer = torch.nn.Linear(300, 200).to(DEVICE)
+    if legacy:
+        sn_ext.legacy.spectral_norm(layer)
+        (hook,) = layer._forward_pre_hooks.values()
+        assert _launches(lambda: hook.compute_weight(layer, do_power_iteration=True)) == 1
+    else:
+        sn_ext.spectral_norm(layer)
+        assert _launches(lambda: layer.weight) == 1
 
 
 def test_launch_mode_is_checked_and_reported():
     w, u, v = _inputs((512, 512, 3, 3))
     with launch_mode("sideways"), pytest.raises(RuntimeError, match="SN_EXT_CUDA_LAUNCH must be auto, cooperative"):
-        ops.spectral_normalize(w, u, v, 0, 1, EPS)
+        ops.spectral_normalize_(w, u, v, 0, 1, EPS)
     device = torch.cuda.current_device()
     with launch_mode("phased"):
         assert _library.cuda_launch(device).startswith("phased (SN_EXT_CUDA_LAUNCH=phased)")

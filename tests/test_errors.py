@@ -115,10 +115,10 @@ def test_negative_eps_is_a_value_error():
 IMPLS = {
     "op": (
         torch.ops.sn_ext.power_iteration_,
-        torch.ops.sn_ext.spectral_normalize,
+        torch.ops.sn_ext.spectral_normalize_,
         torch.ops.sn_ext.spectral_normalize_backward,
     ),
-    "reference": (reference.power_iteration_, reference.spectral_normalize, reference.spectral_normalize_backward),
+    "reference": (reference.power_iteration_, reference.spectral_normalize_, reference.spectral_normalize_backward),
 }
 
 
@@ -150,7 +150,7 @@ FORWARD_BAD = {
 
 
 @pytest.mark.parametrize("bad", list(FORWARD_BAD))
-@pytest.mark.parametrize("op_index", [0, 1], ids=["power_iteration_", "spectral_normalize"])
+@pytest.mark.parametrize("op_index", [0, 1], ids=["power_iteration_", "spectral_normalize_"])
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_forward_op_errors(impl, op_index, bad):
     build, error, pattern = FORWARD_BAD[bad]

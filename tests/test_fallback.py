@@ -21,7 +21,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
     assert "SN_EXT_DISABLE_EXT" in info["compiled_library"]["reason"], info
     assert info["backends"]["cpu"]["usable"] is False, info
     assert info["backends"]["reference"]["usable"] is True, info
-    assert not torch._C._dispatch_has_kernel_for_dispatch_key("sn_ext::spectral_normalize", "CPU")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("sn_ext::spectral_normalize_", "CPU")
 
     torch.manual_seed(0)
     base = nn.Conv2d(3, 5, 3).double()
@@ -71,7 +71,7 @@ def test_info_reports_cpu_backend():
         assert loaded, f"the compiled library did not load: {info['compiled_library']['reason']}"
         assert cpu["usable"] is True and cpu["reason"].startswith("fused C++ kernels")
     assert _library.has_compiled_kernel("CPU") == (not disabled)
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("sn_ext::spectral_normalize", "CPU") == (not disabled)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sn_ext::spectral_normalize_", "CPU") == (not disabled)
 
 
 def test_info_command_prints_json():

@@ -1,7 +1,7 @@
 """sn_ext::power_iteration_ (n rounds in place on u, v; returns sigma) on every backend (tests/op_cases.py; ids start
 with the backend, and a backend that cannot run here skips, saying why): the same rounds, bit for bit, as
-spectral_normalize's, written in place (through the strides of strided vectors, nothing outside them), against the
-reference, and opcheck. n = 0 and degenerate weights: in test_spectral_normalize.py, with spectral_normalize.
+spectral_normalize_'s, written in place (through the strides of strided vectors, nothing outside them), against the
+reference, and opcheck. n = 0 and degenerate weights: in test_spectral_normalize.py, with spectral_normalize_.
 """
 
 import pytest
@@ -21,7 +21,7 @@ from op_cases import (
     cpu_case,
     cpu_round_grid,
     dtype_id,
-    forward_op,
+    forward,
     matrix_size,
     not_run,
     param,
@@ -49,7 +49,7 @@ def _params():
 
 @pytest.mark.parametrize("backend,case,strided,dtype,n,v_first", _params())
 def test_matches_spectral_normalize(backend, case, strided, dtype, n, v_first):
-    """The same rounds as spectral_normalize, so the same bits, written into u and v in place."""
+    """The same rounds as spectral_normalize_, so the same bits, written into u and v in place."""
     _, make, dim = case
     device = DEVICE[backend]
     weight = make(dtype, device)
@@ -59,7 +59,7 @@ def test_matches_spectral_normalize(backend, case, strided, dtype, n, v_first):
         v = unit(3 * w, dtype, seed=21, device=device)[1::3]
     else:
         u, v = vectors(weight, dim, seed=20 + n)
-    _, sigma_f, u_f, v_f = forward_op(backend)(weight, u, v, dim, n, EPS, v_first)
+    _, sigma_f, u_f, v_f = forward(backend)(weight, u, v, dim, n, EPS, v_first)
     u0, v0 = u.clone(), v.clone()
     u_in, v_in = (u, v) if strided else (u.clone(), v.clone())
     bases = (u_in._base.clone(), v_in._base.clone()) if strided else None
@@ -98,7 +98,7 @@ def test_writes_strided_vectors(backend):
     u0, v0 = u.clone(), v.clone()
     odd_u, odd_v = u_store[1::2].clone(), v_store[1::2].clone()
     sigma = power_iteration_op(backend)(weight, u, v, dim, 2, EPS)
-    expected = forward_op(backend)(weight, u0, v0, dim, 2, EPS)
+    expected = forward(backend)(weight, u0, v0, dim, 2, EPS)
     assert torch.equal(u, expected[2]) and torch.equal(v, expected[3]) and torch.equal(sigma, expected[1])
     assert torch.equal(u_store[1::2], odd_u) and torch.equal(v_store[1::2], odd_v), "wrote outside the view"
 

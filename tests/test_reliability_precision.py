@@ -48,9 +48,9 @@ def _op_inputs(dtype=torch.float32, dim=1):
 @pytest.mark.parametrize("v_first", [False, True], ids=["u_first", "v_first"])
 def test_ops_run_in_weight_dtype_under_autocast(autocast_dtype, v_first):
     weight, u, v, dim = _op_inputs()
-    plain = ops.spectral_normalize(weight, u, v, dim, 3, EPS, v_first)
+    plain = ops.spectral_normalize_(weight, u.clone(), v.clone(), dim, 3, EPS, v_first)
     with torch.autocast("cpu", dtype=autocast_dtype):
-        inside = ops.spectral_normalize(weight, u, v, dim, 3, EPS, v_first)
+        inside = ops.spectral_normalize_(weight, u.clone(), v.clone(), dim, 3, EPS, v_first)
         u_in, v_in = u.clone(), v.clone()
         sigma_in = ops.power_iteration_(weight, u_in, v_in, dim, 3, EPS, v_first)
     assert [t.dtype for t in inside] == [torch.float32] * 4, "autocast must not change any output dtype"
@@ -68,7 +68,7 @@ def test_backward_and_double_backward_under_autocast(autocast_dtype):
 
     def grads():
         w = weight.clone().requires_grad_()
-        weight_sn, sigma, _, _ = ops.spectral_normalize(w, u, v, dim, 0, EPS)
+        weight_sn, sigma, _, _ = ops.spectral_normalize_(w, u, v, dim, 0, EPS)
         (g,) = torch.autograd.grad((weight_sn * g_out).sum() + 0.3 * sigma, w, create_graph=True)
         (gg,) = torch.autograd.grad((g * h_in).sum(), w)
         return g, gg
@@ -82,7 +82,7 @@ def test_backward_and_double_backward_under_autocast(autocast_dtype):
 
 
 @pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
-@pytest.mark.parametrize("name", ["power_iteration_", "spectral_normalize", "spectral_normalize_backward"])
+@pytest.mark.parametrize("name", ["power_iteration_", "spectral_normalize_", "spectral_normalize_backward"])
 def test_every_op_has_an_autocast_kernel(name, key):
     # The registration behind the two tests above; CUDA autocast cannot run here, but uses the same kernel.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sn_ext::{name}", key)
@@ -202,8 +202,8 @@ def test_tiny_float16_weight_is_finite_with_eps_1e_12(name, weight, legacy):
 @pytest.mark.parametrize("dtype", LOW, ids=_dtype_id)
 def test_low_precision_sigma_is_float32(dtype):
     weight, u, v, dim = _op_inputs(dtype)
-    weight_sn, sigma, u_new, v_new = ops.spectral_normalize(weight * 1e-4, u, v, dim, 2, EPS)
+    weight_sn, sigma, u_new, v_new = ops.spectral_normalize_(weight * 1e-4, u.clone(), v.clone(), dim, 2, EPS)
     assert sigma.dtype == torch.float32 and weight_sn.dtype == u_new.dtype == v_new.dtype == dtype
     exact = weight.double() * 1e-4
-    sigma64 = ops.spectral_normalize(exact, u.double(), v.double(), dim, 2, EPS)[1]
+    sigma64 = ops.spectral_normalize_(exact, u.double(), v.double(), dim, 2, EPS)[1]
     assert abs(sigma.item() - sigma64.item()) <= TOL[dtype] * sigma64.item()

@@ -1,4 +1,4 @@
-"""sn_ext::spectral_normalize (W -> W / sigma, after n rounds of power iteration) on every backend (tests/op_cases.py:
+"""sn_ext::spectral_normalize_ (W -> W / sigma, after n rounds of power iteration) on every backend (tests/op_cases.py:
 "cpu", "cuda", "triton", "reference"; ids start with the backend, and a backend that cannot run here skips, saying
 why): values against the float64 reference and, on the CPU grid, an independent float64 numpy computation; output
 layouts; degenerate rounds; opcheck; gradcheck of W -> (W_sn, sigma); determinism; and the module built on it
@@ -39,6 +39,7 @@ from op_cases import (
     cpu_round_grid,
     cuda_twins,
     dtype_id,
+    forward,
     forward_op,
     no_tf32,
     numpy_forward,
@@ -96,9 +97,7 @@ def test_matches_reference(backend, case, vector_seed, dtype, n, v_first, path, 
     _, make, dim = case
     weight = make(dtype, DEVICE[backend])
     u, v = vectors(weight, dim, vector_seed)
-    u0, v0 = u.clone(), v.clone()
-    weight_sn, sigma, u_new, v_new = forward_op(backend)(weight, u, v, dim, n, EPS, v_first)
-    assert torch.equal(u, u0) and torch.equal(v, v0), "spectral_normalize must not write its inputs"
+    weight_sn, sigma, u_new, v_new = forward(backend)(weight, u, v, dim, n, EPS, v_first)
     assert weight_sn.dtype == dtype and weight_sn.shape == weight.shape and weight_sn.device == weight.device
     assert weight_sn.stride() == torch.empty_like(weight).stride(), "W_sn must have the fake kernel's layout"
     assert sigma.dtype == sigma_dtype(dtype) and sigma.shape == ()
@@ -131,7 +130,7 @@ def test_u_first_and_v_first_differ(backend, dtype):
     _, make, dim = cpu_case("contiguous", seed=4)
     weight = make(dtype, "cpu")
     u, v = vectors(weight, dim, seed=40)
-    op = forward_op(backend)
+    op = forward(backend)
     uf = op(weight, u, v, dim, 1, EPS, False)
     vf = op(weight, u, v, dim, 1, EPS, True)
     tol = BACKEND_TOL[backend][dtype]
@@ -161,7 +160,7 @@ def test_zero_iterations_sigma_is_u_w_v(backend, dtype, layout):
     u, v = vectors(weight, dim, seed=70)
     u0, v0 = u.clone(), v.clone()
     expected = float(u.double().numpy() @ numpy_matrix(weight, dim) @ v.double().numpy())
-    weight_sn, sigma, u_new, v_new = forward_op(backend)(weight, u, v, dim, 0, EPS)
+    weight_sn, sigma, u_new, v_new = forward(backend)(weight, u, v, dim, 0, EPS)
     tol = BACKEND_TOL[backend][dtype]
     assert abs(sigma.item() - expected) <= tol * abs(expected)
     assert torch.equal(u_new, u0) and torch.equal(v_new, v0)
@@ -186,7 +185,7 @@ def test_zero_vector_round_restores_inputs(backend, dtype):
     u = unit(4, dtype, seed=41, device=device)
     v = torch.zeros(6, dtype=dtype, device=device)
     v[4] = 1.0
-    _, _, u_new, v_new = forward_op(backend)(weight, u, v, 0, 2, EPS)
+    _, _, u_new, v_new = forward(backend)(weight, u, v, 0, 2, EPS)
     assert torch.equal(u_new, u) and torch.equal(v_new, v)
 
 
@@ -227,11 +226,11 @@ def test_degenerate_weight_keeps_vectors(backend, dtype, fill, rounds, path, mon
         u, v = vectors(weight, 0, seed=20)
     u_in, v_in = u.clone(), v.clone()
     for n, v_first in rounds:
-        weight_sn, sigma, u_new, v_new = forward_op(backend)(weight, u, v, 0, n, EPS, v_first)
+        weight_sn, sigma, u_new, v_new = forward(backend)(weight, u, v, 0, n, EPS, v_first)
         assert torch.equal(u_new, u_in) and torch.equal(v_new, v_in), f"a degenerate round returns the inputs {n}"
         if backend == "cuda":  # the CPU kernels' values, NaNs included; power_iteration_ leaves the buffers
             if _library.has_compiled_kernel("CPU"):
-                c_sn, c_sigma, _, _ = forward_op("cpu")(weight.cpu(), u_in.cpu(), v_in.cpu(), 0, n, EPS, v_first)
+                c_sn, c_sigma, _, _ = forward("cpu")(weight.cpu(), u_in.cpu(), v_in.cpu(), 0, n, EPS, v_first)
                 torch.testing.assert_close(sigma.cpu(), c_sigma, equal_nan=True)
                 torch.testing.assert_close(weight_sn.cpu(), c_sn, equal_nan=True)
             sigma_p = power_iteration_op(backend)(weight, u, v, 0, n, EPS, v_first)
@@ -255,7 +254,7 @@ def test_deterministic(backend, case, vector_seed):
     _, make, dim = case
     weight = make(torch.float32, DEVICE[backend])
     u, v = vectors(weight, dim, vector_seed)
-    op = forward_op(backend)
+    op = forward(backend)
     for a, b in zip(op(weight, u, v, dim, 2, EPS, False), op(weight, u, v, dim, 2, EPS, False)):
         assert torch.equal(a, b)
 
@@ -307,7 +306,7 @@ def test_gradcheck(backend, shape, dim, seeds):
     w = randn(*shape, dtype=torch.float64, seed=seeds[0], device=device).requires_grad_()
     h = shape[dim]
     u, v = unit(h, torch.float64, seeds[1], device), unit(w.numel() // h, torch.float64, seeds[2], device)
-    op = forward_op(backend)
+    op = forward(backend)
 
     def f(weight):
         weight_sn, sigma, _, _ = op(weight, u, v, dim, 0, EPS)
@@ -333,8 +332,8 @@ def test_matches_cpu_kernels(backend, dtype, case):
     _, make, dim = case
     weight = make(dtype, DEVICE[backend])
     u, v = vectors(weight, dim, seed=10)
-    cuda_out = forward_op(backend)(weight, u, v, dim, 2, EPS)
-    cpu_out = forward_op("cpu")(weight.cpu(), u.cpu(), v.cpu(), dim, 2, EPS)
+    cuda_out = forward(backend)(weight, u, v, dim, 2, EPS)
+    cpu_out = forward("cpu")(weight.cpu(), u.cpu(), v.cpu(), dim, 2, EPS)
     for name, a, b in zip(("W_sn", "sigma", "u", "v"), cuda_out, cpu_out):
         assert a.dtype == b.dtype and a.stride() == b.stride()
         assert_rel(a, b, GPU_TOL[dtype], f"{case.id} {dtype} {name}")
@@ -348,8 +347,8 @@ def test_matches_cuda_kernels(backend):
         pytest.skip("the compiled CUDA kernels are not available")
     weight = randn(256, 128, 3, 3, dtype=torch.bfloat16, seed=52, device="cuda")
     u, v = vectors(weight, 0, seed=20)
-    ours = forward_op(backend)(weight, u, v, 0, 1, EPS, False)
-    theirs = forward_op("cuda")(weight, u, v, 0, 1, EPS, False)
+    ours = forward(backend)(weight, u, v, 0, 1, EPS, False)
+    theirs = forward("cuda")(weight, u, v, 0, 1, EPS, False)
     for a, b in zip(ours, theirs):
         assert rel_err(a, b) <= 2 * GPU_TOL[torch.bfloat16]
 

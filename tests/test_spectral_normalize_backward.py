@@ -62,7 +62,7 @@ def _inputs(backend, case, dtype, grad_layout, grad_seed=None):
         return grad, weight_sn, u, v, torch.tensor(2.3, dtype=cases.sigma_dtype(dtype), device=device)
     weight = make(dtype, device)
     u, v = cases.vectors(weight, dim, seed=10 if backend == "cuda" else 20)
-    forward = cases.forward_op(backend) if backend == "cuda" else reference.spectral_normalize
+    forward = cases.forward(backend) if backend == "cuda" else reference.spectral_normalize
     weight_sn, sigma, u_new, v_new = forward(weight, u, v, dim, 1, cases.EPS)
     grad = randn(*weight.shape, dtype=dtype, seed=grad_seed, device=device)
     if grad_layout == "transposed" and grad.dim() >= 2:
@@ -123,7 +123,7 @@ def test_opcheck(backend, case, dtype, vector_seed, grad_seed):
     grad = randn(*weight.shape, dtype=dtype, seed=grad_seed, device=device).requires_grad_()
     if backend == "cuda":  # the inputs a training step gives it: the forward's outputs
         with torch.no_grad():
-            weight_sn, sigma, u, v = cases.forward_op(backend)(weight, u, v, dim, 1, cases.EPS)
+            weight_sn, sigma, u, v = cases.forward(backend)(weight, u, v, dim, 1, cases.EPS)
     else:  # a random W_sn, and a sigma that needs a gradient
         weight_sn = weight.detach()
         sigma = torch.tensor(1.3, dtype=cases.sigma_dtype(dtype), device=device, requires_grad=True)
@@ -155,7 +155,7 @@ def test_deterministic(backend, case):
     weight = make(torch.float32, device)
     u, v = cases.vectors(weight, dim, seed=10)
     grad = randn(*weight.shape, seed=52, device=device)
-    w_sn, sigma, u_new, v_new = cases.forward_op(backend)(weight, u, v, dim, 2, cases.EPS)
+    w_sn, sigma, u_new, v_new = cases.forward(backend)(weight, u, v, dim, 2, cases.EPS)
     g1 = cases.backward_op(backend)(grad, w_sn, u_new, v_new, sigma, dim)
     g2 = cases.backward_op(backend)(grad, w_sn, u_new, v_new, sigma, dim)
     assert torch.equal(g1, g2)
@@ -174,7 +174,7 @@ def test_matches_cpu_kernels(backend, dtype, case):
     weight = make(dtype, device)
     u, v = cases.vectors(weight, dim, seed=10)
     grad = randn(*weight.shape, dtype=dtype, seed=31, device=device)
-    w_sn, sigma, u_new, v_new = cases.forward_op("cpu")(weight.cpu(), u.cpu(), v.cpu(), dim, 2, cases.EPS)
+    w_sn, sigma, u_new, v_new = cases.forward("cpu")(weight.cpu(), u.cpu(), v.cpu(), dim, 2, cases.EPS)
     g_cuda = cases.backward_op(backend)(grad, *(t.to(device) for t in (w_sn, u_new, v_new, sigma)), dim)
     g_cpu = cases.backward_op("cpu")(grad.cpu(), w_sn, u_new, v_new, sigma, dim)
     assert_rel(g_cuda, g_cpu, cases.GPU_TOL[dtype], f"{case.id} {dtype} grad_W")
@@ -310,7 +310,7 @@ def test_autograd_matches_reference_backend(backend):
     weight = randn(5, 4, 3, dtype=torch.float64, seed=45, device=cases.DEVICE[backend])
     u, v = cases.vectors(weight, 1, seed=20)
     grads = []
-    for op in (cases.forward_op(backend), cases.forward_op("reference")):
+    for op in (cases.forward(backend), cases.forward("reference")):
         w = weight.clone().requires_grad_()
         weight_sn, sigma, _, _ = op(w, u, v, 1, 0, cases.EPS, False)
         (g,) = torch.autograd.grad((weight_sn * weight_sn.detach().cos()).sum() + sigma, w, create_graph=True)

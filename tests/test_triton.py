@@ -32,6 +32,7 @@ from op_cases import (
     TRITON_RUNS,
     TRITON_WHY_NOT,
     backward_op,
+    forward,
     forward_op,
     use_triton_path,
     vectors,
@@ -79,15 +80,16 @@ def _as_called(schema) -> tuple:
 
 @pytest.mark.skipif(not TRITON_LOADED, reason=f"the Triton ops are not loaded: {TRITON_WHY_NOT}")
 @pytest.mark.parametrize(
-    "op,same_as",
+    "op,schema",
     [
-        ("triton_spectral_normalize", "spectral_normalize"),
-        ("triton_spectral_normalize_backward", "spectral_normalize_backward"),
+        ("triton_spectral_normalize", _schemas.BACKEND_FORWARD_SCHEMA),
+        ("triton_spectral_normalize_backward", _schemas.SCHEMAS["spectral_normalize_backward"]),
     ],
+    ids=["forward", "backward"],
 )
-def test_triton_ops_have_the_cpp_ops_schema(op, same_as):
+def test_triton_ops_have_the_backends_schema(op, schema):
     registered = getattr(torch.ops.sn_ext, op).default._schema
-    expected = torch._C.parse_schema(f"sn_ext::{op}" + _schemas.SCHEMAS[same_as])
+    expected = torch._C.parse_schema(f"sn_ext::{op}" + schema)
     assert _as_called(registered) == _as_called(expected), f"{registered} != {expected}"
     if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 14):  # registers `schema=` as given
         assert str(registered) == str(expected)
@@ -130,10 +132,10 @@ def test_no_host_synchronisation():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for n, v_first in [(1, False), (2, True), (0, False)]:
-            weight_sn, sigma, _, _ = forward_op("triton")(w, u, v, 1, n, EPS, v_first)
+            weight_sn, sigma, _, _ = forward("triton")(w, u, v, 1, n, EPS, v_first)
             weight_sn.backward(torch.ones_like(weight_sn))
         small = randn(16, 9, seed=51, device=DEVICE).requires_grad_()
-        forward_op("triton")(small, *vectors(small, 0, seed=20), 0, 1, EPS, False)[0].sum().backward()
+        forward("triton")(small, *vectors(small, 0, seed=20), 0, 1, EPS, False)[0].sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -150,7 +152,7 @@ def test_weight_past_int32_offsets():
     weight = torch.outer(a, b).to(torch.bfloat16)
     del b
     u, v = unit(rows, torch.bfloat16, 53, DEVICE), unit(cols, torch.bfloat16, 54, DEVICE).abs()
-    weight_sn, sigma, u_new, v_new = forward_op("triton")(weight, u, v, 0, 1, EPS, False)
+    weight_sn, sigma, u_new, v_new = forward("triton")(weight, u, v, 0, 1, EPS, False)
     expected = a.norm().item() * cols**0.5
     assert abs(sigma.item() - expected) / expected < 1e-2
     for index in (0, cols - 1):

@@ -1,5 +1,5 @@
-// sn_ext::spectral_normalize on the CPU: one call does a layer's whole forward (power iteration, sigma,
-// W / sigma).
+// sn_ext::spectral_normalize_ on the CPU: one call does a layer's whole forward (power iteration, sigma,
+// W / sigma, u and v updated in place).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,32 +32,36 @@ void divide(const Matrix3d<const scalar_t>& W, at::opmath_type<scalar_t> sigma, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cpu(const at::Tensor& weight,
-                                                                                  const at::Tensor& u,
-                                                                                  const at::Tensor& v, int64_t dim,
-                                                                                  int64_t n, double eps, bool v_first) {
-  const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize", weight, u, v, dim, n, eps);
+                                                                                  at::Tensor& u, at::Tensor& v,
+                                                                                  int64_t dim, int64_t n, double eps,
+                                                                                  bool v_first) {
+  const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize_", weight, u, v, dim, n, eps);
   const at::Tensor w3 = as_matrix3d(weight, shape);
   WeightShapedOutput out(weight, shape);
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
-  at::Tensor u_new = at::empty_like(u, at::MemoryFormat::Contiguous);
-  at::Tensor v_new = at::empty_like(v, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_normalize", [&] {
+  at::Tensor u_used = at::empty_like(u, at::MemoryFormat::Contiguous);
+  at::Tensor v_used = at::empty_like(v, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_normalize_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const Matrix3d<const scalar_t> W(w3);
     Vector uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
     const opmath_t s = static_cast<opmath_t>(power_iterate(W, uu, vv, n, eps, v_first));
     *sigma.mutable_data_ptr<opmath_t>() = s;
     divide(W, s, Matrix3d<scalar_t>(out.view3d));
-    store_vector<scalar_t>(uu, u_new);
-    store_vector<scalar_t>(vv, v_new);
+    store_vector<scalar_t>(uu, u_used);
+    store_vector<scalar_t>(vv, v_used);
+    if (n > 0) {  // n == 0 reads the buffers and changes nothing (a degenerate round restored uu, vv to them)
+      store_vector<scalar_t>(uu, u);
+      store_vector<scalar_t>(vv, v);
+    }
   });
-  return {out.finish(), sigma, u_new, v_new};
+  return {out.finish(), sigma, u_used, v_used};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sn_ext, CPU, m) {
-  m.impl("spectral_normalize", &spectral_normalize_cpu);
+  m.impl("spectral_normalize_", &spectral_normalize_cpu);
 }
 
 }  // namespace sn_ext

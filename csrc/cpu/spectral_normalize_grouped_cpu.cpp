@@ -12,9 +12,8 @@
 namespace sn_ext {
 namespace {
 
-using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                           const at::Tensor&, int64_t, int64_t, double,
-                                                                           bool);
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, at::Tensor&, at::Tensor&,
+                                                                           int64_t, int64_t, double, bool);
 using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, int64_t);
 
@@ -23,17 +22,16 @@ spectral_normalize_grouped_cpu(at::TensorList weights, at::TensorList us, at::Te
                                int64_t n, double eps) {
   check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n, eps);
   static const auto forward =
-      c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize", "").typed<Forward>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize_", "").typed<Forward>();
   std::vector<at::Tensor> weights_sn, sigmas, us_used, vs_used;
   for (size_t i = 0; i < weights.size(); ++i) {
-    auto [weight_sn, sigma, u_new, v_new] = forward.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), weights[i],
-                                                               us[i], vs[i], dims[i], n, eps, false);
-    at::Tensor(us[i]).copy_(u_new);
-    at::Tensor(vs[i]).copy_(v_new);
+    at::Tensor u = us[i], v = vs[i];  // handles on the caller's buffers, which the op updates in place
+    auto [weight_sn, sigma, u_used, v_used] =
+        forward.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), weights[i], u, v, dims[i], n, eps, false);
     weights_sn.push_back(weight_sn);
     sigmas.push_back(sigma);
-    us_used.push_back(u_new);
-    vs_used.push_back(v_new);
+    us_used.push_back(u_used);
+    vs_used.push_back(v_used);
   }
   return {weights_sn, at::stack(sigmas), us_used, vs_used};
 }

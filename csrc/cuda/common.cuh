@@ -322,7 +322,7 @@ __device__ __forceinline__ Index3d<index_t> unflatten(index_t e, index_t rows, i
 // + blocks * kThreads, ... (a grid-stride loop over `blocks` blocks, real or virtual), so a split depends on the
 // shape alone.
 
-// n == 0: sigma = u^T (W v) from the matvec's partial sums; spectral_normalize's u_new, v_new are the inputs.
+// n == 0: sigma = u^T (W v) from the matvec's partial sums; the vectors used (u_used, v_used) are the inputs.
 template <typename scalar_t, typename acc_t>
 __device__ void dot_block(const acc_t* partial, int64_t splits, const Vectors<scalar_t>& v, acc_t* sigma,
                           bool copy_inputs) {

@@ -1,5 +1,5 @@
 // The two CUDA kernels as the op files see them (host code only): run_forward, the forward kernel of
-// spectral_normalize_cuda.cu, serves spectral_normalize, power_iteration_ and spectral_normalize_grouped_;
+// spectral_normalize_cuda.cu, serves spectral_normalize_, power_iteration_ and spectral_normalize_grouped_;
 // run_backward, the backward kernel of spectral_normalize_backward_cuda.cu, serves spectral_normalize_backward and
 // spectral_normalize_grouped_backward. Each runs a list of layers (one dtype and device): one layer in one launch, a
 // group in one launch per kGroupLayers layers (common.cuh; or one per phase, phased: launch.h).
@@ -14,9 +14,10 @@ namespace sn_ext {
 // What the last half-step does with the vectors once it knows whether any round was degenerate.
 enum class Finish : int {
   kNone,     // not the last half-step
-  kRestore,  // spectral_normalize: the work vectors are the outputs u_new, v_new; on failure they get the inputs
+  kRestore,  // n == 0: the work vectors are the outputs u_used, v_used; on failure they get the inputs
   kCommit,   // power_iteration_: on success the work vectors are copied into the caller's u, v
-  kBoth,     // grouped forward: kRestore on failure, kCommit on success (outputs and buffers both hold the result)
+  kBoth,     // spectral_normalize_ and the grouped forward: kRestore on failure, kCommit on success (outputs and
+             // buffers both hold the result)
 };
 
 // One layer of a forward launch, as tensors. u_in, v_in: the vectors to start from; u_work, v_work: where the

@@ -320,25 +320,28 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
 
 namespace {
 
+// One launch: the rounds write the vectors used into fresh outputs and, on success, into u and v (Finish::kBoth).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cuda(const at::Tensor& weight,
-                                                                                   const at::Tensor& u,
-                                                                                   const at::Tensor& v, int64_t dim,
-                                                                                   int64_t n, double eps,
+                                                                                   at::Tensor& u, at::Tensor& v,
+                                                                                   int64_t dim, int64_t n, double eps,
                                                                                    bool v_first) {
   const c10::cuda::CUDAGuard guard(weight.device());
-  const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize", weight, u, v, dim, n, eps);
+  const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize_", weight, u, v, dim, n, eps);
   WeightShapedOutput out(weight, shape);
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
-  at::Tensor u_new = at::empty_like(u, at::MemoryFormat::Contiguous);
-  at::Tensor v_new = at::empty_like(v, at::MemoryFormat::Contiguous);
-  run_forward({{as_matrix3d(weight, shape), out.view3d, u, v, u_new, v_new, Finish::kRestore}}, sigma, n, eps, v_first);
-  return {out.finish(), sigma, u_new, v_new};
+  at::Tensor u_used = at::empty_like(u, at::MemoryFormat::Contiguous);
+  at::Tensor v_used = at::empty_like(v, at::MemoryFormat::Contiguous);
+  // n == 0 reads and returns the buffers and changes nothing.
+  run_forward(
+      {{as_matrix3d(weight, shape), out.view3d, u, v, u_used, v_used, n == 0 ? Finish::kRestore : Finish::kBoth}},
+      sigma, n, eps, v_first);
+  return {out.finish(), sigma, u_used, v_used};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sn_ext, CUDA, m) {
-  m.impl("spectral_normalize", &spectral_normalize_cuda);
+  m.impl("spectral_normalize_", &spectral_normalize_cuda);
 }
 
 }  // namespace sn_ext

@@ -21,14 +21,13 @@ double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a - b).abs().max().item<double>();
 }
 
-using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                           const at::Tensor&, int64_t, int64_t, double,
-                                                                           bool);
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, at::Tensor&, at::Tensor&,
+                                                                           int64_t, int64_t, double, bool);
 using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, int64_t);
 
 auto forward_op() {
-  return c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize", "").typed<Forward>();
+  return c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize_", "").typed<Forward>();
 }
 auto backward_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize_backward", "").typed<Backward>();
@@ -50,7 +49,7 @@ void check_forward_and_backward(std::vector<int64_t> shape, int64_t dim) {
   const auto opts = at::TensorOptions().dtype(at::kDouble);
   const at::Tensor w = torch::randn(shape, opts);
   const at::Tensor m = matrix_of(w, dim);
-  const at::Tensor u = unit(torch::randn({m.size(0)}, opts)), v = unit(torch::randn({m.size(1)}, opts));
+  at::Tensor u = unit(torch::randn({m.size(0)}, opts)), v = unit(torch::randn({m.size(1)}, opts));
 
   const at::Tensor u_ref = unit(at::mv(m, v));
   const at::Tensor v_ref = unit(at::mv(m.t(), u_ref));
@@ -58,6 +57,7 @@ void check_forward_and_backward(std::vector<int64_t> shape, int64_t dim) {
   const auto [w_sn, sigma, u_new, v_new] = forward_op().call(w, u, v, dim, 1, 1e-12, false);
   const std::string name = "shape " + c10::str(w.sizes()) + " dim " + std::to_string(dim);
   expect(max_abs_diff(u_new, u_ref) < 1e-12 && max_abs_diff(v_new, v_ref) < 1e-12, name + ": u, v after one round");
+  expect(at::equal(u, u_new) && at::equal(v, v_new), name + ": u, v updated in place");
   expect(max_abs_diff(sigma, sigma_ref) < 1e-12, name + ": sigma");
   expect(max_abs_diff(w_sn, w / sigma_ref) < 1e-12, name + ": weight / sigma");
 
@@ -71,7 +71,8 @@ void check_forward_and_backward(std::vector<int64_t> shape, int64_t dim) {
 void check_integer_weight_is_refused() {
   const at::Tensor w = torch::ones({3, 4}, at::kLong);
   try {
-    forward_op().call(w, torch::ones({3}, at::kLong), torch::ones({4}, at::kLong), 0, 1, 1e-12, false);
+    at::Tensor u = torch::ones({3}, at::kLong), v = torch::ones({4}, at::kLong);
+    forward_op().call(w, u, v, 0, 1, 1e-12, false);
     expect(false, "integer weight raises");
   } catch (const c10::Error& e) {
     expect(std::string(e.what()).find("weight must be") != std::string::npos, "integer weight raises, naming weight");

@@ -36,12 +36,10 @@ def prepare(
     kernels = backends.initial_kernels(requested, weight)
     warm_up = kernels if kernels.backend is not None else backends.select("auto", weight.device, weight.dtype)
     with torch.no_grad():
-        if warm_up.backend.forward_op == "spectral_normalize":  # compiled kernels: the in-place op
+        if warm_up.backend.forward_op == "spectral_normalize_":  # compiled kernels: the rounds without W / sigma
             ops.power_iteration_(weight, u, v, dim, n_power_iterations, eps, v_first)
         else:
-            _, _, u_new, v_new = warm_up.forward(weight, u, v, dim, n_power_iterations, eps, v_first)
-            u.copy_(u_new)
-            v.copy_(v_new)
+            warm_up.forward(weight, u, v, dim, n_power_iterations, eps, v_first)
     return kernels
 
 

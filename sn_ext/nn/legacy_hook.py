@@ -31,11 +31,9 @@ class SpectralNorm:
         kernels = self._kernels
         if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
             kernels = _kernels.kernels_for(self, weight)
-        weight_sn, sigma, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps, v_first=True)
+        # u and v updated in place (see nn/spectral_norm.py).
+        weight_sn, sigma, _, _ = kernels.forward(weight, u, v, self.dim, n, self.eps, v_first=True)
         self._sigma = sigma.data  # for sn_ext.sigmas: a plain attribute, .data adds no op (nn/spectral_norm.py)
-        if n:  # non-differentiable outputs: the copies record nothing for autograd (see nn/spectral_norm.py)
-            u.copy_(u_new)
-            v.copy_(v_new)
         return weight_sn
 
     def remove(self, module: nn.Module) -> None:

@@ -80,18 +80,13 @@ class SpectralNorm(nn.Module):
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
         n = self.n_power_iterations if self.training else 0
-        u, v = self._u, self._v
         kernels = self._kernels
         if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
             kernels = _kernels.kernels_for(self, weight)
-        weight_sn, sigma, u_new, v_new = kernels.forward(weight, u, v, self.dim, n, self.eps)
+        # u and v are updated in place, in the op (one launch on a GPU); autograd saved the vectors used, not the
+        # buffers, so calling the module twice before one backward works.
+        weight_sn, sigma, _, _ = kernels.forward(weight, self._u, self._v, self.dim, n, self.eps)
         self._sigma = sigma.data
-        if n:
-            # Autograd saved u_new, v_new (not the buffers), so a later access may update the buffers in place
-            # before this one's backward: calling the module twice before one backward works. They are
-            # non-differentiable outputs, so these copies record nothing for autograd.
-            u.copy_(u_new)
-            v.copy_(v_new)
         return weight_sn
 
     def right_inverse(self, value: Tensor) -> Tensor:

@@ -694,7 +694,7 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
 
 # torch 2.14 registers `schema`; torch 2.6-2.11 accept it but infer the schema from the annotations instead (int
 # becomes SymInt, the outputs are unnamed): both are the same call (tests/test_triton.py compares them).
-@triton_op(FORWARD, mutates_args=(), schema=_schemas.SCHEMAS["spectral_normalize"])
+@triton_op(FORWARD, mutates_args=(), schema=_schemas.BACKEND_FORWARD_SCHEMA)
 def triton_spectral_normalize(
     weight: torch.Tensor,
     u: torch.Tensor,
