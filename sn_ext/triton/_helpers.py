@@ -13,13 +13,13 @@ import inspect
 import triton
 import triton.language as tl
 
-# Integer arguments Triton would otherwise specialize on (equal to 1, divisible by 16): the matrix's sizes and the
-# vectors' strides and lengths, which do not change how W is loaded. Specialized, each layer shape compiled kernels
-# of its own (664 variants for the CUDA test grid: 3-6 minutes cold; ../shared/reference/triton_desk_review.md).
-# The weight's inner size and its strides stay specialized: 16-byte loads need them.
+# Integer arguments Triton would otherwise specialize on (equal to 1, divisible by 16): the matrix's row count and
+# the vectors' strides and lengths, which do not change how W is loaded. Specialized, each layer shape compiled
+# kernels of its own (664 variants for the CUDA test grid: 3-6 minutes cold; ../shared/reference/triton_desk_review.md).
+# The weight's inner size and strides stay specialized, and so does `cols`: 16-byte loads need contiguous columns
+# (inner and the column stride 1) and a column mask known to be constant over 4 elements (cols divisible by 16).
 NOT_SPECIALIZED = (
     "rows",
-    "cols",
     "n_iters",
     "u_stride",
     "v_stride",

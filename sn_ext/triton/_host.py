@@ -73,40 +73,94 @@ class Matrix:
         return self.outer * self.inner
 
 
+def _column_groups(shape: tuple, stride: tuple, dim: int) -> list[tuple[int, int]]:
+    """A tensor's column dimensions (all but `dim`, in order, size-1 ones dropped) as (size, stride) groups, adjacent
+    ones merged where they are one strided run."""
+    groups: list[tuple[int, int]] = []
+    for d, (size, step) in enumerate(zip(shape, stride)):
+        if d == dim or size == 1:
+            continue
+        if groups and groups[-1][1] == step * size:
+            groups[-1] = (groups[-1][0] * size, step)
+        else:
+            groups.append((size, step))
+    return groups
+
+
+def _split_strides(groups: list[tuple[int, int]], inner: int) -> tuple[int, int] | None:
+    """(s_outer, s_inner) that address column c = o * inner + r of a tensor whose columns are `groups`, or None if
+    no such pair exists. With inner == 1 only s_outer is used (r is 0): s_inner is 1, one specialization less."""
+    if not groups:
+        return (1, 1)
+    if len(groups) == 1:
+        step = groups[0][1]
+        return (step, 1) if inner == 1 else (inner * step, step)
+    if len(groups) == 2 and groups[1][0] == inner:
+        return (groups[0][1], groups[1][1])
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How a weight of one shape, strides and dtype is seen by the kernels: its matrix view, the strides of that view
-    (of W, and of a new weight-shaped output) and whether the output needs contiguous scratch (a layout without such
-    a view: channels_last with dim=0), which finish() copies back. Computed once per layout, on meta tensors."""
+    """How the kernels see the weight-shaped tensors of one call (inputs, then a new output in the first input's
+    layout): one matrix view (outer, rows, inner) and each tensor's (s_outer, s_row, s_inner) in it. Computed once
+    per layout from shapes and strides (meta tensors: no data).
+
+    The split of the columns into (outer, inner) is free (the kernels only use c = o * inner + r), so it is chosen to
+    fit every tensor as it is: inner = 1 when each tensor's columns are one strided run (every contiguous weight
+    with dim=0: Triton then specializes inner and, for unit strides, the column stride to 1, which gives contiguous
+    columns and 16-byte loads), else the size of the inner run a tensor has (channels_last with dim=0: (C, H*W)).
+    Only tensors with no such split are copied (inputs: `reshape`) or written through contiguous scratch (the
+    output: `scratch`, copied back by finish())."""
 
     matrix: Matrix
-    w_strides: tuple[int, int, int]
+    strides: tuple[tuple[int, int, int], ...]  # per input
     out_strides: tuple[int, int, int]
+    reshape: bool
     scratch: bool
 
     @staticmethod
-    def of(shape: tuple, stride: tuple, dtype: torch.dtype, dim: int) -> "Layout":
+    def of(shape: tuple, strides: tuple[tuple, ...], dim: int) -> "Layout":
+        out_stride = torch.empty_like(torch.empty_strided(shape, strides[0], device="meta")).stride()
+        every = (*strides, out_stride)
+        rows, cols = shape[dim], math.prod(shape) // shape[dim]
+        groups = [_column_groups(shape, stride, dim) for stride in every]
+        inners = {g[1][0] for g in groups if len(g) == 2}
+        inner = min(inners, default=1)
+        found = [_split_strides(g, inner) for g in groups]
+        if all(found):
+            split = [(s_outer, stride[dim], s_inner) for (s_outer, s_inner), stride in zip(found, every)]
+            return Layout(Matrix(cols // inner, rows, inner), tuple(split[:-1]), split[-1], False, False)
+        return Layout._reshaped(shape, strides, out_stride, dim)
+
+    @staticmethod
+    def _reshaped(shape: tuple, strides: tuple[tuple, ...], out_stride: tuple, dim: int) -> "Layout":
+        """The layout of torch's (prod(shape[:dim]), rows, prod(shape[dim+1:])) reshape: views where they exist."""
         m = Matrix(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
-        like = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-        w_strides = like.reshape(m.outer, m.rows, m.inner).stride()
+        views = tuple(
+            torch.empty_strided(shape, s, device="meta").reshape(m.outer, m.rows, m.inner).stride() for s in strides
+        )
         try:
-            return Layout(m, w_strides, torch.empty_like(like).view(m.outer, m.rows, m.inner).stride(), False)
+            out = torch.empty_strided(shape, out_stride, device="meta").view(m.outer, m.rows, m.inner).stride()
+            return Layout(m, views, out, True, False)
         except RuntimeError:
-            return Layout(m, w_strides, (m.rows * m.inner, m.inner, 1), True)
+            return Layout(m, views, (m.rows * m.inner, m.inner, 1), True, True)
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
-        """t as (outer, rows, inner): a view for every layout that has one (all contiguous ones), else a copy."""
+        """The tensor the kernels index for input t: t itself, or (outer, rows, inner) as torch reshapes it."""
+        if not self.reshape:
+            return t
         m = self.matrix
         return t.reshape(m.outer, m.rows, m.inner)
 
     def output(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A new tensor in `like`'s layout (as the other backends and the fake kernel) and the (outer, rows, inner)
-        tensor the kernels write: a view of it, or the scratch."""
-        m = self.matrix
+        """A new tensor in `like`'s layout (as the other backends and the fake kernel), and the tensor the kernels
+        write: itself, or the scratch."""
         out = torch.empty_like(like)
         if self.scratch:
+            m = self.matrix
             return out, torch.empty((m.outer, m.rows, m.inner), dtype=like.dtype, device=like.device)
-        return out, out.view(m.outer, m.rows, m.inner)
+        return out, out
 
     def finish(self, out: torch.Tensor, out3: torch.Tensor) -> torch.Tensor:
         if self.scratch:

@@ -573,10 +573,10 @@ class _Plan:
 @functools.lru_cache(maxsize=1024)
 def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _Plan:
     """The launches of a forward (see the module docstring); `knobs` (_host.knobs()) only keys the cache."""
-    layout = _host.Layout.of(shape, stride, dtype, dim)
+    layout = _host.Layout.of(shape, (stride,), dim)
     m = layout.matrix
     acc = _matrix.accumulate_dtype(dtype)
-    matrix_args = (m.rows, m.cols, m.inner, *layout.w_strides)
+    matrix_args = (m.rows, m.cols, m.inner, *layout.strides[0])
     vector_block = min(_host.VECTOR_BLOCK, _host.pow2(max(m.rows, m.cols)))
     if m.rows * m.cols <= _host.FUSED_MAX_NUMEL:
         full_dim, strip_dim = (m.rows, m.cols) if v_first else (m.cols, m.rows)

@@ -173,8 +173,7 @@ def backward_kernel(
 class _Plan:
     """A backward's launches, computed once per (shapes, strides, dtype, dim, knobs)."""
 
-    layout: _host.Layout  # weight_sn's, which the output takes
-    g_strides: tuple  # grad's (outer, rows, inner) view strides
+    layout: _host.Layout  # of weight_sn (whose layout the output takes) and grad
     acc: torch.dtype
     fused: bool
     tile: dict  # BLOCK_ROWS, BLOCK_COLS
@@ -187,20 +186,19 @@ class _Plan:
 @functools.lru_cache(maxsize=1024)
 def _plan(shape, g_stride, s_stride, dtype, dim, knobs) -> _Plan:
     """`knobs` (_host.knobs()) only keys the cache."""
-    layout = _host.Layout.of(shape, s_stride, dtype, dim)
-    g_strides = _host.Layout.of(shape, g_stride, dtype, dim).w_strides
+    layout = _host.Layout.of(shape, (s_stride, g_stride), dim)
     m = layout.matrix
     acc = _matrix.accumulate_dtype(dtype)
     if m.rows * m.cols <= _host.FUSED_MAX_NUMEL:
         block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.TILE)
-        return _Plan(layout, g_strides, acc, True, dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols))
+        return _Plan(layout, acc, True, dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols))
     block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.GRID_TILE_COLS)
     col_blocks = _host.cdiv(m.cols, block_cols)
     tiles = _host.cdiv(m.rows, block_rows) * col_blocks
     tile = dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     parts = min(tiles, _host.MAX_LAMBDA_PARTS)
     # block_parts from the knob, not from `parts`: one compiled variant of backward_kernel for every weight size.
-    return _Plan(layout, g_strides, acc, False, tile, col_blocks, tiles, parts, _host.pow2(_host.MAX_LAMBDA_PARTS))
+    return _Plan(layout, acc, False, tile, col_blocks, tiles, parts, _host.pow2(_host.MAX_LAMBDA_PARTS))
 
 
 @triton_op(BACKWARD, mutates_args=(), schema=_schemas.SCHEMAS["spectral_normalize_backward"])
@@ -227,8 +225,8 @@ def triton_spectral_normalize_backward(
             v,
             sig,
             *matrix_args,
-            *plan.g_strides,
-            *plan.layout.w_strides,
+            *plan.layout.strides[1],
+            *plan.layout.strides[0],
             *plan.layout.out_strides,
             u.stride(0),
             v.stride(0),
@@ -242,8 +240,8 @@ def triton_spectral_normalize_backward(
             s3,
             part,
             *matrix_args,
-            *plan.g_strides,
-            *plan.layout.w_strides,
+            *plan.layout.strides[1],
+            *plan.layout.strides[0],
             plan.col_blocks,
             plan.tiles,
             **plan.tile,
@@ -257,7 +255,7 @@ def triton_spectral_normalize_backward(
             part,
             sig,
             *matrix_args,
-            *plan.g_strides,
+            *plan.layout.strides[1],
             *plan.layout.out_strides,
             u.stride(0),
             v.stride(0),
