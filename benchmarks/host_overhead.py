@@ -28,7 +28,23 @@ from .timing import Step, measure
 SHAPE = (64, 3, 3, 3)  # the first conv of an SN-GAN discriminator: one-program sized
 PATHS = {"one program": {}, "grid": {"FUSED_MAX_NUMEL": 0}}
 CASES = [("forward", "no"), ("forward", "yes"), ("backward", "no"), ("train", "no"), ("train", "yes")]
-COLUMNS = ["op", "path", "autograd", "shape", "median_us", "p20_us", "p80_us", "vs_plain", "reps", "status", "note"]
+COLUMNS = [
+    "provider",
+    "op",
+    "path",
+    "autograd",
+    "shape",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "vs_plain",
+    "reps",
+    "repeats",
+    "rotation",
+    "spread",
+    "status",
+    "note",
+]
 
 
 @contextlib.contextmanager
@@ -86,22 +102,13 @@ def run(*, quick: bool, write: Callable[[dict], None]) -> None:
     budget = 0.05 if quick else 0.5
     shape = "x".join(map(str, SHAPE))
     plain = measure([Step(plain_step())], torch.device("cpu"), budget_s=budget)
-    write(
-        {
-            "op": "train",
-            "path": "-",
-            "autograd": "yes",
-            "shape": shape,
-            **rounded(plain),
-            "status": "ok",
-            "note": "plain W * 1.0",
-        }
-    )
+    row = {"provider": "plain", "op": "train", "path": "-", "autograd": "yes", "shape": shape}
+    write({**row, **rounded(plain), "vs_plain": "1.00", "status": "ok"})
     log(f"  host plain W * 1.0 train {plain['median_us']:8.1f} us")
     reason = why_not()
     for path, knobs in PATHS.items():
         for op, autograd in CASES:
-            row = {"op": op, "path": path, "autograd": autograd, "shape": shape}
+            row = {"provider": "sn_ext triton", "op": op, "path": path, "autograd": autograd, "shape": shape}
             if reason:
                 write({**row, "status": "skipped", "note": reason})
                 continue
