@@ -55,9 +55,12 @@ def main(all_variants: bool, facts: bool) -> None:
         finally:
             for name, value in saved.items():
                 setattr(_host, name, value)
+        for key in variants.keys() - first_seen.keys():
+            first_seen[key] = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
 
     # The launches are bound as on an sm_90 GPU (sn_ext/triton/_dry_run.py): the variants compiled below are those a
     # GPU would compile, with Triton's specializations (equal to 1, divisible by 16) and constexprs.
+    first_seen = {}  # variant -> the weight that first launched it
     with _dry_run.dry_run() as variants:
         # Every kernel variant in bfloat16 (a low-precision dtype: conversions); float64 (its own division and
         # square root) for the one-program kernels at their widest; --all: every dtype.
@@ -73,7 +76,8 @@ def main(all_variants: bool, facts: bool) -> None:
             record(shape, 0, torch.float32, 1, False)
     failed = []
     lines = []
-    for (name, _), variant in variants.items():
+    for key, variant in variants.items():
+        name = key[0]
         try:
             compiled = triton.compile(
                 ASTSource(
@@ -88,7 +92,7 @@ def main(all_variants: bool, facts: bool) -> None:
         usage = _resources(compiled.asm["cubin"])
         if usage["spills"]:
             failed.append(f"{name} {variant.constexprs}: {usage}")
-        lines.append(f"{name:22} {_constexprs(variant)} warps={variant.options['num_warps']} {usage}")
+        lines.append(f"{name} ({first_seen[key]}) {_constexprs(variant)} warps={variant.options['num_warps']} {usage}")
     if failed:
         print("SPILLS\n" + "\n".join(failed))
         sys.exit(1)
@@ -126,7 +130,7 @@ def _resources(cubin: bytes) -> dict:
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-    loads = re.findall(r"\b(LDG|LDGSTS)(\.[\w.]*)?", sass)
+    loads = re.findall(r"\b(LDGSTS|LDG)\b([\w.]*)", sass)
     return {
         "regs": int(fields["REG"]),
         "spills": int(fields["STACK"]) + int(fields["LOCAL"]),
@@ -134,6 +138,7 @@ def _resources(cubin: bytes) -> dict:
         "ldg128": sum(1 for op, mods in loads if ".128" in mods and op == "LDG"),
         "ldg": sum(1 for op, _ in loads if op == "LDG"),
         "cp_async": sum(1 for op, _ in loads if op == "LDGSTS"),
+        "cp_async128": sum(1 for op, mods in loads if ".128" in mods and op == "LDGSTS"),
     }
 
 
