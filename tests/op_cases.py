@@ -337,6 +337,8 @@ TRITON_BIG = [
     WeightCase("conv_512x256x3x3", plain(512, 256, 3, 3, seed=9), 0),
     WeightCase("conv_transpose_256x384x4x4_dim1", plain(256, 384, 4, 4, seed=10), 1),
     WeightCase("embedding_30011x128", plain(30011, 128, seed=13), 0),
+    WeightCase("linear_1x8192", plain(1, 8192, seed=15), 0),  # one program, [1, 4096] tiles
+    WeightCase("conv_channels_last_256x128x3x3", channels_last(256, 128, 3, 3, seed=16), 0),  # the grid, (C, H*W)
 ]
 
 

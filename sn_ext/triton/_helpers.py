@@ -5,7 +5,9 @@ jitted.
 The matrix view (csrc/matrix_view.h): a weight W of any rank is seen, for `dim`, as a 3-D strided tensor
 W3 = (outer, rows, inner) with outer = prod(sizes[:dim]) and inner = prod(sizes[dim+1:]), and
 Wm[i, o * inner + r] = W3[o, i, r]: torch's ``W.permute(dim, *others).flatten(1)`` without a copy. Column c of Wm
-is (o, r) = divmod(c, inner). Offsets are 64-bit, so any size works.
+is (o, r) = divmod(c, inner). The host may split the columns otherwise (any outer * inner = cols whose strides
+address every tensor of the call: _host.Layout), e.g. inner = 1 for contiguous columns. Offsets are 64-bit, so any
+size works.
 """
 
 import inspect

@@ -556,12 +556,14 @@ def _plan_rmatvec(m: _host.Matrix) -> _Split:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
+    """A forward's launches: the one-program kernel's arguments, or the grid's splits, grids and arguments."""
+
     layout: _host.Layout
     acc: torch.dtype  # sigma's and the scratch vectors' dtype
     fused: bool
     matrix_args: tuple  # rows, cols, inner and W's view strides
-    fused_args: tuple = ()  # fused_forward_kernel's integer arguments after the matrix's, and its constexprs
-    fused_meta: dict = dataclasses.field(default_factory=dict)
+    fused_args: tuple = ()  # fused_forward_kernel's integer arguments after the matrix's
+    fused_meta: dict = dataclasses.field(default_factory=dict)  # its constexprs and warps
     mv: _Split | None = None
     rmv: _Split | None = None
     vector_block: int = 0
