@@ -3,6 +3,7 @@ knobs, the weight's (outer, rows, inner) matrix view and layout as the kernels i
 csrc/matrix_view.h's WeightShapedOutput), and tile sizes. Device-side helpers are in _helpers.py."""
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -52,6 +53,22 @@ KNOBS = (
     "FUSED_WARPS",
     "PIPELINE_STAGES",
 )
+
+
+def cached_plan(make):
+    """make(*key), memoized per key (up to 1024 keys). A key with symbolic sizes (torch.compile tracing with dynamic
+    shapes: SymInts are not hashable) gets a fresh plan each call instead."""
+    cache = functools.lru_cache(maxsize=1024)(make)
+
+    @functools.wraps(make)
+    def plan(*key):
+        try:
+            return cache(*key)
+        except TypeError:
+            return make(*key)
+
+    plan.cache_info = cache.cache_info
+    return plan
 
 
 def knobs() -> tuple:

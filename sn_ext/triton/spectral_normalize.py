@@ -14,7 +14,6 @@ Sums are split by the shape only (never by timing or device), so results are det
 """
 
 import dataclasses
-import functools
 
 import torch
 import triton
@@ -572,7 +571,7 @@ class _Plan:
     divide_meta: dict = dataclasses.field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=1024)
+@_host.cached_plan
 def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _Plan:
     """The launches of a forward (see the module docstring); `knobs` (_host.knobs()) only keys the cache."""
     layout = _host.Layout.of(shape, (stride,), dim)

@@ -7,7 +7,6 @@ writes its tile). Sums are split by the shape only, so results are deterministic
 """
 
 import dataclasses
-import functools
 
 import torch
 import triton.language as tl
@@ -183,7 +182,7 @@ class _Plan:
     block_parts: int = 0
 
 
-@functools.lru_cache(maxsize=1024)
+@_host.cached_plan
 def _plan(shape, g_stride, s_stride, dtype, dim, knobs) -> _Plan:
     """`knobs` (_host.knobs()) only keys the cache."""
     layout = _host.Layout.of(shape, (s_stride, g_stride), dim)
