@@ -9,7 +9,9 @@ Sections (--only, repeatable; default all): "layer" (one layer's spectral norm p
 forward, backward, train = both, eval; benchmarks/layer.py), "layers" (all the spectral norms of a model of L layers:
 per layer vs grouped; benchmarks/spectral_normalize_grouped.py), "ops" (each op called directly per backend against
 a floor; benchmarks/ops.py and a file per op), "gan" (SN-GAN D step, G step and iteration; benchmarks/gan_step.py),
-"bandwidth" (a 4096x4096 weight's forward + backward against the device's copy bandwidth; benchmarks/bandwidth.py).
+"bandwidth" (a 4096x4096 weight's forward + backward against the device's copy bandwidth; benchmarks/bandwidth.py),
+"host" (the Triton ops' host time per op, path and autograd next to plain `W * 1.0`, on the CPU with the launches
+bound but not run, GPU or not; benchmarks/host_overhead.py).
 
 Writes <section>.csv (one row per measurement, with device, versions, threads, commit and date), <section>.json
 (the settings), PNG plots and report.md into --out (default benchmarks/results/<device>/), replacing what a
@@ -27,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from . import bandwidth, gan_step, layer, ops, report, spectral_normalize_grouped
+from . import bandwidth, gan_step, host_overhead, layer, ops, report, spectral_normalize_grouped
 from .records import RESULTS_DIR, RowWriter, device_slug, log, run_metadata
 
-SECTIONS = ("layer", "layers", "ops", "gan", "bandwidth")
+SECTIONS = ("layer", "host", "layers", "ops", "gan", "bandwidth")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -108,6 +110,11 @@ def run_sections(args, device: torch.device, out: Path) -> None:
             lambda s, w: layer.run(
                 s["shapes"], dtypes, device, quick=args.quick, compile_ok=compile_ok, write=w, modes=tuple(s["modes"])
             ),
+        ),
+        "host": (
+            host_overhead.COLUMNS,
+            {"shape": "x".join(map(str, host_overhead.SHAPE))},
+            lambda s, w: host_overhead.run(quick=args.quick, write=w),
         ),
         "layers": (
             spectral_normalize_grouped.COLUMNS,

@@ -105,6 +105,31 @@ def layer_part(rows: list[dict], settings: dict, out: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
+def host_part(rows: list[dict], settings: dict, out: Path) -> str:
+    table = [
+        [r["provider"], r["op"], r["path"], r["autograd"], _f(float(r["median_us"])), r["vs_plain"]]
+        for r in rows
+        if r["status"] == "ok"
+    ]
+    return (
+        "\n".join(
+            [
+                "## One layer: host overhead of the Triton ops\n",
+                _header(rows, settings),
+                f"\nHost µs per call on the CPU for a {settings.get('shape', '')} float32 weight, the Triton launches "
+                "bound by Triton's binder but not run (sn_ext/triton/_dry_run.py): what eager Triton costs the host "
+                "before any GPU time, on any machine. forward: one power iteration; backward: the backward op; "
+                "train: both; autograd yes: the forward recorded and, for train, its backward run by autograd. "
+                "grid: the multi-launch path forced on the same weight. Goal: a train step at most 2x plain's "
+                "(`W * 1.0` forward + backward).\n",
+                markdown_table(["provider", "op", "path", "autograd", "µs", "vs plain"], table),
+                *_not_measured(rows),
+            ]
+        )
+        + "\n"
+    )
+
+
 def layers_part(rows: list[dict], settings: dict, out: Path) -> str:
     kind = op_count.KIND[settings.get("device_type", "cpu")]
     ran = [
@@ -268,6 +293,7 @@ def bandwidth_part(rows: list[dict], settings: dict, out: Path) -> str:
 
 PARTS = {
     "layer": layer_part,
+    "host": host_part,
     "layers": layers_part,
     "ops": ops_part,
     "gan": gan_part,

@@ -249,6 +249,12 @@ def permuted_3d(seed: int) -> Make:
     return lambda dtype, device: randn(3, 2, 5, dtype=dtype, seed=seed, device=device).permute(2, 0, 1)
 
 
+def permuted_4d(seed: int) -> Make:
+    """A (2, 4, 3, 5) view of a (2, 3, 4, 5) tensor: with dim=0 its columns are three strided runs, which no split
+    of the Triton kernels' matrix view addresses (they read a copy, and write through scratch)."""
+    return lambda dtype, device: randn(2, 3, 4, 5, dtype=dtype, seed=seed, device=device).permute(0, 2, 1, 3)
+
+
 # The CPU kernels' and the reference's grid: small weights in every layout; `seed` varies per test.
 CPU_LAYOUTS = [
     "contiguous",
@@ -339,6 +345,7 @@ TRITON_CASES = [
     WeightCase("conv_transpose_dim1", plain(3, 5, 2, 3, seed=2), 1),
     WeightCase("transposed", transposed(6, 7, seed=3), 0),
     WeightCase("channels_last", channels_last(4, 3, 2, 3, seed=4), 0),
+    WeightCase("permuted_4d", permuted_4d(seed=14), 0),
     WeightCase("sliced_dim1", sliced(5, 7, seed=5, start=0, total=14), 1),
     WeightCase("1xN", plain(1, 37, seed=6), 0),
     WeightCase("Nx1", plain(41, 1, seed=7), 0),
@@ -351,6 +358,8 @@ TRITON_BIG = [
     WeightCase("conv_512x256x3x3", plain(512, 256, 3, 3, seed=9), 0),
     WeightCase("conv_transpose_256x384x4x4_dim1", plain(256, 384, 4, 4, seed=10), 1),
     WeightCase("embedding_30011x128", plain(30011, 128, seed=13), 0),
+    WeightCase("linear_1x8192", plain(1, 8192, seed=15), 0),  # one program, [1, 4096] tiles
+    WeightCase("conv_channels_last_256x128x3x3", channels_last(256, 128, 3, 3, seed=16), 0),  # the grid, (C, H*W)
 ]
 
 

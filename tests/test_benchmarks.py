@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bandwidth, gan_step, layer, ops, records, spectral_normalize_grouped  # noqa: E402
+from benchmarks import bandwidth, gan_step, host_overhead, layer, ops, records, spectral_normalize_grouped  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("SN_EXT_DISABLE_EXT") == "1", reason="runs once per CI run, with the compiled kernels"
@@ -49,6 +49,7 @@ def test_every_file_is_written(quick_run):
     for name in (
         "report.md",
         "layer.csv",
+        "host.csv",
         "layers.csv",
         "ops.csv",
         "gan.csv",
@@ -89,6 +90,20 @@ def test_layer_rows(quick_run):
             assert r["device"] and r["torch"] and r["commit"] and r["date"] and r["threads"] == "1"
         else:  # skipped, saying why
             assert r["status"] == "skipped" and r["note"] and not r["median_us"]
+
+
+def test_host_rows(quick_run):
+    """The host-overhead table: plain, then every op, path and autograd case of the Triton ops, measured (launches
+    bound, not run) wherever triton imports, else skipped saying why."""
+    out, _ = quick_run
+    rows = _rows(out / "host.csv")
+    assert list(rows[0]) == host_overhead.COLUMNS + records.META_COLUMNS
+    assert rows[0]["provider"] == "plain" and rows[0]["status"] == "ok"
+    cases = {(r["path"], r["op"], r["autograd"]) for r in rows[1:]}
+    assert cases == {(p, op, a) for p in host_overhead.PATHS for op, a in host_overhead.CASES}
+    for r in rows[1:]:
+        assert r["status"] == "ok" and float(r["median_us"]) > 0 or r["status"] == "skipped" and r["note"]
+    assert "## One layer: host overhead of the Triton ops" in (out / "report.md").read_text()
 
 
 def test_layers_rows(quick_run):

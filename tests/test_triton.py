@@ -234,6 +234,63 @@ def test_launch_plan_arithmetic_equals_tritons():
     assert [_host.cdiv(a, b) for a, b in pairs] == [triton.cdiv(a, b) for a, b in pairs]
 
 
+@pytest.mark.skipif(CHILD, reason="host code: once, in the main process")
+@pytest.mark.parametrize(
+    "make,dim,expected",
+    [
+        # contiguous, dim=0: the columns are one contiguous run, so inner = 1 (16-byte loads on a GPU)
+        (lambda: torch.empty(64, 3, 3, 3), 0, ((27, 64, 1), ((1, 27, 1),), (1, 27, 1), False, False)),
+        # channels_last, dim=0: (C, H*W) addresses W and a new output in place: no copy, no scratch
+        (
+            lambda: torch.empty(4, 3, 2, 3).contiguous(memory_format=torch.channels_last),
+            0,
+            ((3, 4, 6), ((1, 18, 3),), (1, 18, 3), False, False),
+        ),
+        # dim=1 of a contiguous 4-D weight: torch's (outer, rows, inner) split
+        (lambda: torch.empty(3, 5, 2, 3), 1, ((3, 5, 6), ((30, 6, 1),), (30, 6, 1), False, False)),
+        # three strided runs of columns: no split fits, so the input is copied and the output written via scratch
+        (
+            lambda: torch.empty(2, 3, 4, 5).permute(0, 2, 1, 3),
+            0,
+            ((1, 2, 60), ((120, 60, 1),), (120, 60, 1), True, True),
+        ),
+    ],
+)
+def test_triton_layout_fits_the_tensors_as_they_are(make, dim, expected):
+    from sn_ext.triton import _host
+
+    weight = make()
+    layout = _host.Layout.of(tuple(weight.shape), (weight.stride(),), dim)
+    m = layout.matrix
+    assert ((m.outer, m.rows, m.inner), layout.strides, layout.out_strides, layout.reshape, layout.scratch) == expected
+
+
+@pytest.mark.skipif(CHILD, reason="host code: once, in the main process")
+def test_triton_variants_of_a_discriminator_stay_few():
+    """A model's layers share compiled kernels (`do_not_specialize`, layout-independent tiles): sngan's CNN and
+    ResNet discriminators compile few Triton kernel variants for a forward and a backward of every layer (each
+    variant is a 0.25-0.5 s compile on a cold cache)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stdout = _run_for_gpu(["-m", "benchmarks.triton_variants"], cwd=root)
+    counts = {line.split()[0]: int(line.split("), ")[1].split()[0]) for line in stdout.splitlines()}
+    assert counts["cnn"] <= 11 and counts["resnet"] <= 15, stdout
+
+
+def _run_for_gpu(args: list[str], cwd: str | None = None) -> str:
+    """Runs `python <args>` in a fresh process with the kernels loaded for a GPU (no TRITON_INTERPRET); returns its
+    output, skips the test if it printed "SKIP <why>"."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-10000:] + result.stderr[-5000:]
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(result.stdout.strip())
+    return result.stdout
+
+
 @pytest.mark.skipif(CUDA or CHILD, reason="checks the errors on a machine without a GPU (once, not in the child)")
 def test_triton_backend_without_gpu_explains_why():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SN_EXT_BACKEND")}
@@ -249,13 +306,8 @@ def test_kernels_compile_for_cuda_without_gpu():
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
-    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-10000:] + result.stderr[-5000:]
-    if result.stdout.startswith("SKIP"):
-        pytest.skip(result.stdout.strip())
-    assert result.stdout.startswith("COMPILED"), result.stdout + result.stderr
+    stdout = _run_for_gpu([os.path.join(os.path.dirname(__file__), "triton_compile_check.py")])
+    assert stdout.startswith("COMPILED"), stdout
 
 
 @needs_kernels

@@ -3,7 +3,10 @@ launch the ops make for a set of weights (every path, dtype and kernel variant) 
 handed to triton.compile with a CUDA target (Triton bundles ptxas: no driver needed). Catches what the CPU
 interpreter cannot: code that does not lower to CUDA. Prints "COMPILED <n>" or "SKIP <why>".
 
-    python tests/triton_compile_check.py [--all]      # run by tests/test_triton.py in a fresh process
+    python tests/triton_compile_check.py [--all] [--facts]    # run by tests/test_triton.py in a fresh process
+
+Fails on a kernel that spills registers. --facts also lists every variant's registers, spills, shared memory and
+global loads (128-bit, all, cp.async) for FACT_SHAPES in float32.
 """
 
 import sys
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
-def main(all_variants: bool) -> None:
+def main(all_variants: bool, facts: bool) -> None:
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -34,50 +37,9 @@ def main(all_variants: bool) -> None:
     if not loaded or sn_triton.interpreted():
         print(f"SKIP the kernels are not loaded for a GPU: {reason}")
         return
-    from sn_ext.triton import _host
+    from sn_ext.triton import _dry_run, _host
     from sn_ext.triton import spectral_normalize as forward_module
     from sn_ext.triton import spectral_normalize_backward as backward_module
-
-    pointer_types = {
-        torch.float32: "*fp32",
-        torch.float64: "*fp64",
-        torch.float16: "*fp16",
-        torch.bfloat16: "*bf16",
-        torch.int32: "*i32",
-    }
-    launches = {}
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-                names = self.kernel.arg_names
-                signature, constants = {}, {}
-                for name, arg in zip(names, args):
-                    if isinstance(arg, torch.Tensor):
-                        signature[name] = pointer_types[arg.dtype]
-                    elif isinstance(arg, bool):
-                        signature[name] = "i1"
-                    elif isinstance(arg, int):
-                        signature[name] = "i64" if abs(arg) >= 2**31 else "i32"
-                    else:
-                        signature[name] = "fp32"
-                for name in names[len(args) :]:
-                    signature[name], constants[name] = "constexpr", kwargs[name]
-                key = (
-                    self.kernel.fn.__name__,
-                    tuple(signature.items()),
-                    tuple(constants.items()),
-                    tuple(options.items()),
-                )
-                launches[key] = (self.kernel, signature, constants, options)
-
-            return launch
-
-    forward_module.wrap_triton = backward_module.wrap_triton = Recorder
 
     def record(shape, dim, dtype, n, v_first, **knobs):
         saved = {name: getattr(_host, name) for name in knobs}
@@ -93,26 +55,92 @@ def main(all_variants: bool) -> None:
         finally:
             for name, value in saved.items():
                 setattr(_host, name, value)
+        for key in variants.keys() - first_seen.keys():
+            first_seen[key] = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
 
-    # Every kernel variant in bfloat16 (a low-precision dtype: conversions); float64 (its own division and square
-    # root) for the one-program kernels at their widest; --all: every dtype.
-    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16] if all_variants else [torch.bfloat16]
-    for dtype in dtypes:
-        for n, v_first in [(0, False), (1, False), (2, True)]:
-            record((64, 3, 3, 3), 0, dtype, n, v_first)  # one program, one pass per round
-            record((64, 3, 3, 3), 1, dtype, n, v_first, ONE_PASS_MAX=0)  # one program, two passes
-            record((300, 200, 3, 3), 1, dtype, n, v_first)  # the grid
-    record((32, 2048), 0, torch.float64, 1, False)  # the widest one-pass rows, in registers
-    record((2048, 32), 0, torch.float64, 1, True)
-    target = GPUTarget("cuda", 90, 32)
-    for (name, _, constants, _), (kernel, signature, consts, options) in launches.items():
+    # The launches are bound as on an sm_90 GPU (sn_ext/triton/_dry_run.py): the variants compiled below are those a
+    # GPU would compile, with Triton's specializations (equal to 1, divisible by 16) and constexprs.
+    first_seen = {}  # variant -> the weight that first launched it
+    with _dry_run.dry_run() as variants:
+        # Every kernel variant in bfloat16 (a low-precision dtype: conversions); float64 (its own division and
+        # square root) for the one-program kernels at their widest; --all: every dtype.
+        dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16] if all_variants else [torch.bfloat16]
+        for dtype in dtypes:
+            for n, v_first in [(0, False), (1, False), (2, True)]:
+                record((64, 3, 3, 3), 0, dtype, n, v_first)  # one program, one pass per round
+                record((64, 3, 3, 3), 1, dtype, n, v_first, ONE_PASS_MAX=0)  # one program, two passes
+                record((300, 200, 3, 3), 1, dtype, n, v_first)  # the grid
+        record((32, 2048), 0, torch.float64, 1, False, FUSED_MAX_NUMEL=1 << 16)  # the widest one-pass rows
+        record((2048, 32), 0, torch.float64, 1, True, FUSED_MAX_NUMEL=1 << 16)
+        for shape in FACT_SHAPES if facts else ():
+            record(shape, 0, torch.float32, 1, False)
+    failed = []
+    lines = []
+    for key, variant in variants.items():
+        name = key[0]
         try:
-            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target, options=options)
+            compiled = triton.compile(
+                ASTSource(
+                    fn=variant.kernel, signature=variant.signature, constexprs=variant.constexprs, attrs=variant.attrs
+                ),
+                target=GPUTarget(*_dry_run.TARGET),
+                options=variant.options,
+            )
         except Exception as error:
-            print(f"FAILED {name} {constants} {signature}\n{error}")
+            print(f"FAILED {name} {variant.constexprs} {variant.signature}\n{error}")
             sys.exit(1)
-    print(f"COMPILED {len(launches)}")
+        usage = _resources(compiled.asm["cubin"])
+        if usage["spills"]:
+            failed.append(f"{name} {variant.constexprs}: {usage}")
+        lines.append(f"{name} ({first_seen[key]}) {_constexprs(variant)} warps={variant.options['num_warps']} {usage}")
+    if failed:
+        print("SPILLS\n" + "\n".join(failed))
+        sys.exit(1)
+    print(f"COMPILED {len(variants)}")
+    if facts:
+        print("\n".join(sorted(lines)))
+
+
+# Weights whose fp32 variants --facts lists (registers, spills, load widths): a discriminator's first conv, a wide
+# Linear, a discriminator's largest conv, a large square weight.
+FACT_SHAPES = [(64, 3, 3, 3), (1, 8192), (128, 128, 3, 3), (512, 512, 3, 3), (4096, 4096)]
+
+
+def _constexprs(variant) -> str:
+    names = variant.kernel.arg_names
+    return " ".join(
+        f"{names[path[0]]}={value}" for path, value in variant.constexprs.items() if names[path[0]].isupper()
+    )
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers, spills (local memory or stack) and global load widths of a compiled kernel, read with the
+    cuobjdump that Triton bundles."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    loads = re.findall(r"\b(LDGSTS|LDG)\b([\w.]*)", sass)
+    return {
+        "regs": int(fields["REG"]),
+        "spills": int(fields["STACK"]) + int(fields["LOCAL"]),
+        "shared": int(fields["SHARED"]),
+        "ldg128": sum(1 for op, mods in loads if ".128" in mods and op == "LDG"),
+        "ldg": sum(1 for op, _ in loads if op == "LDG"),
+        "cp_async": sum(1 for op, _ in loads if op == "LDGSTS"),
+        "cp_async128": sum(1 for op, mods in loads if ".128" in mods and op == "LDGSTS"),
+    }
 
 
 if __name__ == "__main__":
-    main("--all" in sys.argv)
+    main("--all" in sys.argv, "--facts" in sys.argv)

@@ -5,7 +5,9 @@ jitted.
 The matrix view (csrc/matrix_view.h): a weight W of any rank is seen, for `dim`, as a 3-D strided tensor
 W3 = (outer, rows, inner) with outer = prod(sizes[:dim]) and inner = prod(sizes[dim+1:]), and
 Wm[i, o * inner + r] = W3[o, i, r]: torch's ``W.permute(dim, *others).flatten(1)`` without a copy. Column c of Wm
-is (o, r) = divmod(c, inner). Offsets are 64-bit, so any size works.
+is (o, r) = divmod(c, inner). The host may split the columns otherwise (any outer * inner = cols whose strides
+address every tensor of the call: _host.Layout), e.g. inner = 1 for contiguous columns. Offsets are 64-bit, so any
+size works.
 """
 
 import inspect
@@ -13,13 +15,13 @@ import inspect
 import triton
 import triton.language as tl
 
-# Integer arguments Triton would otherwise specialize on (equal to 1, divisible by 16): the matrix's sizes and the
-# vectors' strides and lengths, which do not change how W is loaded. Specialized, each layer shape compiled kernels
-# of its own (664 variants for the CUDA test grid: 3-6 minutes cold; ../shared/reference/triton_desk_review.md).
-# The weight's inner size and its strides stay specialized: 16-byte loads need them.
+# Integer arguments Triton would otherwise specialize on (equal to 1, divisible by 16): the matrix's row count and
+# the vectors' strides and lengths, which do not change how W is loaded. Specialized, each layer shape compiled
+# kernels of its own (664 variants for the CUDA test grid: 3-6 minutes cold; ../shared/reference/triton_desk_review.md).
+# The weight's inner size and strides stay specialized, and so does `cols`: 16-byte loads need contiguous columns
+# (inner and the column stride 1) and a column mask known to be constant over 4 elements (cols divisible by 16).
 NOT_SPECIALIZED = (
     "rows",
-    "cols",
     "n_iters",
     "u_stride",
     "v_stride",

@@ -1,22 +1,30 @@
 """Host-side helpers shared by the Triton ops (spectral_normalize.py, spectral_normalize_backward.py): the launch-plan
-knobs, the weight's (outer, rows, inner) matrix view as the kernels index it (the twin of csrc/matrix_view.h's
-WeightShapedOutput), and tile sizes. Device-side helpers are in _helpers.py."""
+knobs, the weight's (outer, rows, inner) matrix view and layout as the kernels index it (the twin of
+csrc/matrix_view.h's WeightShapedOutput), and tile sizes. Device-side helpers are in _helpers.py."""
 
 import dataclasses
+import functools
 import math
 
 import torch
 
-# Launch plan knobs, read at every call (tests lower them to run every path on tiny weights).
-FUSED_MAX_NUMEL = 1 << 16  # weights up to this size run in one program (one launch per op)
+# Launch plan knobs, read at every call (tests lower them to run every path on tiny weights). The values marked
+# "model" come from a bytes-and-latency model of an H100 (../shared/reference/triton_desk_review.md), not from a GPU
+# run; docs/design.md lists what a GPU run must confirm.
+# One program (one launch per op) up to this size (model): its serial 16 KB tiles cost ~1 us each, a grid launch
+# ~3 us plus ~3 us per extra launch, so the grid wins past a few tiles per pass.
+FUSED_MAX_NUMEL = 1 << 14
 ONE_PASS_MAX = 2048  # a one-pass round keeps a whole row (u-first) or column (v-first) of up to this many in registers
 TILE = 4096  # elements per tile of W
+GRID_TILE_COLS = 128  # the grid's tiles are at most this wide: narrower tiles, more programs, the same 16-byte loads
 VECTOR_BLOCK = 1024  # elements per step of the one-program vector loops
 TARGET_PROGRAMS = 256  # about how many programs a split matvec should have (a constant: results depend on shape only)
 MIN_COLS_PER_SPLIT = 1024  # smallest piece of a row worth its own program in matvec
 MIN_ROWS_PER_SPLIT = 256  # smallest piece of a column worth its own program in rmatvec
-MAX_LAMBDA_PARTS = 1024  # partial sums of lambda (each backward program adds them all)
-FUSED_WARPS = 8  # warps of the one-program kernels
+# Partial sums of lambda, about two per SM (model): every backward program adds them all, so more only costs reads.
+MAX_LAMBDA_PARTS = 256
+FUSED_WARPS = 16  # warps of the one-program kernels: one program is all the SM has, so it should fill it (model)
+PIPELINE_STAGES = 3  # loads in flight per loop of the grid's streaming kernels (cp.async on sm_80+; model)
 
 
 # Plain integer arithmetic for the launch plans: triton.cdiv and triton.next_power_of_2 are constexpr functions that
@@ -32,9 +40,46 @@ def pow2(n: int) -> int:
     return 1 << (max(1, int(n)) - 1).bit_length()
 
 
+KNOBS = (
+    "FUSED_MAX_NUMEL",
+    "ONE_PASS_MAX",
+    "TILE",
+    "GRID_TILE_COLS",
+    "VECTOR_BLOCK",
+    "TARGET_PROGRAMS",
+    "MIN_COLS_PER_SPLIT",
+    "MIN_ROWS_PER_SPLIT",
+    "MAX_LAMBDA_PARTS",
+    "FUSED_WARPS",
+    "PIPELINE_STAGES",
+)
+
+
+def cached_plan(make):
+    """make(*key), memoized per key (up to 1024 keys). A key with symbolic sizes (torch.compile tracing with dynamic
+    shapes: SymInts are not hashable) gets a fresh plan each call instead."""
+    cache = functools.lru_cache(maxsize=1024)(make)
+
+    @functools.wraps(make)
+    def plan(*key):
+        try:
+            return cache(*key)
+        except TypeError:
+            return make(*key)
+
+    plan.cache_info = cache.cache_info
+    return plan
+
+
+def knobs() -> tuple:
+    """The knobs' current values: part of every launch plan's cache key, so a plan never outlives a knob's value."""
+    module = globals()
+    return tuple(module[name] for name in KNOBS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Matrix:
-    """A weight-shaped tensor as the (outer, rows, inner) matrix view, and the tensor kernels index through."""
+    """A weight's (outer, rows, inner) matrix view."""
 
     outer: int
     rows: int
@@ -44,35 +89,104 @@ class Matrix:
     def cols(self) -> int:
         return self.outer * self.inner
 
+
+def _column_groups(shape: tuple, stride: tuple, dim: int) -> list[tuple[int, int]]:
+    """A tensor's column dimensions (all but `dim`, in order, size-1 ones dropped) as (size, stride) groups, adjacent
+    ones merged where they are one strided run."""
+    groups: list[tuple[int, int]] = []
+    for d, (size, step) in enumerate(zip(shape, stride)):
+        if d == dim or size == 1:
+            continue
+        if groups and groups[-1][1] == step * size:
+            groups[-1] = (groups[-1][0] * size, step)
+        else:
+            groups.append((size, step))
+    return groups
+
+
+def _split_strides(groups: list[tuple[int, int]], inner: int) -> tuple[int, int] | None:
+    """(s_outer, s_inner) that address column c = o * inner + r of a tensor whose columns are `groups`, or None if
+    no such pair exists. With inner == 1 only s_outer is used (r is 0): s_inner is 1, one specialization less."""
+    if not groups:
+        return (1, 1)
+    if len(groups) == 1:
+        step = groups[0][1]
+        return (step, 1) if inner == 1 else (inner * step, step)
+    if len(groups) == 2 and groups[1][0] == inner:
+        return (groups[0][1], groups[1][1])
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the kernels see the weight-shaped tensors of one call (inputs, then a new output in the first input's
+    layout): one matrix view (outer, rows, inner) and each tensor's (s_outer, s_row, s_inner) in it. Computed once
+    per layout from shapes and strides (meta tensors: no data).
+
+    The split of the columns into (outer, inner) is free (the kernels only use c = o * inner + r), so it is chosen to
+    fit every tensor as it is: inner = 1 when each tensor's columns are one strided run (every contiguous weight
+    with dim=0: Triton then specializes inner and, for unit strides, the column stride to 1, which gives contiguous
+    columns and 16-byte loads), else the size of the inner run a tensor has (channels_last with dim=0: (C, H*W)).
+    Only tensors with no such split are copied (inputs: `reshape`) or written through contiguous scratch (the
+    output: `scratch`, copied back by finish())."""
+
+    matrix: Matrix
+    strides: tuple[tuple[int, int, int], ...]  # per input
+    out_strides: tuple[int, int, int]
+    reshape: bool
+    scratch: bool
+
     @staticmethod
-    def of(weight: torch.Tensor, dim: int) -> "Matrix":
-        dim = dim % weight.dim()
-        shape = weight.shape
-        return Matrix(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+    def of(shape: tuple, strides: tuple[tuple, ...], dim: int) -> "Layout":
+        out_stride = torch.empty_like(torch.empty_strided(shape, strides[0], device="meta")).stride()
+        every = (*strides, out_stride)
+        rows, cols = shape[dim], math.prod(shape) // shape[dim]
+        groups = [_column_groups(shape, stride, dim) for stride in every]
+        inners = {g[1][0] for g in groups if len(g) == 2}
+        inner = min(inners, default=1)
+        found = [_split_strides(g, inner) for g in groups]
+        if all(found):
+            split = [(s_outer, stride[dim], s_inner) for (s_outer, s_inner), stride in zip(found, every)]
+            return Layout(Matrix(cols // inner, rows, inner), tuple(split[:-1]), split[-1], False, False)
+        return Layout._reshaped(shape, strides, out_stride, dim)
+
+    @staticmethod
+    def _reshaped(shape: tuple, strides: tuple[tuple, ...], out_stride: tuple, dim: int) -> "Layout":
+        """The layout of torch's (prod(shape[:dim]), rows, prod(shape[dim+1:])) reshape: views where they exist."""
+        m = Matrix(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+        views = tuple(
+            torch.empty_strided(shape, s, device="meta").reshape(m.outer, m.rows, m.inner).stride() for s in strides
+        )
+        try:
+            out = torch.empty_strided(shape, out_stride, device="meta").view(m.outer, m.rows, m.inner).stride()
+            return Layout(m, views, out, True, False)
+        except RuntimeError:
+            return Layout(m, views, (m.rows * m.inner, m.inner, 1), True, True)
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
-        """t as (outer, rows, inner): a view for every layout that has one (all contiguous ones), else a copy."""
-        return t.reshape(self.outer, self.rows, self.inner)
+        """The tensor the kernels index for input t: t itself, or (outer, rows, inner) as torch reshapes it."""
+        if not self.reshape:
+            return t
+        m = self.matrix
+        return t.reshape(m.outer, m.rows, m.inner)
 
-    def output(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """A new tensor in `like`'s layout (as the other backends and the fake kernel), the (outer, rows, inner)
-        view the kernels write through, and whether that is contiguous scratch instead (a layout without such a
-        view: channels_last with dim=0), which finish() copies back."""
+    def output(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new tensor in `like`'s layout (as the other backends and the fake kernel), and the tensor the kernels
+        write: itself, or the scratch."""
         out = torch.empty_like(like)
-        try:
-            return out, out.view(self.outer, self.rows, self.inner), False
-        except RuntimeError:
-            return out, torch.empty((self.outer, self.rows, self.inner), dtype=like.dtype, device=like.device), True
+        if self.scratch:
+            m = self.matrix
+            return out, torch.empty((m.outer, m.rows, m.inner), dtype=like.dtype, device=like.device)
+        return out, out
 
-    @staticmethod
-    def finish(out: torch.Tensor, view3d: torch.Tensor, scratch: bool) -> torch.Tensor:
-        if scratch:
-            out.copy_(view3d.view(out.shape))
+    def finish(self, out: torch.Tensor, out3: torch.Tensor) -> torch.Tensor:
+        if self.scratch:
+            out.copy_(out3.view(out.shape))
         return out
 
 
-def tile_shape(rows: int, cols: int, tile: int = 0) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS) of about `tile` elements: up to 128 columns wide, no wider than the matrix."""
-    tile = tile or TILE
-    block_cols = min(128, pow2(cols))
-    return max(1, min(pow2(rows), tile // block_cols)), block_cols
+def tile_shape(rows: int, cols: int, max_cols: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS) of about TILE elements, no wider than the matrix nor than `max_cols`: the one-program
+    kernels pass TILE (a 1 x 8192 weight gets [1, 4096] tiles, 16-byte loads, instead of [1, 128] scalar ones)."""
+    block_cols = min(max_cols, TILE, pow2(cols))
+    return max(1, min(pow2(rows), TILE // block_cols)), block_cols

@@ -290,7 +290,8 @@ def fused_forward_kernel(
 #
 # Grid (row_blocks, splits). Program (b, s) sums the columns of split s for rows [b * BLOCK_ROWS, ...) and writes
 # one partial sum per row; normalize_kernel adds the splits in order (deterministic: the split depends on the shape
-# only). Splitting the columns keeps a short-and-wide (1 x N) matrix from running on one program.
+# only). Splitting the columns keeps a short-and-wide (1 x N) matrix from running on one program. The loop keeps
+# STAGES tiles in flight (cp.async): with ~2 programs per SM, one tile at a time leaves the memory system idle.
 
 
 @kernel
@@ -309,6 +310,7 @@ def matvec_kernel(
     cols_per_split,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
     block = tl.program_id(0)
@@ -318,7 +320,7 @@ def matvec_kernel(
     begin = split * cols_per_split
     end = tl.minimum(begin + cols_per_split, cols)
     acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], acc_dtype)
-    for start in range(begin, end, BLOCK_COLS):
+    for start in tl.range(begin, end, BLOCK_COLS, num_stages=STAGES):
         col_idx = start + tl.arange(0, BLOCK_COLS)
         col_mask = col_idx < end
         offsets = matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner)
@@ -332,7 +334,7 @@ def matvec_kernel(
 # z = Wm^T y, split over the rows: phase 1 of a half-step that makes v (u-first: v = N(W^T u)).
 #
 # Grid (col_blocks, splits). Program (b, s) sums the rows of split s for columns [b * BLOCK_COLS, ...) and writes
-# one partial sum per column; normalize_kernel adds the splits in order (deterministic).
+# one partial sum per column; normalize_kernel adds the splits in order (deterministic). Pipelined as matvec_kernel.
 
 
 @kernel
@@ -350,6 +352,7 @@ def rmatvec_kernel(
     rows_per_split,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
     block = tl.program_id(0)
@@ -359,7 +362,7 @@ def rmatvec_kernel(
     begin = split * rows_per_split
     end = tl.minimum(begin + rows_per_split, rows)
     acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], acc_dtype)
-    for start in range(begin, end, BLOCK_ROWS):
+    for start in tl.range(begin, end, BLOCK_ROWS, num_stages=STAGES):
         row_idx = start + tl.arange(0, BLOCK_ROWS)
         row_mask = row_idx < end
         offsets = matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner)
@@ -514,6 +517,8 @@ def divide_kernel(
 
 
 # ---- the host plan and the op ----
+# A forward's launches depend on the weight's shape, strides and dtype, the vectors' strides, dim, n, v_first and the
+# knobs only: _plan computes them once per such key (plain integers, cached) and every call replays them.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,79 +540,104 @@ def _split(length: int, block: int, other_blocks: int, min_per_split: int) -> tu
 
 
 def _plan_matvec(m: _host.Matrix) -> _Split:
-    block_rows, block_cols = _host.tile_shape(m.rows, m.cols)
+    block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.GRID_TILE_COLS)
     blocks = _host.cdiv(m.rows, block_rows)
     splits, chunk = _split(m.cols, block_cols, blocks, _host.MIN_COLS_PER_SPLIT)
     return _Split(blocks, splits, chunk, block_rows, block_cols)
 
 
 def _plan_rmatvec(m: _host.Matrix) -> _Split:
-    block_rows, block_cols = _host.tile_shape(m.rows, m.cols)
+    block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.GRID_TILE_COLS)
     blocks = _host.cdiv(m.cols, block_cols)
     splits, chunk = _split(m.rows, block_rows, blocks, _host.MIN_ROWS_PER_SPLIT)
     return _Split(blocks, splits, chunk, block_rows, block_cols)
 
 
-def _forward_fused(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
-    acc = sigma.dtype
-    y = torch.empty(m.rows, dtype=acc, device=w3.device)
-    z = torch.empty(m.cols, dtype=acc, device=w3.device)
-    full_dim, strip_dim = (m.rows, m.cols) if v_first else (m.cols, m.rows)
-    one_pass = n > 0 and full_dim <= _host.ONE_PASS_MAX
-    full = _host.pow2(full_dim) if one_pass else 1
-    strip = max(1, min(_host.pow2(strip_dim), _host.TILE // full)) if one_pass else 1
-    block_rows, block_cols = _host.tile_shape(m.rows, m.cols)
-    wrap_triton(fused_forward_kernel)[(1,)](
-        w3,
-        u,
-        v,
-        out3,
-        sigma,
-        u_new,
-        v_new,
-        y,
-        z,
-        m.rows,
-        m.cols,
-        m.inner,
-        *w3.stride(),
-        *out3.stride(),
-        u.stride(0),
-        v.stride(0),
-        n,
-        eps,
-        V_FIRST=v_first,
-        ONE_PASS=one_pass,
-        N_ZERO=n == 0,
-        BLOCK_ROWS=block_rows,
-        BLOCK_COLS=block_cols,
-        BLOCK_VEC=min(_host.VECTOR_BLOCK, _host.pow2(max(m.rows, m.cols))),
-        FULL=full,
-        STRIP=strip,
-        num_warps=_host.FUSED_WARPS,
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A forward's launches: the one-program kernel's arguments, or the grid's splits, grids and arguments."""
+
+    layout: _host.Layout
+    acc: torch.dtype  # sigma's and the scratch vectors' dtype
+    fused: bool
+    matrix_args: tuple  # rows, cols, inner and W's view strides
+    fused_args: tuple = ()  # fused_forward_kernel's integer arguments after the matrix's
+    fused_meta: dict = dataclasses.field(default_factory=dict)  # its constexprs and warps
+    mv: _Split | None = None
+    rmv: _Split | None = None
+    vector_block: int = 0
+    divide_grid: int = 0
+    divide_args: tuple = ()  # divide_kernel's out strides and col_blocks
+    divide_meta: dict = dataclasses.field(default_factory=dict)
+
+
+@_host.cached_plan
+def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _Plan:
+    """The launches of a forward (see the module docstring); `knobs` (_host.knobs()) only keys the cache."""
+    layout = _host.Layout.of(shape, (stride,), dim)
+    m = layout.matrix
+    acc = _matrix.accumulate_dtype(dtype)
+    matrix_args = (m.rows, m.cols, m.inner, *layout.strides[0])
+    vector_block = min(_host.VECTOR_BLOCK, _host.pow2(max(m.rows, m.cols)))
+    if m.rows * m.cols <= _host.FUSED_MAX_NUMEL:
+        full_dim, strip_dim = (m.rows, m.cols) if v_first else (m.cols, m.rows)
+        one_pass = n > 0 and full_dim <= _host.ONE_PASS_MAX
+        full = _host.pow2(full_dim) if one_pass else 1
+        block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.TILE)
+        meta = dict(
+            V_FIRST=v_first,
+            ONE_PASS=one_pass,
+            N_ZERO=n == 0,
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+            BLOCK_VEC=vector_block,
+            FULL=full,
+            STRIP=max(1, min(_host.pow2(strip_dim), _host.TILE // full)) if one_pass else 1,
+            num_warps=_host.FUSED_WARPS,
+        )
+        return _Plan(layout, acc, True, matrix_args, (*layout.out_strides, u_stride, v_stride, n), meta)
+    block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.GRID_TILE_COLS)
+    col_blocks = _host.cdiv(m.cols, block_cols)
+    return _Plan(
+        layout,
+        acc,
+        False,
+        matrix_args,
+        mv=_plan_matvec(m),
+        rmv=_plan_rmatvec(m),
+        vector_block=vector_block,
+        divide_grid=_host.cdiv(m.rows, block_rows) * col_blocks,
+        divide_args=(*layout.out_strides, col_blocks),
+        divide_meta=dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols),
     )
 
 
-def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
-    acc = sigma.dtype
-    mv, rmv = _plan_matvec(m), _plan_rmatvec(m)
-    part = torch.empty(max(mv.splits * m.rows, rmv.splits * m.cols), dtype=acc, device=w3.device)
+def _forward_fused(plan, w3, u, v, out3, sigma, u_new, v_new, eps):
+    m = plan.layout.matrix
+    y = torch.empty(m.rows, dtype=plan.acc, device=w3.device)
+    z = torch.empty(m.cols, dtype=plan.acc, device=w3.device)
+    wrap_triton(fused_forward_kernel)[(1,)](
+        w3, u, v, out3, sigma, u_new, v_new, y, z, *plan.matrix_args, *plan.fused_args, eps, **plan.fused_meta
+    )
+
+
+def _forward_split(plan, w3, u, v, out3, sigma, u_new, v_new, eps, n, v_first):
+    m, mv, rmv = plan.layout.matrix, plan.mv, plan.rmv
+    part = torch.empty(max(mv.splits * m.rows, rmv.splits * m.cols), dtype=plan.acc, device=w3.device)
     flag = torch.empty(1, dtype=torch.int32, device=w3.device)
-    vector_block = min(_host.VECTOR_BLOCK, _host.pow2(max(m.rows, m.cols)))
+    stages = _host.PIPELINE_STAGES
 
     def matvec(x, x_stride):
         wrap_triton(matvec_kernel)[(mv.blocks, mv.splits)](
             w3,
             x,
             part,
-            m.rows,
-            m.cols,
-            m.inner,
-            *w3.stride(),
+            *plan.matrix_args,
             x_stride,
             mv.chunk,
             BLOCK_ROWS=mv.block_rows,
             BLOCK_COLS=mv.block_cols,
+            STAGES=stages,
         )
 
     def rmatvec(y, y_stride):
@@ -615,14 +645,12 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
             w3,
             y,
             part,
-            m.rows,
-            m.cols,
-            m.inner,
-            *w3.stride(),
+            *plan.matrix_args,
             y_stride,
             rmv.chunk,
             BLOCK_ROWS=rmv.block_rows,
             BLOCK_COLS=rmv.block_cols,
+            STAGES=stages,
         )
 
     def normalize(length, splits, out, out_in, other, other_in, first, last):
@@ -642,7 +670,7 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
             eps,
             FIRST=first,
             LAST=last,
-            BLOCK=vector_block,
+            BLOCK=plan.vector_block,
             num_warps=_host.FUSED_WARPS,
         )
 
@@ -660,7 +688,7 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
             mv.splits,
             u.stride(0),
             v.stride(0),
-            BLOCK=vector_block,
+            BLOCK=plan.vector_block,
             num_warps=_host.FUSED_WARPS,
         )
     for k in range(n):
@@ -675,20 +703,8 @@ def _forward_split(m, w3, u, v, out3, sigma, u_new, v_new, n, eps, v_first):
             normalize(m.rows, mv.splits, u_new, u, v_new, v, first, False)
             rmatvec(u_new, 1)
             normalize(m.cols, rmv.splits, v_new, v, u_new, u, False, last)
-    block_rows, block_cols = _host.tile_shape(m.rows, m.cols)
-    col_blocks = _host.cdiv(m.cols, block_cols)
-    wrap_triton(divide_kernel)[(_host.cdiv(m.rows, block_rows) * col_blocks,)](
-        w3,
-        out3,
-        sigma,
-        m.rows,
-        m.cols,
-        m.inner,
-        *w3.stride(),
-        *out3.stride(),
-        col_blocks,
-        BLOCK_ROWS=block_rows,
-        BLOCK_COLS=block_cols,
+    wrap_triton(divide_kernel)[(plan.divide_grid,)](
+        w3, out3, sigma, *plan.matrix_args, *plan.divide_args, **plan.divide_meta
     )
 
 
@@ -706,12 +722,24 @@ def triton_spectral_normalize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = FORWARD
     _checks.check_forward_args(op, weight, u, v, dim, n_power_iterations, eps)
-    m = _host.Matrix.of(weight, dim)
-    w3 = m.view(weight)
-    out, out3, scratch = m.output(weight)
-    sigma = weight.new_empty((), dtype=_matrix.accumulate_dtype(weight.dtype))
+    plan = _plan(
+        weight.shape,
+        weight.stride(),
+        weight.dtype,
+        dim % weight.dim(),
+        u.stride(0),
+        v.stride(0),
+        n_power_iterations,
+        v_first,
+        _host.knobs(),
+    )
+    w3 = plan.layout.view(weight)
+    out, out3 = plan.layout.output(weight)
+    sigma = weight.new_empty((), dtype=plan.acc)
     u_new = torch.empty_like(u, memory_format=torch.contiguous_format)
     v_new = torch.empty_like(v, memory_format=torch.contiguous_format)
-    run = _forward_fused if weight.numel() <= _host.FUSED_MAX_NUMEL else _forward_split
-    run(m, w3, u, v, out3, sigma, u_new, v_new, n_power_iterations, eps, v_first)
-    return _host.Matrix.finish(out, out3, scratch), sigma, u_new, v_new
+    if plan.fused:
+        _forward_fused(plan, w3, u, v, out3, sigma, u_new, v_new, eps)
+    else:
+        _forward_split(plan, w3, u, v, out3, sigma, u_new, v_new, eps, n_power_iterations, v_first)
+    return plan.layout.finish(out, out3), sigma, u_new, v_new

@@ -6,6 +6,8 @@ Launches: weights with at most _host.FUSED_MAX_NUMEL elements, one program (fuse
 writes its tile). Sums are split by the shape only, so results are deterministic.
 """
 
+import dataclasses
+
 import torch
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
@@ -75,8 +77,8 @@ def fused_backward_kernel(
 # ---- lambda_partial_kernel ----
 # Backward, stage 1: lambda = <grad, W_sn>, one partial sum per program over a fixed share of the tiles.
 #
-# Grid (programs,): program p sums tiles p, p + programs, ... (a share fixed by the shape: deterministic).
-# backward_kernel adds the partial sums in order.
+# Grid (programs,): program p sums tiles p, p + programs, ... (a share fixed by the shape: deterministic), STAGES
+# tiles in flight. backward_kernel adds the partial sums in order.
 
 
 @kernel
@@ -97,11 +99,12 @@ def lambda_partial_kernel(
     tiles,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
     program = tl.program_id(0)
     acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], acc_dtype)
-    for tile in range(program, tiles, tl.num_programs(0)):
+    for tile in tl.range(program, tiles, tl.num_programs(0), num_stages=STAGES):
         row_idx = (tile // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         col_idx = (tile % col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
         mask = (row_idx < rows)[:, None] & (col_idx < cols)[None, :]
@@ -165,19 +168,54 @@ def backward_kernel(
 # ---- the host plan and the op ----
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A backward's launches, computed once per (shapes, strides, dtype, dim, knobs)."""
+
+    layout: _host.Layout  # of weight_sn (whose layout the output takes) and grad
+    acc: torch.dtype
+    fused: bool
+    tile: dict  # BLOCK_ROWS, BLOCK_COLS
+    col_blocks: int = 0
+    tiles: int = 0
+    parts: int = 0
+    block_parts: int = 0
+
+
+@_host.cached_plan
+def _plan(shape, g_stride, s_stride, dtype, dim, knobs) -> _Plan:
+    """`knobs` (_host.knobs()) only keys the cache."""
+    layout = _host.Layout.of(shape, (s_stride, g_stride), dim)
+    m = layout.matrix
+    acc = _matrix.accumulate_dtype(dtype)
+    if m.rows * m.cols <= _host.FUSED_MAX_NUMEL:
+        block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.TILE)
+        return _Plan(layout, acc, True, dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols))
+    block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.GRID_TILE_COLS)
+    col_blocks = _host.cdiv(m.cols, block_cols)
+    tiles = _host.cdiv(m.rows, block_rows) * col_blocks
+    tile = dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+    parts = min(tiles, _host.MAX_LAMBDA_PARTS)
+    # block_parts from the knob, not from `parts`: one compiled variant of backward_kernel for every weight size.
+    return _Plan(layout, acc, False, tile, col_blocks, tiles, parts, _host.pow2(_host.MAX_LAMBDA_PARTS))
+
+
 @triton_op(BACKWARD, mutates_args=(), schema=_schemas.SCHEMAS["spectral_normalize_backward"])
 def triton_spectral_normalize_backward(
     grad: torch.Tensor, weight_sn: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int
 ) -> torch.Tensor:
     op = BACKWARD
     _checks.check_backward_args(op, grad, weight_sn, u, v, sigma, dim)
-    m = _host.Matrix.of(weight_sn, dim)
+    plan = _plan(
+        weight_sn.shape, grad.stride(), weight_sn.stride(), weight_sn.dtype, dim % weight_sn.dim(), _host.knobs()
+    )
+    m = plan.layout.matrix
+    matrix_args = (m.rows, m.cols, m.inner)
     # The kernels read sigma from the device, in the accumulation dtype (a no-op for the forward's own sigma).
-    sig = sigma.to(device=weight_sn.device, dtype=_matrix.accumulate_dtype(weight_sn.dtype)).reshape(())
-    g3, s3 = m.view(grad), m.view(weight_sn)
-    out, out3, scratch = m.output(weight_sn)
-    block_rows, block_cols = _host.tile_shape(m.rows, m.cols)
-    if weight_sn.numel() <= _host.FUSED_MAX_NUMEL:
+    sig = sigma.to(device=weight_sn.device, dtype=plan.acc).reshape(())
+    g3, s3 = plan.layout.view(grad), plan.layout.view(weight_sn)
+    out, out3 = plan.layout.output(weight_sn)
+    if plan.fused:
         wrap_triton(fused_backward_kernel)[(1,)](
             g3,
             s3,
@@ -185,55 +223,44 @@ def triton_spectral_normalize_backward(
             u,
             v,
             sig,
-            m.rows,
-            m.cols,
-            m.inner,
-            *g3.stride(),
-            *s3.stride(),
-            *out3.stride(),
+            *matrix_args,
+            *plan.layout.strides[1],
+            *plan.layout.strides[0],
+            *plan.layout.out_strides,
             u.stride(0),
             v.stride(0),
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLS=block_cols,
+            **plan.tile,
             num_warps=_host.FUSED_WARPS,
         )
     else:
-        col_blocks = _host.cdiv(m.cols, block_cols)
-        tiles = _host.cdiv(m.rows, block_rows) * col_blocks
-        parts = min(tiles, _host.MAX_LAMBDA_PARTS)
-        part = torch.empty(parts, dtype=sig.dtype, device=weight_sn.device)
-        wrap_triton(lambda_partial_kernel)[(parts,)](
+        part = torch.empty(plan.parts, dtype=plan.acc, device=weight_sn.device)
+        wrap_triton(lambda_partial_kernel)[(plan.parts,)](
             g3,
             s3,
             part,
-            m.rows,
-            m.cols,
-            m.inner,
-            *g3.stride(),
-            *s3.stride(),
-            col_blocks,
-            tiles,
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLS=block_cols,
+            *matrix_args,
+            *plan.layout.strides[1],
+            *plan.layout.strides[0],
+            plan.col_blocks,
+            plan.tiles,
+            **plan.tile,
+            STAGES=_host.PIPELINE_STAGES,
         )
-        wrap_triton(backward_kernel)[(tiles,)](
+        wrap_triton(backward_kernel)[(plan.tiles,)](
             g3,
             out3,
             u,
             v,
             part,
             sig,
-            m.rows,
-            m.cols,
-            m.inner,
-            *g3.stride(),
-            *out3.stride(),
+            *matrix_args,
+            *plan.layout.strides[1],
+            *plan.layout.out_strides,
             u.stride(0),
             v.stride(0),
-            col_blocks,
-            parts,
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLS=block_cols,
-            BLOCK_PARTS=_host.pow2(parts),
+            plan.col_blocks,
+            plan.parts,
+            **plan.tile,
+            BLOCK_PARTS=plan.block_parts,
         )
-    return _host.Matrix.finish(out, out3, scratch)
+    return plan.layout.finish(out, out3)
