@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from sn_ext import backends
 from sn_ext.triton._dry_run import dry_run, why_not
 
 from .records import log, rounded
@@ -78,7 +79,8 @@ def plain_step(seed: int = 0) -> Callable[[], object]:
 
 def triton_step(op: str, autograd: str, seed: int = 0) -> Callable[[], object]:
     """One call of `op` (see the module docstring) on the Triton ops, launches stubbed by the caller."""
-    forward = torch.ops.sn_ext.triton_spectral_normalize.default
+    # The forward as modules call it: the op, then u and v copied into place (sn_ext.backends.Backend.forward).
+    forward = backends.get("triton").forward
     backward = torch.ops.sn_ext.triton_spectral_normalize_backward.default
     weight, u, v, grad = _inputs(seed)
     weight_sn, sigma, u_new, v_new = forward(weight, u, v, 0, 1, 1e-12, False)
