@@ -99,17 +99,22 @@ struct ForwardStep {
   bool last;   // normalize: the call's last half-step (writes sigma, finishes the vectors)
 };
 
-// How many phases a forward of n rounds has: n = 0 is W v then sigma = u^T (W v); each round is four phases (two
-// matrix-vector products, each followed by its normalization); then W / sigma, except for power_iteration_.
+// The phases of n rounds: n = 0 is W v then sigma = u^T (W v); each round is four phases (two matrix-vector
+// products, each followed by its normalization).
+__host__ __device__ inline int64_t round_steps(int64_t n) {
+  return n == 0 ? 2 : 4 * n;
+}
+
+// How many phases a forward of n rounds has: the rounds, then W / sigma, except for power_iteration_.
 __host__ __device__ inline int64_t forward_steps(int64_t n, bool divide) {
-  return (n == 0 ? 2 : 4 * n) + (divide ? 1 : 0);
+  return round_steps(n) + (divide ? 1 : 0);
 }
 
 // Phase s of the forward (s < forward_steps(n, ...)). A u-first round: W v | u = N(.) | W^T u | v = N(.); a v-first
 // (legacy) round: W^T u | v = N(.) | W v | u = N(.).
 __device__ inline ForwardStep forward_step(int64_t s, int64_t n, bool v_first) {
   using P = ForwardPhase;
-  if (s >= (n == 0 ? 2 : 4 * n)) return {P::kDivide, false, false};
+  if (s >= round_steps(n)) return {P::kDivide, false, false};
   if (n == 0) return {s == 0 ? P::kMatvec : P::kDot, true, false};
   const bool first = s < 4, last = s / 4 == n - 1;
   switch (s % 4) {
