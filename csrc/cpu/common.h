@@ -57,7 +57,7 @@ inline T mul_add(T a, T b, T c) {
 // piece(begin) + ... + piece(end - 1), the range halved until one piece is left: ceil(log2(count)) additions deep.
 template <typename T, typename Piece>
 T pairwise_sum(int64_t begin, int64_t end, const Piece& piece) {
-  if (end - begin <= 1) return end > begin ? piece(begin) : T{};
+  if (end - begin <= 1) return end > begin ? piece(begin) : T(0);
   const int64_t mid = begin + (end - begin) / 2;
   return pairwise_sum<T>(begin, mid, piece) + pairwise_sum<T>(mid, end, piece);
 }

@@ -17,8 +17,6 @@ namespace {
 // huge weight would pass kMaxPartialElements.
 constexpr int64_t kRowsPerPartition = 32;
 constexpr int64_t kMaxPartialElements = int64_t(1) << 22;
-// Rows whose dot products run together: their independent lanes hide the FMA latency and share each load of x.
-constexpr int64_t kRowGroup = 4;
 // Columns of W^T y per parallel task when tasks split the columns.
 constexpr int64_t kMinColumnChunk = 64;
 
@@ -27,79 +25,22 @@ struct RowPartitions {
 };
 
 inline RowPartitions row_partitions(int64_t rows, int64_t cols) {
-  // A multiple of kRowGroup: a group of rows never straddles two partitions (two tasks).
-  const int64_t rows_each =
-      kRowGroup * ceil_div(std::max(kRowsPerPartition, ceil_div(rows * cols, kMaxPartialElements)), kRowGroup);
+  const int64_t rows_each = std::max(kRowsPerPartition, ceil_div(rows * cols, kMaxPartialElements));
   return {rows_each, ceil_div(rows, rows_each)};
 }
 
-// One value per row of a group of kRowGroup rows, added elementwise (what pairwise_sum adds for a group).
-template <typename T>
-struct GroupSums {
-  T v[kRowGroup] = {};
-  GroupSums operator+(const GroupSums& other) const {
-    GroupSums sum;
-    for (int64_t j = 0; j < kRowGroup; ++j) sum.v[j] = v[j] + other.v[j];
-    return sum;
-  }
-};
-
-// dot_block (common.h) of kRowGroup rows with x at once, the same lanes and sums as each row alone. The stride is
-// a template parameter: a strided loop next to the unit-stride one keeps the compiler from holding the lanes in
-// registers (2x slower).
-template <bool kUnitStride, typename T, typename scalar_t>
-GroupSums<T> dot_block_rows(const scalar_t* const (&w)[kRowGroup], int64_t stride, const T* x, int64_t n) {
-  const int64_t s = kUnitStride ? 1 : stride;
-  T lanes[kRowGroup][kLanes] = {};
-  const int64_t full = n - n % kLanes;
-  for (int64_t r = 0; r < full; r += kLanes) {
-    for (int64_t j = 0; j < kRowGroup; ++j) {
-#pragma omp simd
-      for (int64_t k = 0; k < kLanes; ++k)
-        lanes[j][k] = mul_add(static_cast<T>(w[j][(r + k) * s]), x[r + k], lanes[j][k]);
-    }
-  }
-  GroupSums<T> sums;
-  for (int64_t j = 0; j < kRowGroup; ++j) {
-    for (int64_t r = full; r < n; ++r)
-      lanes[j][r - full] = mul_add(static_cast<T>(w[j][r * s]), x[r], lanes[j][r - full]);
-    sums.v[j] = sum_lanes(lanes[j]);
-  }
-  return sums;
-}
-
-// y[j] = (row i + j of Wm) . x for j < count <= kRowGroup: each row's outer segments added pairwise, each segment a
-// pairwise sum of blocks (the tree of dot() in common.h).
-template <bool kUnitStride, typename scalar_t, typename T>
-void row_dots(const Matrix3d<const scalar_t>& W, int64_t i, int64_t count, const T* x, T* y) {
-  const int64_t blocks = ceil_div(W.inner, kBlock);
-  const GroupSums<T> sums = pairwise_sum<GroupSums<T>>(0, W.outer, [&](int64_t o) {
-    return pairwise_sum<GroupSums<T>>(0, blocks, [&](int64_t b) {
-      const int64_t start = b * kBlock;
-      const scalar_t* w[kRowGroup];
-      for (int64_t j = 0; j < kRowGroup; ++j)  // rows past the matrix's end repeat its last row, unused
-        w[j] = W.line(o, std::min(i + j, W.rows - 1)) + start * W.s_inner;
-      return dot_block_rows<kUnitStride>(w, W.s_inner, x + o * W.inner + start, std::min(kBlock, W.inner - start));
-    });
-  });
-  std::copy(sums.v, sums.v + count, y);
-}
-
+// (row i of Wm) . x: the row's outer segments added pairwise, each a blocked dot product.
 template <typename scalar_t, typename T>
-void row_dots(const Matrix3d<const scalar_t>& W, int64_t i, const T* x, T* y) {
-  const int64_t count = std::min(kRowGroup, W.rows - i);
-  if (W.s_inner == 1) {
-    row_dots<true>(W, i, count, x, y);
-  } else {
-    row_dots<false>(W, i, count, x, y);
-  }
+T row_dot(const Matrix3d<const scalar_t>& W, int64_t i, const T* x) {
+  return pairwise_sum<T>(0, W.outer,
+                         [&](int64_t o) { return dot<T>(W.line(o, i), W.s_inner, x + o * W.inner, 1, W.inner); });
 }
 
-// y = Wm x, parallel over groups of rows.
+// y = Wm x, parallel over rows.
 template <typename scalar_t, typename T>
 void matvec(const Matrix3d<const scalar_t>& W, const Vector<T>& x, Vector<T>& y) {
-  at::parallel_for(0, ceil_div(W.rows, kRowGroup), grain_for(kRowGroup * W.cols()), [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) row_dots(W, g * kRowGroup, x.data(), y.data() + g * kRowGroup);
+  at::parallel_for(0, W.rows, grain_for(W.cols()), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) y[i] = row_dot(W, i, x.data());
   });
 }
 
@@ -193,12 +134,7 @@ void matvec_and_gram(const Matrix3d<const scalar_t>& W, const Vector<T>& x, Vect
     return;
   }
   Vector<T> partial(parts.count * W.cols());
-  // Rows come in order within a partition and partitions start at multiples of kRowGroup: a group's first row
-  // computes the group's dot products.
-  accumulate_partitions(W, parts, partial.data(), [&](int64_t i) {
-    if (i % kRowGroup == 0) row_dots(W, i, x.data(), y.data() + i);
-    return y[i];
-  });
+  accumulate_partitions(W, parts, partial.data(), [&](int64_t i) { return y[i] = row_dot(W, i, x.data()); });
   sum_partitions(parts, partial.data(), z);
 }
 
