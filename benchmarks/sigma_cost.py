@@ -7,8 +7,8 @@ reading every sigma back with ``sn_ext.sigmas(model)``.
     python -m benchmarks.sigma_cost --quick --device cpu
     python -m benchmarks.sigma_cost --out benchmarks/results/cpu-amd-epyc   # also sigma_cost.md and .json
 
-The forward's op count is the one before sigma was kept (one per layer with the compiled kernels, whose op updates
-u and v in place; grouped: one op for all the layers): tests/test_diagnostics.py checks it.
+Keeping sigma adds no op to the forward (one per layer with the compiled kernels, whose op updates u and v in place;
+grouped: one op for all the layers): tests/test_diagnostics.py checks it.
 """
 
 from __future__ import annotations
