@@ -16,9 +16,9 @@ at::Tensor power_iteration_cpu(const at::Tensor& weight, at::Tensor& u, at::Tens
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    Vector<opmath_t> uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
-    *sigma.mutable_data_ptr<opmath_t>() =
-        static_cast<opmath_t>(power_iterate(Matrix3d<const scalar_t>(w3), uu, vv, n, eps, v_first));
+    Vector uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
+    const acc_t s = power_iterate(Matrix3d<const scalar_t>(w3), uu, vv, n, eps, v_first);
+    *sigma.mutable_data_ptr<opmath_t>() = static_cast<opmath_t>(s);
     store_vector<scalar_t>(uu, u);
     store_vector<scalar_t>(vv, v);
   });

@@ -10,15 +10,28 @@
 namespace sn_ext {
 namespace {
 
-// <A, B> over two weight-shaped views in acc_type: a blocked dot product per line (in parallel), the lines' sums
-// then added pairwise (common.h).
-template <typename scalar_t, typename T = acc_type<scalar_t>>
-T inner_product(const Matrix3d<const scalar_t>& A, const Matrix3d<const scalar_t>& B) {
-  Vector<T> partial(A.lines());
+// <A, B> over two weight-shaped views, one partial sum per line, then added in line order (deterministic).
+template <typename scalar_t>
+acc_t inner_product(const Matrix3d<const scalar_t>& A, const Matrix3d<const scalar_t>& B) {
+  Vector partial(A.lines());
   at::parallel_for(0, A.lines(), grain_for(A.inner), [&](int64_t begin, int64_t end) {
-    for (int64_t l = begin; l < end; ++l) partial[l] = dot<T>(A.line(l), A.s_inner, B.line(l), B.s_inner, A.inner);
+    for (int64_t l = begin; l < end; ++l) {
+      const scalar_t* a = A.line(l);
+      const scalar_t* b = B.line(l);
+      acc_t sum = 0;
+      if (A.s_inner == 1 && B.s_inner == 1) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t r = 0; r < A.inner; ++r) sum += static_cast<acc_t>(a[r]) * static_cast<acc_t>(b[r]);
+      } else {
+        for (int64_t r = 0; r < A.inner; ++r)
+          sum += static_cast<acc_t>(a[r * A.s_inner]) * static_cast<acc_t>(b[r * B.s_inner]);
+      }
+      partial[l] = sum;
+    }
   });
-  return pairwise_sum<T>(0, A.lines(), [&](int64_t l) { return partial[l]; });
+  acc_t total = 0;
+  for (acc_t value : partial) total += value;
+  return total;
 }
 
 at::Tensor spectral_normalize_backward_cpu(const at::Tensor& grad, const at::Tensor& weight_sn, const at::Tensor& u,
@@ -32,16 +45,16 @@ at::Tensor spectral_normalize_backward_cpu(const at::Tensor& grad, const at::Ten
         using opmath_t = at::opmath_type<scalar_t>;
         const Matrix3d<const scalar_t> G(g3), S(s3);
         const Matrix3d<scalar_t> out(grad_weight.view3d);
-        const opmath_t lambda = inner_product(G, S);
+        const opmath_t lambda = static_cast<opmath_t>(inner_product(G, S));
         const opmath_t inv_sigma = opmath_t(1) / sigma.item<opmath_t>();
-        const Vector<opmath_t> uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
+        const Vector uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
         at::parallel_for(0, G.lines(), grain_for(G.inner), [&](int64_t begin, int64_t end) {
           for (int64_t l = begin; l < end; ++l) {
             const int64_t o = l / G.rows, i = l % G.rows;
             const scalar_t* g = G.line(l);
             scalar_t* y = out.line(l);
             const opmath_t lambda_u = lambda * static_cast<opmath_t>(uu[i]);
-            const opmath_t* vo = vv.data() + o * G.inner;
+            const acc_t* vo = vv.data() + o * G.inner;
             for_each_in_line(G.inner, G.s_inner, out.s_inner, [&](int64_t r, int64_t a, int64_t b) {
               const opmath_t corrected = static_cast<opmath_t>(g[a]) - lambda_u * static_cast<opmath_t>(vo[r]);
               y[b] = static_cast<scalar_t>(corrected * inv_sigma);

@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cp
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_normalize_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const Matrix3d<const scalar_t> W(w3);
-    Vector<opmath_t> uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
+    Vector uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
     const opmath_t s = static_cast<opmath_t>(power_iterate(W, uu, vv, n, eps, v_first));
     *sigma.mutable_data_ptr<opmath_t>() = s;
     divide(W, s, Matrix3d<scalar_t>(out.view3d));
