@@ -23,7 +23,11 @@ MIN_COLS_PER_SPLIT = 1024  # smallest piece of a row worth its own program in ma
 MIN_ROWS_PER_SPLIT = 256  # smallest piece of a column worth its own program in rmatvec
 # Partial sums of lambda, about two per SM (model): every backward program adds them all, so more only costs reads.
 MAX_LAMBDA_PARTS = 256
-FUSED_WARPS = 16  # warps of the one-program kernels: one program is all the SM has, so it should fill it (model)
+# Warps of the one-program kernels: one program is all the SM has, so it should fill it (model). Triton 3.6 (the GPU
+# machines') spills the one-pass fused forward at 16 warps (24 B at 64 registers) and the fused backward at 8 (24 B
+# at 128): each gets the most that compiles without spills on 3.6 and 3.8 (tests/triton_compile_check.py).
+FUSED_WARPS = 16
+FUSED_FORWARD_WARPS = 8
 PIPELINE_STAGES = 3  # loads in flight per loop of the grid's streaming kernels (cp.async on sm_80+; model)
 
 
@@ -51,6 +55,7 @@ KNOBS = (
     "MIN_ROWS_PER_SPLIT",
     "MAX_LAMBDA_PARTS",
     "FUSED_WARPS",
+    "FUSED_FORWARD_WARPS",
     "PIPELINE_STAGES",
 )
 

@@ -593,7 +593,7 @@ def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _
             BLOCK_VEC=vector_block,
             FULL=full,
             STRIP=max(1, min(_host.pow2(strip_dim), _host.TILE // full)) if one_pass else 1,
-            num_warps=_host.FUSED_WARPS,
+            num_warps=_host.FUSED_FORWARD_WARPS,
         )
         return _Plan(layout, acc, True, matrix_args, (*layout.out_strides, u_stride, v_stride, n), meta)
     block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.GRID_TILE_COLS)
