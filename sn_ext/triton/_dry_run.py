@@ -36,6 +36,14 @@ def why_not() -> str:
     loaded, reason = load()
     if not loaded:
         return reason
+    try:  # Triton internals: the binder and cache key as JITFunction.run builds them (older triton lacks them)
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import make_backend  # noqa: F401
+        from triton.runtime.jit import compute_cache_key, create_function_from_signature  # noqa: F401
+    except ImportError as error:
+        import triton
+
+        return f"triton {triton.__version__} lacks the launch internals a dry run uses ({error})"
     if interpreted():
         return "the kernels were loaded for Triton's interpreter (TRITON_INTERPRET=1): nothing to bind"
     return ""
