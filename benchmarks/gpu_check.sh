@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (torch 2.11, Python 3.12, no package registry): builds sn_ext offline, then
+#   0. the fused u-first round (SN_EXT_CUDA_ROUND=fused, the default, never run on a GPU before) against the CPU
+#      kernels, as is the split round, in a process of its own ($OUT/rounds.json); if the fused round fails (or
+#      crashes), every later step runs with SN_EXT_CUDA_ROUND=split, and says so here and in summary.json;
 #   1. the smoke step (benchmarks/gpu_smoke.py, ~1 minute): every op against the CPU kernels, cooperative vs phased
 #      launches bit for bit, CUDA-graph capture and replay of both, one layer's time against `W * 1.0` and against
 #      device copies: $OUT/smoke.json, written check by check, before anything long starts;
@@ -22,6 +25,17 @@ if ! (time MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps --n
   exit 1
 fi
 python3 -m sn_ext.info | tee "$OUT/info.json"
+
+# 0. The fused round, alone: a wrong or crashing kernel costs this step, not the run.
+if timeout 60 python3 -m benchmarks.gpu_smoke --out "$OUT" --only check_rounds > "$OUT/rounds.log" 2>&1; then
+  echo '{"round": "fused"}' > "$OUT/round_mode.json"
+else
+  status=1
+  export SN_EXT_CUDA_ROUND=split
+  echo "rounds: the fused u-first round failed (rounds.json, rounds.log): every later step runs SN_EXT_CUDA_ROUND=split"
+  echo '{"round": "split", "why": "the fused round failed its smoke check (rounds.json)"}' > "$OUT/round_mode.json"
+fi
+grep -E "^check +False" "$OUT/rounds.log" | cut -c1-400 | tail -10
 
 # 1. Smoke: if this fails, its JSON says where, and the rest still runs (each step its own timeout).
 timeout 100 python3 -m benchmarks.gpu_smoke --out "$OUT" > "$OUT/smoke.log" 2>&1 || { status=1; echo "smoke: failed"; }
