@@ -188,12 +188,14 @@ def check_rounds(results: Results) -> None:
 
 
 def time_rounds(results: Results) -> None:
-    """The forward (one u-first round, then W / sigma) with the fused and the split round, side by side."""
+    """The forward (one u-first round, then W / sigma) with the fused and the split round, side by side; the split
+    round alone under SN_EXT_CUDA_ROUND=split (gpu_check.sh's fallback when the fused round failed its check)."""
     device = torch.device("cuda")
+    modes = ("split",) if os.environ.get(ROUND_ENV_VAR) == "split" else ("fused", "split")
     for shape in [(4096, 4096), (512, 512, 3, 3)]:
         w, u, v, _ = (t.to(device) for t in inputs(shape, torch.float32))
         times = {}
-        for mode in ("fused", "split"):
+        for mode in modes:
             with round_mode(mode):
                 step = Step(lambda w=w, u=u, v=v: ops.spectral_normalize_(w, u, v, 0, 1, EPS))
                 times[mode] = measure([step], device, budget_s=0.2)["median_us"]
@@ -202,9 +204,9 @@ def time_rounds(results: Results) -> None:
             {
                 "shape": "x".join(map(str, shape)),
                 "mode": "forward (spectral_normalize_, n = 1), float32: u-first round fused vs split",
-                "fused_us": times["fused"],
+                "fused_us": times.get("fused"),
                 "split_us": times["split"],
-                "fused_over_split": round(times["fused"] / times["split"], 3),
+                "fused_over_split": round(times["fused"] / times["split"], 3) if "fused" in times else None,
             },
         )
 
