@@ -4,10 +4,13 @@ against the minimum a fused spectral norm must move.
 
     python -m benchmarks.cuda_plan                 # the baseline shapes, float32, one power iteration, an H100/H200
     python -m benchmarks.cuda_plan --sms 132 --dtype bfloat16 --shape 300x200x3x3
+    python -m benchmarks.cuda_plan --round split   # the split u-first round (SN_EXT_CUDA_ROUND=split)
 
 The minimum, in weight-sized passes: the forward reads W twice (power iteration, then W / sigma: W v and W^T (W v)
 in one pass) and writes W_sn once; the backward reads G twice (<G, W_sn>, then the correction) and W_sn once and
-writes grad_W once; 7 passes per train step. "passes" counts what the kernels do: each of W v and W^T u reads W.
+writes grad_W once; 7 passes per train step. "passes" counts what the kernels do: the fused round (the default,
+SN_EXT_CUDA_ROUND=fused) reads W once, or twice for rows wider than one register-held segment (the second read from
+L2); the split round reads W for W v and again for W^T u.
 Bytes are what the kernels read and write (MB), wherever it is served from: a weight that fits in the GPU's L2
 (50-60 MB on an H100/H200) is read again from there, not from device memory.
 
@@ -32,6 +35,7 @@ ONE_BLOCK_MAX_NUMEL = 1 << 16
 ELEMENTS_PER_THREAD = 8
 MAX_LAMBDA_BLOCKS = 4 * THREADS
 LAMBDA_ITEMS_PER_THREAD = 8
+FUSED_MIN_ROWS_PER_BLOCK = 8
 MIN_PASSES = {"forward": 3, "backward": 4}
 
 SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "1024x1024x3x3", "4096x4096"]
@@ -68,25 +72,47 @@ def rmatvec_blocks(rows: int, cols: int) -> tuple[int, int]:
     return col_blocks * splits, splits
 
 
-def plan(shape: tuple[int, ...], itemsize: int, sms: int, n: int = 1) -> list[dict]:
-    """One row per op: spectral_normalize_ (u-first, n rounds) and spectral_normalize_backward, for dim 0."""
+def fused_blocks(rows: int) -> int:
+    """Blocks of the fused round (fused_blocks in common.cuh)."""
+    return math.ceil(rows / max(FUSED_MIN_ROWS_PER_BLOCK, math.ceil(rows / TARGET_BLOCKS)))
+
+
+def fused_segment(itemsize: int, cols: int) -> int:
+    """Columns a thread block holds in registers in the fused round (kFusedElements x kThreads): 64 bytes of sums per
+    thread, halved on the element-wise path, taken when a row is not a whole number of 16-byte packs."""
+    acc = 8 if itemsize == 8 else 4
+    packed = cols % (16 // itemsize) == 0
+    return (64 if packed else 32) // acc * THREADS
+
+
+def forward_round(rows: int, cols: int, itemsize: int, fused: bool) -> tuple[int, int, int, int]:
+    """One u-first round: (phases, the largest phase's virtual blocks, reads of W, other bytes: vectors and sums)."""
+    acc = 8 if itemsize == 8 else 4
+    vectors = itemsize * 2 * (rows + cols)
+    if fused:
+        blocks = fused_blocks(rows)
+        reads = 1 if cols <= fused_segment(itemsize, cols) else 2
+        # y and the partial z rows written once and read once, z written and read
+        return 3, max(blocks, math.ceil(cols / THREADS)), reads, acc * 2 * (rows + cols * (blocks + 1)) + vectors
+    mv, mv_splits = matvec_blocks(rows, cols)
+    rmv, rmv_splits = rmatvec_blocks(rows, cols)
+    return 4, max(mv, rmv), 2, acc * (mv_splits * rows + rmv_splits * cols) * 2 + vectors
+
+
+def plan(shape: tuple[int, ...], itemsize: int, sms: int, n: int = 1, fused: bool = True) -> list[dict]:
+    """One row per op: spectral_normalize_ (u-first, n rounds, fused or split) and spectral_normalize_backward, for
+    dim 0."""
     rows, numel = shape[0], math.prod(shape)
     cols = numel // rows
     elementwise = max(1, min(math.ceil(numel / THREADS), sms * (2048 // THREADS)))
     resident = MIN_BLOCKS_PER_SM * sms
-    mv, mv_splits = matvec_blocks(rows, cols)
-    rmv, rmv_splits = rmatvec_blocks(rows, cols)
+    round_phases, round_blocks, round_reads, round_other = forward_round(rows, cols, itemsize, fused)
     lam = max(1, min(math.ceil(numel / (THREADS * LAMBDA_ITEMS_PER_THREAD)), MAX_LAMBDA_BLOCKS))
     acc = 8 if itemsize == 8 else 4
     w = numel * itemsize
     ops = {
         # phases, the largest phase's virtual blocks, weight-sized passes, other bytes (vectors and partial sums)
-        "forward": (
-            4 * n + 1,
-            max(mv, rmv, elementwise),
-            2 * n + 2,
-            n * (acc * (mv_splits * rows + rmv_splits * cols) * 2 + itemsize * 2 * (rows + cols)),
-        ),
+        "forward": (round_phases * n + 1, max(round_blocks, elementwise), round_reads * n + 2, n * round_other),
         "backward": (3, max(lam, elementwise), 4, acc * (lam + 1) + itemsize * (rows + cols)),
     }
     out = []
@@ -108,11 +134,11 @@ def plan(shape: tuple[int, ...], itemsize: int, sms: int, n: int = 1) -> list[di
     return out
 
 
-def table(shapes: list[str], dtype: str, sms: int) -> str:
+def table(shapes: list[str], dtype: str, sms: int, fused: bool = True) -> str:
     rows = []
     for text in shapes:
         shape = tuple(int(s) for s in text.split("x"))
-        ops = plan(shape, ITEMSIZE[dtype], sms)
+        ops = plan(shape, ITEMSIZE[dtype], sms, fused=fused)
         for r in ops:
             mb = [f"{r[k] / 1e6:.3g}" for k in ("bytes", "minimum bytes")]
             rows.append([text, *list(r.values())[:6], *mb, f"{r['bytes'] / r['minimum bytes']:.2f}"])
@@ -141,9 +167,10 @@ def main(argv=None) -> None:
     p.add_argument("--shape", action="append", help="weight shape, e.g. 300x200x3x3 (default: the baseline shapes)")
     p.add_argument("--dtype", default="float32", choices=list(ITEMSIZE))
     p.add_argument("--sms", type=int, default=132, help="the GPU's SM count (H100/H200 SXM: 132)")
+    p.add_argument("--round", default="fused", choices=["fused", "split"], help="the u-first round (SN_EXT_CUDA_ROUND)")
     args = p.parse_args(argv)
-    print(f"{args.dtype}, one power iteration (u-first), dim 0, {args.sms} SMs:\n")
-    print(table(args.shape or SHAPES, args.dtype, args.sms))
+    print(f"{args.dtype}, one power iteration (u-first, {args.round} round), dim 0, {args.sms} SMs:\n")
+    print(table(args.shape or SHAPES, args.dtype, args.sms, fused=args.round == "fused"))
 
 
 if __name__ == "__main__":

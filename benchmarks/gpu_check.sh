@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (torch 2.11, Python 3.12, no package registry): builds sn_ext offline, then
+#   0. the fused u-first round (SN_EXT_CUDA_ROUND=fused, the default, never run on a GPU before) against the CPU
+#      kernels, as is the split round, in a process of its own ($OUT/rounds.json); if the fused round fails (or
+#      crashes), every later step runs with SN_EXT_CUDA_ROUND=split, and says so here and in summary.json;
 #   1. the smoke step (benchmarks/gpu_smoke.py, ~1 minute): every op against the CPU kernels, cooperative vs phased
 #      launches bit for bit, CUDA-graph capture and replay of both, one layer's time against `W * 1.0` and against
 #      device copies: $OUT/smoke.json, written check by check, before anything long starts;
@@ -23,6 +26,21 @@ if ! (time MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps --n
 fi
 python3 -m sn_ext.info | tee "$OUT/info.json"
 
+# 0. The fused round, alone: a wrong or crashing kernel costs this step, not the run. On failure the later steps
+# also leave out the tests that run the fused round on purpose (-k "not fused"), which would fail again or, if it
+# crashes, take the CUDA context of the other tests in their process down with them.
+NOT_FUSED=""
+if timeout 60 python3 -m benchmarks.gpu_smoke --out "$OUT" --only check_rounds > "$OUT/rounds.log" 2>&1; then
+  echo '{"round": "fused"}' > "$OUT/round_mode.json"
+else
+  status=1
+  export SN_EXT_CUDA_ROUND=split
+  NOT_FUSED=" and not fused"
+  echo "rounds: the fused u-first round failed (rounds.json, rounds.log): every later step runs SN_EXT_CUDA_ROUND=split"
+  echo '{"round": "split", "why": "the fused round failed its smoke check (rounds.json)"}' > "$OUT/round_mode.json"
+fi
+grep -E "^check +False" "$OUT/rounds.log" | cut -c1-400 | tail -10
+
 # 1. Smoke: if this fails, its JSON says where, and the rest still runs (each step its own timeout).
 timeout 100 python3 -m benchmarks.gpu_smoke --out "$OUT" > "$OUT/smoke.log" 2>&1 || { status=1; echo "smoke: failed"; }
 grep -E "^(check|timing) +(False|True)" "$OUT/smoke.log" | grep -v "^check  True" | cut -c1-400 | tail -30
@@ -33,7 +51,7 @@ OP_TESTS="tests/test_power_iteration.py tests/test_spectral_normalize.py tests/t
 # tests/test_cuda_launch.py) and grouped mode (all of its file, CPU cases included); up to 20 failures listed, for
 # one fix-and-rerun.
 # shellcheck disable=SC2086
-timeout 100 python3 -m pytest -q --maxfail=20 -rf -k "(cuda or grouped) and not triton" \
+timeout 100 python3 -m pytest -q --maxfail=20 -rf -k "(cuda or grouped) and not triton$NOT_FUSED" \
   $OP_TESTS tests/test_spectral_normalize_grouped.py tests/test_cuda.py tests/test_cuda_launch.py \
   > "$OUT/test_cuda.log" 2>&1 || status=1
 tail -25 "$OUT/test_cuda.log"

@@ -5,6 +5,11 @@ keeps what came before.
 - correct: every op (spectral_normalize_ u-first and v-first with n = 0, 1, 3; power_iteration_;
   spectral_normalize_backward; the grouped ops on a 13-layer group) on a few shapes and dtypes, against the same op
   on the CPU (normwise relative error; the CPU kernels round u and v to the weight's dtype as the CUDA ones do);
+- rounds (first, alone with --only check_rounds in gpu_check.sh): the fused u-first round (SN_EXT_CUDA_ROUND=fused,
+  the default, first run on this GPU) and the split one each against the CPU, on shapes that take each of its paths
+  (one register-held segment or wider rows; 16-byte packs or single elements), and both timed side by side on a
+  4096x4096 float32 weight and a 512x512x3x3 one; gpu_check.sh runs everything after it with
+  SN_EXT_CUDA_ROUND=split when the fused round fails;
 - launch modes: cooperative and phased launches (SN_EXT_CUDA_LAUNCH) give the same bits, and a forward + backward
   captured in a CUDA graph replays to the eager result, in each mode;
 - fast: one layer's train step (forward + backward, eager float32) with sn_ext's cuda and triton backends and
@@ -12,6 +17,7 @@ keeps what came before.
   3.5 device-to-device copies of W (the 7 weight-sized passes a step must make; the goal: <= 1.25x).
 
     python -m benchmarks.gpu_smoke --out gpu_results
+    python -m benchmarks.gpu_smoke --out gpu_results --only check_rounds   # writes rounds.json instead
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class Results:
     """smoke.json, rewritten after every check."""
 
     def __init__(self, path: Path):
-        self.path, self.data = path, {"checks": [], "timings": []}
+        self.path, self.data = path, {"checks": [], "timings": [], "round_timings": []}
 
     def add(self, kind: str, record: dict) -> None:
         self.data[kind].append(record)
@@ -51,18 +57,31 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=1) + "\n")
 
 
+ROUND_ENV_VAR = "SN_EXT_CUDA_ROUND"  # the u-first round: fused (default) or split (csrc/cuda/launch.h)
+
+
 @contextlib.contextmanager
-def launch_mode(mode: str):
-    """SN_EXT_CUDA_LAUNCH=mode within the block (the CUDA kernels read it at every launch)."""
-    old = os.environ.get(backends.LAUNCH_ENV_VAR)
-    os.environ[backends.LAUNCH_ENV_VAR] = mode
+def environment(name: str, value: str):
+    """The environment variable `name` = value within the block (the CUDA kernels read theirs at every launch)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ[backends.LAUNCH_ENV_VAR]
+            del os.environ[name]
         else:
-            os.environ[backends.LAUNCH_ENV_VAR] = old
+            os.environ[name] = old
+
+
+def launch_mode(mode: str):
+    """SN_EXT_CUDA_LAUNCH=mode within the block."""
+    return environment(backends.LAUNCH_ENV_VAR, mode)
+
+
+def round_mode(mode: str):
+    """SN_EXT_CUDA_ROUND=mode within the block."""
+    return environment(ROUND_ENV_VAR, mode)
 
 
 def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -125,6 +144,71 @@ def check_ops(results: Results) -> None:
                         "ok": max(errors.values()) <= tol and same,
                     },
                 )
+
+
+# Every path of the fused round: rows of one register-held segment read in 16-byte packs (128x128x3x3; 33x4096, a
+# whole float32 segment) or one element at a time (257x129x3: 387 columns), rows wider than one segment (40x4608,
+# 1x100003), and (round_cases) a transposed weight: strided rows.
+ROUND_SHAPES = [(64, 3, 3, 3), (128, 128, 3, 3), (257, 129, 3), (40, 4608), (33, 4096), (1, 100003)]
+ROUND_CASES = len(DTYPES) * (len(ROUND_SHAPES) + 1)
+
+
+def round_cases():
+    """ROUND_CASES cases (name, dtype, [weight, u, v, g] on the CPU) in float32/bfloat16/float64."""
+    for dtype in DTYPES:
+        for shape in ROUND_SHAPES:
+            yield "x".join(map(str, shape)), dtype, inputs(shape, dtype)
+        w, u, v, g = inputs((200, 300), dtype)
+        yield "300x200 transposed", dtype, [w.t(), v, u, g.t()]
+
+
+def check_rounds(results: Results) -> None:
+    for name, dtype, cpu in round_cases():
+        for n in (1, 3):
+            expected = all_ops(*cpu, n, False)
+            got, errors = {}, {}
+            for mode in ("fused", "split"):
+                with round_mode(mode):
+                    got[mode] = all_ops(*(t.cuda() for t in cpu), n, False)
+                errors[mode] = max(_rel(got[mode][k], expected[k]) for k in expected)
+            apart = max(_rel(got["fused"][k], got["split"][k]) for k in expected)
+            results.add(
+                "checks",
+                {
+                    "check": "round fused vs split",
+                    "shape": name,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "n": n,
+                    "fused_rel_err": errors["fused"],
+                    "split_rel_err": errors["split"],
+                    "fused_vs_split": apart,
+                    "ok": errors["fused"] <= DTYPES[dtype] and errors["split"] <= DTYPES[dtype],
+                },
+            )
+
+
+def time_rounds(results: Results) -> None:
+    """The forward (one u-first round, then W / sigma) with the fused and the split round, side by side; the split
+    round alone under SN_EXT_CUDA_ROUND=split (gpu_check.sh's fallback when the fused round failed its check)."""
+    device = torch.device("cuda")
+    modes = ("split",) if os.environ.get(ROUND_ENV_VAR) == "split" else ("fused", "split")
+    for shape in [(4096, 4096), (512, 512, 3, 3)]:
+        w, u, v, _ = (t.to(device) for t in inputs(shape, torch.float32))
+        times = {}
+        for mode in modes:
+            with round_mode(mode):
+                step = Step(lambda w=w, u=u, v=v: ops.spectral_normalize_(w, u, v, 0, 1, EPS))
+                times[mode] = measure([step], device, budget_s=0.2)["median_us"]
+        results.add(
+            "round_timings",
+            {
+                "shape": "x".join(map(str, shape)),
+                "mode": "forward (spectral_normalize_, n = 1), float32: u-first round fused vs split",
+                "fused_us": times.get("fused"),
+                "split_us": times["split"],
+                "fused_over_split": round(times["fused"] / times["split"], 3) if "fused" in times else None,
+            },
+        )
 
 
 def check_grouped(results: Results) -> None:
@@ -216,15 +300,24 @@ def time_layers(results: Results) -> None:
         results.add("timings", record)
 
 
+PARTS = {f.__name__: f for f in (check_rounds, time_rounds, check_ops, check_grouped, check_graphs, time_layers)}
+# The round checks run first and alone (--only check_rounds, rounds.json): a fused round that crashes the process
+# or the CUDA context then leaves the other checks to a process run with SN_EXT_CUDA_ROUND=split (gpu_check.sh).
+DEFAULT_PARTS = ["time_rounds", "check_ops", "check_grouped", "check_graphs", "time_layers"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_smoke", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("gpu_results"))
+    p.add_argument("--only", action="append", choices=list(PARTS), help="run these parts (default: all but rounds)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = Results(args.out / "smoke.json")
+    parts = args.only or DEFAULT_PARTS
+    results = Results(args.out / ("rounds.json" if parts == ["check_rounds"] else "smoke.json"))
     results.data["device"] = torch.cuda.get_device_name()
+    results.data["round"] = os.environ.get(ROUND_ENV_VAR) or "fused"
     failed = False
-    for part in (check_ops, check_grouped, check_graphs, time_layers):
+    for part in (PARTS[name] for name in parts):
         start = time.perf_counter()
         try:
             part(results)

@@ -3,7 +3,8 @@
     python -m benchmarks.gpu_summary --out gpu_results                  # writes gpu_results/summary.json
     python -m benchmarks.gpu_summary --out gpu_results --readme README.md  # also rewrites README's GPU table
 
-summary.json holds the device, the smoke step's checks (how many passed, the failures) and timings
+summary.json holds the device, the u-first round the run used (round_mode.json: fused, or split when the fused
+round failed its check), the smoke step's checks (rounds.json's included: how many passed, the failures) and timings
 (benchmarks/gpu_smoke.py), and each pytest log's last line (test_*.log). The README table sits between the
 `<!-- gpu-table:start -->` and `<!-- gpu-table:end -->` lines.
 """
@@ -24,17 +25,21 @@ PROVIDERS = ["plain", "torch", "sn_ext cuda", "sn_ext triton"]
 def summarize(out: Path) -> dict:
     smoke_path = out / "smoke.json"
     smoke = json.loads(smoke_path.read_text()) if smoke_path.exists() else {"checks": [], "timings": []}
-    checks = smoke["checks"]
+    rounds_path, round_path = out / "rounds.json", out / "round_mode.json"
+    rounds = json.loads(rounds_path.read_text()) if rounds_path.exists() else {"checks": []}
+    checks = rounds["checks"] + smoke["checks"]
     tests = {}
     for log in sorted(out.glob("test_*.log")):
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         tests[log.stem] = lines[-1].strip("= ") if lines else "empty"
     return {
         "device": smoke.get("device", "unknown"),
+        "round": json.loads(round_path.read_text()) if round_path.exists() else {"round": "unknown"},
         "checks_passed": sum(1 for c in checks if c.get("ok")),
         "checks": len(checks),
         "failed_checks": [c for c in checks if not c.get("ok")],
         "timings": smoke["timings"],
+        "round_timings": smoke.get("round_timings", []),
         "tests": tests,
     }
 
@@ -58,7 +63,7 @@ def table(summary: dict) -> str:
         [
             f"One layer's train step (forward with one power iteration + backward), eager float32, median µs, on "
             f"{summary['device']} (`benchmarks/gpu_check.sh`; smoke checks {summary['checks_passed']}/"
-            f"{summary['checks']} passed; {tests or 'no test logs'}):",
+            f"{summary['checks']} passed; u-first round {summary['round']['round']}; {tests or 'no test logs'}):",
             "",
             markdown_table(["weight", *(f"{p} µs" for p in PROVIDERS), "cuda / plain", "cuda / 3.5 copies of W"], rows),
         ]

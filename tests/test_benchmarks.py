@@ -243,15 +243,21 @@ def test_gpu_summary_rewrites_the_readme_table(tmp_path):
         ],
     }
     (tmp_path / "smoke.json").write_text(json.dumps(smoke))
+    # The fused round failed its check: gpu_check.sh ran the rest with SN_EXT_CUDA_ROUND=split and said so.
+    rounds = {"checks": [{"check": "round fused vs split", "shape": "40x4608", "ok": False}]}
+    (tmp_path / "rounds.json").write_text(json.dumps(rounds))
+    (tmp_path / "round_mode.json").write_text(json.dumps({"round": "split", "why": "the fused round failed"}))
     (tmp_path / "test_cuda.log").write_text("....\n===== 41 passed, 2 failed in 12.0s =====\n")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{gpu_summary.START}\nnot measured yet\n{gpu_summary.END}\n\nafter\n")
     gpu_summary.main(["--out", str(tmp_path), "--readme", str(readme)])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["checks_passed"] == 1 and summary["checks"] == 2 and len(summary["failed_checks"]) == 1
+    assert summary["checks_passed"] == 1 and summary["checks"] == 3 and len(summary["failed_checks"]) == 2
+    assert summary["round"]["round"] == "split" and summary["failed_checks"][0]["shape"] == "40x4608"
     assert summary["tests"] == {"test_cuda": "41 passed, 2 failed in 12.0s"}
     text = readme.read_text()
     assert "not measured yet" not in text and text.endswith("after\n") and "NVIDIA H200" in text
+    assert "u-first round split" in text
     assert "| 64x3x3x3 | 10.0 | 120.0 | 12.5 | failed |" in text and "| 1.1 |" in text
     gpu_summary.main(["--out", str(tmp_path), "--readme", str(readme)])  # idempotent: one table
     assert readme.read_text().count(gpu_summary.START) == 1
@@ -278,9 +284,17 @@ def test_cuda_plan_uses_the_kernels_constants():
     assert cuda_plan.ELEMENTS_PER_THREAD == constant("kElementsPerThread")
     assert cuda_plan.MAX_LAMBDA_BLOCKS == constant("kMaxLambdaBlocks")
     assert cuda_plan.LAMBDA_ITEMS_PER_THREAD == constant("kLambdaItemsPerThread")
+    assert cuda_plan.FUSED_MIN_ROWS_PER_BLOCK == constant("kFusedMinRowsPerBlock")
     small, large = cuda_plan.plan((64, 3, 3, 3), 4, 132), cuda_plan.plan((4096, 4096), 4, 132)
-    assert [r["grid barriers"] for r in small] == [0, 0] and [r["grid barriers"] for r in large] == [4, 2]
+    assert [r["grid barriers"] for r in small] == [0, 0] and [r["grid barriers"] for r in large] == [3, 2]
     assert sum(r["minimum passes"] for r in large) == 7 and large[0]["blocks"] == "396"
+    # The fused round reads a 4096-wide float32 row once (one register-held segment): a train step makes the minimum
+    # 7 weight-sized passes; the split round (SN_EXT_CUDA_ROUND=split) makes 8, and 4 + 2 grid barriers.
+    assert sum(r["passes"] for r in large) == 7 and cuda_plan.fused_blocks(4096) == 256
+    split = cuda_plan.plan((4096, 4096), 4, 132, fused=False)
+    assert sum(r["passes"] for r in split) == 8 and [r["grid barriers"] for r in split] == [4, 2]
+    # Rows wider than one segment (512x512x3x3: 4608 > 4096 float32 columns) are read twice per fused round.
+    assert cuda_plan.plan((512, 512, 3, 3), 4, 132)[0]["passes"] == 4
 
 
 def test_sigma_cost_rows():

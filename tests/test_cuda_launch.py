@@ -1,7 +1,7 @@
 """How the CUDA kernels launch (csrc/cuda/launch.h, common.cuh): cooperative and phased launches give the same bits,
 both capture into a CUDA graph, the one-block size class gives a layer the same bits as a multi-block launch of its
-group, grouped launches chunk, a layer's forward is one launch, and SN_EXT_CUDA_LAUNCH is checked. Needs a GPU and a
-CUDA build of sn_ext."""
+group, grouped launches chunk, a layer's forward is one launch, SN_EXT_CUDA_LAUNCH is checked, and the fused and split
+u-first rounds (SN_EXT_CUDA_ROUND) both agree with the CPU kernels. Needs a GPU and a CUDA build of sn_ext."""
 
 import sys
 from pathlib import Path
@@ -15,7 +15,7 @@ from sn_ext import _library, ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import gpu_smoke  # noqa: E402
-from benchmarks.gpu_smoke import launch_mode  # noqa: E402
+from benchmarks.gpu_smoke import launch_mode, round_mode  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and _library.has_compiled_kernel("CUDA")),
@@ -125,16 +125,24 @@ def _launches(call) -> int:
     )
 
 
-@pytest.mark.parametrize("shape,n,phased_launches", [((512, 512, 3, 3), 1, 5), ((512, 512, 3, 3), 2, 9)], ids=str)
-def test_phased_launches_one_kernel_per_phase(shape, n, phased_launches):
-    w, u, v = _inputs(shape)
-    with launch_mode("cooperative"):
-        assert _launches(lambda: ops.spectral_normalize_(w, u, v, 0, n, EPS)) == 1
-    with launch_mode("phased"):
-        assert _launches(lambda: ops.spectral_normalize_(w, u, v, 0, n, EPS)) == phased_launches
-    small = _inputs((64, 3, 3, 3))
-    with launch_mode("phased"):  # one block: one launch whatever the mode
-        assert _launches(lambda: ops.spectral_normalize_(*small, 0, n, EPS)) == 1
+# Phases of a forward: 3 per fused round (the pass over W | z summed | u, v normalized) or 4 per split round, then
+# W / sigma; the v-first (legacy) round is always split.
+@pytest.mark.parametrize(
+    "round_,v_first,n,phased_launches",
+    [("fused", False, 1, 4), ("fused", False, 2, 7), ("split", False, 1, 5), ("split", False, 2, 9)]
+    + [("fused", True, 1, 5)],
+    ids=str,
+)
+def test_phased_launches_one_kernel_per_phase(round_, v_first, n, phased_launches):
+    w, u, v = _inputs((512, 512, 3, 3))
+    with round_mode(round_):
+        with launch_mode("cooperative"):
+            assert _launches(lambda: ops.spectral_normalize_(w, u, v, 0, n, EPS, v_first)) == 1
+        with launch_mode("phased"):
+            assert _launches(lambda: ops.spectral_normalize_(w, u, v, 0, n, EPS, v_first)) == phased_launches
+        small = _inputs((64, 3, 3, 3))
+        with launch_mode("phased"):  # one block: one launch whatever the mode
+            assert _launches(lambda: ops.spectral_normalize_(*small, 0, n, EPS, v_first)) == 1
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["parametrization", "legacy"])
@@ -148,6 +156,35 @@ def test_module_forward_is_one_launch(legacy):
     else:
         sn_ext.spectral_norm(layer)
         assert _launches(lambda: layer.weight) == 1
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("case", range(gpu_smoke.ROUND_CASES))
+def test_fused_and_split_rounds_agree_with_the_cpu(case, n):
+    """Each path of the fused round (gpu_smoke.round_cases) and the split round, against the CPU kernels; and the
+    launch modes give the fused round the same bits."""
+    name, dtype, cpu = list(gpu_smoke.round_cases())[case]
+    expected = gpu_smoke.all_ops(*cpu, n, False)
+    got = {}
+    for mode in ("fused", "split"):
+        with round_mode(mode):
+            got[mode] = gpu_smoke.all_ops(*(t.to(DEVICE) for t in cpu), n, False)
+        for key, value in got[mode].items():
+            assert gpu_smoke._rel(value, expected[key]) <= gpu_smoke.DTYPES[dtype], (name, mode, key)
+    with round_mode("fused"), launch_mode("phased"):
+        phased = gpu_smoke.all_ops(*(t.to(DEVICE) for t in cpu), n, False)
+    for key, value in got["fused"].items():
+        assert torch.equal(value, phased[key]), (name, key)
+
+
+def test_round_mode_is_checked_and_reported():
+    w, u, v = _inputs((512, 512, 3, 3))
+    with round_mode("sideways"), pytest.raises(RuntimeError, match="SN_EXT_CUDA_ROUND must be fused or split"):
+        ops.spectral_normalize_(w, u, v, 0, 1, EPS)
+    device = torch.cuda.current_device()
+    for mode in ("fused", "split"):
+        with round_mode(mode):
+            assert _library.cuda_launch(device).endswith(f"u-first rounds {mode} (SN_EXT_CUDA_ROUND)")
 
 
 def test_launch_mode_is_checked_and_reported():

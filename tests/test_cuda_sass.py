@@ -94,3 +94,33 @@ def test_streaming_passes_move_16_bytes_per_access():
     assert len(found) == 32, sorted(found)
     for name, code in found.items():
         assert "LDG.E.128" in code and "STG.E.128" in code, name
+
+
+# Arithmetic that uses a loaded value: a run of 128-bit loads with none of these between them is in flight at once.
+_ARITHMETIC = re.compile(r"\b(FFMA|DFMA|FADD|DADD|FMUL|DMUL|HFMA2|HADD2|HMUL2|MUFU)\b")
+
+
+def _longest_load_run(code: str) -> int:
+    longest = run = 0
+    for line in code.splitlines():
+        if "LDG.E.128" in line:
+            run += 1
+            longest = max(longest, run)
+        elif _ARITHMETIC.search(line):
+            run = 0
+    return longest
+
+
+def test_fused_round_reads_rows_in_16_byte_packs():
+    """The fused u-first round (fused_round_block, csrc/cuda/common.cuh) reads a row's register-held segment as 64
+    bytes of sums' worth of 16-byte packs per thread, all issued before the first is used: 4 LDG.E.128 in a row for
+    float32 and float64 weights (2 packs of 8 for float16/bfloat16), plus one pack at a time for each of the two
+    passes over rows wider than a segment. The kernels before the fused round had 3 in all (W / sigma's)."""
+    found = {name: code for name, code in _sass().items() if "forward_kernel" in name}
+    assert len(found) == 16, sorted(found)
+    for name, code in found.items():
+        two_byte = "Half" in name or "BFloat16" in name
+        packs = 2 if two_byte else 4
+        assert code.count("LDG.E.128") >= 3 + packs + 2, name
+        if not two_byte:
+            assert _longest_load_run(code) >= packs, name

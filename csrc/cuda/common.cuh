@@ -63,7 +63,7 @@ constexpr size_t kMaxParameterBytes = 4096;
 constexpr int64_t kOneBlockMaxNumel = int64_t(1) << 16;
 constexpr int64_t kElementsPerThread = 8;
 
-int64_t ceil_div(int64_t a, int64_t b) {
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
@@ -264,6 +264,9 @@ struct NormalizeArgs {
   acc_t* sigma;     // last half-step only (else nullptr): sigma = s^2 / max(s, eps), s = |raw|
   Finish finish;
   Vectors<scalar_t> vectors;
+  // The raw vector is the splits' sum divided by this: 1 (exact) but for v in a fused round, whose raw vector is
+  // W^T u = (W^T y) / max(|y|, eps) (fused_round_block).
+  acc_t divisor;
 };
 
 template <typename scalar_t>
@@ -271,14 +274,16 @@ __device__ void copy_vector(scalar_t* dst, int64_t dst_stride, const scalar_t* s
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dst[j * dst_stride] = src[j * src_stride];
 }
 
+// Returns |raw| to every thread.
 template <typename scalar_t, typename acc_t>
-__device__ void normalize_block(const NormalizeArgs<scalar_t, acc_t>& a) {
+__device__ acc_t normalize_block(const NormalizeArgs<scalar_t, acc_t>& a) {
   __shared__ acc_t scratch[32];
   __shared__ int bad;
   acc_t sq = 0;
   for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
     acc_t raw = 0;
     for (int64_t s = 0; s < a.splits; ++s) raw += a.partial[s * a.n + j];
+    raw /= a.divisor;
     a.partial[j] = raw;  // read back below by this same thread
     sq += raw * raw;
   }
@@ -291,7 +296,7 @@ __device__ void normalize_block(const NormalizeArgs<scalar_t, acc_t>& a) {
     *a.degenerate = bad;
     if (a.sigma != nullptr) *a.sigma = norm * norm / denom;
   }
-  if (a.finish == Finish::kNone) return;
+  if (a.finish == Finish::kNone) return norm;
   __syncthreads();  // `bad`, and this block's writes to `out`, are visible to the whole block
   const Vectors<scalar_t>& v = a.vectors;
   if ((a.finish == Finish::kRestore || a.finish == Finish::kBoth) && bad) {
@@ -301,6 +306,7 @@ __device__ void normalize_block(const NormalizeArgs<scalar_t, acc_t>& a) {
     copy_vector(v.u_commit, v.u_stride, v.u_work, 1, v.rows);
     copy_vector(v.v_commit, v.v_stride, v.v_work, 1, v.cols);
   }
+  return norm;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -362,6 +368,192 @@ __device__ __forceinline__ void for_each_pack(int64_t numel, int64_t block, int6
   for (; k + stride < packs; k += 2 * stride) body(k, k + stride);
   if (k < packs) body(k, -1);
   for (int64_t e = packs * kSize + block * kThreads + threadIdx.x; e < numel; e += stride) tail(e);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The fused u-first round (RoundMode::kFused, launch.h): y = W v and z = W^T y in one pass over W, the CPU kernel's
+// matvec_and_gram (csrc/cpu/power_iteration.h). Then u = N(y) and W^T u = z / max(|y|, eps), so v = N(z / max(|y|,
+// eps)): one read of W per round where the split round (matvec_block, rmatvec_block) makes two.
+//
+// Block b owns rows [b * rows_per_block, ...) whole: for each row it computes y_i = W_i . v (a block sum), then adds
+// y_i W_i into its own partial z while the row is still in registers. A thread holds kFusedElements<kPacked, acc_t>
+// elements of a row (a "segment" of kFusedElements * kThreads columns): 16 for float sums, 8 for double, so that the
+// row's elements, the matching v values and the z accumulators fit in registers (64 bytes of sums per thread). A row
+// wider than one segment takes two reads of the block's rows (see fused_round_block). The element-wise path (a view
+// whose rows are not contiguous 16-byte packs) holds half as many: its addresses take registers too (ptxas spilled at
+// 16 floats). The blocks' partial z rows are then added in block order by reduce_columns_block (a fixed order:
+// deterministic; no atomics).
+template <bool kPacked, typename acc_t>
+constexpr int kFusedElements = (kPacked ? 64 : 32) / static_cast<int>(sizeof(acc_t));
+// Fewest rows a block owns: the partial z rows (blocks x cols sums, written once and read once) then cost at most
+// 2 / kFusedMinRowsPerBlock of a pass over a float W. More rows per block when there are many rows: at most
+// kTargetBlocks blocks.
+constexpr int64_t kFusedMinRowsPerBlock = 8;
+
+// The fused round's split of the rows: rows per block (at least kFusedMinRowsPerBlock, at most kTargetBlocks
+// blocks), and the blocks.
+__host__ __device__ inline int64_t fused_rows_per_block(int64_t rows) {
+  const int64_t spread = ceil_div(rows, kTargetBlocks);
+  return spread > kFusedMinRowsPerBlock ? spread : kFusedMinRowsPerBlock;
+}
+
+__host__ __device__ inline int64_t fused_blocks(int64_t rows) {
+  return ceil_div(rows, fused_rows_per_block(rows));
+}
+
+// Column of this thread's element e (< kFusedElements) in segment `segment`. kPacked: the thread reads 16-byte packs
+// k * kThreads + threadIdx.x of the segment (coalesced, one LDG.E.128 each); else single elements at stride kThreads.
+template <bool kPacked, typename scalar_t, int kElements>
+__device__ __forceinline__ int64_t fused_column(int64_t segment, int e) {
+  constexpr int kSize = Pack<scalar_t>::kSize;
+  const int64_t first = segment * kElements * kThreads;
+  if constexpr (kPacked) {
+    return first + (static_cast<int64_t>(e / kSize) * kThreads + threadIdx.x) * kSize + e % kSize;
+  } else {
+    return first + static_cast<int64_t>(e) * kThreads + threadIdx.x;
+  }
+}
+
+// This thread's elements of a row's segment, 0 past the row's end, all loads issued before any is used.
+// kPacked: the row is contiguous and 16-byte aligned and cols a whole number of packs (fused_packable), so that a
+// pack lies wholly inside or outside the row: kFusedElements / kSize 16-byte loads in flight. Else kFusedElements
+// single loads, their (o, r) = divmod(column, inner) stepped along without a division per element.
+template <typename scalar_t, int kElements>
+struct alignas(16) Segment {
+  scalar_t val[kElements];
+};
+
+template <bool kPacked, int kElements, typename scalar_t>
+__device__ __forceinline__ Segment<scalar_t, kElements> load_segment(const scalar_t* row, const View3d& m,
+                                                                     int64_t segment) {
+  const int64_t cols = m.cols();
+  Segment<scalar_t, kElements> w;
+  if constexpr (kPacked) {
+    using P = Pack<scalar_t>;
+    constexpr int kPacks = kElements / P::kSize;
+    static_assert(kPacks * P::kSize == kElements, "a thread's segment is a whole number of packs");
+    P* packs = reinterpret_cast<P*>(w.val);
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      const int64_t c = fused_column<true, scalar_t, kElements>(segment, k * P::kSize);
+      packs[k] = c < cols ? reinterpret_cast<const P*>(row)[c / P::kSize] : P{};
+    }
+  } else {
+    const int64_t c0 = fused_column<false, scalar_t, kElements>(segment, 0);
+    int64_t o = c0 / m.inner, r = c0 - o * m.inner;
+    const int64_t step_o = kThreads / m.inner, step_r = kThreads % m.inner;
+#pragma unroll
+    for (int e = 0; e < kElements; ++e) {
+      w.val[e] = c0 + e * kThreads < cols ? row[o * m.s_outer + r * m.s_inner] : scalar_t(0);
+      r += step_r;
+      o += step_o;
+      if (r >= m.inner) {
+        r -= m.inner;
+        ++o;
+      }
+    }
+  }
+  return w;
+}
+
+// Segment 0 of v in shared memory, for rows of one segment (registers hold the row's segment and the z sums):
+// element e of thread t at [e * kThreads + t], read only by that thread (no bank conflicts, no barrier needed). One
+// buffer per sum type, shared by the packed and the element-wise fused_round_block.
+template <typename acc_t>
+__device__ __forceinline__ acc_t* fused_x_buffer() {
+  __shared__ acc_t x0[kFusedElements<true, acc_t> * kThreads];
+  return x0;
+}
+
+// Block `block` of the fused round over the weight w (through m): x is v (cols,) with stride x_stride; writes
+// y[i] = Wm[i, :] . x (whole) for its rows and its partial z row z_partial[block * cols + c] = sum over its rows i of
+// y[i] Wm[i, c]. The arguments are the launch's __grid_constant__ fields (m a reference to one: a copy would hold
+// a dozen registers through the loops, which ptxas then spilled).
+template <bool kPacked, typename scalar_t, typename acc_t>
+__device__ void fused_round_block(const scalar_t* w, const View3d& m, const scalar_t* x, int64_t x_stride, acc_t* y_out,
+                                  acc_t* z_partial, int64_t block) {
+  // Fewer elements per thread at a time on the wide rows' path, whose y pass also holds the v values it loads and
+  // their addresses: one pack, or half the element-wise count (more made ptxas spill).
+  constexpr int kElements = kFusedElements<kPacked, acc_t>;
+  constexpr int kWide = kPacked ? Pack<scalar_t>::kSize : kElements / 2;
+  __shared__ acc_t scratch[32];
+  const int64_t cols = m.cols(), rows_per_block = fused_rows_per_block(m.rows);
+  const int64_t segments = ceil_div(cols, int64_t(kElements) * kThreads);
+  const int64_t i_begin = block * rows_per_block, i_end = std::min(m.rows, i_begin + rows_per_block);
+  acc_t* z_row = z_partial + block * cols;
+  const auto x_at = [&](int64_t c) { return c < cols ? static_cast<acc_t>(x[c * x_stride]) : acc_t(0); };
+  if (segments == 1) {
+    // The row's elements stay in registers from y_i = W_i . x to z += y_i W_i: one read of W.
+    acc_t* x0 = fused_x_buffer<acc_t>() + threadIdx.x;
+    acc_t z0[kElements];
+#pragma unroll
+    for (int e = 0; e < kElements; ++e) {
+      x0[e * kThreads] = x_at(fused_column<kPacked, scalar_t, kElements>(0, e));
+      z0[e] = 0;
+    }
+    for (int64_t i = i_begin; i < i_end; ++i) {
+      const Segment<scalar_t, kElements> seg = load_segment<kPacked, kElements>(w + i * m.s_row, m, 0);
+      acc_t y = 0;
+#pragma unroll
+      for (int e = 0; e < kElements; ++e) y += static_cast<acc_t>(seg.val[e]) * x0[e * kThreads];
+      y = block_sum(y, scratch);
+      if (threadIdx.x == 0) y_out[i] = y;
+#pragma unroll
+      for (int e = 0; e < kElements; ++e) z0[e] += y * static_cast<acc_t>(seg.val[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < kElements; ++e) {
+      const int64_t c = fused_column<kPacked, scalar_t, kElements>(0, e);
+      if (c < cols) z_row[c] = z0[e];
+    }
+    return;
+  }
+  // Rows wider than a segment: y for all the block's rows, then z a segment at a time over the same rows, read
+  // again from L2, where the block's rows of the first pass still are when the weight (or what the resident blocks
+  // read of it between the two passes) fits in L2; a weight far larger may be read up to twice.
+  const int64_t wide_segments = ceil_div(cols, int64_t(kWide) * kThreads);
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    const scalar_t* row = w + i * m.s_row;
+    acc_t y = 0;
+#pragma unroll 1
+    for (int64_t s = 0; s < wide_segments; ++s) {
+      const Segment<scalar_t, kWide> seg = load_segment<kPacked, kWide>(row, m, s);
+#pragma unroll
+      for (int e = 0; e < kWide; ++e)
+        y += static_cast<acc_t>(seg.val[e]) * x_at(fused_column<kPacked, scalar_t, kWide>(s, e));
+    }
+    y = block_sum(y, scratch);
+    if (threadIdx.x == 0) y_out[i] = y;
+  }
+  __syncthreads();  // thread 0's y values are visible to the block
+  for (int64_t s = 0; s < wide_segments; ++s) {
+    acc_t z[kWide];
+#pragma unroll
+    for (int e = 0; e < kWide; ++e) z[e] = 0;
+#pragma unroll 1
+    for (int64_t i = i_begin; i < i_end; ++i) {
+      const Segment<scalar_t, kWide> seg = load_segment<kPacked, kWide>(w + i * m.s_row, m, s);
+      const acc_t y = y_out[i];
+#pragma unroll
+      for (int e = 0; e < kWide; ++e) z[e] += y * static_cast<acc_t>(seg.val[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < kWide; ++e) {
+      const int64_t c = fused_column<kPacked, scalar_t, kWide>(s, e);
+      if (c < cols) z_row[c] = z[e];
+    }
+  }
+}
+
+// z = the sum of `blocks` partial rows (blocks, cols) in block order, for this virtual block's kThreads columns.
+template <typename acc_t>
+__device__ void reduce_columns_block(const acc_t* partial, int64_t blocks, int64_t cols, acc_t* z, int64_t block) {
+  const int64_t c = block * kThreads + threadIdx.x;
+  if (c >= cols) return;
+  acc_t sum = 0;
+#pragma unroll 4
+  for (int64_t b = 0; b < blocks; ++b) sum += partial[b * cols + c];
+  z[c] = sum;
 }
 
 // W_sn = W / sigma in op-math (as torch's `weight / sigma`). `packed`: both views contiguous and aligned.
@@ -573,6 +765,15 @@ inline bool packable(const at::Tensor& t3, bool line_packs = false) {
                           (outer == 1 || t3.stride(0) == rows * inner);
   const int64_t pack = 16 / t3.element_size();
   return contiguous && reinterpret_cast<uintptr_t>(t3.const_data_ptr()) % 16 == 0 && (!line_packs || inner % pack == 0);
+}
+
+// Whether the fused round can read W's rows in 16-byte packs: column c of row i at offset i * s_row + c, rows and
+// the data 16-byte aligned, and cols a whole number of packs.
+inline bool fused_packable(const at::Tensor& t3) {
+  const int64_t outer = t3.size(0), inner = t3.size(2), pack = 16 / t3.element_size();
+  const bool row_contiguous = (inner == 1 || t3.stride(2) == 1) && (outer == 1 || t3.stride(0) == inner);
+  return row_contiguous && (outer * inner) % pack == 0 && (t3.size(1) == 1 || t3.stride(1) % pack == 0) &&
+         reinterpret_cast<uintptr_t>(t3.const_data_ptr()) % 16 == 0;
 }
 
 // Calls f(std::integral_constant<int, kLayers>{}): the launch structs' capacity, 1 for a single layer (a small

@@ -78,7 +78,16 @@ void cooperative_refused(c10::DeviceIndex device, cudaError_t error) {
                   kLaunchModeEnv, "=phased to choose it from the start)");
 }
 
-std::string launch_mode_description(c10::DeviceIndex device) {
+RoundMode round_mode() {
+  const char* value = std::getenv(kRoundModeEnv);
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "fused") == 0) return RoundMode::kFused;
+  if (std::strcmp(value, "split") == 0) return RoundMode::kSplit;
+  TORCH_CHECK(false, "sn_ext: ", kRoundModeEnv, " must be fused or split, not '", value, "'");
+}
+
+namespace {
+
+std::string launch_description(c10::DeviceIndex device) {
   switch (requested_mode()) {
     case Requested::kPhased:
       return std::string("phased (") + kLaunchModeEnv + "=phased)";
@@ -97,6 +106,13 @@ std::string launch_mode_description(c10::DeviceIndex device) {
       return "phased (a cooperative launch was refused: " + refusals[device] + ")";
     }
   }
+}
+
+}  // namespace
+
+std::string launch_mode_description(c10::DeviceIndex device) {
+  return launch_description(device) + "; u-first rounds " + (round_mode() == RoundMode::kFused ? "fused" : "split") +
+         " (" + kRoundModeEnv + ")";
 }
 
 }  // namespace sn_ext

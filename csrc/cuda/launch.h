@@ -31,7 +31,20 @@ bool is_cooperative_refusal(cudaError_t error);
 void cooperative_refused(c10::DeviceIndex device, cudaError_t error);
 
 // What runs on `device`, in words, for `python -m sn_ext.info`: "cooperative", "phased (SN_EXT_CUDA_LAUNCH=phased)",
-// "phased (cooperative launch refused: ...)", ...
+// "phased (cooperative launch refused: ...)", ..., then the round mode: "; u-first rounds fused (SN_EXT_CUDA_ROUND)".
 std::string launch_mode_description(c10::DeviceIndex device);
+
+// How a u-first power-iteration round reads W: "fused" (default), W v and W^T (W v) in one pass over W by blocks that
+// own whole rows (the CPU kernel's matvec_and_gram), or "split", the earlier path: W v, u = N(.), W^T u, v = N(.),
+// each product its own pass. The two agree to float rounding, not bit for bit (the sums run in other orders), and
+// the v-first (legacy) round is always split. A switch so that the first GPU run can compare the fused round, which
+// no GPU had run when it was written, against the split one and fall back to it (benchmarks/gpu_smoke.py).
+enum class RoundMode { kFused, kSplit };
+
+// The environment variable that chooses: fused (default; also when unset or empty) or split. Read at every launch.
+constexpr const char* kRoundModeEnv = "SN_EXT_CUDA_ROUND";
+
+// SN_EXT_CUDA_ROUND's choice; raises on any other value, naming the variable.
+RoundMode round_mode();
 
 }  // namespace sn_ext

@@ -9,17 +9,28 @@
 // resident at once and may wait for each other at a grid-wide barrier. Between barriers, the blocks walk the "virtual
 // blocks" of one phase for all the layers of the launch (the split plans and __device__ phase functions of common.cuh):
 //
-//   forward, per round (u-first):  W v (all layers) | u = N(.) (one block per layer) | W^T u | v = N(.), sigma
-//            (v-first, legacy:     W^T u | v = N(.) | W v | u = N(.), sigma)
-//            then:                 W / sigma (all layers)          -> 4n + 1 phases, 4n barriers (n = 0: 3, 2)
+//   forward, per round (u-first, fused; SN_EXT_CUDA_ROUND=fused, the default):
+//                                  y = W v and z = W^T y in one pass (blocks owning whole rows, all layers) |
+//                                  z = the blocks' partial z rows added in block order (all layers) |
+//                                  u = N(y), v = N(z / max(|y|, eps)), sigma (one block per layer)
+//            (u-first, split:      W v | u = N(.) (one block per layer) | W^T u | v = N(.), sigma)
+//            (v-first, legacy, always split: W^T u | v = N(.) | W v | u = N(.), sigma)
+//            then:                 W / sigma (all layers)   -> fused 3n + 1 phases, 3n barriers; split 4n + 1, 4n;
+//                                                              n = 0: 3, 2
 //   backward:                      <G, W_sn> partial sums | their totals (one block per layer) | (G - lambda u v^T)
 //                                  / sigma                         -> 3 phases, 2 barriers
 //
-// Why W is read from device memory in every phase rather than kept on chip across them (the design notes' ideal of
-// one read of W): a GAN discriminator's weights, a few MB to tens of MB, stay in the 50-60 MB L2 of an H100/H200
-// between the phases of one launch, and the phases stay simple, shared between one layer and many. What the single
-// launch removes is the per-launch cost that dominates spectral norm at these sizes (torch: ~26 launches per layer
-// per step). A weight far larger than L2 is read 3 times (n = 1) and W_sn written once.
+// The fused round is the CPU kernel's matvec_and_gram: it reads W once per round, so that a forward with n = 1
+// reads W twice and writes W_sn once, the minimum (7 weight-sized passes per train step with the backward's 4).
+// Rows wider than what a block holds in registers (4096 float32 columns; fused_round_block) take a second read of
+// the block's rows, from L2 where they still are. The split round reads W twice per round (8 passes); it stays as
+// the v-first round and as the fallback that benchmarks/gpu_check.sh switches to if the fused round fails its
+// first GPU check (the two agree to float rounding: their sums run in other orders).
+//
+// Why W is otherwise read from device memory in every phase rather than kept on chip across them: a GAN
+// discriminator's weights, a few MB to tens of MB, stay in the 50-60 MB L2 of an H100/H200 between the phases of one
+// launch, and the phases stay simple, shared between one layer and many. What the single launch removes is the
+// per-launch cost that dominates spectral norm at these sizes (torch: ~26 launches per layer per step).
 //
 // Everything stays on the device: sigma, the "a round met a degenerate vector" flags and lambda are device values,
 // never copied to the host, so the ops never synchronize and can be captured in a CUDA graph.
@@ -58,16 +69,21 @@ struct LayerForward {
   scalar_t* out;  // W_sn through ov; nullptr for power_iteration_ (no division)
   View3d ov;
   Vectors<scalar_t> vec;
-  Finish finish;   // what the last normalize does with the vectors (see Finish)
-  acc_t* partial;  // this layer's workspace for the split matvecs
+  Finish finish;       // what the last normalize does with the vectors (see Finish)
+  bool divide_packed;  // W and W_sn contiguous and aligned (packable)
+  bool fused_packed;   // the fused round reads W's rows in 16-byte packs (fused_packable)
+  // This layer's workspace: the split products' partial sums, or the fused round's y (rows), z (cols) and its
+  // blocks' partial z rows (fused_blocks(rows) x cols).
+  acc_t* partial;
   int* degenerate;
   acc_t* sigma;
-  int mv_lanes, rmv_lanes;
-  int64_t mv_chunk, mv_blocks_x, mv_splits;
-  int64_t rmv_chunk, rmv_blocks_x, rmv_splits;
+  // 32-bit where the plan bounds them (kMaxGridY splits, int32 grid.x: finish_split), so that kGroupLayers layers
+  // stay under kMaxParameterBytes.
+  int mv_lanes, rmv_lanes, mv_splits, rmv_splits, mv_blocks_x, rmv_blocks_x;
+  int64_t mv_chunk, rmv_chunk;
   int64_t numel, divide_blocks;
-  bool divide_packed;                         // W and W_sn contiguous and aligned (packable)
-  int64_t mv_first, rmv_first, divide_first;  // this layer's first virtual block in each phase
+  // This layer's first virtual block in each phase (the fused round's blocks, and its column sums' blocks).
+  int64_t mv_first, rmv_first, divide_first, fused_first, reduce_first;
 };
 
 // A forward launch's parameter block: up to kLayers layers (1 for a per-layer op, kGroupLayers for a grouped one).
@@ -79,9 +95,11 @@ struct ForwardLaunch {
   Layer layers[kLayers];
   int count;
   int64_t mv_total, rmv_total, divide_total;  // virtual blocks per phase, all layers
+  int64_t fused_total, reduce_total;
   int64_t n;
   acc_t eps;
   bool v_first;
+  bool fused;  // u-first rounds as fused_round_block | reduce_columns_block | normalize both (RoundMode::kFused)
   int64_t first_step, step_count;  // the phases this launch runs (launch_steps)
   bool one_block;                  // a one-block launch: __syncthreads between phases
 };
@@ -91,7 +109,17 @@ static_assert(sizeof(ForwardLaunch<double, double, kGroupLayers>) <= kMaxParamet
 static_assert(sizeof(ForwardLaunch<double, double, 1>) <= 512, "a per-layer forward launch passes a small block");
 
 // The forward's phases, in the order forward_step lists them.
-enum class ForwardPhase : int { kMatvec, kRmatvec, kNormalizeU, kNormalizeV, kDot, kDivide };
+enum class ForwardPhase : int {
+  kMatvec,
+  kRmatvec,
+  kNormalizeU,
+  kNormalizeV,
+  kFused,
+  kReduce,
+  kNormalizeBoth,
+  kDot,
+  kDivide
+};
 
 struct ForwardStep {
   ForwardPhase phase;
@@ -99,23 +127,36 @@ struct ForwardStep {
   bool last;   // normalize: the call's last half-step (writes sigma, finishes the vectors)
 };
 
-// The phases of n rounds: n = 0 is W v then sigma = u^T (W v); each round is four phases (two matrix-vector
-// products, each followed by its normalization).
-__host__ __device__ inline int64_t round_steps(int64_t n) {
-  return n == 0 ? 2 : 4 * n;
+// The phases of n rounds: n = 0 is W v then sigma = u^T (W v); a split round is four phases (two matrix-vector
+// products, each followed by its normalization), a fused one three (W v and W^T (W v) in one pass | the blocks' z
+// sums added | u and v normalized).
+__host__ __device__ inline int64_t round_steps(int64_t n, bool fused) {
+  return n == 0 ? 2 : (fused ? 3 : 4) * n;
 }
 
 // How many phases a forward of n rounds has: the rounds, then W / sigma, except for power_iteration_.
-__host__ __device__ inline int64_t forward_steps(int64_t n, bool divide) {
-  return round_steps(n) + (divide ? 1 : 0);
+__host__ __device__ inline int64_t forward_steps(int64_t n, bool fused, bool divide) {
+  return round_steps(n, fused) + (divide ? 1 : 0);
 }
 
-// Phase s of the forward (s < forward_steps(n, ...)). A u-first round: W v | u = N(.) | W^T u | v = N(.); a v-first
-// (legacy) round: W^T u | v = N(.) | W v | u = N(.).
-__device__ inline ForwardStep forward_step(int64_t s, int64_t n, bool v_first) {
+// Phase s of the forward (s < forward_steps(n, ...)). A fused u-first round: W v and W^T (W v) | z summed |
+// u = N(y), v = N(z / max(|y|, eps)); a split u-first round: W v | u = N(.) | W^T u | v = N(.); a v-first (legacy)
+// round, always split: W^T u | v = N(.) | W v | u = N(.).
+__device__ inline ForwardStep forward_step(int64_t s, int64_t n, bool v_first, bool fused) {
   using P = ForwardPhase;
-  if (s >= round_steps(n)) return {P::kDivide, false, false};
+  if (s >= round_steps(n, fused)) return {P::kDivide, false, false};
   if (n == 0) return {s == 0 ? P::kMatvec : P::kDot, true, false};
+  if (fused) {
+    const bool first = s < 3, last = s / 3 == n - 1;
+    switch (s % 3) {
+      case 0:
+        return {P::kFused, first, false};
+      case 1:
+        return {P::kReduce, false, false};
+      default:
+        return {P::kNormalizeBoth, first, last};
+    }
+  }
   const bool first = s < 4, last = s / 4 == n - 1;
   switch (s % 4) {
     case 0:
@@ -178,8 +219,72 @@ __device__ void normalize_phase(const Launch& p, bool into_u, bool first, bool l
         first,
         last ? L.sigma : nullptr,
         last ? L.finish : Finish::kNone,
-        L.vec};
+        L.vec,
+        static_cast<typename Launch::acc_type>(1)};
     normalize_block(args);
+    __syncthreads();
+  }
+}
+
+// The fused round's pass over W for every layer: x is the input v (`from_input`) or the round's v.
+template <typename Launch>
+__device__ void fused_phase(const Launch& p, bool from_input) {
+  using Layer = typename Launch::Layer;
+  using scalar_t = typename Launch::scalar_type;
+  using acc_t = typename Launch::acc_type;
+  int layer = 0;
+  for (int64_t b = blockIdx.x; b < p.fused_total; b += gridDim.x) {
+    layer = advance_layer(p.layers, p.count, layer, b, &Layer::fused_first);
+    const Layer& L = p.layers[layer];
+    const scalar_t* x = from_input ? L.vec.v_in : L.vec.v_work;
+    const int64_t x_stride = from_input ? L.vec.v_stride : 1;
+    acc_t* const z_partial = L.partial + L.wv.rows + L.wv.cols();
+    if (L.fused_packed) {
+      fused_round_block<true>(L.w, L.wv, x, x_stride, L.partial, z_partial, b - L.fused_first);
+    } else {
+      fused_round_block<false>(L.w, L.wv, x, x_stride, L.partial, z_partial, b - L.fused_first);
+    }
+  }
+}
+
+// z = the fused blocks' partial z rows added in block order, for every layer.
+template <typename Launch>
+__device__ void reduce_phase(const Launch& p) {
+  using Layer = typename Launch::Layer;
+  int layer = 0;
+  for (int64_t b = blockIdx.x; b < p.reduce_total; b += gridDim.x) {
+    layer = advance_layer(p.layers, p.count, layer, b, &Layer::reduce_first);
+    const Layer& L = p.layers[layer];
+    const int64_t rows = L.wv.rows, cols = L.wv.cols();
+    reduce_columns_block(L.partial + rows + cols, fused_blocks(rows), cols, L.partial + rows, b - L.reduce_first);
+  }
+}
+
+// The fused round's normalizations, one block per layer: u = N(y), then v = N(z / max(|y|, eps)) (W^T u with u's
+// unrounded value, as the CPU kernel); the last round also writes sigma and finishes.
+template <typename Launch>
+__device__ void normalize_both_phase(const Launch& p, bool first, bool last) {
+  using acc_t = typename Launch::acc_type;
+  for (int l = blockIdx.x; l < p.count; l += gridDim.x) {
+    const typename Launch::Layer& L = p.layers[l];
+    const int64_t rows = L.wv.rows, cols = L.wv.cols();
+    const NormalizeArgs<typename Launch::scalar_type, acc_t> u_args{
+        L.partial, rows, 1, L.vec.u_work, p.eps, L.degenerate, first, nullptr, Finish::kNone, L.vec, acc_t(1)};
+    const acc_t norm_y = normalize_block(u_args);
+    __syncthreads();
+    // Not fmax: a NaN norm must stay NaN, as std::max(norm, eps) on the CPU.
+    const NormalizeArgs<typename Launch::scalar_type, acc_t> v_args{L.partial + rows,
+                                                                    cols,
+                                                                    1,
+                                                                    L.vec.v_work,
+                                                                    p.eps,
+                                                                    L.degenerate,
+                                                                    false,
+                                                                    last ? L.sigma : nullptr,
+                                                                    last ? L.finish : Finish::kNone,
+                                                                    L.vec,
+                                                                    norm_y < p.eps ? p.eps : norm_y};
+    normalize_block(v_args);
     __syncthreads();
   }
 }
@@ -212,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     forward_kernel(const __grid_constant__ ForwardLaunch<scalar_t, acc_t, kLayers> p) {
   for (int64_t s = p.first_step; s < p.first_step + p.step_count; ++s) {
     if (s > p.first_step) phase_barrier(p.one_block);
-    const ForwardStep step = forward_step(s, p.n, p.v_first);
+    const ForwardStep step = forward_step(s, p.n, p.v_first, p.fused);
     switch (step.phase) {
       case ForwardPhase::kMatvec:
         matvec_phase(p, step.first);
@@ -225,6 +330,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         break;
       case ForwardPhase::kNormalizeV:
         normalize_phase(p, false, step.first, step.last);
+        break;
+      case ForwardPhase::kFused:
+        fused_phase(p, step.first);
+        break;
+      case ForwardPhase::kReduce:
+        reduce_phase(p);
+        break;
+      case ForwardPhase::kNormalizeBoth:
+        normalize_both_phase(p, step.first, step.last);
         break;
       case ForwardPhase::kDot:
         dot_phase(p);
@@ -242,6 +356,8 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
                  bool v_first) {
   const at::Tensor& w0 = layers[0].w3;
   const auto acc_options = w0.options().dtype(sigmas.scalar_type());
+  // A launch's rounds are all fused or all split, so a layer's bits are the same alone or in a group.
+  const bool fused = n > 0 && !v_first && round_mode() == RoundMode::kFused;
   std::vector<SplitPlan> mv_plans, rmv_plans;
   std::vector<int64_t> partial_offsets{0};
   int64_t max_numel = 0;
@@ -249,8 +365,11 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
     const View3d view = view_of(layer.w3);
     mv_plans.push_back(plan_matvec(view));
     rmv_plans.push_back(plan_rmatvec(view));
+    // Fused: y, z and the blocks' partial z rows; split: the larger of the two products' partial sums (n == 0 and
+    // the fused launch's W v use the matvec's).
+    const int64_t split_size = std::max(mv_plans.back().splits * view.rows, rmv_plans.back().splits * view.cols());
     partial_offsets.push_back(partial_offsets.back() +
-                              std::max(mv_plans.back().splits * view.rows, rmv_plans.back().splits * view.cols()));
+                              (fused ? view.rows + view.cols() * (1 + fused_blocks(view.rows)) : split_size));
     max_numel = std::max(max_numel, layer.w3.numel());
   }
   at::Tensor workspace = at::empty({partial_offsets.back()}, acc_options);
@@ -269,6 +388,7 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
           p.n = n;
           p.eps = static_cast<acc_t>(eps);
           p.v_first = v_first;
+          p.fused = fused;
           for (int l = 0; l < p.count; ++l) {
             const size_t i = start + l;
             const ForwardLayer& layer = layers[i];
@@ -297,26 +417,33 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
             L.sigma = sigmas.mutable_data_ptr<acc_t>() + i;
             L.mv_lanes = mv.lanes;
             L.mv_chunk = mv.chunk;
-            L.mv_blocks_x = mv.grid.x;
-            L.mv_splits = mv.splits;
+            L.mv_blocks_x = static_cast<int>(mv.grid.x);
+            L.mv_splits = static_cast<int>(mv.splits);
             L.rmv_lanes = rmv.lanes;
             L.rmv_chunk = rmv.chunk;
-            L.rmv_blocks_x = rmv.grid.x;
-            L.rmv_splits = rmv.splits;
+            L.rmv_blocks_x = static_cast<int>(rmv.grid.x);
+            L.rmv_splits = static_cast<int>(rmv.splits);
             L.numel = layer.w3.numel();
             numel += L.numel;
             L.divide_blocks = layer.out3.defined() ? elementwise_blocks(L.numel) : 0;
             L.divide_packed = layer.out3.defined() && packable(layer.w3) && packable(layer.out3);
+            L.fused_packed = fused_packable(layer.w3);
             L.mv_first = p.mv_total;
             L.rmv_first = p.rmv_total;
             L.divide_first = p.divide_total;
-            p.mv_total += mv.grid.x * mv.splits;
-            p.rmv_total += rmv.grid.x * rmv.splits;
+            L.fused_first = p.fused_total;
+            L.reduce_first = p.reduce_total;
+            // A fused launch runs no matvec or rmatvec phase: their blocks count for nothing.
+            p.mv_total += fused ? 0 : mv.grid.x * mv.splits;
+            p.rmv_total += fused ? 0 : rmv.grid.x * rmv.splits;
             p.divide_total += L.divide_blocks;
+            p.fused_total += fused ? fused_blocks(L.wv.rows) : 0;
+            p.reduce_total += fused ? ceil_div(L.wv.cols(), kThreads) : 0;
           }
-          const int64_t wanted = std::max({p.mv_total, n > 0 ? p.rmv_total : 0, p.divide_total, int64_t{p.count}});
+          const int64_t wanted = std::max(
+              {p.mv_total, n > 0 ? p.rmv_total : 0, p.fused_total, p.reduce_total, p.divide_total, int64_t{p.count}});
           constexpr auto kernel = forward_kernel<scalar_t, acc_t, index_t, kLayers>;
-          launch_steps<kernel>(p, forward_steps(n, p.divide_total > 0), launch_blocks<kernel>(numel, wanted));
+          launch_steps<kernel>(p, forward_steps(n, fused, p.divide_total > 0), launch_blocks<kernel>(numel, wanted));
         }
       });
     });
