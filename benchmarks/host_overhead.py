@@ -79,7 +79,7 @@ def plain_step(seed: int = 0) -> Callable[[], object]:
 
 def triton_step(op: str, autograd: str, seed: int = 0) -> Callable[[], object]:
     """One call of `op` (see the module docstring) on the Triton ops, launches stubbed by the caller."""
-    # The forward as modules call it: the op, then u and v copied into place (sn_ext.backends.Backend.forward).
+    # The forward as modules call it (sn_ext.backends.Backend.forward: the op, u and v updated in place by its kernels).
     forward = backends.get("triton").forward
     backward = torch.ops.sn_ext.triton_spectral_normalize_backward.default
     weight, u, v, grad = _inputs(seed)

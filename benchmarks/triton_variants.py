@@ -29,7 +29,7 @@ def weight_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
 
 def variants(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> set:
     """The kernel variants one forward and one backward per weight of `shapes` launch."""
-    forward = torch.ops.sn_ext.triton_spectral_normalize.default
+    forward = torch.ops.sn_ext.triton_spectral_normalize_.default
     backward = torch.ops.sn_ext.triton_spectral_normalize_backward.default
     with dry_run() as launched:
         for shape in shapes:

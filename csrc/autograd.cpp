@@ -1,17 +1,24 @@
 // Autograd for the differentiable ops, in C++ (device-agnostic: the Autograd key, calling the ops through the
-// dispatcher). Python's torch.library.register_autograd would do the same job, and does when the compiled
-// library is absent (sn_ext/ops.py), but its Python wrapper costs ~80 us per layer and step on a CPU: more than
-// the fused kernels themselves on small layers.
+// dispatcher): for the compiled ops, registered below, and for the other backends' ops (Triton, reference), which
+// sn_ext/_autograd.py registers at run time through register_autograd(). sn_ext/_autograd.py's torch.autograd
+// Functions do the same job when the compiled library is absent, but a Python autograd wrapper costs ~80-290 us per
+// layer and step on a CPU: more than the fused kernels themselves on small layers.
 //
 // W_sn = W / sigma(W) with sigma = u^T W v and u, v held constant (as torch does):
 //   dL/dW = (G - <G, W_sn> u v^T) / sigma  +  g_sigma u v^T.
 // Double backward (gradient penalties, gradgradcheck), with out = (G - lam P) / sigma, lam = <G, S>, P = u v^T:
 //   dG = (H - <H, P> S) / sigma,   dS = -<H, P> G / sigma,   dsigma = -<H, out> / sigma.
+#include "autograd.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <optional>
+#include <string>
 
 namespace sn_ext {
 namespace {
@@ -25,26 +32,59 @@ using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tens
 using BackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      const at::Tensor&, int64_t);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& weight, at::Tensor& u,
-                                                                        at::Tensor& v, int64_t dim, int64_t n,
-                                                                        double eps, bool v_first) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize_", "").typed<ForwardSignature>();
-  return op.call(weight, u, v, dim, n, eps, v_first);
-}
-
 // Below ADInplaceOrView nothing bumped the versions of the vectors an op updated in place: do it, as an in-place
 // aten op would (autograd then refuses a backward through anything that saved them before the update).
 void bump_versions(at::TensorList tensors) {
   for (const auto& t : tensors) torch::autograd::impl::bump_version(t);
 }
 
+// A backend's pair of ops (sn_ext.backends): its forward, with spectral_normalize_'s schema, and the backward its
+// formula calls, with spectral_normalize_backward's. The compiled ops are one pair; the Triton and reference
+// backends' ops are others, registered at run time by register_autograd(). Looked up on first use: the compiled
+// pair's kernels register while the library loads, possibly before its schemas are defined. Never freed (the
+// autograd graph refers to a pair by address).
+class OpPair {
+ public:
+  OpPair(std::string forward, std::string backward)
+      : forward_name_(std::move(forward)), backward_name_(std::move(backward)) {}
+
+  const c10::TypedOperatorHandle<ForwardSignature>& forward() const {
+    resolve();
+    return *forward_;
+  }
+  const c10::TypedOperatorHandle<BackwardSignature>& backward() const {
+    resolve();
+    return *backward_;
+  }
+
+ private:
+  void resolve() const {
+    std::call_once(resolved_, [this] {
+      auto& dispatcher = c10::Dispatcher::singleton();
+      forward_.emplace(dispatcher.findSchemaOrThrow(forward_name_.c_str(), "").typed<ForwardSignature>());
+      backward_.emplace(dispatcher.findSchemaOrThrow(backward_name_.c_str(), "").typed<BackwardSignature>());
+    });
+  }
+
+  const std::string forward_name_, backward_name_;
+  mutable std::once_flag resolved_;
+  mutable std::optional<c10::TypedOperatorHandle<ForwardSignature>> forward_;
+  mutable std::optional<c10::TypedOperatorHandle<BackwardSignature>> backward_;
+};
+
+const OpPair compiled_ops{"sn_ext::spectral_normalize_", "sn_ext::spectral_normalize_backward"};
+
+// Autograd nodes keep their pair in saved_data (an IValue map) as its address.
+int64_t pair_id(const OpPair* ops) {
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(ops));
+}
+const OpPair& pair_of(AutogradContext* ctx) {
+  return *reinterpret_cast<const OpPair*>(static_cast<intptr_t>(ctx->saved_data["ops"].toInt()));
+}
+
 at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& weight_sn, const at::Tensor& u, const at::Tensor& v,
                          const at::Tensor& sigma, int64_t dim) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sn_ext::spectral_normalize_backward", "")
-                             .typed<BackwardSignature>();
-  return op.call(grad, weight_sn, u, v, sigma, dim);
+  return compiled_ops.backward().call(grad, weight_sn, u, v, sigma, dim);
 }
 
 std::vector<int64_t> dim_first_order(int64_t ndim, int64_t dim) {
@@ -78,12 +118,12 @@ class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
  public:
   // Autograd saves the vectors used (fresh tensors), not the buffers u and v, so that a second call before this
   // one's backward may update the buffers again.
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u, at::Tensor v, int64_t dim,
-                               int64_t n, double eps, bool v_first) {
+  static variable_list forward(AutogradContext* ctx, const OpPair* ops, const at::Tensor& weight, at::Tensor u,
+                               at::Tensor v, int64_t dim, int64_t n, double eps, bool v_first) {
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      result = call_forward(weight, u, v, dim, n, eps, v_first);
+      result = ops->forward().call(weight, u, v, dim, n, eps, v_first);
     }
     bump_versions({u, v});
     auto& [weight_sn, sigma, u_used, v_used] = result;
@@ -91,6 +131,7 @@ class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
     ctx->set_materialize_grads(false);  // callers usually ignore sigma: no zero tensor for its gradient
     ctx->save_for_backward({weight_sn, sigma, u_used, v_used});
     ctx->saved_data["dim"] = wrapped(dim, weight);
+    ctx->saved_data["ops"] = pair_id(ops);
     return {weight_sn, sigma, u_used, v_used};
   }
 
@@ -100,23 +141,24 @@ class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
     const at::Tensor &weight_sn = saved[0], &sigma = saved[1], &u = saved[2], &v = saved[3];
     const int64_t dim = ctx->saved_data["dim"].toInt();
     at::Tensor grad_weight;
-    if (grads[0].defined()) grad_weight = call_backward(grads[0], weight_sn, u, v, sigma, dim);
+    if (grads[0].defined()) grad_weight = pair_of(ctx).backward().call(grads[0], weight_sn, u, v, sigma, dim);
     if (grads[1].defined()) {
       const at::Tensor from_sigma =
           (grads[1] * rank_one(u.to(sigma.scalar_type()), v.to(sigma.scalar_type()), weight_sn, dim))
               .to(weight_sn.scalar_type());
       grad_weight = grad_weight.defined() ? grad_weight + from_sigma : from_sigma;
     }
-    return {grad_weight, {}, {}, {}, {}, {}, {}};
+    return {{}, grad_weight, {}, {}, {}, {}, {}, {}};
   }
 };
 
 class SpectralNormalizeBackward : public torch::autograd::Function<SpectralNormalizeBackward> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& weight_sn,
-                               const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+  static variable_list forward(AutogradContext* ctx, const OpPair* ops, const at::Tensor& grad,
+                               const at::Tensor& weight_sn, const at::Tensor& u, const at::Tensor& v,
+                               const at::Tensor& sigma, int64_t dim) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor out = call_backward(grad, weight_sn, u, v, sigma, dim);
+    at::Tensor out = ops->backward().call(grad, weight_sn, u, v, sigma, dim);
     ctx->save_for_backward({grad, weight_sn, u, v, sigma, out});
     ctx->saved_data["dim"] = wrapped(dim, weight_sn);
     return {out};
@@ -129,7 +171,7 @@ class SpectralNormalizeBackward : public torch::autograd::Function<SpectralNorma
     const at::Tensor &grad = saved[0], &weight_sn = saved[1], &u = saved[2], &v = saved[3], &sigma = saved[4],
                      &out = saved[5];
     const at::Tensor& h = grads[0];
-    if (!h.defined()) return {{}, {}, {}, {}, {}, {}};
+    if (!h.defined()) return {{}, {}, {}, {}, {}, {}, {}};
     const auto acc = sigma.scalar_type();
     const int64_t dim = ctx->saved_data["dim"].toInt();
     const at::Tensor h_acc = h.to(acc);
@@ -137,22 +179,24 @@ class SpectralNormalizeBackward : public torch::autograd::Function<SpectralNorma
     const at::Tensor d_grad = ((h_acc - h_p * weight_sn.to(acc)) / sigma).to(grad.scalar_type());
     const at::Tensor d_weight_sn = (-h_p / sigma * grad.to(acc)).to(weight_sn.scalar_type());
     const at::Tensor d_sigma = -(h_acc * out.to(acc)).sum() / sigma;
-    return {d_grad, d_weight_sn, {}, {}, d_sigma, {}};
+    return {{}, d_grad, d_weight_sn, {}, {}, d_sigma, {}};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_autograd(const at::Tensor& weight,
-                                                                                       at::Tensor& u, at::Tensor& v,
-                                                                                       int64_t dim, int64_t n,
-                                                                                       double eps, bool v_first) {
-  auto out = SpectralNormalize::apply(weight, u, v, dim, n, eps, v_first);
-  return {out[0], out[1], out[2], out[3]};
+// The Autograd kernels of a pair's ops: SpectralNormalize and SpectralNormalizeBackward with the pair's ops.
+auto forward_kernel(const OpPair* ops) {
+  return [ops](const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n, double eps,
+               bool v_first) -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+    auto out = SpectralNormalize::apply(ops, weight, u, v, dim, n, eps, v_first);
+    return {out[0], out[1], out[2], out[3]};
+  };
 }
 
-at::Tensor spectral_normalize_backward_autograd(const at::Tensor& grad, const at::Tensor& weight_sn,
-                                                const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma,
-                                                int64_t dim) {
-  return SpectralNormalizeBackward::apply(grad, weight_sn, u, v, sigma, dim)[0];
+auto backward_kernel(const OpPair* ops) {
+  return [ops](const at::Tensor& grad, const at::Tensor& weight_sn, const at::Tensor& u, const at::Tensor& v,
+               const at::Tensor& sigma, int64_t dim) -> at::Tensor {
+    return SpectralNormalizeBackward::apply(ops, grad, weight_sn, u, v, sigma, dim)[0];
+  };
 }
 
 // ---- grouped mode: every layer's forward in one op, and their backward in one op ----
@@ -264,10 +308,19 @@ std::vector<at::Tensor> spectral_normalize_grouped_backward_autograd(at::TensorL
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sn_ext, Autograd, m) {
-  m.impl("spectral_normalize_", &spectral_normalize_autograd);
-  m.impl("spectral_normalize_backward", &spectral_normalize_backward_autograd);
+  m.impl("spectral_normalize_", forward_kernel(&compiled_ops));
+  m.impl("spectral_normalize_backward", backward_kernel(&compiled_ops));
   m.impl("spectral_normalize_grouped_", &spectral_normalize_grouped_autograd);
   m.impl("spectral_normalize_grouped_backward", &spectral_normalize_grouped_backward_autograd);
+}
+
+void register_autograd(const std::string& forward, const std::string& backward) {
+  const auto* ops = new OpPair("sn_ext::" + forward, "sn_ext::" + backward);  // never freed, see OpPair
+  // Never freed either: the registrations last as long as the process (a static Library would be destroyed at
+  // exit, possibly after the dispatcher).
+  auto* lib = new torch::Library(torch::Library::IMPL, "sn_ext", c10::DispatchKey::Autograd, __FILE__, __LINE__);
+  lib->impl(forward.c_str(), forward_kernel(ops));
+  lib->impl(backward.c_str(), backward_kernel(ops));
 }
 
 }  // namespace sn_ext

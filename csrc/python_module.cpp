@@ -2,6 +2,10 @@
 // what it was built with, for `python -m sn_ext.info`. setup.py passes the SN_EXT_BUILD_* macros.
 #include <Python.h>
 
+#include <exception>
+
+#include "autograd.h"
+
 #ifdef SN_EXT_BUILD_CUDA
 #include <string>
 
@@ -32,11 +36,29 @@ static PyObject* cuda_launch(PyObject*, PyObject* arg) {
   }
 }
 
-static PyMethodDef methods[] = {{"cuda_launch", cuda_launch, METH_O, "How the CUDA kernels launch on a device."},
-                                {nullptr, nullptr, 0, nullptr}};
-#else
-static PyMethodDef methods[] = {{nullptr, nullptr, 0, nullptr}};
 #endif
+
+// register_autograd(forward, backward): the C++ autograd formulas for a backend's pair of ops (autograd.h).
+static PyObject* register_autograd(PyObject*, PyObject* args) {
+  const char *forward = nullptr, *backward = nullptr;
+  if (!PyArg_ParseTuple(args, "ss", &forward, &backward)) return nullptr;
+  try {
+    sn_ext::register_autograd(forward, backward);
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+#ifdef SN_EXT_WITH_CUDA
+    {"cuda_launch", cuda_launch, METH_O, "How the CUDA kernels launch on a device."},
+#endif
+    {"register_autograd", register_autograd, METH_VARARGS,
+     "register_autograd(forward, backward): sn_ext's C++ autograd formulas as the Autograd kernels of a backend's "
+     "pair of ops (names in the sn_ext namespace)."},
+    {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sn_ext compiled kernels", -1, methods};
 

@@ -1,6 +1,7 @@
 """The Python twin of csrc/autograd.cpp: the autograd formulas of sn_ext's ops. The compiled library registers them
-in C++ (a Python wrapper costs ~80 us per layer and step, more than the fused kernels on small layers); without it,
-register() registers these (sn_ext/ops.py), and every other backend's pair of ops gets them through register_ops().
+in C++, for its own ops and, through register_ops(), for every other backend's pair (a Python autograd wrapper costs
+~80-290 us per layer and step, more than the fused kernels on small layers); without it, register() (sn_ext/ops.py)
+and register_ops() register these.
 
 W_sn = W / sigma(W) with sigma = u^T W v and u, v held constant (as torch does):
   dL/dW = (G - <G, W_sn> u v^T) / sigma  +  g_sigma u v^T.
@@ -75,20 +76,26 @@ def _backward_backward(ctx, h):
 # aten op would.
 
 
-class _Forward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, u, v, dim, n_power_iterations, eps, v_first):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = _ops.spectral_normalize_.default(weight, u, v, dim, n_power_iterations, eps, v_first)
-        torch.autograd.graph.increment_version((u, v))
-        _setup_forward(ctx, (weight, u, v, dim), output)
-        return output
+def _forward_kernel(forward: str, backward: str):
+    """The Autograd kernel of a forward op (spectral_normalize_'s schema) whose backward calls `backward`."""
+    op = getattr(_ops, forward).default
+    backward_fn = _backward_of_forward(backward)
 
-    backward = staticmethod(_backward_of_forward("spectral_normalize_backward"))
+    class Forward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, weight, u, v, dim, n_power_iterations, eps, v_first):
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                output = op(weight, u, v, dim, n_power_iterations, eps, v_first)
+            torch.autograd.graph.increment_version((u, v))
+            _setup_forward(ctx, (weight, u, v, dim), output)
+            return output
 
+        backward = staticmethod(backward_fn)
 
-def _forward_autograd(weight, u, v, dim, n_power_iterations, eps, v_first=False):
-    return _Forward.apply(weight, u, v, dim, n_power_iterations, eps, v_first)
+    def kernel(weight, u, v, dim, n_power_iterations, eps, v_first=False):
+        return Forward.apply(weight, u, v, dim, n_power_iterations, eps, v_first)
+
+    return kernel
 
 
 class _Grouped(torch.autograd.Function):
@@ -140,19 +147,23 @@ def _grouped_autograd(weights, us, vs, dims, n_power_iterations, eps):
 
 
 def register_ops(forward: str, backward: str) -> None:
-    """The formulas for a backend's pair of ops with the schemas _schemas.BACKEND_FORWARD_SCHEMA /
-    spectral_normalize_backward's (names in the sn_ext namespace): the forward's backward calls `backward`."""
-    torch.library.register_autograd(f"sn_ext::{forward}", _backward_of_forward(backward), setup_context=_setup_forward)
+    """The formulas for a backend's pair of ops, names in the sn_ext namespace: `forward` with spectral_normalize_'s
+    schema (u, v updated in place), `backward` with spectral_normalize_backward's, which the forward's backward
+    calls. In C++ where the compiled library is loaded (csrc/autograd.cpp register_autograd), else these; either
+    replaces the Autograd kernel that torch.library.triton_op gave the op."""
+    if _library.compiled is not None:
+        _library.compiled.register_autograd(forward, backward)
+        return
     torch.library.register_autograd(f"sn_ext::{backward}", _backward_backward, setup_context=_setup_backward)
+    lib = torch.library.Library("sn_ext", "IMPL")
+    _library.replace_impl(lib, forward, _forward_kernel(forward, backward), "Autograd")
+    _library.keep_alive(lib)
 
 
 def register() -> None:
     """Without the compiled library: the formulas of every sn_ext op, as csrc/autograd.cpp registers them. The
     forwards update u and v in place, which register_autograd refuses: they are Autograd kernels of their own."""
-    torch.library.register_autograd(
-        "sn_ext::spectral_normalize_backward", _backward_backward, setup_context=_setup_backward
-    )
+    register_ops("spectral_normalize_", "spectral_normalize_backward")
     lib = torch.library.Library("sn_ext", "IMPL")
-    lib.impl("spectral_normalize_", _forward_autograd, "Autograd")
     lib.impl("spectral_normalize_grouped_", _grouped_autograd, "Autograd")
     _library.keep_alive(lib)

@@ -5,11 +5,12 @@ After `load()`, every sn_ext op exists with the same schema whatever happened:
 - without it (not built, failed to load, or SN_EXT_DISABLE_EXT=1) the schemas come from _schemas.py;
 - the pure-PyTorch reference is registered as the CompositeExplicitAutograd kernel, so it serves every device
   that has no compiled kernel (a CUDA tensor with a CPU-only build, MPS, ...): compiled kernels always win;
-- the reference is also defined as sn_ext::reference_spectral_normalize(_backward), for the "reference" backend.
+- the reference is also defined as sn_ext::reference_spectral_normalize_(_backward), for the "reference" backend.
 """
 
 import dataclasses
 import importlib.util
+import inspect
 import os
 import warnings
 
@@ -28,6 +29,7 @@ class LibraryStatus:
 
 
 _libraries: list[torch.library.Library] = []  # kept alive: a Library's registrations end when it is collected
+compiled = None  # the compiled library's module (sn_ext._C) once load() found it usable, else None
 
 
 def _load_compiled() -> LibraryStatus:
@@ -46,6 +48,8 @@ def _load_compiled() -> LibraryStatus:
                 stacklevel=2,
             )
         return LibraryStatus(False, reason)
+    global compiled
+    compiled = _C
     cuda = f"CUDA {_C.built_with_cuda}" if _C.built_with_cuda else "CPU only"
     return LibraryStatus(
         True,
@@ -77,18 +81,31 @@ def _register_reference() -> None:
     _libraries.append(lib)
 
 
-# The reference again under its own names, with the backends' schemas: the "reference" backend (sn_ext.backends)
-# calls these, so that it can be chosen on a device whose sn_ext::spectral_normalize_ runs compiled kernels.
-REFERENCE_OPS = ("reference_spectral_normalize", "reference_spectral_normalize_backward")
+# The reference again under its own names, with the same schemas: the "reference" backend (sn_ext.backends) calls
+# these, so that it can be chosen on a device whose sn_ext::spectral_normalize_ runs compiled kernels.
+REFERENCE_OPS = ("reference_spectral_normalize_", "reference_spectral_normalize_backward")
 
 
 def _define_reference_ops() -> None:
     lib = torch.library.Library(_schemas.NAMESPACE, "FRAGMENT")
-    schemas = (_schemas.BACKEND_FORWARD_SCHEMA, _schemas.SCHEMAS["spectral_normalize_backward"])
+    schemas = (_schemas.SCHEMAS["spectral_normalize_"], _schemas.SCHEMAS["spectral_normalize_backward"])
     for name, schema in zip(REFERENCE_OPS, schemas):
         lib.define(name + schema)
         lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
     _libraries.append(lib)
+
+
+def replace_impl(lib: torch.library.Library, name: str, kernel, dispatch_key: str) -> None:
+    """lib.impl(name, kernel, dispatch_key), replacing a kernel registered before from Python (torch.library.triton_op
+    gives its ops an Autograd kernel of its own). torch 2.11 refuses that unless told; torch 2.6 knows no such flag
+    (its check is a set of registered keys) and warns from the dispatcher."""
+    if "allow_override" in inspect.signature(lib.impl).parameters:
+        lib.impl(name, kernel, dispatch_key, allow_override=True)
+        return
+    torch.library._impls.discard(f"{lib.ns}/{name}/{dispatch_key}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        lib.impl(name, kernel, dispatch_key)
 
 
 def keep_alive(lib: torch.library.Library) -> None:

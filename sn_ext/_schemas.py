@@ -1,7 +1,8 @@
 """The operator schemas, as csrc/sn_ext.cpp defines them.
 
 The compiled library defines them in C++; when it is absent or disabled, the fallback defines them from here.
-tests/test_schemas.py fails if the two copies drift apart.
+tests/test_schemas.py fails if the two copies drift apart. Every backend's pair of ops (sn_ext.backends) has the
+schemas of spectral_normalize_ and spectral_normalize_backward.
 """
 
 NAMESPACE = "sn_ext"
@@ -26,12 +27,3 @@ SCHEMAS = {
         "(Tensor[] grads, Tensor[] weights_sn, Tensor[] us, Tensor[] vs, Tensor sigmas, int[] dims) -> Tensor[]"
     ),
 }
-
-# The forward of the other backends (sn_ext.backends: "triton", "reference"): spectral_normalize_ without the
-# in-place update, returning the new vectors instead. Python custom ops cannot have autograd formulas when they
-# mutate an input (torch.library.register_autograd refuses them); the backend's caller copies u_new, v_new into
-# the buffers (sn_ext.backends.Backend.forward).
-BACKEND_FORWARD_SCHEMA = (
-    "(Tensor weight, Tensor u, Tensor v, int dim, int n_power_iterations, float eps, bool v_first=False) "
-    "-> (Tensor weight_sn, Tensor sigma, Tensor u_new, Tensor v_new)"
-)

@@ -1,18 +1,16 @@
 """Which kernels run a spectral norm: the backends, why each can or cannot take an input, and the automatic choice.
 
-Every backend is a pair of ops, a forward and a backward with sn_ext::spectral_normalize_backward's schema, sharing
-the fake kernels and autograd formulas (sn_ext/ops.py). The compiled backends' forward, sn_ext::spectral_normalize_,
-updates u and v in place; the others' (_schemas.BACKEND_FORWARD_SCHEMA) return the new vectors, and
-Backend.forward copies them into u and v, so that every backend's forward does the same for its caller:
+Every backend is a pair of ops with the schemas of sn_ext::spectral_normalize_ (u and v updated in place) and
+sn_ext::spectral_normalize_backward, sharing the fake kernels and autograd formulas (sn_ext/ops.py):
 
 =============  ==========================================  ====================================================
 backend        ops                                         takes
 =============  ==========================================  ====================================================
 "cpu"          sn_ext::spectral_normalize_ (csrc/cpu)      CPU tensors, when the compiled library is loaded
 "cuda"         sn_ext::spectral_normalize_ (csrc/cuda)     CUDA tensors, when the library was built with CUDA
-"triton"       sn_ext::triton_spectral_normalize           CUDA tensors, with triton >= 3.2 and torch >= 2.6
+"triton"       sn_ext::triton_spectral_normalize_          CUDA tensors, with triton >= 3.2 and torch >= 2.6
                (sn_ext/triton)                             (CPU tensors instead under TRITON_INTERPRET=1: slow)
-"reference"    sn_ext::reference_spectral_normalize        any device (pure PyTorch)
+"reference"    sn_ext::reference_spectral_normalize_       any device (pure PyTorch)
 "auto"         the fastest that can take the weight: cuda, then triton, then reference on a CUDA device; cpu, then
                reference on the CPU; reference elsewhere
 =============  ==========================================  ====================================================
@@ -32,7 +30,6 @@ sn_ext/nn/_kernels.py keeps the choice in the module):
 """
 
 import dataclasses
-import functools
 import importlib.util
 import os
 
@@ -97,9 +94,8 @@ class Backend:
     @property
     def forward(self):
         """(W, u, v, dim, n, eps, v_first=False) -> (W_sn, sigma, u_used, v_used), u and v updated in place:
-        sn_ext::spectral_normalize_'s contract, whichever backend."""
-        op = getattr(torch.ops.sn_ext, self.forward_op).default
-        return op if self.forward_op == "spectral_normalize_" else functools.partial(_updating_vectors, op)
+        sn_ext::spectral_normalize_'s schema, whichever backend."""
+        return getattr(torch.ops.sn_ext, self.forward_op).default
 
     @property
     def backward(self):
@@ -107,17 +103,6 @@ class Backend:
 
     def __reduce__(self):  # pickles by name (ops do not pickle)
         return get, (self.name,)
-
-
-def _updating_vectors(op, weight, u, v, dim, n_power_iterations, eps, v_first=False):
-    """A forward of _schemas.BACKEND_FORWARD_SCHEMA with spectral_normalize_'s contract: the new vectors copied into
-    u and v (non-differentiable outputs: the copies record nothing for autograd; autograd saved u_new, v_new, so a
-    second call before the first one's backward is right)."""
-    weight_sn, sigma, u_new, v_new = op(weight, u, v, dim, n_power_iterations, eps, v_first)
-    if n_power_iterations:
-        u.copy_(u_new)
-        v.copy_(v_new)
-    return weight_sn, sigma, u_new, v_new
 
 
 # ---- machine-level reasons, per backend ----
@@ -175,7 +160,7 @@ _BACKENDS = {
     "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", "spectral_normalize_", "spectral_normalize_backward"),
     "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", "spectral_normalize_", "spectral_normalize_backward"),
     "triton": Backend(
-        "triton", "Triton kernels (sn_ext/triton)", "triton_spectral_normalize", "triton_spectral_normalize_backward"
+        "triton", "Triton kernels (sn_ext/triton)", "triton_spectral_normalize_", "triton_spectral_normalize_backward"
     ),
     "reference": Backend("reference", "pure PyTorch (sn_ext/reference.py)", *_library.REFERENCE_OPS),
 }

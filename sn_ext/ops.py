@@ -15,11 +15,9 @@ Importing this module loads the kernels (see _library.py). The ops, all on W's m
   many layers in one call (one launch on a GPU), u-first, as spectral_normalize_ per layer; ``sigmas`` is a vector.
 - ``spectral_normalize_grouped_backward(grads, W_sns, us, vs, sigmas, dims) -> grads_W``: their backward.
 
-The other backends' pairs (sn_ext.backends) share the fake kernels and autograd formulas (register_backend_ops):
-``reference_spectral_normalize(_backward)`` (pure PyTorch, always defined) and ``triton_spectral_normalize(_backward)``
-(sn_ext/triton, defined when that backend is first chosen). Their forward is spectral_normalize_ without the
-in-place update (_schemas.BACKEND_FORWARD_SCHEMA: u_new, v_new returned, u and v untouched); sn_ext.backends
-makes the update for their callers.
+The other backends' pairs (sn_ext.backends) have the same schemas and share the fake kernels and autograd formulas
+(register_backend_ops): ``reference_spectral_normalize_(_backward)`` (pure PyTorch, always defined) and
+``triton_spectral_normalize_(_backward)`` (sn_ext/triton, defined when that backend is first chosen).
 """
 
 import torch
@@ -86,8 +84,8 @@ def _(weight, u, v, dim, n_power_iterations, eps, v_first=False):
     return _sigma_like(weight)
 
 
-# Shared by every backend's forward (see register_backend_ops): the outputs are the same whether or not the op
-# also updates u and v (functionalization handles that from the schema).
+# Shared by every backend's forward (see register_backend_ops); functionalization handles the update of u and v
+# from the schema.
 @torch.library.register_fake("sn_ext::spectral_normalize_")
 def _fake_forward(weight, u, v, dim, n_power_iterations, eps, v_first=False):
     _check_vector_sizes(weight, u, v, dim)
@@ -137,9 +135,9 @@ if not library_status.loaded:
 
 
 def register_backend_ops(forward: str, backward: str, *, autocast: bool = True) -> None:
-    """Registers, for a backend's pair of ops with the schemas _schemas.BACKEND_FORWARD_SCHEMA /
-    spectral_normalize_backward's (names in the sn_ext namespace), the shared fake kernels, the autograd formulas
-    (the forward's backward calling `backward`), and optionally the autocast exclusion."""
+    """Registers, for a backend's pair of ops with the schemas of spectral_normalize_ and spectral_normalize_backward
+    (names in the sn_ext namespace), the shared fake kernels, the autograd formulas (the forward's backward calling
+    `backward`), and optionally the autocast exclusion."""
     torch.library.register_fake(f"sn_ext::{forward}", _fake_forward)
     torch.library.register_fake(f"sn_ext::{backward}", _fake_backward)
     _autograd.register_ops(forward, backward)

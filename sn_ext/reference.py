@@ -74,8 +74,8 @@ def spectral_normalize(
     op: str = "sn_ext::spectral_normalize_",
     complex_ok: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """spectral_normalize_ without the in-place update (the test oracle, and the other backends' schema):
-    (W_sn, sigma, u_new, v_new), u and v untouched."""
+    """spectral_normalize_ without the in-place update (the test oracle): (W_sn, sigma, u_new, v_new), u and v
+    untouched."""
     check_forward_args(op, weight, u, v, dim, n_power_iterations, eps, complex_ok)
     sigma, u_new, v_new = _iterate(weight, u, v, dim, n_power_iterations, eps, v_first)
     weight_sn = (weight.to(sigma.dtype) / sigma).to(weight.dtype)
@@ -83,13 +83,25 @@ def spectral_normalize(
 
 
 def spectral_normalize_(
-    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool = False
+    weight: Tensor,
+    u: Tensor,
+    v: Tensor,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    v_first: bool = False,
+    *,
+    op: str = "sn_ext::spectral_normalize_",
+    complex_ok: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The op: u and v also updated in place (u_new, v_new are the inputs' values when n == 0 or a round was
+    """The op: u and v also updated in place (not when n == 0; u_new, v_new are the inputs' values when a round was
     degenerate, so the copies change nothing then)."""
-    weight_sn, sigma, u_new, v_new = spectral_normalize(weight, u, v, dim, n_power_iterations, eps, v_first)
-    u.copy_(u_new)
-    v.copy_(v_new)
+    weight_sn, sigma, u_new, v_new = spectral_normalize(
+        weight, u, v, dim, n_power_iterations, eps, v_first, op=op, complex_ok=complex_ok
+    )
+    if n_power_iterations:
+        u.copy_(u_new)
+        v.copy_(v_new)
     return weight_sn, sigma, u_new, v_new
 
 
@@ -113,15 +125,15 @@ def spectral_normalize_backward(
     return torch.empty_like(weight_sn).copy_(grad_weight)
 
 
-# The "reference" backend's own ops (sn_ext::reference_spectral_normalize(_backward)): the same, and they also take
+# The "reference" backend's own ops (sn_ext::reference_spectral_normalize_(_backward)): the same, and they also take
 # complex weights. sn_ext::spectral_normalize_ refuses them on every build, as the compiled kernels do.
 
 
-def reference_spectral_normalize(
+def reference_spectral_normalize_(
     weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return spectral_normalize(
-        weight, u, v, dim, n_power_iterations, eps, v_first, op="sn_ext::reference_spectral_normalize", complex_ok=True
+    return spectral_normalize_(
+        weight, u, v, dim, n_power_iterations, eps, v_first, op="sn_ext::reference_spectral_normalize_", complex_ok=True
     )
 
 

@@ -5,7 +5,7 @@ Backends (the id of every per-op test starts with one):
 - "cpu": the sn_ext ops on CPU tensors: the compiled kernels (csrc/cpu), or with SN_EXT_DISABLE_EXT=1 the
   pure-PyTorch fallback that sn_ext registers in their place (`make test` runs both);
 - "cuda": the sn_ext ops on CUDA tensors (csrc/cuda), where a CUDA device is visible;
-- "triton": sn_ext::triton_spectral_normalize(_backward) (sn_ext/triton): on a GPU in this process, the full grid;
+- "triton": sn_ext::triton_spectral_normalize_(_backward) (sn_ext/triton): on a GPU in this process, the full grid;
   without one, in Triton's CPU interpreter, in the child process that tests/test_triton.py::test_interpreter_run
   starts for all per-op files at once (`pytest -k triton`), on a smaller grid. TRITON_INTERPRET must be set before
   triton is imported (triton.jit reads it when it decorates a kernel), hence the child;
@@ -139,8 +139,7 @@ def not_run(backend: str, reason: str, n_values: int):
 
 
 def forward_op(backend: str):
-    """The backend's forward op itself (for opcheck): sn_ext::spectral_normalize_ (u, v updated in place) for the
-    compiled backends, a _schemas.BACKEND_FORWARD_SCHEMA op (u, v untouched) for the others."""
+    """The backend's forward op itself (for opcheck), spectral_normalize_'s schema (u, v updated in place)."""
     return getattr(torch.ops.sn_ext, sn_ext.backends.get(backend).forward_op).default
 
 
@@ -152,15 +151,19 @@ def forward(backend: str) -> Callable:
     """The backend's forward as modules call it (sn_ext.backends.Backend.forward: u and v updated in place),
     called on copies of u and v (same strides) so that the caller's stay the inputs the tests compare against.
     Checks that contract on every call: afterwards the copies hold the vectors used (the inputs when n == 0 or a
-    round was degenerate), and those are fresh contiguous tensors."""
+    round was degenerate), those are fresh contiguous tensors, and the copies' versions were bumped as an in-place
+    aten op bumps them (outside inference mode, where tensors have none)."""
     run = sn_ext.backends.get(backend).forward
 
     def call(weight, u, v, *args):
         u_buffer, v_buffer = _copy_keeping_strides(u), _copy_keeping_strides(v)
+        versions = None if torch.is_inference_mode_enabled() else (u_buffer._version, v_buffer._version)
         out = run(weight, u_buffer, v_buffer, *args)
         for buffer, used, name in ((u_buffer, out[2], "u"), (v_buffer, out[3], "v")):
             torch.testing.assert_close(buffer, used, rtol=0, atol=0, equal_nan=True, msg=f"{name} updated in place")
             assert used.data_ptr() != buffer.data_ptr(), f"{name}_used must be a fresh tensor"
+        if versions is not None:
+            assert u_buffer._version > versions[0] and v_buffer._version > versions[1], "u, v versions not bumped"
         return out
 
     return call

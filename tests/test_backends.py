@@ -192,7 +192,7 @@ def test_reference_ops_opcheck(dtype):
     weight = torch.randn(4, 3, 2, 3, dtype=dtype)
     u = torch.nn.functional.normalize(torch.randn(3), dim=0).to(dtype)
     v = torch.nn.functional.normalize(torch.randn(24), dim=0).to(dtype)
-    forward = torch.ops.sn_ext.reference_spectral_normalize.default
+    forward = torch.ops.sn_ext.reference_spectral_normalize_.default
     backward = torch.ops.sn_ext.reference_spectral_normalize_backward.default
     torch.library.opcheck(forward, (weight.requires_grad_(), u, v, 1, 1, 1e-12, False))
     sigma = torch.tensor(1.3, requires_grad=True)

@@ -43,8 +43,7 @@ import sn_ext
 from sn_ext import _schemas, backends
 
 if TRITON_LOADED:
-    from sn_ext.triton import spectral_normalize as triton_forward
-    from sn_ext.triton import spectral_normalize_backward as triton_backward
+    from sn_ext.triton import _host as triton_plan
 
 needs_kernels = pytest.mark.skipif(not TRITON_RUNS, reason=f"the Triton kernels cannot run here: {TRITON_WHY_NOT}")
 needs_cuda = pytest.mark.skipif(not CUDA or not TRITON_LOADED, reason="needs a CUDA device and triton")
@@ -82,7 +81,7 @@ def _as_called(schema) -> tuple:
 @pytest.mark.parametrize(
     "op,schema",
     [
-        ("triton_spectral_normalize", _schemas.BACKEND_FORWARD_SCHEMA),
+        ("triton_spectral_normalize_", _schemas.SCHEMAS["spectral_normalize_"]),
         ("triton_spectral_normalize_backward", _schemas.SCHEMAS["spectral_normalize_backward"]),
     ],
     ids=["forward", "backward"],
@@ -101,9 +100,8 @@ def test_launch_count(path, launches, monkeypatch):
     """Few launches: one program per op for small weights; 4n + 1 (n == 0: 3) and 2 on the grid."""
     use_triton_path(monkeypatch, path)
     counted = []
-    real = torch.library.wrap_triton
-    for module in (triton_forward, triton_backward):
-        monkeypatch.setattr(module, "wrap_triton", lambda kernel: counted.append(kernel) or real(kernel))
+    real = triton_plan.eager_launch  # what the ops' eager kernels launch through
+    monkeypatch.setattr(triton_plan, "eager_launch", lambda kernel: counted.append(kernel) or real(kernel))
     weight = randn(9, 11, seed=41, device=DEVICE)
     u, v = vectors(weight, 0, seed=20)
     for (op, args), expected in zip(
@@ -353,3 +351,40 @@ def test_interpreter_run():
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
     assert " passed" in summary and "skipped" in summary, summary  # the GPU-only tests skip in the child
+
+
+# The in-place forward as torch.compile's AOTAutograd traces it, without a GPU: fake CUDA tensors (nothing runs), the
+# kernels loaded for a GPU. On a GPU, test_torch_compile_sees_the_triton_kernels compiles and runs it.
+TRACE_SCRIPT = textwrap.dedent("""
+    import torch, sn_ext.triton as sn_triton
+    from torch._functorch.aot_autograd import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    loaded, reason = sn_triton.load()
+    if not loaded or sn_triton.interpreted():
+        print("SKIP the kernels are not loaded for a GPU:", reason)
+        raise SystemExit
+    graphs = []
+    op = torch.ops.sn_ext.triton_spectral_normalize_.default
+    def f(weight, u, v):
+        return op(weight, u, v, 0, 1, 1e-12, False)[0] * 2
+    with FakeTensorMode():
+        weight = torch.empty(30, 20, device="cuda")
+        u, v = torch.empty(30, device="cuda"), torch.empty(20, device="cuda")
+        try:
+            aot_function(f, fw_compiler=lambda gm, _: graphs.append(gm) or gm)(weight, u, v)
+        except RuntimeError as error:
+            if "active drivers" not in str(error):
+                raise
+            print("SKIP this torch's wrap_triton tracing needs a GPU driver:", error)
+            raise SystemExit
+    print(graphs[0].code)
+""")
+
+
+@pytest.mark.skipif(CUDA or CHILD, reason="traced without a GPU (once, not in the child)")
+def test_compile_traces_the_in_place_forward_without_gpu():
+    """The Triton forward mutates u and v (mutates_args): AOTAutograd functionalizes its launch and hands the new u,
+    v back as updated graph inputs, so torch.compile(fullgraph=True) keeps the kernels and the in-place update."""
+    code = _run_for_gpu(["-c", TRACE_SCRIPT])
+    assert "triton_kernel_wrapper_functional" in code, code
+    assert "['u_ptr']" in code and "['v_ptr']" in code, code  # u, v come back as mutated inputs

@@ -50,7 +50,7 @@ def main(all_variants: bool, facts: bool) -> None:
             h = weight.shape[dim]
             u = F.normalize(torch.randn(h), dim=0).to(dtype)
             v = F.normalize(torch.randn(weight.numel() // h), dim=0).to(dtype)
-            forward_module.triton_spectral_normalize(weight, u, v, dim, n, 1e-12, v_first)
+            forward_module.triton_spectral_normalize_(weight, u, v, dim, n, 1e-12, v_first)
             backward_module.triton_spectral_normalize_backward(weight, weight, u, v, torch.ones(()), dim)
         finally:
             for name, value in saved.items():

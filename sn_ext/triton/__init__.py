@@ -1,5 +1,5 @@
 """sn_ext's Triton backend: the fused forward and rank-1 backward as Triton kernels, one file per op (its kernels,
-launch plan and op): spectral_normalize.py (sn_ext::triton_spectral_normalize) and spectral_normalize_backward.py
+launch plan and op): spectral_normalize.py (sn_ext::triton_spectral_normalize_) and spectral_normalize_backward.py
 (sn_ext::triton_spectral_normalize_backward); _host.py holds the launch-plan knobs and host helpers both use,
 _helpers.py the device functions.
 
@@ -59,14 +59,20 @@ def load() -> tuple[bool, str]:
         return _status
     try:  # defines the ops, then gives them the fake kernels and autograd formulas every backend shares (no
         # autocast exclusion: the kernels run in the inputs' dtype whatever autocast says)
-        from .. import ops
+        from .. import _library, ops
         from . import spectral_normalize, spectral_normalize_backward
 
-        ops.register_backend_ops(
-            spectral_normalize.FORWARD.split("::")[1],
-            spectral_normalize_backward.BACKWARD.split("::")[1],
-            autocast=False,
-        )
+        modules = {
+            spectral_normalize.FORWARD: spectral_normalize,
+            spectral_normalize_backward.BACKWARD: spectral_normalize_backward,
+        }
+        names = [qualname.split("::")[1] for qualname in modules]
+        ops.register_backend_ops(*names, autocast=False)
+        # Eager calls run the kernels directly; the triton_op's own kernel stays what torch.compile traces.
+        lib = torch.library.Library("sn_ext", "IMPL")
+        for name, module in zip(names, modules.values()):
+            _library.replace_impl(lib, name, module.eager, "CompositeExplicitAutograd")
+        _library.keep_alive(lib)
     except Exception as error:  # a broken triton install, or an op registration torch rejects
         _status = (False, f"the Triton ops failed to register: {type(error).__name__}: {error}")
         return _status

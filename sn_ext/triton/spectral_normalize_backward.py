@@ -204,6 +204,16 @@ def _plan(shape, g_stride, s_stride, dtype, dim, knobs) -> _Plan:
 def triton_spectral_normalize_backward(
     grad: torch.Tensor, weight_sn: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int
 ) -> torch.Tensor:
+    """What torch.compile traces: every launch through wrap_triton. Eager calls take eager() instead."""
+    return _backward(wrap_triton, grad, weight_sn, u, v, sigma, dim)
+
+
+def eager(grad, weight_sn, u, v, sigma, dim):
+    """The op's kernel for real tensors (see spectral_normalize.eager)."""
+    return _backward(_host.eager_launch, grad, weight_sn, u, v, sigma, dim)
+
+
+def _backward(launch, grad, weight_sn, u, v, sigma, dim):
     op = BACKWARD
     _checks.check_backward_args(op, grad, weight_sn, u, v, sigma, dim)
     plan = _plan(
@@ -216,7 +226,7 @@ def triton_spectral_normalize_backward(
     g3, s3 = plan.layout.view(grad), plan.layout.view(weight_sn)
     out, out3 = plan.layout.output(weight_sn)
     if plan.fused:
-        wrap_triton(fused_backward_kernel)[(1,)](
+        launch(fused_backward_kernel)[(1,)](
             g3,
             s3,
             out3,
@@ -234,7 +244,7 @@ def triton_spectral_normalize_backward(
         )
     else:
         part = torch.empty(plan.parts, dtype=plan.acc, device=weight_sn.device)
-        wrap_triton(lambda_partial_kernel)[(plan.parts,)](
+        launch(lambda_partial_kernel)[(plan.parts,)](
             g3,
             s3,
             part,
@@ -246,7 +256,7 @@ def triton_spectral_normalize_backward(
             **plan.tile,
             STAGES=_host.PIPELINE_STAGES,
         )
-        wrap_triton(backward_kernel)[(plan.tiles,)](
+        launch(backward_kernel)[(plan.tiles,)](
             g3,
             out3,
             u,
