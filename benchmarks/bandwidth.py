@@ -19,30 +19,13 @@ import torch
 from sn_ext import backends
 
 from .layer import make_layer, make_steps, weights_and_grads
-from .records import failure, log, rounded
+from .records import failure, log, rounded, timing_columns
 from .timing import Step, measure
 
 SHAPES = ["4096x4096"]
 QUICK_SHAPES = ["512x512"]
 PROVIDERS = ["copy", "torch", "sn_ext"]
-COLUMNS = [
-    "shape",
-    "params",
-    "dtype",
-    "provider",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "bytes",
-    "effective_gbps",
-    "of_copy",
-    "reps",
-    "repeats",
-    "rotation",
-    "spread",
-    "status",
-    "note",
-]
+COLUMNS = timing_columns(["shape", "params", "dtype", "provider"], ["bytes", "effective_gbps", "of_copy"])
 TRANSFERS = {"copy": 2, "torch": 7, "sn_ext": 7}  # weight-sized reads + writes each provider must make at least
 
 

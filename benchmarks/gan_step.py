@@ -23,7 +23,7 @@ from sngan.losses import HingeLoss
 from sngan.models import SN_KINDS, build_models
 
 from .memory import peak_mib
-from .records import failure, log
+from .records import failure, log, timing_columns
 from .timing import Step, measure
 
 ARCHS = ("cnn", "resnet")
@@ -31,24 +31,7 @@ STEPS = ("D step", "G step", "iteration")
 N_DIS = 5
 Z_DIM = 128
 REAL_BATCHES = 3
-COLUMNS = [
-    "arch",
-    "sn",
-    "mode",
-    "step",
-    "batch",
-    "width",
-    "median_ms",
-    "p20_ms",
-    "p80_ms",
-    "reps",
-    "repeats",
-    "rotation",
-    "spread",
-    "peak_mib",
-    "status",
-    "note",
-]
+COLUMNS = timing_columns(["arch", "sn", "mode", "step", "batch", "width"], ["peak_mib"], unit="ms")
 
 
 class Trainer:

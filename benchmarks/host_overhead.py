@@ -23,29 +23,13 @@ import torch.nn.functional as F
 from sn_ext import backends
 from sn_ext.triton._dry_run import dry_run, why_not
 
-from .records import log, rounded
+from .records import log, rounded, timing_columns
 from .timing import Step, measure
 
 SHAPE = (64, 3, 3, 3)  # the first conv of an SN-GAN discriminator: one-program sized
 PATHS = {"one program": {}, "grid": {"FUSED_MAX_NUMEL": 0}}
 CASES = [("forward", "no"), ("forward", "yes"), ("backward", "no"), ("train", "no"), ("train", "yes")]
-COLUMNS = [
-    "provider",
-    "op",
-    "path",
-    "autograd",
-    "shape",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "vs_plain",
-    "reps",
-    "repeats",
-    "rotation",
-    "spread",
-    "status",
-    "note",
-]
+COLUMNS = timing_columns(["provider", "op", "path", "autograd", "shape"], ["vs_plain"])
 
 
 @contextlib.contextmanager

@@ -24,29 +24,14 @@ from torch import nn
 import sn_ext
 from sn_ext import backends
 
-from .records import failure, log, rounded
+from .records import failure, log, rounded, timing_columns
 from .timing import Step, measure, rotation
 
 BASELINE_SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "1024x1024x3x3", "4096x4096"]
 QUICK_SHAPES = BASELINE_SHAPES[:3]
 MODES = ("forward", "backward", "train", "eval")
 PROVIDERS = ["plain", "torch", "torch legacy", "torch compiled", *(f"sn_ext {b}" for b in backends.BACKENDS)]
-COLUMNS = [
-    "shape",
-    "params",
-    "dtype",
-    "mode",
-    "provider",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "reps",
-    "repeats",
-    "rotation",
-    "spread",
-    "status",
-    "note",
-]
+COLUMNS = timing_columns(["shape", "params", "dtype", "mode", "provider"])
 
 
 class WeightHolder(nn.Module):

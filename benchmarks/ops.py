@@ -17,7 +17,7 @@ from sn_ext import backends
 
 from . import power_iteration, spectral_normalize, spectral_normalize_backward
 from .layer import BASELINE_SHAPES, QUICK_SHAPES, weights_and_grads
-from .records import failure, log, rounded
+from .records import failure, log, rounded, timing_columns
 from .timing import Step, measure
 
 OPS = {
@@ -26,23 +26,7 @@ OPS = {
     "power_iteration_": power_iteration,
 }
 SHAPES, QUICK_SHAPES = BASELINE_SHAPES, QUICK_SHAPES
-COLUMNS = [
-    "op",
-    "shape",
-    "params",
-    "dtype",
-    "provider",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "of_floor",
-    "reps",
-    "repeats",
-    "rotation",
-    "spread",
-    "status",
-    "note",
-]
+COLUMNS = timing_columns(["op", "shape", "params", "dtype", "provider"], ["of_floor"])
 
 
 def providers(op_name: str) -> list[str]:

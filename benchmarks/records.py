@@ -9,12 +9,20 @@ import os
 import platform
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 META_COLUMNS = ["device", "threads", "torch", "triton", "cuda", "sn_ext", "sn_ext_compiled", "python", "commit", "date"]
+
+
+def timing_columns(keys: Sequence[str], extra: Sequence[str] = (), unit: str = "us") -> list[str]:
+    """A timed section's CSV columns: what a row measured (`keys`), timing.summarize's statistics in `unit`, the
+    section's own derived columns (`extra`), then how it was timed and whether it worked."""
+    statistics = [f"median_{unit}", f"p20_{unit}", f"p80_{unit}"]
+    return [*keys, *statistics, *extra, "reps", "repeats", "rotation", "spread", "status", "note"]
 
 
 def device_name(device: torch.device) -> str:

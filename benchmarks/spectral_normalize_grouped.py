@@ -20,7 +20,7 @@ import sn_ext
 
 from .layer import WeightHolder, make_layer, make_steps, parse_shape
 from .op_count import count_ops
-from .records import failure, log, rounded
+from .records import failure, log, rounded, timing_columns
 from .timing import measure, rotation
 
 LAYER_COUNTS = [1, 2, 4, 8, 16, 32]
@@ -28,25 +28,7 @@ QUICK_LAYER_COUNTS = [1, 4, 16]
 LAYER_SHAPE = "256x256x3x3"
 QUICK_LAYER_SHAPE = "64x64x3x3"
 PROVIDERS = ["plain", "torch", "sn_ext", "sn_ext grouped"]
-COLUMNS = [
-    "layers",
-    "layer_shape",
-    "params",
-    "dtype",
-    "provider",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "per_layer_us",
-    "ops",
-    "ops_all",
-    "reps",
-    "repeats",
-    "rotation",
-    "spread",
-    "status",
-    "note",
-]
+COLUMNS = timing_columns(["layers", "layer_shape", "params", "dtype", "provider"], ["per_layer_us", "ops", "ops_all"])
 
 
 class Stack(nn.Module):
