@@ -11,19 +11,29 @@
 namespace sn_ext {
 namespace {
 
-// y = Wm x
+// y[q] = (row i + q of Wm) . x for q < NR: the rows' segments of constant o, dotted NR rows at a time.
+template <int64_t NR, typename scalar_t>
+void dot_matrix_rows(const Matrix3d<const scalar_t>& W, int64_t i, const Vector& x, acc_t* y) {
+  std::fill(y, y + NR, acc_t(0));
+  for (int64_t o = 0; o < W.outer; ++o) {
+    acc_t part[NR];
+    dot_rows<NR>(W.line(o, i), W.s_row, W.s_inner, x.data() + o * W.inner, W.inner, part);
+    for (int64_t q = 0; q < NR; ++q) y[q] += part[q];
+  }
+}
+
+// y = Wm x, parallel over blocks of kRowBlock rows.
 template <typename scalar_t>
 void matvec(const Matrix3d<const scalar_t>& W, const Vector& x, Vector& y) {
-  at::parallel_for(0, W.rows, grain_for(W.cols()), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t sum = 0;
-      for (int64_t o = 0; o < W.outer; ++o) sum += dot(W.line(o, i), W.s_inner, x.data() + o * W.inner, W.inner);
-      y[i] = sum;
-    }
+  const int64_t blocks = (W.rows + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, blocks, grain_for(kRowBlock * W.cols()), [&](int64_t begin, int64_t end) {
+    for_each_row_block(begin * kRowBlock, std::min(W.rows, end * kRowBlock),
+                       [&](auto nr, int64_t i) { dot_matrix_rows<decltype(nr)::value>(W, i, x, y.data() + i); });
   });
 }
 
-// z = Wm^T y, parallel over column chunks (each task owns its slice of z: no reduction across tasks).
+// z = Wm^T y, parallel over column chunks (each task owns its slice of z: no reduction across tasks). Each element
+// of z adds the rows in order, kRowBlock rows per read and write of z.
 template <typename scalar_t>
 void rmatvec(const Matrix3d<const scalar_t>& W, const Vector& y, Vector& z) {
   const int64_t chunk_grain = std::max<int64_t>(64, grain_for(W.rows));
@@ -33,23 +43,16 @@ void rmatvec(const Matrix3d<const scalar_t>& W, const Vector& y, Vector& z) {
     for (int64_t c = begin; c < end;) {
       const int64_t o = c / W.inner, r0 = c % W.inner, r1 = std::min(W.inner, r0 + (end - c));
       acc_t* zo = z.data() + o * W.inner;
-      for (int64_t i = 0; i < W.rows; ++i) {
-        const scalar_t* w = W.line(o, i);
-        const acc_t yi = y[i];
-        if (W.s_inner == 1) {
-#pragma omp simd
-          for (int64_t r = r0; r < r1; ++r) zo[r] += yi * static_cast<acc_t>(w[r]);
-        } else {
-          for (int64_t r = r0; r < r1; ++r) zo[r] += yi * static_cast<acc_t>(w[r * W.s_inner]);
-        }
-      }
+      for_each_row_block(0, W.rows, [&](auto nr, int64_t i) {
+        add_rows<decltype(nr)::value>(W.line(o, i), W.s_row, W.s_inner, y.data() + i, zo, r0, r1);
+      });
       c += r1 - r0;
     }
   });
 }
 
-// y = Wm x and z = Wm^T y in ONE pass over W: each row is dotted with x, then added into z scaled by y_i while
-// it is still in L1. A u-first round needs W^T u = W^T y / max(|y|, eps), so this halves its memory traffic.
+// y = Wm x and z = Wm^T y in ONE pass over W: a row block is dotted with x, then added into z scaled by y while it
+// is still in L1. A u-first round needs W^T u = W^T y / max(|y|, eps), so this halves its memory traffic.
 // Rows are split into partitions that depend only on the shape, each with its own partial z, summed in order:
 // the result does not depend on the thread count.
 template <typename scalar_t>
@@ -63,21 +66,13 @@ void matvec_and_gram(const Matrix3d<const scalar_t>& W, const Vector& x, Vector&
   at::parallel_for(0, partitions, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       acc_t* zp = partial.data() + p * cols;
-      for (int64_t i = p * rows_per_partition; i < std::min(W.rows, (p + 1) * rows_per_partition); ++i) {
-        acc_t yi = 0;
-        for (int64_t o = 0; o < W.outer; ++o) yi += dot(W.line(o, i), W.s_inner, x.data() + o * W.inner, W.inner);
-        y[i] = yi;
-        for (int64_t o = 0; o < W.outer; ++o) {
-          const scalar_t* w = W.line(o, i);
-          acc_t* zo = zp + o * W.inner;
-          if (W.s_inner == 1) {
-#pragma omp simd
-            for (int64_t r = 0; r < W.inner; ++r) zo[r] += yi * static_cast<acc_t>(w[r]);
-          } else {
-            for (int64_t r = 0; r < W.inner; ++r) zo[r] += yi * static_cast<acc_t>(w[r * W.s_inner]);
-          }
-        }
-      }
+      const int64_t first = p * rows_per_partition, last = std::min(W.rows, first + rows_per_partition);
+      for_each_row_block(first, last, [&](auto nr, int64_t i) {
+        constexpr int64_t NR = decltype(nr)::value;
+        dot_matrix_rows<NR>(W, i, x, y.data() + i);
+        for (int64_t o = 0; o < W.outer; ++o)
+          add_rows<NR>(W.line(o, i), W.s_row, W.s_inner, y.data() + i, zp + o * W.inner, 0, W.inner);
+      });
     }
   });
   std::copy(partial.begin(), partial.begin() + cols, z.begin());
