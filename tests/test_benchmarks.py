@@ -209,6 +209,7 @@ def test_layer_modes_time_what_they_say():
     weight, grad = torch.randn(5, 4, 3, generator=gen), torch.randn(5, 4, 3, generator=gen)
     for provider in ("plain", "sn_ext reference"):
         module, twin = (layer.make_layer(provider, weight.clone()) for _ in range(2))
+        twin.load_state_dict(module.state_dict())  # the same u, v (each drew its own from the global generator)
         (forward,) = layer.make_steps([module], [grad], "forward")
         forward.reset()
         assert forward.run().grad_fn is not None
