@@ -21,8 +21,9 @@ import textwrap
 
 import pytest
 import torch
-from helpers import randn, rel_err, unit
+from helpers import assert_rel, randn, rel_err, unit
 from op_cases import (
+    BACKEND_TOL,
     CHILD,
     CHILD_ENV,
     CUDA,
@@ -34,6 +35,7 @@ from op_cases import (
     backward_op,
     forward,
     forward_op,
+    reference_forward_f64,
     use_triton_path,
     vectors,
 )
@@ -115,6 +117,76 @@ def test_launch_count(path, launches, monkeypatch):
         counted.clear()
         op(*args)
         assert len(counted) == expected, [k.fn.__name__ for k in counted]
+
+
+# The grid's one-pass u-first round (gram_kernel) forced on small weights: the "split" path's tiny tiles and vector
+# blocks, parts of at least 4 rows (two 4-row blocks each for 37 rows, the last one partial) and no minimum part count.
+GRID_ONE_PASS = {"GRID_TILE_COLS": 16, "GRAM_ROWS_PER_PART": 4, "GRAM_MIN_PARTS": 1}
+GRID_ONE_PASS_CASES = [
+    ("37x53", lambda dt: randn(37, 53, dtype=dt, seed=51, device=DEVICE), 0),
+    ("conv_5x3x3x3_dim0", lambda dt: randn(5, 3, 3, 3, dtype=dt, seed=52, device=DEVICE), 0),
+    ("conv_5x3x3x3_dim1", lambda dt: randn(5, 3, 3, 3, dtype=dt, seed=53, device=DEVICE), 1),
+    (
+        "channels_last_9x4x3x3",
+        lambda dt: randn(9, 4, 3, 3, dtype=dt, seed=54, device=DEVICE).contiguous(memory_format=torch.channels_last),
+        0,
+    ),
+    ("transposed_29x18", lambda dt: randn(18, 29, dtype=dt, seed=55, device=DEVICE).t(), 0),
+    # |W v| and |W^T y| / max(|W v|, eps) both below eps: each half-step divides by eps, not by the norm
+    ("tiny_37x53", lambda dt: randn(37, 53, dtype=dt, seed=56, device=DEVICE) * 1e-14, 0),
+]
+
+
+def _use_grid_one_pass(monkeypatch) -> list:
+    """Forces the grid's one-pass u-first round; returns the list of kernels each call launches."""
+    use_triton_path(monkeypatch, "split")
+    for name, value in GRID_ONE_PASS.items():
+        monkeypatch.setattr(triton_plan, name, value)
+    launched = []
+    real = triton_plan.eager_launch
+    monkeypatch.setattr(triton_plan, "eager_launch", lambda kernel: launched.append(kernel.fn.__name__) or real(kernel))
+    return launched
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("case", GRID_ONE_PASS_CASES, ids=[c[0] for c in GRID_ONE_PASS_CASES])
+def test_grid_one_pass_round_matches_reference(case, n, dtype, monkeypatch):
+    """u = N(W v), v = N(W^T (W v) / max(|W v|, eps)) in one read of W per round, summed over fixed parts: the
+    reference backend in the same dtype and the float64 oracle agree within the GPU tolerance."""
+    launched = _use_grid_one_pass(monkeypatch)
+    _, make, dim = case
+    weight = make(dtype)
+    u, v = vectors(weight, dim, seed=60 + n)
+    ours = forward("triton")(weight, u, v, dim, n, EPS, False)
+    assert launched.count("gram_kernel") == n and "matvec_kernel" not in launched, launched
+    assert launched.count("normalize_kernel") == 2 * n and len(launched) == 3 * n + 1, launched
+    tol = BACKEND_TOL["triton"][dtype]
+    names = ("W_sn", "sigma", "u", "v")
+    for name, mine, theirs in zip(names, ours, reference_forward_f64(weight, u, v, dim, n, False)):
+        assert_rel(mine, theirs, tol, f"{case[0]} {dtype} n={n} {name} vs float64 reference")
+    for name, mine, theirs in zip(names, ours, forward("reference")(weight, u, v, dim, n, EPS, False)):
+        assert_rel(mine, theirs, tol, f"{case[0]} {dtype} n={n} {name} vs the reference backend")
+    again = forward("triton")(weight, u, v, dim, n, EPS, False)
+    for name, mine, theirs in zip(names, ours, again):
+        assert torch.equal(mine, theirs), f"{name}: the same inputs give the same bits (fixed summation order)"
+
+
+@needs_kernels
+@pytest.mark.parametrize("fill", ["zero", "nan"])
+def test_grid_one_pass_degenerate_weight_keeps_vectors(fill, monkeypatch):
+    launched = _use_grid_one_pass(monkeypatch)
+    weight = randn(37, 53, seed=57, device=DEVICE)
+    if fill == "zero":
+        weight.zero_()
+    else:
+        weight[20, 30] = float("nan")
+    u, v = vectors(weight, 0, seed=62)
+    for n in (1, 2):
+        _, _, u_new, v_new = forward("triton")(weight, u, v, 0, n, EPS, False)
+        assert "gram_kernel" in launched, launched
+        assert torch.equal(u_new, u) and torch.equal(v_new, v), f"a degenerate round returns the inputs (n={n})"
 
 
 # ---------------------------------------------------------------------------------------------------------------

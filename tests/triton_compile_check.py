@@ -70,6 +70,8 @@ def main(all_variants: bool, facts: bool) -> None:
                 record((64, 3, 3, 3), 0, dtype, n, v_first)  # one program, one pass per round
                 record((64, 3, 3, 3), 1, dtype, n, v_first, ONE_PASS_MAX=0)  # one program, two passes
                 record((300, 200, 3, 3), 1, dtype, n, v_first)  # the grid
+            for n in (1, 2):  # the grid, u-first rounds in one pass (gram_kernel)
+                record((300, 200, 3, 3), 1, dtype, n, False, GRAM_MIN_PARTS=1)
         record((32, 2048), 0, torch.float64, 1, False, FUSED_MAX_NUMEL=1 << 16)  # the widest one-pass rows
         record((2048, 32), 0, torch.float64, 1, True, FUSED_MAX_NUMEL=1 << 16)
         for shape in FACT_SHAPES if facts else ():

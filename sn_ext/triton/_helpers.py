@@ -35,6 +35,7 @@ NOT_SPECIALIZED = (
     "col_blocks",
     "tiles",
     "parts",
+    "rows_per_part",
 )
 
 

@@ -28,6 +28,11 @@ MAX_LAMBDA_PARTS = 256
 # at 128): each gets the most that compiles without spills on 3.6 and 3.8 (tests/triton_compile_check.py).
 FUSED_WARPS = 16
 FUSED_FORWARD_WARPS = 8
+# A u-first round on the grid reads W once (gram_kernel) when its weight gives at least GRAM_MIN_PARTS parts of at
+# least GRAM_ROWS_PER_PART rows: about one program per SM (model; fewer leave SMs idle, where the split path's two
+# passes have TARGET_PROGRAMS programs each), and a workspace of at most 1/GRAM_ROWS_PER_PART of W's elements.
+GRAM_ROWS_PER_PART = 16
+GRAM_MIN_PARTS = 128
 PIPELINE_STAGES = 3  # loads in flight per loop of the grid's streaming kernels (cp.async on sm_80+; model)
 
 
@@ -62,6 +67,8 @@ KNOBS = (
     "MAX_LAMBDA_PARTS",
     "FUSED_WARPS",
     "FUSED_FORWARD_WARPS",
+    "GRAM_ROWS_PER_PART",
+    "GRAM_MIN_PARTS",
     "PIPELINE_STAGES",
 )
 

@@ -9,9 +9,9 @@ registered as the op's kernel for real tensors, which launches the same kernels 
 Launches (all asynchronous: sigma and the "degenerate round" flag stay on the device, nothing is read back):
 - weights with at most _host.FUSED_MAX_NUMEL elements: one program does everything (fused_forward_kernel);
 - larger: 4n + 1 (per half-step a split matvec over the grid, then a one-program normalize; then W / sigma),
-  n == 0: 3. The one-pass u-first round (W^T W v) is used by the one-program kernel, where W stays in cache between
-  strips; on the grid its per-row-block partial sums of W^T y would need a grid-wide reduction (one more launch
-  and rows/strip x cols of traffic), which buys nothing over the second, split pass.
+  n == 0: 3. u-first rounds on weights with enough rows for _host.GRAM_MIN_PARTS parts read W once instead
+  (gram_kernel: y = W v and per-part partial rows of W^T y, then the two normalizes): 3n + 1, one pass over W per
+  round instead of two. v-first rounds keep the split passes.
 Sums are split by the shape only (never by timing or device), so results are deterministic.
 """
 
@@ -292,6 +292,64 @@ def fused_forward_kernel(
             tl.store(out_ptr + matrix_offsets(row_idx, col_idx, inner, o_outer, o_row, o_inner), out, mask=mask)
 
 
+@triton.jit
+def _tile_rows_dot(
+    w_ptr,
+    x_ptr,
+    x_stride,
+    row_idx,
+    row_mask,
+    begin,
+    end,
+    inner,
+    s_outer,
+    s_row,
+    s_inner,
+    acc_dtype: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """sum over the columns c in [begin, end) of Wm[row_idx, c] x[c] ([BLOCK_ROWS], acc_dtype), pipelined."""
+    acc = tl.zeros([row_idx.shape[0], BLOCK_COLS], acc_dtype)
+    for start in tl.range(begin, end, BLOCK_COLS, num_stages=STAGES):
+        col_idx = start + tl.arange(0, BLOCK_COLS)
+        col_mask = col_idx < end
+        offsets = matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner)
+        w = tl.load(w_ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(acc_dtype)
+        x = tl.load(x_ptr + col_idx.to(tl.int64) * x_stride, mask=col_mask, other=0.0).to(acc_dtype)
+        acc += w * x[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _tile_cols_dot(
+    w_ptr,
+    y_ptr,
+    y_stride,
+    col_idx,
+    col_mask,
+    begin,
+    end,
+    inner,
+    s_outer,
+    s_row,
+    s_inner,
+    acc_dtype: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """sum over the rows i in [begin, end) of y[i] Wm[i, col_idx] ([BLOCK_COLS], acc_dtype), pipelined."""
+    acc = tl.zeros([BLOCK_ROWS, col_idx.shape[0]], acc_dtype)
+    for start in tl.range(begin, end, BLOCK_ROWS, num_stages=STAGES):
+        row_idx = start + tl.arange(0, BLOCK_ROWS)
+        row_mask = row_idx < end
+        offsets = matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner)
+        w = tl.load(w_ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(acc_dtype)
+        y = tl.load(y_ptr + row_idx.to(tl.int64) * y_stride, mask=row_mask, other=0.0).to(acc_dtype)
+        acc += w * y[:, None]
+    return tl.sum(acc, axis=0)
+
+
 # ---- matvec_kernel ----
 # y = Wm x, split over the columns: phase 1 of a half-step that makes u (u-first: u = N(W v)).
 #
@@ -326,15 +384,23 @@ def matvec_kernel(
     row_mask = row_idx < rows
     begin = split * cols_per_split
     end = tl.minimum(begin + cols_per_split, cols)
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], acc_dtype)
-    for start in tl.range(begin, end, BLOCK_COLS, num_stages=STAGES):
-        col_idx = start + tl.arange(0, BLOCK_COLS)
-        col_mask = col_idx < end
-        offsets = matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner)
-        w = tl.load(w_ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(acc_dtype)
-        x = tl.load(x_ptr + col_idx.to(tl.int64) * x_stride, mask=col_mask, other=0.0).to(acc_dtype)
-        acc += w * x[None, :]
-    tl.store(part_ptr + split * rows + row_idx, tl.sum(acc, axis=1), mask=row_mask)
+    y = _tile_rows_dot(
+        w_ptr,
+        x_ptr,
+        x_stride,
+        row_idx,
+        row_mask,
+        begin,
+        end,
+        inner,
+        s_outer,
+        s_row,
+        s_inner,
+        acc_dtype,
+        BLOCK_COLS,
+        STAGES,
+    )
+    tl.store(part_ptr + split * rows + row_idx, y, mask=row_mask)
 
 
 # ---- rmatvec_kernel ----
@@ -368,15 +434,99 @@ def rmatvec_kernel(
     col_mask = col_idx < cols
     begin = split * rows_per_split
     end = tl.minimum(begin + rows_per_split, rows)
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], acc_dtype)
-    for start in tl.range(begin, end, BLOCK_ROWS, num_stages=STAGES):
-        row_idx = start + tl.arange(0, BLOCK_ROWS)
+    z = _tile_cols_dot(
+        w_ptr,
+        y_ptr,
+        y_stride,
+        col_idx,
+        col_mask,
+        begin,
+        end,
+        inner,
+        s_outer,
+        s_row,
+        s_inner,
+        acc_dtype,
+        BLOCK_ROWS,
+        STAGES,
+    )
+    tl.store(part_ptr + split * cols + col_idx, z, mask=col_mask)
+
+
+# ---- gram_kernel ----
+# A u-first round's W pass on the grid, reading W once instead of twice (matvec_and_gram in
+# csrc/cpu/power_iteration.h): y = Wm x and the partial rows of z = Wm^T y, u = N(y), v = N(z / max(|y|, eps)) (W^T of
+# u before its rounding to the weight's dtype, as the C++ and one-program kernels).
+#
+# Grid (parts,). Program p owns rows [p * rows_per_part, ...): it writes y (raw) for them, then its partial row
+# part[p, :] = sum over its rows i of y_i Wm[i, :], reading its rows' tiles a second time right after the first (from
+# L2: the host keeps a part to a few rows). normalize_kernel adds the parts in order (deterministic). The host bounds
+# the parts (at least _host.GRAM_ROWS_PER_PART rows each), so the workspace stays a small fraction of W.
+
+
+@kernel
+def gram_kernel(
+    w_ptr,  # (outer, rows, inner) strided: the weight's matrix view, weight dtype
+    x_ptr,  # (cols,) stride x_stride: the vector v, weight dtype
+    y_ptr,  # (rows,) contiguous, accumulation dtype: y = Wm x, raw
+    part_ptr,  # (parts, cols) contiguous, accumulation dtype: part[p, c] = sum over part p's rows i of y_i Wm[i, c]
+    rows,
+    cols,
+    inner,
+    s_outer,
+    s_row,
+    s_inner,
+    x_stride,
+    rows_per_part,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    acc_dtype = part_ptr.dtype.element_ty
+    part = tl.program_id(0)
+    begin = part * rows_per_part
+    end = tl.minimum(begin + rows_per_part, rows)
+    for row_start in range(begin, end, BLOCK_ROWS):
+        row_idx = row_start + tl.arange(0, BLOCK_ROWS)
         row_mask = row_idx < end
-        offsets = matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner)
-        w = tl.load(w_ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(acc_dtype)
-        y = tl.load(y_ptr + row_idx.to(tl.int64) * y_stride, mask=row_mask, other=0.0).to(acc_dtype)
-        acc += w * y[:, None]
-    tl.store(part_ptr + split * cols + col_idx, tl.sum(acc, axis=0), mask=col_mask)
+        y = _tile_rows_dot(
+            w_ptr,
+            x_ptr,
+            x_stride,
+            row_idx,
+            row_mask,
+            0,
+            cols,
+            inner,
+            s_outer,
+            s_row,
+            s_inner,
+            acc_dtype,
+            BLOCK_COLS,
+            STAGES,
+        )
+        tl.store(y_ptr + row_idx, y, mask=row_mask)
+    tl.debug_barrier()  # y of the part's rows, written above by other threads, is read below
+    for col_start in range(0, cols, BLOCK_COLS):
+        col_idx = col_start + tl.arange(0, BLOCK_COLS)
+        col_mask = col_idx < cols
+        z = _tile_cols_dot(
+            w_ptr,
+            y_ptr,
+            1,
+            col_idx,
+            col_mask,
+            begin,
+            end,
+            inner,
+            s_outer,
+            s_row,
+            s_inner,
+            acc_dtype,
+            BLOCK_ROWS,
+            STAGES,
+        )
+        tl.store(part_ptr + part * cols + col_idx, z, mask=col_mask)
 
 
 # ---- normalize_kernel ----
@@ -384,6 +534,7 @@ def rmatvec_kernel(
 # and on the last half-step write sigma and restore the input vectors if any round was degenerate.
 #
 #     x = sum_s part[s]       out = round_to_weight_dtype(x / max(|x|, eps))
+#     SCALED (gram_kernel's v): x = sum_s part[s] / denom, denom = max(|y|, eps) of the half-step before
 #     flag = 1 while every norm so far was finite and non-zero (read from the previous half-step, unless FIRST)
 #     LAST: sigma = |x|^2 / max(|x|, eps); if flag is 1, out_in <- out and other_in <- other (the caller's u and v
 #     updated in place), else out <- out_in and other <- other_in (the input vectors come back)
@@ -393,10 +544,12 @@ def rmatvec_kernel(
 
 
 @triton.jit
-def _raw(part_ptr, idx, mask, n, splits, acc_dtype: tl.constexpr, BLOCK: tl.constexpr):
+def _raw(part_ptr, idx, mask, n, splits, scale, SCALED: tl.constexpr, acc_dtype: tl.constexpr, BLOCK: tl.constexpr):
     x = tl.zeros([BLOCK], acc_dtype)
     for s in range(0, splits):
         x += tl.load(part_ptr + s * n + idx, mask=mask, other=0.0)
+    if SCALED:
+        x = precise_div(x, scale)
     return x
 
 
@@ -408,6 +561,7 @@ def normalize_kernel(
     other_ptr,  # (other_n,) contiguous, weight dtype: the other new vector, written earlier (LAST only)
     other_in_ptr,  # (other_n,) stride other_in_stride, weight dtype: the caller's other vector (LAST only)
     flag_ptr,  # (1,) int32: 1 while every round so far met only finite, non-zero norms
+    denom_ptr,  # (1,) accumulation dtype: max(|x|, eps), written unless LAST, read before that when SCALED
     sigma_ptr,  # () accumulation dtype: sigma, written on the LAST half-step
     n,
     splits,
@@ -417,14 +571,16 @@ def normalize_kernel(
     eps,
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     acc_dtype = part_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
+    scale = tl.load(denom_ptr) if SCALED else tl.full([], 1.0, acc_dtype)
     squares = tl.zeros([BLOCK], acc_dtype)
     for start in range(0, n, BLOCK):
         idx = start + offs
-        x = _raw(part_ptr, idx, idx < n, n, splits, acc_dtype, BLOCK)
+        x = _raw(part_ptr, idx, idx < n, n, splits, scale, SCALED, acc_dtype, BLOCK)
         squares += x * x
     norm = precise_sqrt(tl.sum(squares, axis=0))
     denom = clamp_min_eps(norm, eps)
@@ -435,10 +591,11 @@ def normalize_kernel(
         tl.store(sigma_ptr, precise_div(norm * norm, denom))
     else:
         tl.store(flag_ptr, ok)
+        tl.store(denom_ptr, denom)
     for start in range(0, n, BLOCK):
         idx = start + offs
         mask = idx < n
-        x = _raw(part_ptr, idx, mask, n, splits, acc_dtype, BLOCK)
+        x = _raw(part_ptr, idx, mask, n, splits, scale, SCALED, acc_dtype, BLOCK)
         y = precise_div(x, denom).to(out_ptr.dtype.element_ty)
         if LAST:
             in_offsets = idx.to(tl.int64) * out_in_stride
@@ -559,6 +716,13 @@ def _plan_rmatvec(m: _host.Matrix) -> _Split:
     return _Split(blocks, splits, chunk, block_rows, block_cols)
 
 
+def _plan_gram(m: _host.Matrix) -> _Split | None:
+    """gram_kernel's parts (grid (blocks,), `chunk` rows each), or None where the weight gives too few of them."""
+    block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.GRID_TILE_COLS)
+    parts, chunk = _split(m.rows, block_rows, 1, _host.GRAM_ROWS_PER_PART)
+    return _Split(parts, 1, chunk, block_rows, block_cols) if parts >= _host.GRAM_MIN_PARTS else None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """A forward's launches: the one-program kernel's arguments, or the grid's splits, grids and arguments."""
@@ -571,6 +735,7 @@ class _Plan:
     fused_meta: dict = dataclasses.field(default_factory=dict)  # its constexprs and warps
     mv: _Split | None = None
     rmv: _Split | None = None
+    gram: _Split | None = None  # u-first rounds read W once (gram_kernel), else the split matvec and rmatvec
     vector_block: int = 0
     divide_grid: int = 0
     divide_args: tuple = ()  # divide_kernel's out strides and col_blocks
@@ -611,6 +776,7 @@ def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _
         matrix_args,
         mv=_plan_matvec(m),
         rmv=_plan_rmatvec(m),
+        gram=None if v_first or n == 0 else _plan_gram(m),
         vector_block=vector_block,
         divide_grid=_host.cdiv(m.rows, block_rows) * col_blocks,
         divide_args=(*layout.out_strides, col_blocks),
@@ -628,9 +794,15 @@ def _forward_fused(launch, plan, w3, u, v, out3, sigma, u_new, v_new, eps):
 
 
 def _forward_split(launch, plan, w3, u, v, out3, sigma, u_new, v_new, eps, n, v_first):
-    m, mv, rmv = plan.layout.matrix, plan.mv, plan.rmv
-    part = torch.empty(max(mv.splits * m.rows, rmv.splits * m.cols), dtype=plan.acc, device=w3.device)
+    m, mv, rmv, gram = plan.layout.matrix, plan.mv, plan.rmv, plan.gram
+    part = torch.empty(
+        max(mv.splits * m.rows, rmv.splits * m.cols, gram.blocks * m.cols if gram else 0),
+        dtype=plan.acc,
+        device=w3.device,
+    )
     flag = torch.empty(1, dtype=torch.int32, device=w3.device)
+    denom = torch.empty(1, dtype=plan.acc, device=w3.device)
+    y = torch.empty(m.rows, dtype=plan.acc, device=w3.device) if gram else None
     stages = _host.PIPELINE_STAGES
 
     def matvec(x, x_stride):
@@ -659,14 +831,15 @@ def _forward_split(launch, plan, w3, u, v, out3, sigma, u_new, v_new, eps, n, v_
             STAGES=stages,
         )
 
-    def normalize(length, splits, out, out_in, other, other_in, first, last):
+    def normalize(length, splits, out, out_in, other, other_in, first, last, raw=part, scaled=False):
         launch(normalize_kernel)[(1,)](
-            part,
+            raw,
             out,
             out_in,
             other,
             other_in,
             flag,
+            denom,
             sigma,
             length,
             splits,
@@ -676,6 +849,7 @@ def _forward_split(launch, plan, w3, u, v, out3, sigma, u_new, v_new, eps, n, v_
             eps,
             FIRST=first,
             LAST=last,
+            SCALED=scaled,
             BLOCK=plan.vector_block,
             num_warps=_host.FUSED_WARPS,
         )
@@ -704,6 +878,22 @@ def _forward_split(launch, plan, w3, u, v, out3, sigma, u_new, v_new, eps, n, v_
             normalize(m.cols, rmv.splits, v_new, v, u_new, u, first, False)
             matvec(v_new, 1)
             normalize(m.rows, mv.splits, u_new, u, v_new, v, False, last)
+        elif gram:
+            x, x_stride = (v, v.stride(0)) if first else (v_new, 1)
+            launch(gram_kernel)[(gram.blocks,)](
+                w3,
+                x,
+                y,
+                part,
+                *plan.matrix_args,
+                x_stride,
+                gram.chunk,
+                BLOCK_ROWS=gram.block_rows,
+                BLOCK_COLS=gram.block_cols,
+                STAGES=stages,
+            )
+            normalize(m.rows, 1, u_new, u, v_new, v, first, False, raw=y)
+            normalize(m.cols, gram.blocks, v_new, v, u_new, u, False, last, scaled=True)
         else:
             matvec(*((v, v.stride(0)) if first else (v_new, 1)))
             normalize(m.rows, mv.splits, u_new, u, v_new, v, first, False)
