@@ -36,6 +36,8 @@ ELEMENTS_PER_THREAD = 8
 MAX_LAMBDA_BLOCKS = 4 * THREADS
 LAMBDA_ITEMS_PER_THREAD = 8
 FUSED_MIN_ROWS_PER_BLOCK = 8
+REDUCE_COLUMNS = 32
+Y_CHUNK = 8 * THREADS
 MIN_PASSES = {"forward": 3, "backward": 4}
 
 SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "1024x1024x3x3", "4096x4096"]
@@ -92,8 +94,18 @@ def forward_round(rows: int, cols: int, itemsize: int, fused: bool) -> tuple[int
     if fused:
         blocks = fused_blocks(rows)
         reads = 1 if cols <= fused_segment(itemsize, cols) else 2
-        # y and the partial z rows written once and read once, z written and read
-        return 3, max(blocks, math.ceil(cols / THREADS)), reads, acc * 2 * (rows + cols * (blocks + 1)) + vectors
+        # the fused pass; the column sums (REDUCE_COLUMNS per block) and |y|^2's chunk sums; the normalization, u's
+        # and v's elements a thread each
+        reduce_blocks = math.ceil(cols / REDUCE_COLUMNS)
+        phase_blocks = [
+            blocks,
+            reduce_blocks + math.ceil(rows / Y_CHUNK),
+            math.ceil(rows / THREADS) + math.ceil(cols / THREADS),
+        ]
+        # the partial z rows and z written once and read once; y written, read by every column-sum block (for |y|),
+        # the chunk sums and the normalization
+        other = acc * (2 * cols * (blocks + 1) + rows * (3 + reduce_blocks)) + vectors
+        return 3, max(phase_blocks), reads, other
     mv, mv_splits = matvec_blocks(rows, cols)
     rmv, rmv_splits = rmatvec_blocks(rows, cols)
     return 4, max(mv, rmv), 2, acc * (mv_splits * rows + rmv_splits * cols) * 2 + vectors

@@ -148,8 +148,9 @@ def check_ops(results: Results) -> None:
 
 # Every path of the fused round: rows of one register-held segment read in 16-byte packs (128x128x3x3; 33x4096, a
 # whole float32 segment) or one element at a time (257x129x3: 387 columns), rows wider than one segment (40x4608,
-# 1x100003), and (round_cases) a transposed weight: strided rows.
-ROUND_SHAPES = [(64, 3, 3, 3), (128, 128, 3, 3), (257, 129, 3), (40, 4608), (33, 4096), (1, 100003)]
+# 1x100003: also 392 normalization blocks and 3126 column-sum blocks), tall weights whose |y|^2 is added in several
+# chunks of 2048 rows (5000x33: 250 fused blocks of 20 rows), and (round_cases) a transposed weight: strided rows.
+ROUND_SHAPES = [(64, 3, 3, 3), (128, 128, 3, 3), (257, 129, 3), (40, 4608), (33, 4096), (1, 100003), (5000, 33)]
 ROUND_CASES = len(DTYPES) * (len(ROUND_SHAPES) + 1)
 
 

@@ -286,6 +286,8 @@ def test_cuda_plan_uses_the_kernels_constants():
     assert cuda_plan.MAX_LAMBDA_BLOCKS == constant("kMaxLambdaBlocks")
     assert cuda_plan.LAMBDA_ITEMS_PER_THREAD == constant("kLambdaItemsPerThread")
     assert cuda_plan.FUSED_MIN_ROWS_PER_BLOCK == constant("kFusedMinRowsPerBlock")
+    assert cuda_plan.REDUCE_COLUMNS == constant("kReduceColumns")
+    assert cuda_plan.Y_CHUNK == constant("kYChunk")
     small, large = cuda_plan.plan((64, 3, 3, 3), 4, 132), cuda_plan.plan((4096, 4096), 4, 132)
     assert [r["grid barriers"] for r in small] == [0, 0] and [r["grid barriers"] for r in large] == [3, 2]
     assert sum(r["minimum passes"] for r in large) == 7 and large[0]["blocks"] == "396"

@@ -117,9 +117,33 @@ __device__ T block_sum(T value, T* scratch) {
   return value;
 }
 
+// value(j) for j in [0, count) added in a fixed order (thread t adds t, t + blockDim.x, ..., then block_sum), returned
+// to every thread: every block that calls it on the same values gets the same bits (lambda's total; the fused round's
+// norms, computed by every block that needs them instead of by one block and a barrier). Every thread must call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t* ordered_sum_scratch() {  // one buffer per sum type, not per caller's `value`
+  __shared__ acc_t scratch[32];
+  return scratch;
+}
+
+template <typename Value>
+__device__ auto ordered_sum_block(int64_t count, const Value& value) {
+  using acc_t = decltype(value(int64_t{0}));
+  acc_t sum = 0;
+  for (int64_t j = threadIdx.x; j < count; j += blockDim.x) sum += value(j);
+  return block_sum(sum, ordered_sum_scratch<acc_t>());
+}
+
 template <typename acc_t>
 __device__ __forceinline__ bool usable(acc_t norm) {
   return isfinite(norm) && norm > acc_t(0);
+}
+
+// The denominator of a normalization: max(norm, eps), but not fmax: a NaN norm must stay NaN, as std::max(norm, eps)
+// on the CPU.
+template <typename acc_t>
+__device__ __forceinline__ acc_t norm_denominator(acc_t norm, acc_t eps) {
+  return norm < eps ? eps : norm;
 }
 
 // The barrier between two phases of one launch: the whole grid's (a cooperative launch), or only the block's when
@@ -141,6 +165,20 @@ __device__ __forceinline__ int advance_layer(const Layer* layers, int count, int
                                              int64_t Layer::* first) {
   while (layer + 1 < count && layers[layer + 1].*first <= b) ++layer;
   return layer;
+}
+
+// Every phase's walk over its virtual blocks: this block takes b = blockIdx.x, + gridDim.x, ... < total, and calls
+// body(layer, local) for each, where layer owns b (its blocks start at layer.*first) and local = b - layer.*first is
+// the block's index within the layer. A body that uses shared memory ends with __syncthreads: the next virtual block
+// reuses it.
+template <typename Layer, typename Body>
+__device__ __forceinline__ void for_each_virtual_block(const Layer* layers, int count, int64_t Layer::* first,
+                                                       int64_t total, const Body& body) {
+  int layer = 0;
+  for (int64_t b = blockIdx.x; b < total; b += gridDim.x) {
+    layer = advance_layer(layers, count, layer, b, first);
+    body(layers[layer], b - layers[layer].*first);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -288,8 +326,7 @@ __device__ acc_t normalize_block(const NormalizeArgs<scalar_t, acc_t>& a) {
     sq += raw * raw;
   }
   const acc_t norm = sqrt(block_sum(sq, scratch));
-  // Not fmax: a NaN norm must stay NaN, as std::max(norm, eps) on the CPU.
-  const acc_t denom = norm < a.eps ? a.eps : norm;
+  const acc_t denom = norm_denominator(norm, a.eps);
   for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) a.out[j] = static_cast<scalar_t>(a.partial[j] / denom);
   if (threadIdx.x == 0) {
     bad = (a.first ? 0 : *a.degenerate) | (usable(norm) ? 0 : 1);
@@ -401,6 +438,50 @@ __host__ __device__ inline int64_t fused_blocks(int64_t rows) {
   return ceil_div(rows, fused_rows_per_block(rows));
 }
 
+// The second phase of a fused round (reduce_columns_block): kReduceColumns adjacent columns per block (a warp reads
+// 128 contiguous bytes of a float partial row), each added by kReduceGroups threads that take every kReduceGroups-th
+// partial row, several loads in flight each, then a fixed tree: deterministic, and kReduceGroups times the loads in
+// flight of one thread per column (a 4096-column W's 256 partial rows were 16 blocks of 256 sequential sums).
+constexpr int kReduceColumns = 32;
+constexpr int kReduceGroups = kThreads / kReduceColumns;
+
+__host__ __device__ inline int64_t fused_reduce_blocks(int64_t cols) {
+  return ceil_div(cols, kReduceColumns);
+}
+
+// The third phase (fused_normalize_block) on many blocks: u's elements, then v's, one per thread.
+__host__ __device__ inline int64_t fused_normalize_blocks(int64_t rows, int64_t cols) {
+  return ceil_div(rows, kThreads) + ceil_div(cols, kThreads);
+}
+
+// |y|^2 in the fused round: y's squares added in chunks of kYChunk rows (ordered_sum_block), the chunks' sums then
+// added one after another in chunk order: by every block of the second phase that needs |y| (reduce_columns_block),
+// and from the chunks' sums that its y blocks store (fused_normalize_block): the same operations in the same order,
+// the same bits.
+// Not in the fused pass itself, whose loops are at the register limit (a running sum made ptxas spill).
+constexpr int64_t kYChunk = 8 * kThreads;
+
+__host__ __device__ inline int64_t fused_y_chunks(int64_t rows) {
+  return ceil_div(rows, kYChunk);
+}
+
+// A layer's fused-round workspace (acc_t offsets): y (rows) | z / max(|y|, eps) (cols) | the fused blocks' partial z
+// rows (fused_blocks x cols) | |y|^2's chunk sums (fused_y_chunks) | the reduce blocks' shares of |z / max(|y|, eps)|^2
+// (fused_reduce_blocks).
+struct FusedWorkspace {
+  int64_t z, z_partial, y_squares, z_squares, size;
+};
+
+__host__ __device__ inline FusedWorkspace fused_workspace(int64_t rows, int64_t cols) {
+  FusedWorkspace ws;
+  ws.z = rows;
+  ws.z_partial = ws.z + cols;
+  ws.y_squares = ws.z_partial + fused_blocks(rows) * cols;
+  ws.z_squares = ws.y_squares + fused_y_chunks(rows);
+  ws.size = ws.z_squares + fused_reduce_blocks(cols);
+  return ws;
+}
+
 // Column of this thread's element e (< kFusedElements) in segment `segment`. kPacked: the thread reads 16-byte packs
 // k * kThreads + threadIdx.x of the segment (coalesced, one LDG.E.128 each); else single elements at stride kThreads.
 template <bool kPacked, typename scalar_t, int kElements>
@@ -467,15 +548,19 @@ __device__ __forceinline__ acc_t* fused_x_buffer() {
 
 // Block `block` of the fused round over the weight w (through m): x is v (cols,) with stride x_stride; writes
 // y[i] = Wm[i, :] . x (whole) for its rows and its partial z row z_partial[block * cols + c] = sum over its rows i of
-// y[i] Wm[i, c]. The arguments are the launch's __grid_constant__ fields (m a reference to one: a copy would hold
-// a dozen registers through the loops, which ptxas then spilled).
+// y[i] Wm[i, c]. The arguments
+// are the launch's __grid_constant__ fields (m a reference to one: a copy would hold a dozen registers through the
+// loops, which ptxas then spilled).
 template <bool kPacked, typename scalar_t, typename acc_t>
 __device__ void fused_round_block(const scalar_t* w, const View3d& m, const scalar_t* x, int64_t x_stride, acc_t* y_out,
                                   acc_t* z_partial, int64_t block) {
   // Fewer elements per thread at a time on the wide rows' path, whose y pass also holds the v values it loads and
-  // their addresses: one pack, or half the element-wise count (more made ptxas spill).
+  // their addresses: one pack, or half the element-wise count (more made ptxas spill). For float32 its loops are
+  // unrolled instead, so that several loads are in flight: 2 segments in the y pass, 4 rows in the z pass (the SASS
+  // test); the same unrolling made ptxas spill the float16, bfloat16 and float64 kernels, which keep one at a time.
   constexpr int kElements = kFusedElements<kPacked, acc_t>;
   constexpr int kWide = kPacked ? Pack<scalar_t>::kSize : kElements / 2;
+  constexpr int kWideYUnroll = sizeof(scalar_t) == 4 ? 2 : 1, kWideZUnroll = sizeof(scalar_t) == 4 ? 4 : 1;
   __shared__ acc_t scratch[32];
   const int64_t cols = m.cols(), rows_per_block = fused_rows_per_block(m.rows);
   const int64_t segments = ceil_div(cols, int64_t(kElements) * kThreads);
@@ -515,7 +600,7 @@ __device__ void fused_round_block(const scalar_t* w, const View3d& m, const scal
   for (int64_t i = i_begin; i < i_end; ++i) {
     const scalar_t* row = w + i * m.s_row;
     acc_t y = 0;
-#pragma unroll 1
+#pragma unroll kWideYUnroll
     for (int64_t s = 0; s < wide_segments; ++s) {
       const Segment<scalar_t, kWide> seg = load_segment<kPacked, kWide>(row, m, s);
 #pragma unroll
@@ -530,7 +615,7 @@ __device__ void fused_round_block(const scalar_t* w, const View3d& m, const scal
     acc_t z[kWide];
 #pragma unroll
     for (int e = 0; e < kWide; ++e) z[e] = 0;
-#pragma unroll 1
+#pragma unroll kWideZUnroll
     for (int64_t i = i_begin; i < i_end; ++i) {
       const Segment<scalar_t, kWide> seg = load_segment<kPacked, kWide>(w + i * m.s_row, m, s);
       const acc_t y = y_out[i];
@@ -545,15 +630,93 @@ __device__ void fused_round_block(const scalar_t* w, const View3d& m, const scal
   }
 }
 
-// z = the sum of `blocks` partial rows (blocks, cols) in block order, for this virtual block's kThreads columns.
+// The sum of y[i]^2 over chunk `chunk` of kYChunk rows, to every thread (see kYChunk).
 template <typename acc_t>
-__device__ void reduce_columns_block(const acc_t* partial, int64_t blocks, int64_t cols, acc_t* z, int64_t block) {
-  const int64_t c = block * kThreads + threadIdx.x;
-  if (c >= cols) return;
+__device__ acc_t y_chunk_square_sum(const acc_t* y, int64_t rows, int64_t chunk) {
+  const int64_t begin = chunk * kYChunk, count = rows - begin < kYChunk ? rows - begin : kYChunk;
+  return ordered_sum_block(count, [&](int64_t j) { return y[begin + j] * y[begin + j]; });
+}
+
+// The fused round's second phase, virtual block `block` of a layer (workspace ws, fused_workspace): the first
+// fused_reduce_blocks(cols) add up z, kReduceColumns columns each: z[c] = the fused blocks' partial z rows added in a
+// fixed order, divided by max(|y|, eps) (|y| found by each block: kYChunk), so that z holds W^T u with u's unrounded
+// value, as the CPU kernel; and its share of |W^T u|^2 in z_squares[block]. The next fused_y_chunks(rows) each store
+// one chunk sum of |y|^2 for the third phase.
+template <typename acc_t>
+__device__ void reduce_columns_block(acc_t* ws_base, const FusedWorkspace& ws, int64_t rows, int64_t cols, acc_t eps,
+                                     int64_t block) {
+  __shared__ acc_t sums[kThreads];
+  __shared__ acc_t scratch[32];
+  const int64_t column_blocks = fused_reduce_blocks(cols);
+  if (block >= column_blocks) {
+    const acc_t sum = y_chunk_square_sum(ws_base, rows, block - column_blocks);
+    if (threadIdx.x == 0) ws_base[ws.y_squares + block - column_blocks] = sum;
+    return;
+  }
+  const int64_t blocks = fused_blocks(rows);
+  const acc_t* partial = ws_base + ws.z_partial;
+  const int lane = threadIdx.x % kReduceColumns, group = threadIdx.x / kReduceColumns;
+  const int64_t c = block * kReduceColumns + lane;
   acc_t sum = 0;
+  if (c < cols) {
 #pragma unroll 4
-  for (int64_t b = 0; b < blocks; ++b) sum += partial[b * cols + c];
-  z[c] = sum;
+    for (int64_t b = group; b < blocks; b += kReduceGroups) sum += partial[b * cols + c];
+  }
+  sums[threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = kReduceGroups / 2; half > 0; half >>= 1) {
+    if (group < half) sums[threadIdx.x] += sums[threadIdx.x + half * kReduceColumns];
+    __syncthreads();
+  }
+  acc_t y_squares = 0;
+  for (int64_t k = 0; k < fused_y_chunks(rows); ++k) y_squares += y_chunk_square_sum(ws_base, rows, k);
+  const acc_t divisor = norm_denominator(sqrt(y_squares), eps);
+  acc_t raw = 0;
+  if (group == 0 && c < cols) {
+    raw = sums[lane] / divisor;
+    ws_base[ws.z + c] = raw;
+  }
+  const acc_t square_sum = block_sum(raw * raw, scratch);
+  if (threadIdx.x == 0) ws_base[ws.z_squares + block] = square_sum;
+  __syncthreads();  // the next virtual block reuses `sums`
+}
+
+// The fused round's third phase, normalize block `block` of a layer: u = N(y) (its u elements) or v = N(W^T u) (its
+// v elements; fused_normalize_blocks), each block finding |y| and |W^T u| from the partial squares itself (the same
+// bits in every block), so that no single block normalizes a whole layer. The round's degenerate flag: this round's
+// norms or flag_in (the previous round's, nullptr in the first round), written by block 0 to flag_out (another int
+// than flag_in: blocks read flag_in while block 0 writes); the last round's block 0 writes sigma = |W^T u|^2 /
+// max(|W^T u|, eps), and each thread finishes (Finish) the elements it wrote.
+template <typename scalar_t, typename acc_t>
+__device__ void fused_normalize_block(const acc_t* ws_base, const FusedWorkspace& ws, const Vectors<scalar_t>& vec,
+                                      acc_t eps, const int* flag_in, int* flag_out, acc_t* sigma, Finish finish,
+                                      int64_t block) {
+  const int64_t rows = vec.rows, cols = vec.cols;
+  acc_t y_squares = 0;  // the chunks' sums in chunk order, as reduce_columns_block
+  for (int64_t k = 0; k < fused_y_chunks(rows); ++k) y_squares += ws_base[ws.y_squares + k];
+  const acc_t norm_u = sqrt(y_squares);
+  const acc_t norm_v =
+      sqrt(ordered_sum_block(fused_reduce_blocks(cols), [&](int64_t b) { return ws_base[ws.z_squares + b]; }));
+  const acc_t denom_u = norm_denominator(norm_u, eps), denom_v = norm_denominator(norm_v, eps);
+  const bool bad = (flag_in != nullptr && *flag_in != 0) || !usable(norm_u) || !usable(norm_v);
+  if (block == 0 && threadIdx.x == 0) {
+    *flag_out = bad ? 1 : 0;
+    if (sigma != nullptr) *sigma = norm_v * norm_v / denom_v;
+  }
+  const int64_t u_blocks = ceil_div(rows, kThreads);
+  const bool is_u = block < u_blocks;
+  const int64_t j = (is_u ? block : block - u_blocks) * kThreads + threadIdx.x;
+  if (j >= (is_u ? rows : cols)) return;
+  const scalar_t value = static_cast<scalar_t>(is_u ? ws_base[j] / denom_u : ws_base[ws.z + j] / denom_v);
+  scalar_t* work = is_u ? vec.u_work : vec.v_work;
+  const int64_t stride = is_u ? vec.u_stride : vec.v_stride;
+  if (bad && (finish == Finish::kRestore || finish == Finish::kBoth)) {
+    work[j] = (is_u ? vec.u_in : vec.v_in)[j * stride];
+  } else {
+    work[j] = value;
+    if (!bad && (finish == Finish::kCommit || finish == Finish::kBoth))
+      (is_u ? vec.u_commit : vec.v_commit)[j * stride] = value;
+  }
 }
 
 // W_sn = W / sigma in op-math (as torch's `weight / sigma`). `packed`: both views contiguous and aligned.
@@ -631,15 +794,6 @@ __device__ acc_t lambda_partial_block(const scalar_t* g, const View3d& gv, const
     const Index3d<index_t> k = unflatten(e, rows, inner);
     sum += static_cast<acc_t>(g[gv.offset(k.o, k.i, k.r)]) * static_cast<acc_t>(s[sv.offset(k.o, k.i, k.r)]);
   }
-  return block_sum(sum, scratch);
-}
-
-// lambda, stage 2: the partial sums in a fixed order, by one block; returned to thread 0.
-template <typename acc_t>
-__device__ acc_t lambda_total_block(const acc_t* partial, int64_t count) {
-  __shared__ acc_t scratch[32];
-  acc_t sum = 0;
-  for (int64_t j = threadIdx.x; j < count; j += blockDim.x) sum += partial[j];
   return block_sum(sum, scratch);
 }
 

@@ -54,31 +54,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   for (int64_t s = p.first_step; s < p.first_step + p.step_count; ++s) {
     if (s > p.first_step) phase_barrier(p.one_block);
     if (s == 0) {  // lambda's partial sums
-      int layer = 0;
-      for (int64_t b = blockIdx.x; b < p.lambda_total; b += gridDim.x) {
-        layer = advance_layer(p.layers, p.count, layer, b, &Layer::lambda_first);
-        const Layer& L = p.layers[layer];
-        const int64_t local = b - L.lambda_first;
-        const acc_t sum = lambda_partial_block<scalar_t, acc_t, index_t>(
-            L.g, L.gv, L.s, L.sv, L.lambda_packed, static_cast<index_t>(L.numel), static_cast<index_t>(local),
-            static_cast<index_t>(L.lambda_blocks));
-        if (threadIdx.x == 0) L.partial[local] = sum;
-      }
+      for_each_virtual_block(p.layers, p.count, &Layer::lambda_first, p.lambda_total,
+                             [&](const Layer& L, int64_t local) {
+                               const acc_t sum = lambda_partial_block<scalar_t, acc_t, index_t>(
+                                   L.g, L.gv, L.s, L.sv, L.lambda_packed, static_cast<index_t>(L.numel),
+                                   static_cast<index_t>(local), static_cast<index_t>(L.lambda_blocks));
+                               if (threadIdx.x == 0) L.partial[local] = sum;
+                             });
     } else if (s == 1) {  // their totals, one block per layer
       for (int l = blockIdx.x; l < p.count; l += gridDim.x) {
         const Layer& L = p.layers[l];
-        const acc_t total = lambda_total_block(L.partial, L.lambda_blocks);
+        const acc_t total = ordered_sum_block(L.lambda_blocks, [&](int64_t j) { return L.partial[j]; });
         if (threadIdx.x == 0) L.partial[L.lambda_blocks] = total;
       }
     } else {  // (G - lambda u v^T) / sigma
-      int layer = 0;
-      for (int64_t b = blockIdx.x; b < p.elementwise_total; b += gridDim.x) {
-        layer = advance_layer(p.layers, p.count, layer, b, &Layer::elementwise_first);
-        const Layer& L = p.layers[layer];
-        backward_block(L.g, L.gv, L.out, L.ov, L.u, L.u_stride, L.v, L.v_stride, L.partial[L.lambda_blocks], *L.sigma,
-                       L.elementwise_packed, static_cast<index_t>(L.numel),
-                       static_cast<index_t>(b - L.elementwise_first), static_cast<index_t>(L.elementwise_blocks));
-      }
+      for_each_virtual_block(
+          p.layers, p.count, &Layer::elementwise_first, p.elementwise_total, [&](const Layer& L, int64_t local) {
+            backward_block(L.g, L.gv, L.out, L.ov, L.u, L.u_stride, L.v, L.v_stride, L.partial[L.lambda_blocks],
+                           *L.sigma, L.elementwise_packed, static_cast<index_t>(L.numel), static_cast<index_t>(local),
+                           static_cast<index_t>(L.elementwise_blocks));
+          });
     }
   }
 }

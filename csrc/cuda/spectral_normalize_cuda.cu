@@ -11,8 +11,9 @@
 //
 //   forward, per round (u-first, fused; SN_EXT_CUDA_ROUND=fused, the default):
 //                                  y = W v and z = W^T y in one pass (blocks owning whole rows, all layers) |
-//                                  z = the blocks' partial z rows added in block order (all layers) |
-//                                  u = N(y), v = N(z / max(|y|, eps)), sigma (one block per layer)
+//                                  z / max(|y|, eps) from the blocks' partial z rows, in a fixed order (all layers) |
+//                                  u = N(y), v = N(z / max(|y|, eps)), sigma (many blocks per layer: each adds the
+//                                  previous phases' partial squares itself, in one fixed order)
 //            (u-first, split:      W v | u = N(.) (one block per layer) | W^T u | v = N(.), sigma)
 //            (v-first, legacy, always split: W^T u | v = N(.) | W v | u = N(.), sigma)
 //            then:                 W / sigma (all layers)   -> fused 3n + 1 phases, 3n barriers; split 4n + 1, 4n;
@@ -72,9 +73,10 @@ struct LayerForward {
   Finish finish;       // what the last normalize does with the vectors (see Finish)
   bool divide_packed;  // W and W_sn contiguous and aligned (packable)
   bool fused_packed;   // the fused round reads W's rows in 16-byte packs (fused_packable)
-  // This layer's workspace: the split products' partial sums, or the fused round's y (rows), z (cols) and its
-  // blocks' partial z rows (fused_blocks(rows) x cols).
+  // This layer's workspace: the split products' partial sums, or the fused round's (fused_workspace).
   acc_t* partial;
+  // Two flags "a round met a degenerate vector": the split rounds use [0]; fused round r writes [r % 2] and reads the
+  // previous round's [(r + 1) % 2], which its blocks read while one of them writes.
   int* degenerate;
   acc_t* sigma;
   // 32-bit where the plan bounds them (kMaxGridY splits, int32 grid.x: finish_split), so that kGroupLayers layers
@@ -82,8 +84,8 @@ struct LayerForward {
   int mv_lanes, rmv_lanes, mv_splits, rmv_splits, mv_blocks_x, rmv_blocks_x;
   int64_t mv_chunk, rmv_chunk;
   int64_t numel, divide_blocks;
-  // This layer's first virtual block in each phase (the fused round's blocks, and its column sums' blocks).
-  int64_t mv_first, rmv_first, divide_first, fused_first, reduce_first;
+  // This layer's first virtual block in each phase (the fused round's: its pass, column sums, normalization).
+  int64_t mv_first, rmv_first, divide_first, fused_first, reduce_first, fused_normalize_first;
 };
 
 // A forward launch's parameter block: up to kLayers layers (1 for a per-layer op, kGroupLayers for a grouped one).
@@ -95,7 +97,7 @@ struct ForwardLaunch {
   Layer layers[kLayers];
   int count;
   int64_t mv_total, rmv_total, divide_total;  // virtual blocks per phase, all layers
-  int64_t fused_total, reduce_total;
+  int64_t fused_total, reduce_total, fused_normalize_total;
   int64_t n;
   acc_t eps;
   bool v_first;
@@ -123,8 +125,9 @@ enum class ForwardPhase : int {
 
 struct ForwardStep {
   ForwardPhase phase;
-  bool first;  // matvec / rmatvec: from the input vectors; normalize: the call's first half-step (starts the flag)
-  bool last;   // normalize: the call's last half-step (writes sigma, finishes the vectors)
+  int64_t round;  // the fused round's index (its degenerate flags)
+  bool first;     // matvec / rmatvec: from the input vectors; normalize: the call's first half-step (starts the flag)
+  bool last;      // normalize: the call's last half-step (writes sigma, finishes the vectors)
 };
 
 // The phases of n rounds: n = 0 is W v then sigma = u^T (W v); a split round is four phases (two matrix-vector
@@ -144,29 +147,31 @@ __host__ __device__ inline int64_t forward_steps(int64_t n, bool fused, bool div
 // round, always split: W^T u | v = N(.) | W v | u = N(.).
 __device__ inline ForwardStep forward_step(int64_t s, int64_t n, bool v_first, bool fused) {
   using P = ForwardPhase;
-  if (s >= round_steps(n, fused)) return {P::kDivide, false, false};
-  if (n == 0) return {s == 0 ? P::kMatvec : P::kDot, true, false};
+  if (s >= round_steps(n, fused)) return {P::kDivide, 0, false, false};
+  if (n == 0) return {s == 0 ? P::kMatvec : P::kDot, 0, true, false};
   if (fused) {
-    const bool first = s < 3, last = s / 3 == n - 1;
+    const int64_t round = s / 3;
+    const bool first = round == 0, last = round == n - 1;
     switch (s % 3) {
       case 0:
-        return {P::kFused, first, false};
+        return {P::kFused, round, first, false};
       case 1:
-        return {P::kReduce, false, false};
+        return {P::kReduce, round, false, false};
       default:
-        return {P::kNormalizeBoth, first, last};
+        return {P::kNormalizeBoth, round, first, last};
     }
   }
-  const bool first = s < 4, last = s / 4 == n - 1;
+  const int64_t round = s / 4;
+  const bool first = round == 0, last = round == n - 1;
   switch (s % 4) {
     case 0:
-      return {v_first ? P::kRmatvec : P::kMatvec, first, false};
+      return {v_first ? P::kRmatvec : P::kMatvec, round, first, false};
     case 1:
-      return {v_first ? P::kNormalizeV : P::kNormalizeU, first, false};
+      return {v_first ? P::kNormalizeV : P::kNormalizeU, round, first, false};
     case 2:
-      return {v_first ? P::kMatvec : P::kRmatvec, false, false};
+      return {v_first ? P::kMatvec : P::kRmatvec, round, false, false};
     default:
-      return {v_first ? P::kNormalizeU : P::kNormalizeV, false, last};
+      return {v_first ? P::kNormalizeU : P::kNormalizeV, round, false, last};
   }
 }
 
@@ -174,34 +179,26 @@ __device__ inline ForwardStep forward_step(int64_t s, int64_t n, bool v_first, b
 template <typename Launch>
 __device__ void matvec_phase(const Launch& p, bool from_input) {
   using Layer = typename Launch::Layer;
-  int layer = 0;
-  for (int64_t b = blockIdx.x; b < p.mv_total; b += gridDim.x) {
-    layer = advance_layer(p.layers, p.count, layer, b, &Layer::mv_first);
-    const Layer& L = p.layers[layer];
-    const int64_t local = b - L.mv_first;
+  for_each_virtual_block(p.layers, p.count, &Layer::mv_first, p.mv_total, [&](const Layer& L, int64_t local) {
     const MatvecArgs<typename Launch::scalar_type, typename Launch::acc_type> args{
         L.w,        L.wv,      from_input ? L.vec.v_in : L.vec.v_work, from_input ? L.vec.v_stride : 1, L.partial,
         L.mv_lanes, L.mv_chunk};
     matvec_block(args, local % L.mv_blocks_x, local / L.mv_blocks_x);
     __syncthreads();  // the next virtual block reuses this one's shared memory
-  }
+  });
 }
 
 // W^T y for every layer: y is the input u (`from_input`) or the round's u.
 template <typename Launch>
 __device__ void rmatvec_phase(const Launch& p, bool from_input) {
   using Layer = typename Launch::Layer;
-  int layer = 0;
-  for (int64_t b = blockIdx.x; b < p.rmv_total; b += gridDim.x) {
-    layer = advance_layer(p.layers, p.count, layer, b, &Layer::rmv_first);
-    const Layer& L = p.layers[layer];
-    const int64_t local = b - L.rmv_first;
+  for_each_virtual_block(p.layers, p.count, &Layer::rmv_first, p.rmv_total, [&](const Layer& L, int64_t local) {
     const RmatvecArgs<typename Launch::scalar_type, typename Launch::acc_type> args{
         L.w,         L.wv,       from_input ? L.vec.u_in : L.vec.u_work, from_input ? L.vec.u_stride : 1, L.partial,
         L.rmv_lanes, L.rmv_chunk};
     rmatvec_block(args, local % L.rmv_blocks_x, local / L.rmv_blocks_x);
     __syncthreads();
-  }
+  });
 }
 
 // u = N(W v) (`into_u`) or v = N(W^T u), one block per layer; the last half-step also writes sigma and finishes.
@@ -230,63 +227,40 @@ __device__ void normalize_phase(const Launch& p, bool into_u, bool first, bool l
 template <typename Launch>
 __device__ void fused_phase(const Launch& p, bool from_input) {
   using Layer = typename Launch::Layer;
-  using scalar_t = typename Launch::scalar_type;
   using acc_t = typename Launch::acc_type;
-  int layer = 0;
-  for (int64_t b = blockIdx.x; b < p.fused_total; b += gridDim.x) {
-    layer = advance_layer(p.layers, p.count, layer, b, &Layer::fused_first);
-    const Layer& L = p.layers[layer];
-    const scalar_t* x = from_input ? L.vec.v_in : L.vec.v_work;
+  for_each_virtual_block(p.layers, p.count, &Layer::fused_first, p.fused_total, [&](const Layer& L, int64_t local) {
+    const auto* x = from_input ? L.vec.v_in : L.vec.v_work;
     const int64_t x_stride = from_input ? L.vec.v_stride : 1;
-    acc_t* const z_partial = L.partial + L.wv.rows + L.wv.cols();
+    acc_t* const z_partial = L.partial + fused_workspace(L.wv.rows, L.wv.cols()).z_partial;
     if (L.fused_packed) {
-      fused_round_block<true>(L.w, L.wv, x, x_stride, L.partial, z_partial, b - L.fused_first);
+      fused_round_block<true>(L.w, L.wv, x, x_stride, L.partial, z_partial, local);
     } else {
-      fused_round_block<false>(L.w, L.wv, x, x_stride, L.partial, z_partial, b - L.fused_first);
+      fused_round_block<false>(L.w, L.wv, x, x_stride, L.partial, z_partial, local);
     }
-  }
+  });
 }
 
-// z = the fused blocks' partial z rows added in block order, for every layer.
+// z = W^T u from the fused blocks' partial z rows, and |y|^2's chunk sums, for every layer.
 template <typename Launch>
 __device__ void reduce_phase(const Launch& p) {
   using Layer = typename Launch::Layer;
-  int layer = 0;
-  for (int64_t b = blockIdx.x; b < p.reduce_total; b += gridDim.x) {
-    layer = advance_layer(p.layers, p.count, layer, b, &Layer::reduce_first);
-    const Layer& L = p.layers[layer];
+  for_each_virtual_block(p.layers, p.count, &Layer::reduce_first, p.reduce_total, [&](const Layer& L, int64_t local) {
     const int64_t rows = L.wv.rows, cols = L.wv.cols();
-    reduce_columns_block(L.partial + rows + cols, fused_blocks(rows), cols, L.partial + rows, b - L.reduce_first);
-  }
+    reduce_columns_block(L.partial, fused_workspace(rows, cols), rows, cols, p.eps, local);
+  });
 }
 
-// The fused round's normalizations, one block per layer: u = N(y), then v = N(z / max(|y|, eps)) (W^T u with u's
-// unrounded value, as the CPU kernel); the last round also writes sigma and finishes.
+// The fused round's normalizations, u = N(y) and v = N(W^T u), spread over many blocks per layer; the last round
+// also writes sigma and finishes.
 template <typename Launch>
-__device__ void normalize_both_phase(const Launch& p, bool first, bool last) {
-  using acc_t = typename Launch::acc_type;
-  for (int l = blockIdx.x; l < p.count; l += gridDim.x) {
-    const typename Launch::Layer& L = p.layers[l];
-    const int64_t rows = L.wv.rows, cols = L.wv.cols();
-    const NormalizeArgs<typename Launch::scalar_type, acc_t> u_args{
-        L.partial, rows, 1, L.vec.u_work, p.eps, L.degenerate, first, nullptr, Finish::kNone, L.vec, acc_t(1)};
-    const acc_t norm_y = normalize_block(u_args);
-    __syncthreads();
-    // Not fmax: a NaN norm must stay NaN, as std::max(norm, eps) on the CPU.
-    const NormalizeArgs<typename Launch::scalar_type, acc_t> v_args{L.partial + rows,
-                                                                    cols,
-                                                                    1,
-                                                                    L.vec.v_work,
-                                                                    p.eps,
-                                                                    L.degenerate,
-                                                                    false,
-                                                                    last ? L.sigma : nullptr,
-                                                                    last ? L.finish : Finish::kNone,
-                                                                    L.vec,
-                                                                    norm_y < p.eps ? p.eps : norm_y};
-    normalize_block(v_args);
-    __syncthreads();
-  }
+__device__ void normalize_both_phase(const Launch& p, int64_t round, bool first, bool last) {
+  using Layer = typename Launch::Layer;
+  for_each_virtual_block(
+      p.layers, p.count, &Layer::fused_normalize_first, p.fused_normalize_total, [&](const Layer& L, int64_t local) {
+        fused_normalize_block(L.partial, fused_workspace(L.wv.rows, L.wv.cols()), L.vec, p.eps,
+                              first ? nullptr : L.degenerate + (round + 1) % 2, L.degenerate + round % 2,
+                              last ? L.sigma : nullptr, last ? L.finish : Finish::kNone, local);
+      });
 }
 
 // n == 0: sigma = u^T W v with the input vectors, which are also the returned ones; one block per layer.
@@ -303,13 +277,10 @@ __device__ void dot_phase(const Launch& p) {
 template <typename index_t, typename Launch>
 __device__ void divide_phase(const Launch& p) {
   using Layer = typename Launch::Layer;
-  int layer = 0;
-  for (int64_t b = blockIdx.x; b < p.divide_total; b += gridDim.x) {
-    layer = advance_layer(p.layers, p.count, layer, b, &Layer::divide_first);
-    const Layer& L = p.layers[layer];
+  for_each_virtual_block(p.layers, p.count, &Layer::divide_first, p.divide_total, [&](const Layer& L, int64_t local) {
     divide_block(L.w, L.wv, L.out, L.ov, *L.sigma, L.divide_packed, static_cast<index_t>(L.numel),
-                 static_cast<index_t>(b - L.divide_first), static_cast<index_t>(L.divide_blocks));
-  }
+                 static_cast<index_t>(local), static_cast<index_t>(L.divide_blocks));
+  });
 }
 
 template <typename scalar_t, typename acc_t, typename index_t, int kLayers>
@@ -338,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         reduce_phase(p);
         break;
       case ForwardPhase::kNormalizeBoth:
-        normalize_both_phase(p, step.first, step.last);
+        normalize_both_phase(p, step.round, step.first, step.last);
         break;
       case ForwardPhase::kDot:
         dot_phase(p);
@@ -369,12 +340,12 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
     // the fused launch's W v use the matvec's).
     const int64_t split_size = std::max(mv_plans.back().splits * view.rows, rmv_plans.back().splits * view.cols());
     partial_offsets.push_back(partial_offsets.back() +
-                              (fused ? view.rows + view.cols() * (1 + fused_blocks(view.rows)) : split_size));
+                              (fused ? fused_workspace(view.rows, view.cols()).size : split_size));
     max_numel = std::max(max_numel, layer.w3.numel());
   }
   at::Tensor workspace = at::empty({partial_offsets.back()}, acc_options);
-  // No memset: each layer's first half-step writes its flag instead of adding to it.
-  at::Tensor degenerate = at::empty({static_cast<int64_t>(layers.size())}, w0.options().dtype(at::kInt));
+  // No memset: each layer's first half-step writes its flag instead of adding to it. Two per layer (LayerForward).
+  at::Tensor degenerate = at::empty({2 * static_cast<int64_t>(layers.size())}, w0.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w0.scalar_type(), "sn_ext_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_index_type(max_numel, [&](auto tag) {
@@ -413,7 +384,7 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
                                       layer.v_in.numel()};
             L.finish = layer.finish;
             L.partial = workspace.mutable_data_ptr<acc_t>() + partial_offsets[i];
-            L.degenerate = degenerate.mutable_data_ptr<int>() + i;
+            L.degenerate = degenerate.mutable_data_ptr<int>() + 2 * i;
             L.sigma = sigmas.mutable_data_ptr<acc_t>() + i;
             L.mv_lanes = mv.lanes;
             L.mv_chunk = mv.chunk;
@@ -433,15 +404,17 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
             L.divide_first = p.divide_total;
             L.fused_first = p.fused_total;
             L.reduce_first = p.reduce_total;
+            L.fused_normalize_first = p.fused_normalize_total;
             // A fused launch runs no matvec or rmatvec phase: their blocks count for nothing.
             p.mv_total += fused ? 0 : mv.grid.x * mv.splits;
             p.rmv_total += fused ? 0 : rmv.grid.x * rmv.splits;
             p.divide_total += L.divide_blocks;
             p.fused_total += fused ? fused_blocks(L.wv.rows) : 0;
-            p.reduce_total += fused ? ceil_div(L.wv.cols(), kThreads) : 0;
+            p.reduce_total += fused ? fused_reduce_blocks(L.wv.cols()) + fused_y_chunks(L.wv.rows) : 0;
+            p.fused_normalize_total += fused ? fused_normalize_blocks(L.wv.rows, L.wv.cols()) : 0;
           }
-          const int64_t wanted = std::max(
-              {p.mv_total, n > 0 ? p.rmv_total : 0, p.fused_total, p.reduce_total, p.divide_total, int64_t{p.count}});
+          const int64_t wanted = std::max({p.mv_total, n > 0 ? p.rmv_total : 0, p.fused_total, p.reduce_total,
+                                           p.fused_normalize_total, p.divide_total, int64_t{p.count}});
           constexpr auto kernel = forward_kernel<scalar_t, acc_t, index_t, kLayers>;
           launch_steps<kernel>(p, forward_steps(n, fused, p.divide_total > 0), launch_blocks<kernel>(numel, wanted));
         }
