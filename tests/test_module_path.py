@@ -153,3 +153,33 @@ def test_install_is_idempotent_and_ignores_plain_attributes():
     assert type(layer).__dict__["weight"] is prop
     _parametrize.install(layer, "bias")  # a parameter, not a property: nothing to replace
     assert "bias" not in type(layer).__dict__
+
+
+USABLE = [
+    b
+    for b in sn_ext.backends.BACKENDS
+    if b != "triton" and not sn_ext.backends.get(b).not_supported_reasons("cpu", torch.float32)
+]
+
+
+@pytest.mark.parametrize("backend", USABLE)
+@pytest.mark.parametrize("grad_mode", [True, False])
+@pytest.mark.parametrize("needs_grad", ["weight", "u", "grad"])
+def test_the_ops_record_a_graph_exactly_when_autograd_would(backend, grad_mode, needs_grad):
+    """The Autograd kernels call the ops directly when nothing is recorded (no_grad, or no input requiring grad),
+    else through their autograd Functions: outputs with a grad_fn exactly in the second case, for the forward and
+    the backward op (which a backward with create_graph=True records)."""
+    be = sn_ext.backends.get(backend)
+    gen = torch.Generator().manual_seed(5)
+    weight, grad = torch.randn(6, 2, 3, generator=gen), torch.randn(6, 2, 3, generator=gen)
+    u, v = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    {"weight": weight, "u": u, "grad": grad}[needs_grad].requires_grad_()
+    records = grad_mode and needs_grad != "grad"
+    with torch.set_grad_enabled(grad_mode):
+        weight_sn, sigma, u_used, v_used = be.forward(weight, u, v, 0, 1, 1e-12, False)
+        assert (weight_sn.grad_fn is not None) == records and (sigma.grad_fn is not None) == records
+        assert u_used.grad_fn is None and v_used.grad_fn is None
+        out = be.backward(grad, weight_sn, u_used, v_used, sigma, 0)
+        assert (out.grad_fn is not None) == (grad_mode and (records or grad.requires_grad))
+    reference = (grad - (grad * weight_sn).sum() * torch.outer(u_used, v_used).reshape(6, 2, 3)) / sigma
+    torch.testing.assert_close(out.detach(), reference.detach())
