@@ -183,3 +183,13 @@ def test_the_ops_record_a_graph_exactly_when_autograd_would(backend, grad_mode, 
         assert (out.grad_fn is not None) == (grad_mode and (records or grad.requires_grad))
     reference = (grad - (grad * weight_sn).sum() * torch.outer(u_used, v_used).reshape(6, 2, 3)) / sigma
     torch.testing.assert_close(out.detach(), reference.detach())
+
+
+def test_a_parametrized_buffer():
+    """torch keeps a parametrized buffer's original as a buffer of the ParametrizationList: read from there."""
+    module = nn.Module()
+    module.register_buffer("weight", torch.randn(5, 4, generator=torch.Generator().manual_seed(2)))
+    sn_ext.spectral_norm(module).eval()
+    assert "original" in module.parametrizations.weight._buffers
+    torch.testing.assert_close(module.weight, _reference_weight(module), rtol=0, atol=0)
+    torch.testing.assert_close(torch.linalg.matrix_norm(module.weight, 2), torch.tensor(1.0), rtol=1e-3, atol=0)
