@@ -4,8 +4,8 @@ for one forward (train mode), a train step (forward + backward, what benchmarks/
 an eval forward (no_grad, no power iteration), next to plain `W * 1.0` and torch's spectral norm.
 
 `python -m benchmarks.module_overhead [--shape 64x3x3x3] [--dtype float32] [--backend cpu]` prints the table
-(1 thread). Each row is the best of several blocks of many calls (the floor of a fixed cost, which is what this
-measures on a shared machine); "+" is the row's cost over the row it builds on.
+(1 thread). Each row is the best of several blocks of many calls, over a few rounds of the whole table (the floor
+of a fixed cost, which is what this measures on a shared machine); "+" is the row's cost over the row it builds on.
 """
 
 from __future__ import annotations
@@ -89,12 +89,17 @@ def rows(shape: tuple[int, ...], dtype: torch.dtype, backend: str) -> list[tuple
     ]
 
 
-def run(shape: tuple[int, ...], dtype: torch.dtype, backend: str) -> dict[str, float]:
-    timed: dict[str, float] = {}
+def run(shape: tuple[int, ...], dtype: torch.dtype, backend: str, rounds: int = 3) -> dict[str, float]:
+    """Times every row `rounds` times, the rows in turn (so that a burst of load on a shared machine hits one
+    round of each, not every block of one row), and prints each row's best."""
+    table = rows(shape, dtype, backend)
+    timed = {name: float("inf") for name, _, _ in table}
+    for _ in range(rounds):
+        for name, _, call in table:
+            timed[name] = min(timed[name], best_us(call))
     print(f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}, backend {backend!r}, 1 thread")
     print(f"{'row':50} {'µs':>8} {'+':>8}")
-    for name, base, call in rows(shape, dtype, backend):
-        timed[name] = best_us(call)
+    for name, base, _ in table:
         extra = f"{timed[name] - timed[base]:8.1f}" if base else ""
         print(f"{name:50} {timed[name]:8.1f} {extra}")
     return timed
@@ -105,10 +110,11 @@ def main() -> None:
     parser.add_argument("--shape", default="64x3x3x3")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     parser.add_argument("--backend", default="auto", choices=backends.CHOICES)
+    parser.add_argument("--rounds", type=int, default=3, help="times each row this many times, keeps the best")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    run(parse_shape(args.shape), getattr(torch, args.dtype), args.backend)
+    run(parse_shape(args.shape), getattr(torch, args.dtype), args.backend, args.rounds)
 
 
 if __name__ == "__main__":
