@@ -28,6 +28,7 @@ from torch.nn.utils.spectral_norm import SpectralNormStateDictHook as _TorchStat
 
 from . import _state_dict, legacy
 from ._matrix import to_matrix
+from .nn import _parametrize
 from .nn.grouped import SpectralNormGroup, ungroup_spectral_norm
 from .nn.legacy_hook import SpectralNorm as _LegacyHook
 from .nn.legacy_hook import _StateDictVersion
@@ -178,6 +179,7 @@ def convert_spectral_norm(model: nn.Module, grouped: bool = False, *, backend: s
             _remove_torch_load_hook(module, swap.old)
         else:
             module.parametrizations[name][swap.key] = new
+            _parametrize.install(module, name)  # module.<name> as fast as sn_ext.spectral_norm's
         if swap.is_legacy or swap.key == 0:  # a checkpoint of either torch layout loads, as with sn_ext's own
             _state_dict.remove_layout_hooks(module, name)
             _state_dict.accept_both_layouts(module, name, legacy=swap.is_legacy, dim=new.dim)

@@ -312,3 +312,15 @@ def test_sigma_cost_rows():
     assert rows["grouped"]["sigmas_read_ops"] == sigma_cost.LAYERS
     for row in rows.values():
         assert row["forward_us"] > 0 and 0 < row["keep_share_pct"] < 100
+
+
+def test_module_overhead_rows_call_what_they_say():
+    """benchmarks/module_overhead.py: every row runs once on a fresh layer and builds on a row of the table."""
+    from benchmarks import module_overhead
+
+    table = module_overhead.rows((5, 3, 2), torch.float32, "auto")
+    names = [name for name, _, _ in table]
+    assert len(set(names)) == len(names)
+    for name, base, call in table:
+        assert not base or base in names[: names.index(name)], name
+        call()

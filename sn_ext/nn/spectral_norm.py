@@ -22,7 +22,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNor
 from .. import _state_dict, backends
 from .._checks import check_weight_dtype
 from .._matrix import to_matrix
-from . import _kernels
+from . import _kernels, _parametrize
 from .legacy_hook import SpectralNorm as _LegacyHook
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -72,10 +72,14 @@ class SpectralNorm(nn.Module):
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
             self._kernels = _kernels.prepare(self.backend, weight, self._u, self._v, self.dim, 15, self.eps)
 
+    # The forward runs on every access of module.weight: its Python is a large part of a small layer's time, so it
+    # reads the buffers from `_buffers` (nn.Module.__getattr__ costs ~0.9 us each) and sets the plain attributes
+    # with object.__setattr__ (nn.Module.__setattr__ ~1.9 us: it looks for a parameter, module or buffer of that
+    # name, and these never are one). Both trace under torch.compile as the slow forms do.
     def forward(self, weight: Tensor) -> Tensor:
         grouped = self._grouped_result
         if grouped is not None:
-            self._grouped_result = None
+            object.__setattr__(self, "_grouped_result", None)
             return grouped
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
@@ -83,10 +87,11 @@ class SpectralNorm(nn.Module):
         kernels = self._kernels
         if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
             kernels = _kernels.kernels_for(self, weight)
+        buffers = self._buffers
         # u and v are updated in place, in the op (one launch on a GPU); autograd saved the vectors used, not the
         # buffers, so calling the module twice before one backward works.
-        weight_sn, sigma, _, _ = kernels.forward(weight, self._u, self._v, self.dim, n, self.eps)
-        self._sigma = sigma.data
+        weight_sn, sigma, _, _ = kernels.forward(weight, buffers["_u"], buffers["_v"], self.dim, n, self.eps)
+        object.__setattr__(self, "_sigma", sigma.data)
         return weight_sn
 
     def right_inverse(self, value: Tensor) -> Tensor:
@@ -188,6 +193,7 @@ def spectral_norm(
     sn = SpectralNorm(weight, n_power_iterations, dim, eps, backend)
     with _kernels.registering(sn, weight):
         parametrize.register_parametrization(module, name, sn)
+    _parametrize.install(module, name)
     if not stacked:  # a legacy checkpoint's keys map to the first parametrization's
         _state_dict.accept_both_layouts(module, name, legacy=False, dim=sn.dim)
     return module
