@@ -195,11 +195,12 @@ class SpectralNormalizeBackward : public torch::autograd::Function<SpectralNorma
 // Whether autograd records a call on these inputs: what torch::autograd::Function::apply decides. When it does not
 // (eval under no_grad, the backward op inside a backward without create_graph), the kernels below call the op
 // directly: Function::apply would still make a node, wrap the outputs and fill a context for nothing (~1-2 us on a
-// small layer's CPU step).
+// small layer's CPU step). A dual tensor (forward-mode AD) also goes through Function::apply, whatever the grad
+// mode: apply is what handles its tangent (refusing it, as these Functions have no jvp), which a direct call drops.
 bool records(std::initializer_list<const at::Tensor*> inputs) {
-  if (!at::GradMode::is_enabled()) return false;
+  const bool grad_mode = at::GradMode::is_enabled();
   for (const at::Tensor* t : inputs)
-    if (t->requires_grad()) return true;
+    if ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()) return true;
   return false;
 }
 

@@ -185,6 +185,24 @@ def test_the_ops_record_a_graph_exactly_when_autograd_would(backend, grad_mode, 
     torch.testing.assert_close(out.detach(), reference.detach())
 
 
+@pytest.mark.parametrize("backend", USABLE)
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_a_dual_weight_is_refused_not_stripped_of_its_tangent(backend, grad_mode):
+    """Forward-mode AD: the ops' autograd Functions have no jvp, so a dual weight must raise (as Function.apply
+    does), also under no_grad, where the Autograd kernels would otherwise call the op directly and return a weight
+    without the tangent: a silently wrong Jacobian-vector product."""
+    import torch.autograd.forward_ad as fwAD
+
+    be = sn_ext.backends.get(backend)
+    gen = torch.Generator().manual_seed(6)
+    weight, tangent = torch.randn(6, 2, 3, generator=gen), torch.randn(6, 2, 3, generator=gen)
+    u, v = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        dual = fwAD.make_dual(weight, tangent)
+        with pytest.raises(RuntimeError, match="(?i)jvp|forward"):
+            be.forward(dual, u, v, 0, 1, 1e-12, False)
+
+
 def test_a_parametrized_buffer():
     """torch keeps a parametrized buffer's original as a buffer of the ParametrizationList: read from there."""
     module = nn.Module()
