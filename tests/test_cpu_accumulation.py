@@ -138,3 +138,37 @@ def test_same_bits_for_any_thread_count(shape, dtype):
         torch.set_num_threads(saved)
     for one, two in zip(*results):
         assert torch.equal(one, two), "a result depends on the thread count"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_same_bits_for_contiguous_and_strided_rows(dtype):
+    # Contiguous float32 and bfloat16 rows go through dot_rows' AVX2 loop, strided rows (and float16) through the
+    # generic loops: both must add the same lanes in the same order, so every result is equal bit for bit.
+    rows, cols = 67, 1003  # off the 4-row blocks and the 8 lanes
+    dense = randn(rows, cols, dtype=dtype, seed=21)
+    strided = torch.zeros(rows, 2 * cols, dtype=dtype)[:, ::2]
+    strided.copy_(dense)
+    u, v = unit(rows, dtype, 22), unit(cols, dtype, 23)
+    for n, v_first in ((0, False), (1, False), (1, True)):
+        ours = ops.spectral_normalize_(dense, u.clone(), v.clone(), 0, n, EPS, v_first)
+        theirs = ops.spectral_normalize_(strided, u.clone(), v.clone(), 0, n, EPS, v_first)
+        for name, a, b in zip(("weight_sn", "sigma", "u", "v"), ours, theirs):
+            assert torch.equal(a, b), f"n={n}, v_first={v_first}: {name} depends on the row stride"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_outputs_past_the_huge_page_threshold(dtype):
+    # Outputs of 32 MiB or more are advised to huge pages before the kernels write them (advise_huge_pages): the
+    # forward's W / sigma and the backward's gradient must still hold every value (torch's formulas, one rounding).
+    rows, cols = 4100, (32 << 20) // (4100 * dtype.itemsize) + 1
+    weight = randn(rows, cols, dtype=dtype, seed=31)
+    u, v = unit(rows, dtype, 32), unit(cols, dtype, 33)
+    weight_sn, sigma, u_used, v_used = ops.spectral_normalize_(weight, u, v, 0, 0, EPS, False)
+    assert weight_sn.untyped_storage().nbytes() >= 32 << 20
+    want = (weight.float() / sigma).to(dtype)
+    torch.testing.assert_close(weight_sn, want, rtol=torch.finfo(dtype).eps, atol=0)
+    grad = randn(rows, cols, dtype=dtype, seed=34)
+    lam = (grad.double() * weight_sn.double()).sum()
+    want = ((grad.double() - lam * torch.outer(u_used.double(), v_used.double())) / sigma.double()).to(dtype)
+    got = ops.spectral_normalize_backward(grad, weight_sn, u_used, v_used, sigma, 0)
+    torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=1e-6 * float(want.abs().max()))

@@ -21,10 +21,9 @@ acc_t inner_product(const Matrix3d<const scalar_t>& A, const Matrix3d<const scal
       acc_t sum = 0;
       if (A.s_inner == 1 && B.s_inner == 1) {
 #pragma omp simd reduction(+ : sum)
-        for (int64_t r = 0; r < A.inner; ++r) sum += static_cast<acc_t>(a[r]) * static_cast<acc_t>(b[r]);
+        for (int64_t r = 0; r < A.inner; ++r) sum += widen(a[r]) * widen(b[r]);
       } else {
-        for (int64_t r = 0; r < A.inner; ++r)
-          sum += static_cast<acc_t>(a[r * A.s_inner]) * static_cast<acc_t>(b[r * B.s_inner]);
+        for (int64_t r = 0; r < A.inner; ++r) sum += widen(a[r * A.s_inner]) * widen(b[r * B.s_inner]);
       }
       partial[l] = sum;
     }
@@ -40,6 +39,7 @@ at::Tensor spectral_normalize_backward_cpu(const at::Tensor& grad, const at::Ten
       check_backward_args("sn_ext::spectral_normalize_backward", grad, weight_sn, u, v, sigma, dim);
   const at::Tensor g3 = as_matrix3d(grad, shape), s3 = as_matrix3d(weight_sn, shape);
   WeightShapedOutput grad_weight(weight_sn, shape);
+  advise_huge_pages(grad_weight.view3d);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight_sn.scalar_type(), "spectral_normalize_backward", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
