@@ -157,9 +157,9 @@ def test_same_bits_for_contiguous_and_strided_rows(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
-def test_outputs_past_the_huge_page_threshold(dtype):
-    # Outputs of 32 MiB or more are advised to huge pages before the kernels write them (advise_huge_pages): the
-    # forward's W / sigma and the backward's gradient must still hold every value (torch's formulas, one rounding).
+def test_outputs_of_32_mib_or_more(dtype):
+    # glibc maps outputs of 32 MiB or more afresh on every call (untouched pages): the forward's W / sigma and the
+    # backward's gradient must still hold every value (torch's formulas, one rounding), the largest rows included.
     rows, cols = 4100, (32 << 20) // (4100 * dtype.itemsize) + 1
     weight = randn(rows, cols, dtype=dtype, seed=31)
     u, v = unit(rows, dtype, 32), unit(cols, dtype, 33)

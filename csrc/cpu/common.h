@@ -27,9 +27,6 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace sn_ext {
 namespace {
@@ -190,27 +187,6 @@ void add_rows(const scalar_t* w, int64_t w_row, int64_t s, const acc_t* y, acc_t
       z[r] = t;
     }
   }
-}
-
-// Outputs this large get 2 MiB pages where the kernel gives them on request (transparent huge pages in "madvise"
-// mode, as on the benchmark machine; "always" gives them anyway, "never" not at all). glibc maps every allocation
-// of 32 MiB or more afresh (its largest mmap threshold), so each call's output starts unmapped, and its first touch
-// faulted 4 KiB at a time: a 1024x1024x3x3 float32 W / sigma took 29 ms of page faults where the arithmetic takes
-// 2.3 (1 thread), and 6.4 ms with 2 MiB pages. torch's own allocator does the same under THP_MEM_ALLOC_ENABLE=1.
-// Smaller outputs come from glibc's heap, whose pages may be reused: left alone.
-constexpr int64_t kHugePageMinBytes = int64_t(32) << 20;
-
-// Asks for huge pages on `t`'s storage, which must not have been written yet (a new output).
-inline void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = static_cast<int64_t>(t.storage().nbytes());
-  if (bytes < kHugePageMinBytes) return;
-  constexpr uintptr_t kPage = 4096;
-  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
-  const uintptr_t first = (begin + kPage - 1) & ~(kPage - 1), last = (begin + bytes) & ~(kPage - 1);
-  if (last > first)
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // only a hint: errors ignored
-#endif
 }
 
 template <typename scalar_t>

@@ -39,7 +39,6 @@ at::Tensor spectral_normalize_backward_cpu(const at::Tensor& grad, const at::Ten
       check_backward_args("sn_ext::spectral_normalize_backward", grad, weight_sn, u, v, sigma, dim);
   const at::Tensor g3 = as_matrix3d(grad, shape), s3 = as_matrix3d(weight_sn, shape);
   WeightShapedOutput grad_weight(weight_sn, shape);
-  advise_huge_pages(grad_weight.view3d);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight_sn.scalar_type(), "spectral_normalize_backward", [&] {
         using opmath_t = at::opmath_type<scalar_t>;

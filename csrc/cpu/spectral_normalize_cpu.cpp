@@ -38,7 +38,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cp
   const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize_", weight, u, v, dim, n, eps);
   const at::Tensor w3 = as_matrix3d(weight, shape);
   WeightShapedOutput out(weight, shape);
-  advise_huge_pages(out.view3d);
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
   at::Tensor u_used = at::empty_like(u, at::MemoryFormat::Contiguous);
   at::Tensor v_used = at::empty_like(v, at::MemoryFormat::Contiguous);
