@@ -101,6 +101,37 @@ constexpr int64_t kRowBlock = 4;
 // Double accumulators per row in dot_rows: two AVX2 registers, so a row block keeps 8 FMA chains in flight.
 constexpr int64_t kLanes = 8;
 
+// dot_rows' lanes for its first `full` elements (a multiple of kLanes), in AVX2 registers, two per row: GCC kept
+// dot_rows' lane array on the stack and converted 2 values per instruction (bfloat16: 1.6x slower). Each product is
+// exact, so the sums are those of dot_rows' generic loops. Returns false, adding nothing, where it does not apply
+// (a build without AVX2 and FMA, float16, strided rows): dot_rows' generic loops add them then.
+template <int64_t NR, typename scalar_t>
+bool add_full_lane_groups_avx2(const scalar_t* w, int64_t w_row, int64_t s, const acc_t* x, int64_t full,
+                               acc_t (&lanes)[NR][kLanes]) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kWidenAvx2<scalar_t>) {
+    if (s == 1) {
+      static_assert(kLanes == 8, "two __m256d per row");
+      __m256d lo[NR], hi[NR];
+      for (int64_t q = 0; q < NR; ++q) lo[q] = hi[q] = _mm256_setzero_pd();
+      for (int64_t r = 0; r < full; r += kLanes) {
+        const __m256d x_lo = _mm256_loadu_pd(x + r), x_hi = _mm256_loadu_pd(x + r + 4);
+        for (int64_t q = 0; q < NR; ++q) {
+          lo[q] = _mm256_fmadd_pd(widen4(w + q * w_row + r), x_lo, lo[q]);
+          hi[q] = _mm256_fmadd_pd(widen4(w + q * w_row + r + 4), x_hi, hi[q]);
+        }
+      }
+      for (int64_t q = 0; q < NR; ++q) {
+        _mm256_storeu_pd(lanes[q], lo[q]);
+        _mm256_storeu_pd(lanes[q] + 4, hi[q]);
+      }
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
 // out[q] = sum over r < n of w[q * w_row + r * s] * x[r] for q < NR: NR rows dotted with one vector, which is read
 // once for all of them. Float data: element r goes to lane r % kLanes and the lanes are added pairwise, so a row's
 // result depends only on the row and x, not on NR, the strides or which task ran it. Double data: one accumulator,
@@ -122,42 +153,18 @@ void dot_rows(const scalar_t* w, int64_t w_row, int64_t s, const acc_t* x, int64
   } else {
     acc_t lanes[NR][kLanes] = {};
     const int64_t full = n - n % kLanes;
-    bool summed = false;  // the full groups of kLanes, by the AVX2 loop
-#if defined(__AVX2__) && defined(__FMA__)
-    if constexpr (kWidenAvx2<scalar_t>) {
+    if (!add_full_lane_groups_avx2<NR>(w, w_row, s, x, full, lanes)) {
       if (s == 1) {
-        // The lanes in registers, two per row: GCC kept the array below on the stack and converted 2 values per
-        // instruction (bfloat16: 1.6x slower). Each product is exact, so the sums are those of the loop below.
-        static_assert(kLanes == 8, "two __m256d per row");
-        __m256d lo[NR], hi[NR];
-        for (int64_t q = 0; q < NR; ++q) lo[q] = hi[q] = _mm256_setzero_pd();
-        for (int64_t r = 0; r < full; r += kLanes) {
-          const __m256d x_lo = _mm256_loadu_pd(x + r), x_hi = _mm256_loadu_pd(x + r + 4);
+        for (int64_t r = 0; r < full; r += kLanes)
           for (int64_t q = 0; q < NR; ++q) {
-            lo[q] = _mm256_fmadd_pd(widen4(w + q * w_row + r), x_lo, lo[q]);
-            hi[q] = _mm256_fmadd_pd(widen4(w + q * w_row + r + 4), x_hi, hi[q]);
-          }
-        }
-        for (int64_t q = 0; q < NR; ++q) {
-          _mm256_storeu_pd(lanes[q], lo[q]);
-          _mm256_storeu_pd(lanes[q] + 4, hi[q]);
-        }
-        summed = true;
-      }
-    }
-#endif
-    if (summed) {
-      // the tail below adds the last n % kLanes elements
-    } else if (s == 1) {
-      for (int64_t r = 0; r < full; r += kLanes)
-        for (int64_t q = 0; q < NR; ++q) {
 #pragma omp simd
-          for (int64_t k = 0; k < kLanes; ++k) lanes[q][k] += widen(w[q * w_row + r + k]) * x[r + k];
-        }
-    } else {
-      for (int64_t r = 0; r < full; r += kLanes)
-        for (int64_t q = 0; q < NR; ++q)
-          for (int64_t k = 0; k < kLanes; ++k) lanes[q][k] += widen(w[q * w_row + (r + k) * s]) * x[r + k];
+            for (int64_t k = 0; k < kLanes; ++k) lanes[q][k] += widen(w[q * w_row + r + k]) * x[r + k];
+          }
+      } else {
+        for (int64_t r = 0; r < full; r += kLanes)
+          for (int64_t q = 0; q < NR; ++q)
+            for (int64_t k = 0; k < kLanes; ++k) lanes[q][k] += widen(w[q * w_row + (r + k) * s]) * x[r + k];
+      }
     }
     for (int64_t r = full; r < n; ++r)
       for (int64_t q = 0; q < NR; ++q) lanes[q][r - full] += widen(w[q * w_row + r * s]) * x[r];
