@@ -8,7 +8,8 @@ backward, what a training step pays) and "eval" (`with torch.no_grad(): module()
 - plain: `W * 1.0`, the floor of any autograd op on the same weight;
 - torch: torch.nn.utils.parametrizations.spectral_norm; torch legacy: torch.nn.utils.spectral_norm;
 - torch compiled: torch's parametrization under torch.compile (compiled once per shape, dtype and mode, outside
-  the timing);
+  the timing; one module whose parameter steps through the same copies of W as the others' modules:
+  weight_swapping_steps);
 - sn_ext <backend>: sn_ext.spectral_norm(..., backend=...) for each of sn_ext.backends.BACKENDS that can take the
   weight here (the others are skipped, saying why).
 """
@@ -100,6 +101,29 @@ def make_steps(
     return steps
 
 
+def weight_swapping_steps(
+    module: nn.Module, weights: list[torch.Tensor], grads: list[torch.Tensor], mode: str, call: Callable
+) -> list[Step]:
+    """make_steps for ONE parametrized module that reads weights[i] in step i: its parameter's data is swapped in
+    before each call, outside the timed region. For torch compiled, whose compile guards on the module's class (torch
+    makes one per parametrized module), so that a module per copy would compile again for each: this way it reads as
+    many copies of W, as far apart in the caches, as the other providers do (a swap of .data keeps the Parameter
+    object and its metadata, so the compiled code is reused). u and v are shared by the copies; only their values
+    differ from a module per copy, not the work."""
+    parameter = module.parametrizations.weight.original
+
+    def swapping(step: Step, weight: torch.Tensor) -> Step:
+        def reset() -> None:
+            parameter.data = weight
+            if step.reset:
+                step.reset()
+
+        return Step(step.run, reset)
+
+    steps = make_steps([module] * len(weights), grads, mode, call)
+    return [swapping(step, weight) for step, weight in zip(steps, weights)]
+
+
 def _backward_step(module: nn.Module, grad, call: Callable[[nn.Module], torch.Tensor]) -> Step:
     """The backward alone: Step.reset (untimed, before every call) runs the forward whose graph the call consumes."""
     graph = {}
@@ -154,15 +178,18 @@ def run(
                     for mode in modes:
                         write({**base, "mode": mode, "status": "skipped", "note": reason})
                     continue
-                # torch.compile guards on the parametrized module's class, which torch makes per module: each
-                # copy would compile again, so the compiled provider times one weight (its rows say rotation 1).
                 compiled = provider == "torch compiled"
-                modules = [make_layer(provider, w.clone()) for w in (weights[:1] if compiled else weights)]
+                copies = [w.clone() for w in weights]
+                modules = [make_layer(provider, copies[0])] if compiled else [make_layer(provider, w) for w in copies]
                 call = torch.compile(_call) if compiled else _call
                 for mode in modes:
                     row = {**base, "mode": mode}
                     try:
-                        t = measure(make_steps(modules, grads, mode, call), device, budget_s=budget)
+                        if compiled:
+                            steps = weight_swapping_steps(modules[0], copies, grads, mode, call)
+                        else:
+                            steps = make_steps(modules, grads, mode, call)
+                        t = measure(steps, device, budget_s=budget)
                     except Exception as error:  # e.g. torch.compile without a working compiler
                         write({**row, "status": "failed", "note": failure(error)})
                         log(f"  layer {dtype_name} {shape_text} {mode} {provider}: failed ({failure(error)})")

@@ -231,6 +231,33 @@ def test_layer_modes_time_what_they_say():
         assert evaluate.run().grad_fn is None
 
 
+def test_the_compiled_providers_one_module_reads_every_copy_of_w():
+    """weight_swapping_steps (torch compiled's module, one for all copies): step i's call reads copy i, in every mode,
+    and train steps leave copy i's gradient (a module with copy i as its weight, the same u, v, gives the same).
+    Checked eagerly on torch's parametrization: the swap is the benchmark's, not the compiler's."""
+    gen = torch.Generator().manual_seed(5)
+    copies = [torch.randn(6, 3, 2, generator=gen) for _ in range(3)]
+    grads = [torch.randn(6, 3, 2, generator=gen) for _ in range(3)]
+    module = layer.make_layer("torch", copies[0])
+    for mode in ("eval", "train"):
+        steps = layer.weight_swapping_steps(module, copies, grads, mode, layer._call)
+        assert len(steps) == len(copies)
+        for i in (1, 2, 0, 2):
+            twin = layer.make_layer("torch", copies[i].clone())
+            for name in ("_u", "_v"):  # u, v as the module has them before the call
+                getattr(twin.parametrizations.weight[0], name).copy_(getattr(module.parametrizations.weight[0], name))
+            steps[i].reset()
+            out = steps[i].run()
+            twin.train(mode == "train")
+            if mode == "eval":
+                with torch.no_grad():
+                    torch.testing.assert_close(out, twin())
+            else:
+                torch.autograd.backward(twin(), grads[i])
+                got, want = (m.parametrizations.weight.original.grad for m in (module, twin))
+                torch.testing.assert_close(got, want)
+
+
 def test_gpu_summary_rewrites_the_readme_table(tmp_path):
     """gpu_check.sh's last step: smoke.json and the test logs become summary.json and the README's GPU table."""
     from benchmarks import gpu_summary
