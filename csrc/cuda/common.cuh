@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "../matrix_view.h"
+#include "block_walk.h"
 #include "kernels.h"
 #include "launch.h"
 
@@ -63,9 +64,7 @@ constexpr size_t kMaxParameterBytes = 4096;
 constexpr int64_t kOneBlockMaxNumel = int64_t(1) << 16;
 constexpr int64_t kElementsPerThread = 8;
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+using block_walk::ceil_div;
 
 // Smallest power of 2 >= n, capped at `cap` (a power of 2).
 int pow2_at_least(int64_t n, int cap) {
@@ -166,26 +165,14 @@ __device__ __forceinline__ void phase_barrier(bool one_block) {
 // ---------------------------------------------------------------------------------------------------------------
 // A launch's layers
 
-// The layer that owns virtual block b of a phase, searching on from `layer` (b only grows within a phase).
-template <typename Layer>
-__device__ __forceinline__ int advance_layer(const Layer* layers, int count, int layer, int64_t b,
-                                             int64_t Layer::* first) {
-  while (layer + 1 < count && layers[layer + 1].*first <= b) ++layer;
-  return layer;
-}
-
 // Every phase's walk over its virtual blocks: this block takes b = blockIdx.x, + gridDim.x, ... < total, and calls
 // body(layer, local) for each, where layer owns b (its blocks start at layer.*first) and local = b - layer.*first is
-// the block's index within the layer. A body that uses shared memory ends with __syncthreads: the next virtual block
-// reuses it.
+// the block's index within the layer (block_walk.h, whose index math csrc/tests/test_block_walk.cpp checks on the
+// CPU). A body that uses shared memory ends with __syncthreads: the next virtual block reuses it.
 template <typename Layer, typename Body>
 __device__ __forceinline__ void for_each_virtual_block(const Layer* layers, int count, int64_t Layer::* first,
                                                        int64_t total, const Body& body) {
-  int layer = 0;
-  for (int64_t b = blockIdx.x; b < total; b += gridDim.x) {
-    layer = advance_layer(layers, count, layer, b, first);
-    body(layers[layer], b - layers[layer].*first);
-  }
+  block_walk::walk_virtual_blocks(layers, count, first, total, blockIdx.x, gridDim.x, body);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1005,9 +992,10 @@ struct SplitPlan {
 // elements; limits are checked here, not in the kernels.
 void finish_split(SplitPlan& plan, int64_t reduced, int64_t wanted_splits, int64_t max_splits, int64_t blocks_x,
                   int64_t align = 1) {
-  int64_t splits = std::max<int64_t>(1, std::min({wanted_splits, max_splits, kMaxGridY}));
-  plan.chunk = ceil_div(ceil_div(reduced, splits), align) * align;
-  plan.splits = ceil_div(reduced, plan.chunk);
+  const block_walk::Split split =
+      block_walk::split_evenly(reduced, std::max<int64_t>(1, std::min({wanted_splits, max_splits, kMaxGridY})), align);
+  plan.chunk = split.chunk;
+  plan.splits = split.splits;
   TORCH_CHECK(blocks_x <= std::numeric_limits<int32_t>::max(), "sn_ext: weight too large for the CUDA kernels");
   plan.grid = dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(plan.splits));
 }
