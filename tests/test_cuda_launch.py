@@ -5,6 +5,7 @@ group, grouped launches chunk, a layer's forward is one launch, SN_EXT_CUDA_LAUN
 A test that runs a round mode on purpose has the mode in its id, so that benchmarks/gpu_check.sh can leave out a mode
 that failed its check (-k "not <mode>")."""
 
+import functools
 import sys
 from pathlib import Path
 
@@ -160,14 +161,24 @@ def test_module_forward_is_one_launch(legacy):
         assert _launches(lambda: layer.weight) == 1
 
 
+_ROUND_CASES = list(gpu_smoke.round_cases())
+
+
+@functools.cache
+def _cpu_ops(case, n, v_first):
+    """The CPU kernels' outputs for a round case, computed once for all round modes (gpu_check.sh's test step has a
+    time budget)."""
+    return gpu_smoke.all_ops(*_ROUND_CASES[case][2]("cpu"), n, v_first)
+
+
 @pytest.mark.parametrize("n,v_first", gpu_smoke.ROUND_RUNS, ids=str)
 @pytest.mark.parametrize("case", range(gpu_smoke.ROUND_CASES))
 @pytest.mark.parametrize("round_", gpu_smoke.ROUND_MODES)
 def test_round_modes_agree_with_the_cpu(round_, case, n, v_first):
     """Each path of the fused round and of the split round's loops (gpu_smoke.round_cases), in each round mode,
     u-first and v-first, against the CPU kernels; and the launch modes give the same bits."""
-    name, dtype, make = list(gpu_smoke.round_cases())[case]
-    expected = gpu_smoke.all_ops(*make("cpu"), n, v_first)
+    name, dtype, make = _ROUND_CASES[case]
+    expected = _cpu_ops(case, n, v_first)
     with round_mode(round_):
         got = gpu_smoke.all_ops(*make(DEVICE), n, v_first)
         with launch_mode("phased"):
