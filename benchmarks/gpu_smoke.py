@@ -214,9 +214,10 @@ def current_round() -> str:
     return os.environ.get(ROUND_ENV_VAR) or ROUND_MODES[0]
 
 
-# The rounds each case runs: u-first (the fused round, or the split one) and v-first (always split: under the fused
-# mode too, the split round's loops run here).
-ROUND_RUNS = [(1, False), (3, False), (1, True)]
+# The rounds each case runs (n, v_first): u-first (the fused round, or the split one), v-first (always split: under
+# the fused mode too, the split round's loops run here), and n = 0 (eval: sigma = u^T W v, W v by the split round's
+# matvec in every mode).
+ROUND_RUNS = [(1, False), (3, False), (1, True), (0, False)]
 
 
 def check_rounds(results: Results) -> None:
