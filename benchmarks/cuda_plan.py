@@ -4,13 +4,15 @@ against the minimum a fused spectral norm must move.
 
     python -m benchmarks.cuda_plan                 # the baseline shapes, float32, one power iteration, an H100/H200
     python -m benchmarks.cuda_plan --sms 132 --dtype bfloat16 --shape 300x200x3x3
-    python -m benchmarks.cuda_plan --round split   # the split u-first round (SN_EXT_CUDA_ROUND=split)
+    python -m benchmarks.cuda_plan --round split   # the split u-first round (SN_EXT_CUDA_ROUND=split; or split-scalar)
 
 The minimum, in weight-sized passes: the forward reads W twice (power iteration, then W / sigma: W v and W^T (W v)
 in one pass) and writes W_sn once; the backward reads G twice (<G, W_sn>, then the correction) and W_sn once and
 writes grad_W once; 7 passes per train step. "passes" counts what the kernels do: the fused round (the default,
 SN_EXT_CUDA_ROUND=fused) reads W once, or twice for rows wider than one register-held segment (the second read from
-L2); the split round reads W for W v and again for W^T u.
+L2); the split round reads W for W v and again for W^T u, in 16-byte packs where the rows are (a contiguous weight
+whose rows are a whole number of packs; its plans then count threads in packs), else, and under
+SN_EXT_CUDA_ROUND=split-scalar, one element at a time.
 Bytes are what the kernels read and write (MB), wherever it is served from: a weight that fits in the GPU's L2
 (50-60 MB on an H100/H200) is read again from there, not from device memory.
 
@@ -38,6 +40,7 @@ LAMBDA_ITEMS_PER_THREAD = 8
 FUSED_MIN_ROWS_PER_BLOCK = 8
 REDUCE_COLUMNS = 32
 Y_CHUNK = 8 * THREADS
+SPLIT_UNROLL = 4
 MIN_PASSES = {"forward": 3, "backward": 4}
 
 SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "1024x1024x3x3", "4096x4096"]
@@ -51,24 +54,25 @@ def _pow2_at_least(n: int, cap: int) -> int:
     return p
 
 
-def _split(reduced: int, wanted: int, max_splits: int) -> int:
+def _split(reduced: int, wanted: int, max_splits: int, align: int = 1) -> int:
     splits = max(1, min(wanted, max_splits, 65535))
-    chunk = math.ceil(reduced / splits)
+    chunk = math.ceil(math.ceil(reduced / splits) / align) * align
     return math.ceil(reduced / chunk)
 
 
-def matvec_blocks(rows: int, cols: int) -> tuple[int, int]:
-    """(virtual blocks, splits) of W v (plan_matvec)."""
+def matvec_blocks(rows: int, cols: int, pack: int = 1) -> tuple[int, int]:
+    """(virtual blocks, splits) of W v (plan_matvec; `pack`: elements per 16-byte pack on the packed path, else 1)."""
     splits = max(1, min(math.ceil(TARGET_BLOCKS / rows), math.ceil(cols / MIN_COLS_PER_SPLIT), 65535))
-    lanes = _pow2_at_least(math.ceil(cols / splits), THREADS)
-    splits = _split(cols, splits, splits)
+    per_thread = 1 if pack == 1 else pack * (SPLIT_UNROLL // 2 if pack == 8 else SPLIT_UNROLL)  # matvec_unroll
+    lanes = _pow2_at_least(math.ceil(math.ceil(cols / splits) / per_thread), THREADS)
+    splits = _split(cols, splits, splits, pack)
     return math.ceil(rows / (THREADS // lanes)) * splits, splits
 
 
-def rmatvec_blocks(rows: int, cols: int) -> tuple[int, int]:
+def rmatvec_blocks(rows: int, cols: int, pack: int = 1) -> tuple[int, int]:
     """(virtual blocks, splits) of W^T u (plan_rmatvec)."""
-    lanes = _pow2_at_least(cols, THREADS)
-    col_blocks = math.ceil(cols / lanes)
+    lanes = _pow2_at_least(cols // pack, THREADS)
+    col_blocks = math.ceil(cols // pack / lanes)
     row_lanes = THREADS // lanes
     splits = _split(rows, math.ceil(TARGET_BLOCKS / col_blocks), math.ceil(rows / (row_lanes * MIN_ROWS_PER_THREAD)))
     return col_blocks * splits, splits
@@ -87,8 +91,9 @@ def fused_segment(itemsize: int, cols: int) -> int:
     return (64 if packed else 32) // acc * THREADS
 
 
-def forward_round(rows: int, cols: int, itemsize: int, fused: bool) -> tuple[int, int, int, int]:
-    """One u-first round: (phases, the largest phase's virtual blocks, reads of W, other bytes: vectors and sums)."""
+def forward_round(rows: int, cols: int, itemsize: int, fused: bool, scalar: bool = False) -> tuple[int, int, int, int]:
+    """One u-first round: (phases, the largest phase's virtual blocks, reads of W, other bytes: vectors and sums);
+    `scalar`: the split round's scalar loops (split-scalar)."""
     acc = 8 if itemsize == 8 else 4
     vectors = itemsize * 2 * (rows + cols)
     if fused:
@@ -106,19 +111,23 @@ def forward_round(rows: int, cols: int, itemsize: int, fused: bool) -> tuple[int
         # the chunk sums and the normalization
         other = acc * (2 * cols * (blocks + 1) + rows * (3 + reduce_blocks)) + vectors
         return 3, max(phase_blocks), reads, other
-    mv, mv_splits = matvec_blocks(rows, cols)
-    rmv, rmv_splits = rmatvec_blocks(rows, cols)
+    pack = 16 // itemsize
+    pack = 1 if scalar or cols % pack else pack  # a contiguous weight: aligned, its rows packs when cols is
+    mv, mv_splits = matvec_blocks(rows, cols, pack)
+    rmv, rmv_splits = rmatvec_blocks(rows, cols, pack)
     return 4, max(mv, rmv), 2, acc * (mv_splits * rows + rmv_splits * cols) * 2 + vectors
 
 
-def plan(shape: tuple[int, ...], itemsize: int, sms: int, n: int = 1, fused: bool = True) -> list[dict]:
+def plan(
+    shape: tuple[int, ...], itemsize: int, sms: int, n: int = 1, fused: bool = True, scalar: bool = False
+) -> list[dict]:
     """One row per op: spectral_normalize_ (u-first, n rounds, fused or split) and spectral_normalize_backward, for
     dim 0."""
     rows, numel = shape[0], math.prod(shape)
     cols = numel // rows
     elementwise = max(1, min(math.ceil(numel / THREADS), sms * (2048 // THREADS)))
     resident = MIN_BLOCKS_PER_SM * sms
-    round_phases, round_blocks, round_reads, round_other = forward_round(rows, cols, itemsize, fused)
+    round_phases, round_blocks, round_reads, round_other = forward_round(rows, cols, itemsize, fused, scalar)
     lam = max(1, min(math.ceil(numel / (THREADS * LAMBDA_ITEMS_PER_THREAD)), MAX_LAMBDA_BLOCKS))
     acc = 8 if itemsize == 8 else 4
     w = numel * itemsize
@@ -146,11 +155,11 @@ def plan(shape: tuple[int, ...], itemsize: int, sms: int, n: int = 1, fused: boo
     return out
 
 
-def table(shapes: list[str], dtype: str, sms: int, fused: bool = True) -> str:
+def table(shapes: list[str], dtype: str, sms: int, fused: bool = True, scalar: bool = False) -> str:
     rows = []
     for text in shapes:
         shape = tuple(int(s) for s in text.split("x"))
-        ops = plan(shape, ITEMSIZE[dtype], sms, fused=fused)
+        ops = plan(shape, ITEMSIZE[dtype], sms, fused=fused, scalar=scalar)
         for r in ops:
             mb = [f"{r[k] / 1e6:.3g}" for k in ("bytes", "minimum bytes")]
             rows.append([text, *list(r.values())[:6], *mb, f"{r['bytes'] / r['minimum bytes']:.2f}"])
@@ -179,10 +188,19 @@ def main(argv=None) -> None:
     p.add_argument("--shape", action="append", help="weight shape, e.g. 300x200x3x3 (default: the baseline shapes)")
     p.add_argument("--dtype", default="float32", choices=list(ITEMSIZE))
     p.add_argument("--sms", type=int, default=132, help="the GPU's SM count (H100/H200 SXM: 132)")
-    p.add_argument("--round", default="fused", choices=["fused", "split"], help="the u-first round (SN_EXT_CUDA_ROUND)")
+    p.add_argument(
+        "--round",
+        default="fused",
+        choices=["fused", "split", "split-scalar"],
+        help="the round mode (SN_EXT_CUDA_ROUND)",
+    )
     args = p.parse_args(argv)
     print(f"{args.dtype}, one power iteration (u-first, {args.round} round), dim 0, {args.sms} SMs:\n")
-    print(table(args.shape or SHAPES, args.dtype, args.sms, fused=args.round == "fused"))
+    print(
+        table(
+            args.shape or SHAPES, args.dtype, args.sms, fused=args.round == "fused", scalar=args.round == "split-scalar"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (torch 2.11, Python 3.12, no package registry): builds sn_ext offline, then
-#   0. the fused u-first round (SN_EXT_CUDA_ROUND=fused, the default, never run on a GPU before) against the CPU
-#      kernels, as is the split round, in a process of its own ($OUT/rounds.json); if the fused round fails (or
-#      crashes), every later step runs with SN_EXT_CUDA_ROUND=split, and says so here and in summary.json;
+#   0. the round modes (SN_EXT_CUDA_ROUND, csrc/cuda/launch.h: fused, the default; split, whose loops read W in
+#      16-byte packs; split-scalar, the split round's earlier scalar loops; none had run on a GPU before) each against
+#      the CPU kernels, u-first and v-first, each in a process of its own ($OUT/rounds_<mode>.json); every later step
+#      runs with the first that passes in that order ($OUT/round_mode.json says which and why; so do the lines here
+#      and summary.json);
 #   1. the smoke step (benchmarks/gpu_smoke.py, ~1 minute): every op against the CPU kernels, cooperative vs phased
 #      launches bit for bit, CUDA-graph capture and replay of both, one layer's time against `W * 1.0` and against
 #      device copies: $OUT/smoke.json, written check by check, before anything long starts;
@@ -26,23 +28,34 @@ if ! (time MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps --n
 fi
 python3 -m sn_ext.info | tee "$OUT/info.json"
 
-# 0. The fused round, alone: a wrong or crashing kernel costs this step, not the run. On failure the later steps
-# also leave out the tests that run the fused round on purpose (-k "not fused"), which would fail again or, if it
-# crashes, take the CUDA context of the other tests in their process down with them.
-NOT_FUSED=""
-if timeout 60 python3 -m benchmarks.gpu_smoke --out "$OUT" --only check_rounds > "$OUT/rounds.log" 2>&1; then
-  echo '{"round": "fused"}' > "$OUT/round_mode.json"
-else
-  status=1
-  export SN_EXT_CUDA_ROUND=split
-  NOT_FUSED=" and not fused"
-  echo "rounds: the fused u-first round failed (rounds.json, rounds.log): every later step runs SN_EXT_CUDA_ROUND=split"
-  echo '{"round": "split", "why": "the fused round failed its smoke check (rounds.json)"}' > "$OUT/round_mode.json"
-fi
-grep -E "^check +False" "$OUT/rounds.log" | cut -c1-400 | tail -10
+# 0. The round modes, each alone: a wrong or crashing kernel costs its process, not the run. All three are checked
+# (the smoke step times those that passed side by side), within 75 s in all. The later steps also leave out the tests
+# that run a failed mode on purpose (-k "not <mode>"; "not split" leaves out split-scalar's too), which would fail
+# again or, if it crashes, take the CUDA context of the other tests in their process down with them.
+ROUND_MODES="fused split split-scalar"  # the order of preference (benchmarks/gpu_smoke.py: ROUND_MODES)
+PASSED="" NOT_FAILED=""
+round_start=$SECONDS
+for mode in $ROUND_MODES; do
+  left=$((75 - (SECONDS - round_start)))
+  if [ "$left" -ge 5 ] && SN_EXT_CUDA_ROUND=$mode timeout "$left" python3 -m benchmarks.gpu_smoke --out "$OUT" \
+    --only check_rounds > "$OUT/rounds_$mode.log" 2>&1; then
+    PASSED="$PASSED $mode"
+  else
+    status=1
+    NOT_FAILED="$NOT_FAILED and not ${mode%-scalar}"
+    grep -E "^check +False" "$OUT/rounds_$mode.log" | cut -c1-400 | tail -5
+  fi
+done
+# Writes round_mode.json (the mode, and why), says so on stderr, prints the mode.
+# shellcheck disable=SC2086
+ROUND=$(python3 -m benchmarks.gpu_summary --out "$OUT" --choose-round $PASSED) || { status=1; ROUND=split-scalar; }
+[ "$ROUND" = fused ] || status=1
+export SN_EXT_CUDA_ROUND=$ROUND
 
 # 1. Smoke: if this fails, its JSON says where, and the rest still runs (each step its own timeout).
-timeout 100 python3 -m benchmarks.gpu_smoke --out "$OUT" > "$OUT/smoke.log" 2>&1 || { status=1; echo "smoke: failed"; }
+# shellcheck disable=SC2086
+timeout 85 python3 -m benchmarks.gpu_smoke --out "$OUT" --time-rounds $PASSED > "$OUT/smoke.log" 2>&1 ||
+  { status=1; echo "smoke: failed"; }
 grep -E "^(check|timing) +(False|True)" "$OUT/smoke.log" | grep -v "^check  True" | cut -c1-400 | tail -30
 
 # 2. Tests. The per-op test files: their "cuda-..." and "triton-..." cases run on the GPU here (-k picks them by id).
@@ -51,7 +64,7 @@ OP_TESTS="tests/test_power_iteration.py tests/test_spectral_normalize.py tests/t
 # tests/test_cuda_launch.py) and grouped mode (all of its file, CPU cases included); up to 20 failures listed, for
 # one fix-and-rerun.
 # shellcheck disable=SC2086
-timeout 100 python3 -m pytest -q --maxfail=20 -rf -k "(cuda or grouped) and not triton$NOT_FUSED" \
+timeout 100 python3 -m pytest -q --maxfail=20 -rf -k "(cuda or grouped) and not triton$NOT_FAILED" \
   $OP_TESTS tests/test_spectral_normalize_grouped.py tests/test_cuda.py tests/test_cuda_launch.py \
   > "$OUT/test_cuda.log" 2>&1 || status=1
 tail -25 "$OUT/test_cuda.log"

@@ -5,11 +5,12 @@ keeps what came before.
 - correct: every op (spectral_normalize_ u-first and v-first with n = 0, 1, 3; power_iteration_;
   spectral_normalize_backward; the grouped ops on a 13-layer group) on a few shapes and dtypes, against the same op
   on the CPU (normwise relative error; the CPU kernels round u and v to the weight's dtype as the CUDA ones do);
-- rounds (first, alone with --only check_rounds in gpu_check.sh): the fused u-first round (SN_EXT_CUDA_ROUND=fused,
-  the default, first run on this GPU) and the split one each against the CPU, on shapes that take each of its paths
-  (one register-held segment or wider rows; 16-byte packs or single elements), and both timed side by side on a
-  4096x4096 float32 weight and a 512x512x3x3 one; gpu_check.sh runs everything after it with
-  SN_EXT_CUDA_ROUND=split when the fused round fails;
+- rounds (first, with --only check_rounds in gpu_check.sh, one process per round mode): the round mode that
+  SN_EXT_CUDA_ROUND names (fused, the default; split, whose loops read W in 16-byte packs; split-scalar, the split
+  round's earlier scalar loops) against the CPU, u-first and v-first, on shapes that take each path of the fused
+  round and of the split round's loops (one register-held segment or wider rows; 16-byte packs or single elements);
+  gpu_check.sh runs everything after it with the first mode that passed; the modes that passed (--time-rounds) are
+  timed side by side on a 4096x4096 float32 weight and a 512x512x3x3 one, u-first and v-first;
 - launch modes: cooperative and phased launches (SN_EXT_CUDA_LAUNCH) give the same bits, and a forward + backward
   captured in a CUDA graph replays to the eager result, in each mode;
 - fast: one layer's train step (forward + backward, eager float32) with sn_ext's cuda and triton backends and
@@ -17,7 +18,7 @@ keeps what came before.
   3.5 device-to-device copies of W (the 7 weight-sized passes a step must make; the goal: <= 1.25x).
 
     python -m benchmarks.gpu_smoke --out gpu_results
-    python -m benchmarks.gpu_smoke --out gpu_results --only check_rounds   # writes rounds.json instead
+    SN_EXT_CUDA_ROUND=split python -m benchmarks.gpu_smoke --out gpu_results --only check_rounds  # rounds_split.json
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from sn_ext import backends, ops
 
+from .gpu_summary import ROUND_MODES
 from .layer import make_layer, make_steps, weights_and_grads
 from .timing import Step, measure
 
@@ -57,7 +59,7 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=1) + "\n")
 
 
-ROUND_ENV_VAR = "SN_EXT_CUDA_ROUND"  # the u-first round: fused (default) or split (csrc/cuda/launch.h)
+ROUND_ENV_VAR = "SN_EXT_CUDA_ROUND"  # the round mode: fused (default), split or split-scalar (csrc/cuda/launch.h)
 
 
 @contextlib.contextmanager
@@ -150,66 +152,120 @@ def check_ops(results: Results) -> None:
 # whole float32 segment) or one element at a time (257x129x3: 387 columns), rows wider than one segment (40x4608,
 # 1x100003: also 392 normalization blocks and 3126 column-sum blocks), tall weights whose |y|^2 is added in several
 # chunks of 2048 rows (5000x33: 250 fused blocks of 20 rows), and (round_cases) a transposed weight: strided rows.
-ROUND_SHAPES = [(64, 3, 3, 3), (128, 128, 3, 3), (257, 129, 3), (40, 4608), (33, 4096), (1, 100003), (5000, 33)]
-ROUND_CASES = len(DTYPES) * (len(ROUND_SHAPES) + 1)
+# And of the split round's loops (matvec_block, rmatvec_block): packed with whole unrolled groups and a tail
+# (128x128x3x3, 40x4608), split columns whose chunks are rounded to whole packs (1x100000: 49 splits), packed columns
+# shared by 32 threads each (5000x32), scalar (257x129x3, 5000x33, 1x100003), and (round_cases) rows contiguous but
+# not 16-byte aligned (a storage offset of one element) and a strided v (the first matvec's x: scalar, the next
+# rounds' packed).
+ROUND_SHAPES = [
+    (64, 3, 3, 3),
+    (128, 128, 3, 3),
+    (257, 129, 3),
+    (40, 4608),
+    (33, 4096),
+    (1, 100003),
+    (1, 100000),
+    (5000, 33),
+    (5000, 32),
+]
+ROUND_CASES = len(DTYPES) * (len(ROUND_SHAPES) + 3)
+
+
+def _offset_by_one(w):
+    """w's values in a view one element into a buffer: rows contiguous, the data not 16-byte aligned."""
+    buffer = torch.empty(w.numel() + 1, dtype=w.dtype, device=w.device)
+    return buffer[1:].view(w.shape).copy_(w)
+
+
+def _strided(x):
+    """x's values in a view of every other element of a buffer."""
+    return torch.zeros(2 * x.numel(), dtype=x.dtype, device=x.device)[::2].copy_(x)
 
 
 def round_cases():
-    """ROUND_CASES cases (name, dtype, [weight, u, v, g] on the CPU) in float32/bfloat16/float64."""
+    """ROUND_CASES cases (name, dtype, make) in float32/bfloat16/float64: make(device) gives [weight, u, v, g] there,
+    the same values on every device."""
     for dtype in DTYPES:
         for shape in ROUND_SHAPES:
-            yield "x".join(map(str, shape)), dtype, inputs(shape, dtype)
-        w, u, v, g = inputs((200, 300), dtype)
-        yield "300x200 transposed", dtype, [w.t(), v, u, g.t()]
+            cpu = inputs(shape, dtype)
+            yield "x".join(map(str, shape)), dtype, lambda device, cpu=cpu: [t.to(device) for t in cpu]
+        transposed = inputs((200, 300), dtype)
+        yield (
+            "300x200 transposed",
+            dtype,
+            lambda device, t=transposed: [x.to(device) for x in (t[0].t(), t[2], t[1], t[3].t())],
+        )
+        offset = inputs((96, 200), dtype)
+        yield (
+            "96x200 offset by one",
+            dtype,
+            lambda device, t=offset: [_offset_by_one(t[0].to(device)), *(x.to(device) for x in t[1:])],
+        )
+        strided = inputs((160, 96), dtype)
+        yield (
+            "160x96 strided v",
+            dtype,
+            lambda device, t=strided: [*(x.to(device) for x in t[:2]), _strided(t[2].to(device)), t[3].to(device)],
+        )
+
+
+def current_round() -> str:
+    """The round mode this process runs: SN_EXT_CUDA_ROUND's, fused when unset."""
+    return os.environ.get(ROUND_ENV_VAR) or ROUND_MODES[0]
+
+
+# The rounds each case runs (n, v_first): u-first (the fused round, or the split one), v-first (always split: under
+# the fused mode too, the split round's loops run here), and n = 0 (eval: sigma = u^T W v, W v by the split round's
+# matvec in every mode).
+ROUND_RUNS = [(1, False), (3, False), (1, True), (0, False)]
 
 
 def check_rounds(results: Results) -> None:
-    for name, dtype, cpu in round_cases():
-        for n in (1, 3):
-            expected = all_ops(*cpu, n, False)
-            got, errors = {}, {}
-            for mode in ("fused", "split"):
-                with round_mode(mode):
-                    got[mode] = all_ops(*(t.cuda() for t in cpu), n, False)
-                errors[mode] = max(_rel(got[mode][k], expected[k]) for k in expected)
-            apart = max(_rel(got["fused"][k], got["split"][k]) for k in expected)
+    """The current round mode (current_round) against the CPU kernels on every round case."""
+    mode = current_round()
+    for name, dtype, make in round_cases():
+        for n, v_first in ROUND_RUNS:
+            expected = all_ops(*make("cpu"), n, v_first)
+            got = all_ops(*make("cuda"), n, v_first)
+            errors = {k: _rel(got[k], expected[k]) for k in expected}
             results.add(
                 "checks",
                 {
-                    "check": "round fused vs split",
+                    "check": "round vs cpu",
+                    "round": mode,
                     "shape": name,
                     "dtype": str(dtype).removeprefix("torch."),
                     "n": n,
-                    "fused_rel_err": errors["fused"],
-                    "split_rel_err": errors["split"],
-                    "fused_vs_split": apart,
-                    "ok": errors["fused"] <= DTYPES[dtype] and errors["split"] <= DTYPES[dtype],
+                    "v_first": v_first,
+                    "max_rel_err": max(errors.values()),
+                    "worst": max(errors, key=errors.get),
+                    "ok": max(errors.values()) <= DTYPES[dtype],
                 },
             )
 
 
-def time_rounds(results: Results) -> None:
-    """The forward (one u-first round, then W / sigma) with the fused and the split round, side by side; the split
-    round alone under SN_EXT_CUDA_ROUND=split (gpu_check.sh's fallback when the fused round failed its check)."""
+def time_rounds(results: Results, modes=ROUND_MODES) -> None:
+    """The forward (one round, then W / sigma), u-first and v-first, float32, with each of `modes` (those that passed
+    their check: gpu_check.sh's --time-rounds) side by side: which round and which split loops are faster."""
     device = torch.device("cuda")
-    modes = ("split",) if os.environ.get(ROUND_ENV_VAR) == "split" else ("fused", "split")
     for shape in [(4096, 4096), (512, 512, 3, 3)]:
         w, u, v, _ = (t.to(device) for t in inputs(shape, torch.float32))
-        times = {}
-        for mode in modes:
-            with round_mode(mode):
-                step = Step(lambda w=w, u=u, v=v: ops.spectral_normalize_(w, u, v, 0, 1, EPS))
-                times[mode] = measure([step], device, budget_s=0.2)["median_us"]
-        results.add(
-            "round_timings",
-            {
+        for v_first in (False, True):
+            times = {}
+            for mode in modes:
+                with round_mode(mode):
+                    step = Step(
+                        lambda w=w, u=u, v=v, v_first=v_first: ops.spectral_normalize_(w, u, v, 0, 1, EPS, v_first)
+                    )
+                    times[mode] = measure([step], device, budget_s=0.2)["median_us"]
+            record = {
                 "shape": "x".join(map(str, shape)),
-                "mode": "forward (spectral_normalize_, n = 1), float32: u-first round fused vs split",
-                "fused_us": times.get("fused"),
-                "split_us": times["split"],
-                "fused_over_split": round(times["fused"] / times["split"], 3) if "fused" in times else None,
-            },
-        )
+                "mode": f"forward (spectral_normalize_, n = 1, {'v' if v_first else 'u'}-first), float32",
+                **{f"{mode}_us": t for mode, t in times.items()},
+            }
+            if times:
+                record["fastest"] = min(times, key=times.get)
+            results.add("round_timings", record)
 
 
 def check_grouped(results: Results) -> None:
@@ -302,8 +358,9 @@ def time_layers(results: Results) -> None:
 
 
 PARTS = {f.__name__: f for f in (check_rounds, time_rounds, check_ops, check_grouped, check_graphs, time_layers)}
-# The round checks run first and alone (--only check_rounds, rounds.json): a fused round that crashes the process
-# or the CUDA context then leaves the other checks to a process run with SN_EXT_CUDA_ROUND=split (gpu_check.sh).
+# The round checks run first, one process per mode (--only check_rounds, rounds_<mode>.json): a round mode that
+# crashes the process or the CUDA context then leaves the other checks to processes run with the first mode that
+# passed (gpu_check.sh).
 DEFAULT_PARTS = ["time_rounds", "check_ops", "check_grouped", "check_graphs", "time_layers"]
 
 
@@ -311,17 +368,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_smoke", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("gpu_results"))
     p.add_argument("--only", action="append", choices=list(PARTS), help="run these parts (default: all but rounds)")
+    p.add_argument(
+        "--time-rounds",
+        nargs="*",
+        choices=ROUND_MODES,
+        default=ROUND_MODES,
+        metavar="MODE",
+        help="the round modes time_rounds times (default: all; gpu_check.sh: those that passed their check)",
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     parts = args.only or DEFAULT_PARTS
-    results = Results(args.out / ("rounds.json" if parts == ["check_rounds"] else "smoke.json"))
+    results = Results(args.out / (f"rounds_{current_round()}.json" if parts == ["check_rounds"] else "smoke.json"))
     results.data["device"] = torch.cuda.get_device_name()
-    results.data["round"] = os.environ.get(ROUND_ENV_VAR) or "fused"
+    results.data["round"] = current_round()
     failed = False
     for part in (PARTS[name] for name in parts):
         start = time.perf_counter()
         try:
-            part(results)
+            part(results, args.time_rounds) if part is time_rounds else part(results)
         except Exception:
             failed = True
             results.add("checks", {"check": part.__name__, "ok": False, "error": traceback.format_exc()[-2000:]})

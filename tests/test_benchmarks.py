@@ -272,9 +272,9 @@ def test_gpu_summary_rewrites_the_readme_table(tmp_path):
     }
     (tmp_path / "smoke.json").write_text(json.dumps(smoke))
     # The fused round failed its check: gpu_check.sh ran the rest with SN_EXT_CUDA_ROUND=split and said so.
-    rounds = {"checks": [{"check": "round fused vs split", "shape": "40x4608", "ok": False}]}
-    (tmp_path / "rounds.json").write_text(json.dumps(rounds))
-    (tmp_path / "round_mode.json").write_text(json.dumps({"round": "split", "why": "the fused round failed"}))
+    rounds = {"checks": [{"check": "round vs cpu", "round": "fused", "shape": "40x4608", "ok": False}]}
+    (tmp_path / "rounds_fused.json").write_text(json.dumps(rounds))
+    gpu_summary.main(["--out", str(tmp_path), "--choose-round", "split", "split-scalar"])
     (tmp_path / "test_cuda.log").write_text("....\n===== 41 passed, 2 failed in 12.0s =====\n")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{gpu_summary.START}\nnot measured yet\n{gpu_summary.END}\n\nafter\n")
@@ -285,10 +285,65 @@ def test_gpu_summary_rewrites_the_readme_table(tmp_path):
     assert summary["tests"] == {"test_cuda": "41 passed, 2 failed in 12.0s"}
     text = readme.read_text()
     assert "not measured yet" not in text and text.endswith("after\n") and "NVIDIA H200" in text
-    assert "u-first round split" in text
+    assert "round mode split (the first that passed its check; failed: fused" in text
     assert "| 64x3x3x3 | 10.0 | 120.0 | 12.5 | failed |" in text and "| 1.1 |" in text
     gpu_summary.main(["--out", str(tmp_path), "--readme", str(readme)])  # idempotent: one table
     assert readme.read_text().count(gpu_summary.START) == 1
+
+
+# gpu_check.sh on this machine: every command it runs through `python3` is this stand-in's, which logs its arguments
+# and SN_EXT_CUDA_ROUND, fails the round check of the modes in FAKE_FAILING, and runs gpu_summary for real.
+FAKE_PYTHON3 = """#!/usr/bin/env bash
+echo "python3 $* [${SN_EXT_CUDA_ROUND-unset}]" >> "$FAKE_LOG"
+case "$*" in
+  *benchmarks.gpu_summary*) exec "$REAL_PYTHON" "$@" ;;
+  *"--only check_rounds"*) case " $FAKE_FAILING " in *" $SN_EXT_CUDA_ROUND "*) exit 1 ;; esac ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize(
+    "failing,chosen",
+    [("", "fused"), ("fused", "split"), ("fused split", "split-scalar"), ("fused split split-scalar", "split-scalar")],
+)
+def test_gpu_check_falls_back_to_the_first_round_mode_that_passes(tmp_path, failing, chosen):
+    """benchmarks/gpu_check.sh's step 0 with stand-in checks: each round mode checked in a process of its own, in
+    order; every later step runs with the first that passed (or split-scalar if none did), leaves out the failed
+    modes' tests, times the modes that passed; round_mode.json and summary.json say which and why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON3)
+    (bin_dir / "python3").chmod(0o755)
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_LOG": str(log),
+        "FAKE_FAILING": failing,
+        "REAL_PYTHON": sys.executable,
+        "OUT": str(out),
+    }
+    env.pop("SN_EXT_CUDA_ROUND", None)
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == (0 if chosen == "fused" else 1), done.stdout + done.stderr
+    calls = log.read_text().splitlines()
+    checks = [c for c in calls if "--only check_rounds" in c]
+    assert [c.rsplit("[", 1)[1] for c in checks] == ["fused]", "split]", "split-scalar]"]
+    record = json.loads((out / "round_mode.json").read_text())
+    assert record["round"] == chosen and record["failed"] == failing.split()
+    assert f"SN_EXT_CUDA_ROUND={chosen} for every later step" in done.stderr
+    later = calls[calls.index(next(c for c in calls if "gpu_summary --out" in c and "--choose-round" in c)) + 1 :]
+    assert later and all(c.endswith(f"[{chosen}]") for c in later), later
+    (smoke,) = [c for c in later if "benchmarks.gpu_smoke" in c]
+    passed = [m for m in ("fused", "split", "split-scalar") if m not in failing.split()]
+    assert smoke.split("--time-rounds")[1].split("[")[0].split() == passed
+    (cuda_tests,) = [c for c in later if "pytest" in c and "test_cuda.py" in c]
+    for mode in failing.split():
+        assert f"and not {mode.removesuffix('-scalar')}" in cuda_tests
+    assert failing or "and not triton tests/" in cuda_tests  # no mode left out when none failed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["round"] == record
 
 
 def test_cuda_plan_uses_the_kernels_constants():
@@ -315,6 +370,7 @@ def test_cuda_plan_uses_the_kernels_constants():
     assert cuda_plan.FUSED_MIN_ROWS_PER_BLOCK == constant("kFusedMinRowsPerBlock")
     assert cuda_plan.REDUCE_COLUMNS == constant("kReduceColumns")
     assert cuda_plan.Y_CHUNK == constant("kYChunk")
+    assert cuda_plan.SPLIT_UNROLL == constant("kSplitUnroll")
     small, large = cuda_plan.plan((64, 3, 3, 3), 4, 132), cuda_plan.plan((4096, 4096), 4, 132)
     assert [r["grid barriers"] for r in small] == [0, 0] and [r["grid barriers"] for r in large] == [3, 2]
     assert sum(r["minimum passes"] for r in large) == 7 and large[0]["blocks"] == "396"

@@ -1,8 +1,11 @@
 """How the CUDA kernels launch (csrc/cuda/launch.h, common.cuh): cooperative and phased launches give the same bits,
 both capture into a CUDA graph, the one-block size class gives a layer the same bits as a multi-block launch of its
-group, grouped launches chunk, a layer's forward is one launch, SN_EXT_CUDA_LAUNCH is checked, and the fused and split
-u-first rounds (SN_EXT_CUDA_ROUND) both agree with the CPU kernels. Needs a GPU and a CUDA build of sn_ext."""
+group, grouped launches chunk, a layer's forward is one launch, SN_EXT_CUDA_LAUNCH is checked, and the round modes
+(SN_EXT_CUDA_ROUND: fused, split, split-scalar) all agree with the CPU kernels. Needs a GPU and a CUDA build of sn_ext.
+A test that runs a round mode on purpose has the mode in its id, so that benchmarks/gpu_check.sh can leave out a mode
+that failed its check (-k "not <mode>")."""
 
+import functools
 import sys
 from pathlib import Path
 
@@ -130,7 +133,7 @@ def _launches(call) -> int:
 @pytest.mark.parametrize(
     "round_,v_first,n,phased_launches",
     [("fused", False, 1, 4), ("fused", False, 2, 7), ("split", False, 1, 5), ("split", False, 2, 9)]
-    + [("fused", True, 1, 5)],
+    + [("split-scalar", False, 1, 5), ("fused", True, 1, 5), ("split-scalar", True, 2, 9)],
     ids=str,
 )
 def test_phased_launches_one_kernel_per_phase(round_, v_first, n, phased_launches):
@@ -158,31 +161,39 @@ def test_module_forward_is_one_launch(legacy):
         assert _launches(lambda: layer.weight) == 1
 
 
-@pytest.mark.parametrize("n", [1, 3])
+_ROUND_CASES = list(gpu_smoke.round_cases())
+
+
+@functools.cache
+def _cpu_ops(case, n, v_first):
+    """The CPU kernels' outputs for a round case, computed once for all round modes (gpu_check.sh's test step has a
+    time budget)."""
+    return gpu_smoke.all_ops(*_ROUND_CASES[case][2]("cpu"), n, v_first)
+
+
+@pytest.mark.parametrize("n,v_first", gpu_smoke.ROUND_RUNS, ids=str)
 @pytest.mark.parametrize("case", range(gpu_smoke.ROUND_CASES))
-def test_fused_and_split_rounds_agree_with_the_cpu(case, n):
-    """Each path of the fused round (gpu_smoke.round_cases) and the split round, against the CPU kernels; and the
-    launch modes give the fused round the same bits."""
-    name, dtype, cpu = list(gpu_smoke.round_cases())[case]
-    expected = gpu_smoke.all_ops(*cpu, n, False)
-    got = {}
-    for mode in ("fused", "split"):
-        with round_mode(mode):
-            got[mode] = gpu_smoke.all_ops(*(t.to(DEVICE) for t in cpu), n, False)
-        for key, value in got[mode].items():
-            assert gpu_smoke._rel(value, expected[key]) <= gpu_smoke.DTYPES[dtype], (name, mode, key)
-    with round_mode("fused"), launch_mode("phased"):
-        phased = gpu_smoke.all_ops(*(t.to(DEVICE) for t in cpu), n, False)
-    for key, value in got["fused"].items():
+@pytest.mark.parametrize("round_", gpu_smoke.ROUND_MODES)
+def test_round_modes_agree_with_the_cpu(round_, case, n, v_first):
+    """Each path of the fused round and of the split round's loops (gpu_smoke.round_cases), in each round mode,
+    u-first and v-first, against the CPU kernels; and the launch modes give the same bits."""
+    name, dtype, make = _ROUND_CASES[case]
+    expected = _cpu_ops(case, n, v_first)
+    with round_mode(round_):
+        got = gpu_smoke.all_ops(*make(DEVICE), n, v_first)
+        with launch_mode("phased"):
+            phased = gpu_smoke.all_ops(*make(DEVICE), n, v_first)
+    for key, value in got.items():
+        assert gpu_smoke._rel(value, expected[key]) <= gpu_smoke.DTYPES[dtype], (name, key)
         assert torch.equal(value, phased[key]), (name, key)
 
 
 def test_round_mode_is_checked_and_reported():
     w, u, v = _inputs((512, 512, 3, 3))
-    with round_mode("sideways"), pytest.raises(RuntimeError, match="SN_EXT_CUDA_ROUND must be fused or split"):
+    with round_mode("sideways"), pytest.raises(RuntimeError, match="SN_EXT_CUDA_ROUND must be fused, split or split-"):
         ops.spectral_normalize_(w, u, v, 0, 1, EPS)
     device = torch.cuda.current_device()
-    for mode in ("fused", "split"):
+    for mode in gpu_smoke.ROUND_MODES:
         with round_mode(mode):
             assert _library.cuda_launch(device).endswith(f"u-first rounds {mode} (SN_EXT_CUDA_ROUND)")
 

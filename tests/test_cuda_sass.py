@@ -131,3 +131,24 @@ def test_fused_round_reads_rows_in_16_byte_packs():
         if not two_byte:
             runs = sorted(_load_runs(code), reverse=True)
             assert runs[:3] >= ([packs, 4, 2] if float32 else [packs]), (name, runs)
+
+
+def test_split_round_loops_read_16_byte_packs():
+    """The split round's loops (matvec_block, rmatvec_block in csrc/cuda/common.cuh: every v-first round, and the
+    u-first round under SN_EXT_CUDA_ROUND=split) read W in 16-byte packs where the rows are contiguous and aligned:
+    W v loads matvec_unroll packs of W and as many of x per step (4 and 4; 2 and 2 for float16/bfloat16, which spilled
+    at 4), W^T u kSplitUnroll = 4 rows' packs, all before it adds them. On top of the fused round's and W / sigma's
+    (test_fused_round_reads_rows_in_16_byte_packs: 13 LDG.E.128 for float32, 9 for float64, 7 for the 2-byte dtypes)
+    at least 2 * 4 + 4 more (2 * 2 + 4 for the 2-byte dtypes), and more runs of 4 loads in flight: 4 in all for
+    float32 (the fused round's 2), 3 for float64 (1), 1 for the 2-byte dtypes (0). The scalar loops, which
+    SN_EXT_CUDA_ROUND=split-scalar keeps, have none; the kernels before the packed loops fail this test."""
+    found = {name: code for name, code in _sass().items() if "forward_kernel" in name}
+    assert len(found) == 16, sorted(found)
+    for name, code in found.items():
+        two_byte = "Half" in name or "BFloat16" in name
+        float32 = "forward_kernelIff" in name
+        fused_and_divide = 13 if float32 else 7 if two_byte else 9
+        split = 2 * 2 + 4 if two_byte else 2 * 4 + 4
+        assert code.count("LDG.E.128") >= fused_and_divide + split, (name, code.count("LDG.E.128"))
+        runs_of_4 = sum(1 for run in _load_runs(code) if run >= 4)
+        assert runs_of_4 >= (4 if float32 else 1 if two_byte else 3), (name, _load_runs(code))

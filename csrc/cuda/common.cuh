@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "../matrix_view.h"
+#include "block_walk.h"
 #include "kernels.h"
 #include "launch.h"
 
@@ -63,9 +64,7 @@ constexpr size_t kMaxParameterBytes = 4096;
 constexpr int64_t kOneBlockMaxNumel = int64_t(1) << 16;
 constexpr int64_t kElementsPerThread = 8;
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+using block_walk::ceil_div;
 
 // Smallest power of 2 >= n, capped at `cap` (a power of 2).
 int pow2_at_least(int64_t n, int cap) {
@@ -87,6 +86,13 @@ struct View3d {
 View3d view_of(const at::Tensor& t3) {
   return {t3.size(0), t3.size(1), t3.size(2), t3.stride(0), t3.stride(1), t3.stride(2)};
 }
+
+// 16 bytes of a contiguous, 16-byte aligned tensor: one LDG.E.128 / STG.E.128 (the packed paths below).
+template <typename scalar_t>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(scalar_t);
+  scalar_t val[kSize];
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Reductions inside a block (fixed shuffle and tree patterns: deterministic for a given block size)
@@ -159,26 +165,14 @@ __device__ __forceinline__ void phase_barrier(bool one_block) {
 // ---------------------------------------------------------------------------------------------------------------
 // A launch's layers
 
-// The layer that owns virtual block b of a phase, searching on from `layer` (b only grows within a phase).
-template <typename Layer>
-__device__ __forceinline__ int advance_layer(const Layer* layers, int count, int layer, int64_t b,
-                                             int64_t Layer::* first) {
-  while (layer + 1 < count && layers[layer + 1].*first <= b) ++layer;
-  return layer;
-}
-
 // Every phase's walk over its virtual blocks: this block takes b = blockIdx.x, + gridDim.x, ... < total, and calls
 // body(layer, local) for each, where layer owns b (its blocks start at layer.*first) and local = b - layer.*first is
-// the block's index within the layer. A body that uses shared memory ends with __syncthreads: the next virtual block
-// reuses it.
+// the block's index within the layer (block_walk.h, whose index math csrc/tests/test_block_walk.cpp checks on the
+// CPU). A body that uses shared memory ends with __syncthreads: the next virtual block reuses it.
 template <typename Layer, typename Body>
 __device__ __forceinline__ void for_each_virtual_block(const Layer* layers, int count, int64_t Layer::* first,
                                                        int64_t total, const Body& body) {
-  int layer = 0;
-  for (int64_t b = blockIdx.x; b < total; b += gridDim.x) {
-    layer = advance_layer(layers, count, layer, b, first);
-    body(layers[layer], b - layers[layer].*first);
-  }
+  block_walk::walk_virtual_blocks(layers, count, first, total, blockIdx.x, gridDim.x, body);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -194,13 +188,33 @@ struct MatvecArgs {
   int64_t x_stride;
   acc_t* partial;  // (splits, rows): partial[s * rows + i] = sum over split s's columns c of Wm[i, c] x[c]
   int lanes;       // threads per row: a power of 2 <= kThreads; kThreads / lanes rows per block
-  int64_t chunk;   // columns per split
+  int64_t chunk;   // columns per split (a whole number of packs for matvec_block's packed loop: plan_matvec)
 };
 
-// y = Wm x. Threads of a row walk consecutive columns, so a contiguous row is read coalesced.
+// The end of a matvec block: a row's threads' sums added (a fixed shuffle tree, then the warps in order) and
+// stored as the row's partial sum of this split. Every thread of the block must call it.
 template <typename scalar_t, typename acc_t>
-__device__ void matvec_block(const MatvecArgs<scalar_t, acc_t>& a, int64_t row_block, int64_t split) {
+__device__ __forceinline__ void store_row_sum(const MatvecArgs<scalar_t, acc_t>& a, acc_t sum, int64_t i, int tx,
+                                              int ty, int64_t split) {
   __shared__ acc_t warp_sums[kThreads / 32];
+  const int lanes = a.lanes;
+  sum = group_sum(sum, std::min(lanes, 32));
+  if (lanes > 32) {  // a row spans several warps: add their sums in warp order
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (tx == 0) {
+      const int per_row = lanes / 32;
+      sum = 0;
+      for (int k = 0; k < per_row; ++k) sum += warp_sums[ty * per_row + k];
+    }
+  }
+  if (tx == 0 && i < a.view.rows) a.partial[split * a.view.rows + i] = sum;
+}
+
+// y = Wm x, the scalar loop (SN_EXT_CUDA_ROUND=split-scalar, and the strided views of the split round): threads of
+// a row walk consecutive columns, so a contiguous row is read coalesced; one load in flight per thread.
+template <typename scalar_t, typename acc_t>
+__device__ void matvec_block_scalar(const MatvecArgs<scalar_t, acc_t>& a, int64_t row_block, int64_t split) {
   const View3d& m = a.view;
   const int lanes = a.lanes;
   const int tx = threadIdx.x % lanes, ty = threadIdx.x / lanes;
@@ -223,17 +237,68 @@ __device__ void matvec_block(const MatvecArgs<scalar_t, acc_t>& a, int64_t row_b
       }
     }
   }
-  sum = group_sum(sum, std::min(lanes, 32));
-  if (lanes > 32) {  // a row spans several warps: add their sums in warp order
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
-    __syncthreads();
-    if (tx == 0) {
-      const int per_row = lanes / 32;
-      sum = 0;
-      for (int k = 0; k < per_row; ++k) sum += warp_sums[ty * per_row + k];
+  store_row_sum(a, sum, i, tx, ty, split);
+}
+
+// The split round's loops over 16-byte packs (matvec_block, rmatvec_block): how many packs of W a thread loads before
+// it uses any (64 bytes in flight per thread; the scalar loops had one element). matvec_block also loads as many
+// packs of x: for the 2-byte dtypes, whose x values take twice the registers once converted to float, half as many
+// (4 made ptxas spill the bfloat16 kernels).
+constexpr int kSplitUnroll = 4;
+
+__host__ __device__ constexpr int matvec_unroll(int pack) {
+  return pack == 8 ? kSplitUnroll / 2 : kSplitUnroll;
+}
+
+// y = Wm x, the split round's loop: with 16-byte loads where `packed` (W's rows contiguous and 16-byte aligned and cols
+// a whole number of packs: rows_packable, checked on the host, which also makes every split's chunk a whole number
+// of packs: plan_matvec) and x contiguous and aligned (checked here: the input v may be any view); else the scalar
+// loop. Thread tx of a row reads packs tx, tx + lanes, ... of its split kSplitUnroll at a time, W's and x's, into as
+// many independent sums, added in a fixed order at the end: deterministic. No index arithmetic beyond a pack index.
+template <typename scalar_t, typename acc_t>
+__device__ void matvec_block(const MatvecArgs<scalar_t, acc_t>& a, bool packed, int64_t row_block, int64_t split) {
+  using P = Pack<scalar_t>;
+  if (!packed || a.x_stride != 1 || reinterpret_cast<uintptr_t>(a.x) % sizeof(P) != 0) {
+    matvec_block_scalar(a, row_block, split);
+    return;
+  }
+  constexpr int kUnroll = matvec_unroll(P::kSize);
+  const View3d& m = a.view;
+  const int lanes = a.lanes;
+  const int tx = threadIdx.x % lanes, ty = threadIdx.x / lanes;
+  const int64_t i = row_block * (kThreads / lanes) + ty;
+  const int64_t k_end = std::min(m.cols(), (split + 1) * a.chunk) / P::kSize;
+  acc_t sums[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) sums[u] = 0;
+  if (i < m.rows) {
+    const P* w_row = reinterpret_cast<const P*>(a.w + i * m.s_row);
+    const P* x = reinterpret_cast<const P*>(a.x);
+    const auto add = [](acc_t& sum, const P& w, const P& xs) {
+#pragma unroll
+      for (int j = 0; j < P::kSize; ++j) sum += static_cast<acc_t>(w.val[j]) * static_cast<acc_t>(xs.val[j]);
+    };
+    int64_t k = split * a.chunk / P::kSize + tx;
+    for (; k + (kUnroll - 1) * lanes < k_end; k += kUnroll * lanes) {
+      P w[kUnroll], xs[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        w[u] = w_row[k + u * lanes];
+        xs[u] = x[k + u * lanes];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) add(sums[u], w[u], xs[u]);
+    }
+    // Fewer than kUnroll packs left: each into its own sum (a constant index: the sums stay in registers).
+#pragma unroll
+    for (int u = 0; u < kUnroll - 1; ++u) {
+      if (k + u * lanes < k_end) add(sums[u], w_row[k + u * lanes], x[k + u * lanes]);
     }
   }
-  if (tx == 0 && i < m.rows) a.partial[split * m.rows + i] = sum;
+  acc_t sum = sums[0];
+#pragma unroll
+  for (int u = 1; u < kUnroll; ++u) sum += sums[u];
+  store_row_sum(a, sum, i, tx, ty, split);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -243,14 +308,16 @@ struct RmatvecArgs {
   const scalar_t* y;  // (rows,) with stride y_stride
   int64_t y_stride;
   acc_t* partial;  // (splits, cols): partial[s * cols + c] = sum over split s's rows i of Wm[i, c] y[i]
-  int lanes;       // threads per column group: a power of 2 <= kThreads; kThreads / lanes threads per column
-  int64_t chunk;   // rows per split
+  int lanes;      // threads per column group (per pack group in rmatvec_block's packed loop): a power of 2 <= kThreads;
+                  // kThreads / lanes threads per column
+  int64_t chunk;  // rows per split
 };
 
-// z = Wm^T y. Adjacent threads own adjacent columns (coalesced for a contiguous row); when there are fewer
+// z = Wm^T y, the scalar loop (SN_EXT_CUDA_ROUND=split-scalar, and the split round's views that rmatvec_block cannot
+// read in packs). Adjacent threads own adjacent columns (coalesced for a contiguous row); when there are fewer
 // columns than threads, several threads share a column and their sums are added in a fixed tree.
 template <typename scalar_t, typename acc_t>
-__device__ void rmatvec_block(const RmatvecArgs<scalar_t, acc_t>& a, int64_t col_block, int64_t split) {
+__device__ void rmatvec_block_scalar(const RmatvecArgs<scalar_t, acc_t>& a, int64_t col_block, int64_t split) {
   __shared__ acc_t sums[kThreads];
   const View3d& m = a.view;
   const int lanes = a.lanes, row_lanes = kThreads / lanes;
@@ -273,6 +340,69 @@ __device__ void rmatvec_block(const RmatvecArgs<scalar_t, acc_t>& a, int64_t col
     __syncthreads();
   }
   if (ty == 0 && c < cols) a.partial[split * cols + c] = sums[tx];
+}
+
+// z = Wm^T y, the split round's loop: with 16-byte loads where `packed` (rows_packable, checked on the host;
+// plan_rmatvec then counts its threads in packs), else the scalar loop. Thread tx owns pack col_block * lanes + tx of
+// every row (P::kSize adjacent columns, a sum each) and walks its split's rows ty, ty + kThreads / lanes, ..., loading
+// kSplitUnroll rows' packs before it adds them, in row order (the order of a loop without unrolling); the threads that
+// share a pack add their sums in a fixed tree, as rmatvec_block_scalar. No index arithmetic beyond pointer adds.
+template <typename scalar_t, typename acc_t>
+__device__ void rmatvec_block(const RmatvecArgs<scalar_t, acc_t>& a, bool packed, int64_t col_block, int64_t split) {
+  if (!packed) {
+    rmatvec_block_scalar(a, col_block, split);
+    return;
+  }
+  using P = Pack<scalar_t>;
+  __shared__ acc_t tree[P::kSize][kThreads];
+  const View3d& m = a.view;
+  const int lanes = a.lanes, row_lanes = kThreads / lanes;
+  const int tx = threadIdx.x % lanes, ty = threadIdx.x / lanes;
+  const int64_t cols = m.cols(), k = col_block * lanes + tx;
+  const int64_t i_end = std::min(m.rows, (split + 1) * a.chunk);
+  acc_t sums[P::kSize];
+#pragma unroll
+  for (int j = 0; j < P::kSize; ++j) sums[j] = 0;
+  if (k < cols / P::kSize) {
+    int64_t i = split * a.chunk + ty;
+    // Row i's pack k is at w[i * row_packs + k]; a view of one row may have any s_row, but only row 0 is read then.
+    const int64_t row_packs = m.rows == 1 ? 0 : m.s_row / P::kSize;
+    const P* w = reinterpret_cast<const P*>(a.w) + i * row_packs + k;
+    const scalar_t* y = a.y + i * a.y_stride;
+    const int64_t w_step = row_lanes * row_packs, y_step = row_lanes * a.y_stride;
+    const auto add = [&](const P& wi, acc_t yi) {
+#pragma unroll
+      for (int j = 0; j < P::kSize; ++j) sums[j] += static_cast<acc_t>(wi.val[j]) * yi;
+    };
+    for (; i + (kSplitUnroll - 1) * row_lanes < i_end; i += kSplitUnroll * row_lanes) {
+      P wi[kSplitUnroll];
+      acc_t yi[kSplitUnroll];
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) {
+        wi[u] = w[u * w_step];
+        yi[u] = static_cast<acc_t>(y[u * y_step]);
+      }
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) add(wi[u], yi[u]);
+      w += kSplitUnroll * w_step;
+      y += kSplitUnroll * y_step;
+    }
+    for (; i < i_end; i += row_lanes, w += w_step, y += y_step) add(*w, static_cast<acc_t>(*y));
+  }
+#pragma unroll
+  for (int j = 0; j < P::kSize; ++j) tree[j][threadIdx.x] = sums[j];
+  __syncthreads();
+  for (int half = row_lanes / 2; half > 0; half >>= 1) {
+    if (ty < half) {
+#pragma unroll
+      for (int j = 0; j < P::kSize; ++j) tree[j][threadIdx.x] += tree[j][threadIdx.x + half * lanes];
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && k < cols / P::kSize) {
+#pragma unroll
+    for (int j = 0; j < P::kSize; ++j) a.partial[split * cols + k * P::kSize + j] = tree[j][tx];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -388,12 +518,7 @@ __device__ void dot_block(const acc_t* partial, int64_t splits, const Vectors<sc
 // host: packable()), the elementwise passes move 16 bytes per access (LDG.E.128 / STG.E.128), two accesses in flight
 // per thread, with no index arithmetic per element: element e is at offset e. Pack k holds elements
 // [k * kSize, (k + 1) * kSize); a block walks packs block * kThreads + t, + blocks * kThreads, ... and the elements
-// after the last whole pack go one per thread (the tail).
-template <typename scalar_t>
-struct alignas(16) Pack {
-  static constexpr int kSize = 16 / sizeof(scalar_t);
-  scalar_t val[kSize];
-};
+// after the last whole pack go one per thread (the tail). Pack: see above.
 
 // Walks this block's whole packs two at a time, body(k0, k1) (two loads in flight; k1 = -1 for a last single pack),
 // then calls tail(e) for this block's elements after the last whole pack, in [packs * kSize, numel).
@@ -496,7 +621,7 @@ __device__ __forceinline__ int64_t fused_column(int64_t segment, int e) {
 }
 
 // This thread's elements of a row's segment, 0 past the row's end, all loads issued before any is used.
-// kPacked: the row is contiguous and 16-byte aligned and cols a whole number of packs (fused_packable), so that a
+// kPacked: the row is contiguous and 16-byte aligned and cols a whole number of packs (rows_packable), so that a
 // pack lies wholly inside or outside the row: kFusedElements / kSize 16-byte loads in flight. Else kFusedElements
 // single loads, their (o, r) = divmod(column, inner) stepped along without a division per element.
 template <typename scalar_t, int kElements>
@@ -863,30 +988,37 @@ struct SplitPlan {
   dim3 grid;
 };
 
-// Picks the split so that the last piece is never empty; limits are checked here, not in the kernels.
-void finish_split(SplitPlan& plan, int64_t reduced, int64_t wanted_splits, int64_t max_splits, int64_t blocks_x) {
-  int64_t splits = std::max<int64_t>(1, std::min({wanted_splits, max_splits, kMaxGridY}));
-  plan.chunk = ceil_div(reduced, splits);
-  plan.splits = ceil_div(reduced, plan.chunk);
+// Picks the split so that the last piece is never empty, each piece (but the last) a whole number of `align`
+// elements; limits are checked here, not in the kernels.
+void finish_split(SplitPlan& plan, int64_t reduced, int64_t wanted_splits, int64_t max_splits, int64_t blocks_x,
+                  int64_t align = 1) {
+  const block_walk::Split split =
+      block_walk::split_evenly(reduced, std::max<int64_t>(1, std::min({wanted_splits, max_splits, kMaxGridY})), align);
+  plan.chunk = split.chunk;
+  plan.splits = split.splits;
   TORCH_CHECK(blocks_x <= std::numeric_limits<int32_t>::max(), "sn_ext: weight too large for the CUDA kernels");
   plan.grid = dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(plan.splits));
 }
 
-SplitPlan plan_matvec(const View3d& m) {
+// The split products' plans. `pack`: the elements of a 16-byte pack where matvec_block and rmatvec_block read W in
+// packs (rows_packable), 1 for the scalar loops. Packed, matvec's splits are whole packs, and its threads per row
+// about what gives each kSplitUnroll packs; rmatvec's threads own a pack of columns each.
+SplitPlan plan_matvec(const View3d& m, int64_t pack) {
   SplitPlan plan;
   const int64_t cols = m.cols();
   const int64_t wanted = ceil_div(kTargetBlocks, m.rows);
   int64_t splits = std::max<int64_t>(1, std::min({wanted, ceil_div(cols, kMinColsPerSplit), kMaxGridY}));
-  plan.lanes = pow2_at_least(ceil_div(cols, splits), kThreads);
-  finish_split(plan, cols, splits, splits, ceil_div(m.rows, kThreads / plan.lanes));
+  const int64_t per_thread = pack == 1 ? 1 : pack * matvec_unroll(static_cast<int>(pack));
+  plan.lanes = pow2_at_least(ceil_div(ceil_div(cols, splits), per_thread), kThreads);
+  finish_split(plan, cols, splits, splits, ceil_div(m.rows, kThreads / plan.lanes), pack);
   return plan;
 }
 
-SplitPlan plan_rmatvec(const View3d& m) {
+SplitPlan plan_rmatvec(const View3d& m, int64_t pack) {
   SplitPlan plan;
-  const int64_t cols = m.cols();
-  plan.lanes = pow2_at_least(cols, kThreads);
-  const int64_t col_blocks = ceil_div(cols, plan.lanes);
+  const int64_t cols = m.cols(), col_packs = cols / pack;
+  plan.lanes = pow2_at_least(col_packs, kThreads);
+  const int64_t col_blocks = ceil_div(col_packs, plan.lanes);
   const int64_t row_lanes = kThreads / plan.lanes;
   finish_split(plan, m.rows, ceil_div(kTargetBlocks, col_blocks), ceil_div(m.rows, row_lanes * kMinRowsPerThread),
                col_blocks);
@@ -921,9 +1053,9 @@ inline bool packable(const at::Tensor& t3, bool line_packs = false) {
   return contiguous && reinterpret_cast<uintptr_t>(t3.const_data_ptr()) % 16 == 0 && (!line_packs || inner % pack == 0);
 }
 
-// Whether the fused round can read W's rows in 16-byte packs: column c of row i at offset i * s_row + c, rows and
-// the data 16-byte aligned, and cols a whole number of packs.
-inline bool fused_packable(const at::Tensor& t3) {
+// Whether a round (fused, or split: matvec_block, rmatvec_block) can read W's rows in 16-byte packs: column c of row i
+// at offset i * s_row + c, rows and the data 16-byte aligned, and cols a whole number of packs.
+inline bool rows_packable(const at::Tensor& t3) {
   const int64_t outer = t3.size(0), inner = t3.size(2), pack = 16 / t3.element_size();
   const bool row_contiguous = (inner == 1 || t3.stride(2) == 1) && (outer == 1 || t3.stride(0) == inner);
   return row_contiguous && (outer * inner) % pack == 0 && (t3.size(1) == 1 || t3.stride(1) % pack == 0) &&

@@ -82,7 +82,8 @@ RoundMode round_mode() {
   const char* value = std::getenv(kRoundModeEnv);
   if (value == nullptr || value[0] == '\0' || std::strcmp(value, "fused") == 0) return RoundMode::kFused;
   if (std::strcmp(value, "split") == 0) return RoundMode::kSplit;
-  TORCH_CHECK(false, "sn_ext: ", kRoundModeEnv, " must be fused or split, not '", value, "'");
+  if (std::strcmp(value, "split-scalar") == 0) return RoundMode::kSplitScalar;
+  TORCH_CHECK(false, "sn_ext: ", kRoundModeEnv, " must be fused, split or split-scalar, not '", value, "'");
 }
 
 namespace {
@@ -111,8 +112,9 @@ std::string launch_description(c10::DeviceIndex device) {
 }  // namespace
 
 std::string launch_mode_description(c10::DeviceIndex device) {
-  return launch_description(device) + "; u-first rounds " + (round_mode() == RoundMode::kFused ? "fused" : "split") +
-         " (" + kRoundModeEnv + ")";
+  const RoundMode mode = round_mode();
+  const char* round = mode == RoundMode::kFused ? "fused" : mode == RoundMode::kSplit ? "split" : "split-scalar";
+  return launch_description(device) + "; u-first rounds " + round + " (" + kRoundModeEnv + ")";
 }
 
 }  // namespace sn_ext

@@ -36,12 +36,16 @@ std::string launch_mode_description(c10::DeviceIndex device);
 
 // How a u-first power-iteration round reads W: "fused" (default), W v and W^T (W v) in one pass over W by blocks that
 // own whole rows (the CPU kernel's matvec_and_gram), or "split", the earlier path: W v, u = N(.), W^T u, v = N(.),
-// each product its own pass. The two agree to float rounding, not bit for bit (the sums run in other orders), and
-// the v-first (legacy) round is always split. A switch so that the first GPU run can compare the fused round, which
-// no GPU had run when it was written, against the split one and fall back to it (benchmarks/gpu_smoke.py).
-enum class RoundMode { kFused, kSplit };
+// each product its own pass, its loops reading W in 16-byte packs where the rows allow, several loads in flight; or
+// "split-scalar", the split round with the scalar loops it had before (one element in flight per thread). The
+// v-first (legacy) round is always split: its loops are the scalar ones under split-scalar only. The three agree to
+// float rounding, not bit for bit (the sums run in other orders). A switch so that the first GPU run can check each
+// against the CPU kernels, in this order, and run everything after with the first that passes
+// (benchmarks/gpu_check.sh): none of the fused round or the packed split loops had run on a GPU when written.
+enum class RoundMode { kFused, kSplit, kSplitScalar };
 
-// The environment variable that chooses: fused (default; also when unset or empty) or split. Read at every launch.
+// The environment variable that chooses: fused (default; also when unset or empty), split or split-scalar. Read at
+// every launch.
 constexpr const char* kRoundModeEnv = "SN_EXT_CUDA_ROUND";
 
 // SN_EXT_CUDA_ROUND's choice; raises on any other value, naming the variable.

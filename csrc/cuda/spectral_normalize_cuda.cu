@@ -72,7 +72,9 @@ struct LayerForward {
   Vectors<scalar_t> vec;
   Finish finish;       // what the last normalize does with the vectors (see Finish)
   bool divide_packed;  // W and W_sn contiguous and aligned (packable)
-  bool fused_packed;   // the fused round reads W's rows in 16-byte packs (fused_packable)
+  // The round (fused, or split: matvec_block, rmatvec_block) reads W's rows in 16-byte packs (rows_packable; false
+  // under SN_EXT_CUDA_ROUND=split-scalar, which runs the scalar loops).
+  bool rows_packed;
   // This layer's workspace: the split products' partial sums, or the fused round's (fused_workspace).
   acc_t* partial;
   // Two flags "a round met a degenerate vector": the split rounds use [0]; fused round r writes [r % 2] and reads the
@@ -183,7 +185,7 @@ __device__ void matvec_phase(const Launch& p, bool from_input) {
     const MatvecArgs<typename Launch::scalar_type, typename Launch::acc_type> args{
         L.w,        L.wv,      from_input ? L.vec.v_in : L.vec.v_work, from_input ? L.vec.v_stride : 1, L.partial,
         L.mv_lanes, L.mv_chunk};
-    matvec_block(args, local % L.mv_blocks_x, local / L.mv_blocks_x);
+    matvec_block(args, L.rows_packed, local % L.mv_blocks_x, local / L.mv_blocks_x);
     __syncthreads();  // the next virtual block reuses this one's shared memory
   });
 }
@@ -196,7 +198,7 @@ __device__ void rmatvec_phase(const Launch& p, bool from_input) {
     const RmatvecArgs<typename Launch::scalar_type, typename Launch::acc_type> args{
         L.w,         L.wv,       from_input ? L.vec.u_in : L.vec.u_work, from_input ? L.vec.u_stride : 1, L.partial,
         L.rmv_lanes, L.rmv_chunk};
-    rmatvec_block(args, local % L.rmv_blocks_x, local / L.rmv_blocks_x);
+    rmatvec_block(args, L.rows_packed, local % L.rmv_blocks_x, local / L.rmv_blocks_x);
     __syncthreads();
   });
 }
@@ -232,7 +234,7 @@ __device__ void fused_phase(const Launch& p, bool from_input) {
     const auto* x = from_input ? L.vec.v_in : L.vec.v_work;
     const int64_t x_stride = from_input ? L.vec.v_stride : 1;
     acc_t* const z_partial = L.partial + fused_workspace(L.wv.rows, L.wv.cols()).z_partial;
-    if (L.fused_packed) {
+    if (L.rows_packed) {
       fused_round_block<true>(L.w, L.wv, x, x_stride, L.partial, z_partial, local);
     } else {
       fused_round_block<false>(L.w, L.wv, x, x_stride, L.partial, z_partial, local);
@@ -328,14 +330,18 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
   const at::Tensor& w0 = layers[0].w3;
   const auto acc_options = w0.options().dtype(sigmas.scalar_type());
   // A launch's rounds are all fused or all split, so a layer's bits are the same alone or in a group.
-  const bool fused = n > 0 && !v_first && round_mode() == RoundMode::kFused;
+  const RoundMode mode = round_mode();
+  const bool fused = n > 0 && !v_first && mode == RoundMode::kFused;
   std::vector<SplitPlan> mv_plans, rmv_plans;
+  std::vector<char> rows_packed;
   std::vector<int64_t> partial_offsets{0};
   int64_t max_numel = 0;
   for (const ForwardLayer& layer : layers) {
     const View3d view = view_of(layer.w3);
-    mv_plans.push_back(plan_matvec(view));
-    rmv_plans.push_back(plan_rmatvec(view));
+    rows_packed.push_back(mode != RoundMode::kSplitScalar && rows_packable(layer.w3));
+    const int64_t pack = rows_packed.back() ? 16 / layer.w3.element_size() : 1;
+    mv_plans.push_back(plan_matvec(view, pack));
+    rmv_plans.push_back(plan_rmatvec(view, pack));
     // Fused: y, z and the blocks' partial z rows; split: the larger of the two products' partial sums (n == 0 and
     // the fused launch's W v use the matvec's).
     const int64_t split_size = std::max(mv_plans.back().splits * view.rows, rmv_plans.back().splits * view.cols());
@@ -398,7 +404,7 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
             numel += L.numel;
             L.divide_blocks = layer.out3.defined() ? elementwise_blocks(L.numel) : 0;
             L.divide_packed = layer.out3.defined() && packable(layer.w3) && packable(layer.out3);
-            L.fused_packed = fused_packable(layer.w3);
+            L.rows_packed = rows_packed[i];
             L.mv_first = p.mv_total;
             L.rmv_first = p.rmv_total;
             L.divide_first = p.divide_total;
