@@ -39,7 +39,7 @@ def _channels_last(*shape):
 
 
 # (id, make(dtype, seed) -> weight, dim): tiny, 1xN, Nx1, wide, tall, row counts off the 4-row blocks, row lengths off
-# the 8 lanes, dim != 0, non-contiguous and channels_last views.
+# the 8 lanes, several row partitions, dim != 0, non-contiguous and channels_last views.
 CASES = [
     ("3x3x3x3", _dense(3, 3, 3, 3), 0),
     ("1x37", _dense(1, 37), 0),
@@ -47,6 +47,7 @@ CASES = [
     ("2x7001_wide", _dense(2, 7001), 0),
     ("4099x5_tall", _dense(4099, 5), 0),
     ("67x99", _dense(67, 99), 0),
+    ("301x2003", _dense(301, 2003), 0),  # matvec_and_gram: 9 row partitions of 34 rows, the last one short
     ("65x33x3x3_dim1", _dense(65, 33, 3, 3), 1),
     ("257x35_transposed", _transposed(257, 35), 0),
     ("40x600_strided", _every_other_column(40, 600), 0),
