@@ -4,14 +4,14 @@ for one forward (train mode), a train step (forward + backward, what benchmarks/
 an eval forward (no_grad, no power iteration), next to plain `W * 1.0` and torch's spectral norm.
 
 `python -m benchmarks.module_overhead [--shape 64x3x3x3] [--dtype float32] [--backend cpu]` prints the table
-(1 thread). Each row is the best of several blocks of many calls, over a few rounds of the whole table (the floor
-of a fixed cost, which is what this measures on a shared machine); "+" is the row's cost over the row it builds on.
+(1 thread). Each row is the 10th percentile of its calls' times (benchmarks/timing.py), the lowest over a few
+rounds of the whole table: the floor of a fixed cost, which is what this measures on a shared machine; "+" is the
+row's cost over the row it builds on.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
@@ -21,19 +21,14 @@ import sn_ext
 from sn_ext import backends
 
 from .layer import Plain, WeightHolder, parse_shape
+from .timing import Step, low_percentile, sample
+
+CPU = torch.device("cpu")
 
 
-def best_us(fn: Callable[[], object], calls: int = 2000, blocks: int = 7) -> float:
-    """The fastest of `blocks` blocks of `calls` calls, per call (µs)."""
-    for _ in range(calls // 10):
-        fn()
-    best = float("inf")
-    for _ in range(blocks):
-        start = time.perf_counter_ns()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter_ns() - start) / calls / 1e3)
-    return best
+def floor_us(fn: Callable[[], object], budget_s: float = 0.6) -> float:
+    """The 10th percentile of a call's time (µs) over about `budget_s` of calls, after 100 warm-up calls."""
+    return low_percentile(sample([Step(fn)], CPU, budget_s=budget_s, warmup=100, max_reps=100_000))
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
@@ -96,7 +91,7 @@ def run(shape: tuple[int, ...], dtype: torch.dtype, backend: str, rounds: int = 
     timed = {name: float("inf") for name, _, _ in table}
     for _ in range(rounds):
         for name, _, call in table:
-            timed[name] = min(timed[name], best_us(call))
+            timed[name] = min(timed[name], floor_us(call))
     print(f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}, backend {backend!r}, 1 thread")
     print(f"{'row':50} {'µs':>8} {'+':>8}")
     for name, base, _ in table:
