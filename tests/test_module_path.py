@@ -203,6 +203,51 @@ def test_a_dual_weight_is_refused_not_stripped_of_its_tangent(backend, grad_mode
             be.forward(dual, u, v, 0, 1, 1e-12, False)
 
 
+@pytest.mark.parametrize("backend", USABLE)
+def test_the_forwards_graph_keeps_autogrades_guards(backend):
+    """The forward's backward node (csrc/autograd.cpp's SpectralNormalizeNode where the compiled library is loaded)
+    keeps what autograd guarantees for its saved tensors: a second backward without retain_graph is refused, one
+    with it gives the same gradient, an in-place change of W_sn before the backward is caught, and
+    saved_tensors_hooks see every saved tensor, whose unpacked copies give the same gradient."""
+    be = sn_ext.backends.get(backend)
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    u, v, grad = torch.randn(5, generator=gen), torch.randn(6, generator=gen), torch.randn(5, 2, 3, generator=gen)
+    u, v, grad = u.double(), v.double(), grad.double()
+
+    def gradient(**backward) -> torch.Tensor:
+        weight_sn, sigma, _, _ = be.forward(weight, u.clone(), v.clone(), 0, 1, 1e-12, False)
+        (gw,) = torch.autograd.grad((weight_sn * grad).sum() + 2 * sigma, weight, **backward)
+        return gw
+
+    expected = gradient()
+    weight_sn, sigma, _, _ = be.forward(weight, u.clone(), v.clone(), 0, 1, 1e-12, False)
+    loss = (weight_sn * grad).sum() + 2 * sigma
+    torch.testing.assert_close(torch.autograd.grad(loss, weight, retain_graph=True)[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, weight)[0], expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(loss, weight)
+
+    weight_sn, _, _, _ = be.forward(weight, u.clone(), v.clone(), 0, 1, 1e-12, False)
+    loss = (weight_sn * grad).sum()
+    weight_sn.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+    packed = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        weight_sn, sigma, u_used, v_used = be.forward(weight, u.clone(), v.clone(), 0, 1, 1e-12, False)
+    saved = {t.data_ptr() for t in (weight_sn, sigma, u_used, v_used)}  # hooks may get detached aliases
+    assert len(packed) == 4 and saved == {t.data_ptr() for t in packed}
+    (gw,) = torch.autograd.grad((weight_sn * grad).sum() + 2 * sigma, weight)
+    torch.testing.assert_close(gw, expected, rtol=0, atol=0)
+
+
 def test_a_parametrized_buffer():
     """torch keeps a parametrized buffer's original as a buffer of the ParametrizationList: read from there."""
     module = nn.Module()
