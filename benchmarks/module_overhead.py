@@ -1,7 +1,8 @@
 """Where the time of a small layer's spectral norm goes on the module path (`sn_ext.spectral_norm`), layer by layer:
-the op alone, under autograd, our parametrization's forward, torch.nn.utils.parametrize's property, and the module,
-for one forward (train mode), a train step (forward + backward, what benchmarks/layer.py's "train" mode times) and
-an eval forward (no_grad, no power iteration), next to plain `W * 1.0` and torch's spectral norm.
+the op alone (as the module calls it, and through torch.ops), under autograd, our parametrization's forward,
+torch.nn.utils.parametrize's property, and the module, for one forward (train mode), a train step (forward +
+backward, what benchmarks/layer.py's "train" mode times) and an eval forward (no_grad, no power iteration), next to
+plain `W * 1.0` and torch's spectral norm.
 
 `python -m benchmarks.module_overhead [--shape 64x3x3x3] [--dtype float32] [--backend cpu]` prints the table
 (1 thread). Each row is the 10th percentile of its calls' times (benchmarks/timing.py), the lowest over a few
@@ -51,7 +52,8 @@ def rows(shape: tuple[int, ...], dtype: torch.dtype, backend: str) -> list[tuple
     module = sn_ext.spectral_norm(WeightHolder(weight.clone()), backend=backend)
     norm = module.parametrizations.weight[0]
     original = module.parametrizations.weight.original
-    forward = backends.get(norm._kernels.backend.name).forward
+    forward = norm._kernels.forward  # what the module calls: for the compiled op, its direct binding (sn_ext.ops)
+    op = backends.get(norm._kernels.backend.name).forward  # the op through torch.ops
     backward = backends.get(norm._kernels.backend.name).backward
     u, v = norm._u, norm._v
     detached = weight.clone()
@@ -62,6 +64,7 @@ def rows(shape: tuple[int, ...], dtype: torch.dtype, backend: str) -> list[tuple
     eval_module = sn_ext.spectral_norm(WeightHolder(weight.clone()), backend=backend).eval()
     torch_eval = nn.utils.parametrizations.spectral_norm(WeightHolder(weight.clone())).eval()
     return [
+        ("forward: op via torch.ops, no autograd", "", _no_grad(lambda: op(detached, u, v, 0, 1, 1e-12, False))),
         ("forward: op, no autograd", "", _no_grad(lambda: forward(detached, u, v, 0, 1, 1e-12, False))),
         ("forward: op under autograd", "forward: op, no autograd", lambda: forward(leaf, u, v, 0, 1, 1e-12, False)),
         ("forward: SpectralNorm.forward", "forward: op under autograd", lambda: norm.forward(original)),
