@@ -1,17 +1,18 @@
 """Where the time of a small layer's spectral norm goes on the module path (`sn_ext.spectral_norm`), layer by layer:
-the op alone, under autograd, our parametrization's forward, torch.nn.utils.parametrize's property, and the module,
-for one forward (train mode), a train step (forward + backward, what benchmarks/layer.py's "train" mode times) and
-an eval forward (no_grad, no power iteration), next to plain `W * 1.0` and torch's spectral norm.
+the op alone (as the module calls it, and through torch.ops), under autograd, our parametrization's forward,
+torch.nn.utils.parametrize's property, and the module, for one forward (train mode), a train step (forward +
+backward, what benchmarks/layer.py's "train" mode times) and an eval forward (no_grad, no power iteration), next to
+plain `W * 1.0` and torch's spectral norm.
 
 `python -m benchmarks.module_overhead [--shape 64x3x3x3] [--dtype float32] [--backend cpu]` prints the table
-(1 thread). Each row is the best of several blocks of many calls, over a few rounds of the whole table (the floor
-of a fixed cost, which is what this measures on a shared machine); "+" is the row's cost over the row it builds on.
+(1 thread). Each row is the 10th percentile of its calls' times (benchmarks/timing.py), the lowest over a few
+rounds of the whole table: the floor of a fixed cost, which is what this measures on a shared machine; "+" is the
+row's cost over the row it builds on.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
@@ -21,19 +22,14 @@ import sn_ext
 from sn_ext import backends
 
 from .layer import Plain, WeightHolder, parse_shape
+from .timing import Step, low_percentile, sample
+
+CPU = torch.device("cpu")
 
 
-def best_us(fn: Callable[[], object], calls: int = 2000, blocks: int = 7) -> float:
-    """The fastest of `blocks` blocks of `calls` calls, per call (µs)."""
-    for _ in range(calls // 10):
-        fn()
-    best = float("inf")
-    for _ in range(blocks):
-        start = time.perf_counter_ns()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter_ns() - start) / calls / 1e3)
-    return best
+def floor_us(fn: Callable[[], object], budget_s: float = 0.6) -> float:
+    """The 10th percentile of a call's time (µs) over about `budget_s` of calls, after 100 warm-up calls."""
+    return low_percentile(sample([Step(fn)], CPU, budget_s=budget_s, warmup=100, max_reps=100_000))
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
@@ -56,7 +52,8 @@ def rows(shape: tuple[int, ...], dtype: torch.dtype, backend: str) -> list[tuple
     module = sn_ext.spectral_norm(WeightHolder(weight.clone()), backend=backend)
     norm = module.parametrizations.weight[0]
     original = module.parametrizations.weight.original
-    forward = backends.get(norm._kernels.backend.name).forward
+    forward = norm._kernels.forward  # what the module calls: for the compiled op, its direct binding (sn_ext.ops)
+    op = backends.get(norm._kernels.backend.name).forward  # the op through torch.ops
     backward = backends.get(norm._kernels.backend.name).backward
     u, v = norm._u, norm._v
     detached = weight.clone()
@@ -67,6 +64,7 @@ def rows(shape: tuple[int, ...], dtype: torch.dtype, backend: str) -> list[tuple
     eval_module = sn_ext.spectral_norm(WeightHolder(weight.clone()), backend=backend).eval()
     torch_eval = nn.utils.parametrizations.spectral_norm(WeightHolder(weight.clone())).eval()
     return [
+        ("forward: op via torch.ops, no autograd", "", _no_grad(lambda: op(detached, u, v, 0, 1, 1e-12, False))),
         ("forward: op, no autograd", "", _no_grad(lambda: forward(detached, u, v, 0, 1, 1e-12, False))),
         ("forward: op under autograd", "forward: op, no autograd", lambda: forward(leaf, u, v, 0, 1, 1e-12, False)),
         ("forward: SpectralNorm.forward", "forward: op under autograd", lambda: norm.forward(original)),
@@ -96,7 +94,7 @@ def run(shape: tuple[int, ...], dtype: torch.dtype, backend: str, rounds: int = 
     timed = {name: float("inf") for name, _, _ in table}
     for _ in range(rounds):
         for name, _, call in table:
-            timed[name] = min(timed[name], best_us(call))
+            timed[name] = min(timed[name], floor_us(call))
     print(f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}, backend {backend!r}, 1 thread")
     print(f"{'row':50} {'µs':>8} {'+':>8}")
     for name, base, _ in table:

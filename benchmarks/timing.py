@@ -70,7 +70,7 @@ def _event_samples(steps: Sequence[Step], device: torch.device, count: int, star
     return [begin.elapsed_time(end) * 1e3 for begin, end in events]
 
 
-def measure(
+def sample(
     steps: Sequence[Step],
     device: torch.device,
     *,
@@ -79,24 +79,37 @@ def measure(
     warmup: int = 3,
     min_reps: int = 3,
     max_reps: int = 200,
-) -> dict:
+) -> list[list[float]]:
     """Times `steps` (rotated): `warmup` calls, one call of each step to estimate the time (so every copy has run
     once before the timing), then `repeats` blocks of a number of calls chosen so that all blocks take about
-    `budget_s` (at least `min_reps`, at most `max_reps` each). Returns the median and 20th/80th percentiles over
-    all calls (microseconds), the number of calls per block, the rotation and the spread of the blocks' medians
-    (max / min - 1)."""
+    `budget_s` (at least `min_reps`, at most `max_reps` each). Returns every call's time (microseconds), block by
+    block."""
     _host_samples(steps, device, warmup, 0)
     one = statistics.median(_host_samples(steps, device, len(steps), warmup)) / 1e6
     reps = max(min_reps, min(max_reps, int(budget_s / repeats / max(one, 1e-7))))
-    sample = _event_samples if device.type == "cuda" else _host_samples
-    blocks = [sample(steps, device, reps, r * reps) for r in range(repeats)]
+    timed = _event_samples if device.type == "cuda" else _host_samples
+    return [timed(steps, device, reps, r * reps) for r in range(repeats)]
+
+
+def measure(steps: Sequence[Step], device: torch.device, **how) -> dict:
+    """sample(steps, device, **how), summarized: the median and 20th/80th percentiles over all calls
+    (microseconds), the number of calls per block, the rotation and the spread of the blocks' medians
+    (max / min - 1)."""
+    blocks = sample(steps, device, **how)
     return summarize(
         [t for block in blocks for t in block],
-        reps=reps,
-        repeats=repeats,
+        reps=len(blocks[0]),
+        repeats=len(blocks),
         rotation=len(steps),
         block_medians=[statistics.median(block) for block in blocks],
     )
+
+
+def low_percentile(blocks: list[list[float]], percent: int = 10) -> float:
+    """The `percent`-th percentile over every call of sample()'s blocks: the floor of a fixed cost (a call that no
+    burst of load, page fault or garbage collection hit), for costs of a few microseconds on a shared machine."""
+    calls = [t for block in blocks for t in block]
+    return statistics.quantiles(calls, n=100, method="inclusive")[percent - 1] if len(calls) >= 2 else calls[0]
 
 
 def summarize(samples: list[float], *, reps: int, repeats: int, rotation: int, block_medians: list[float]) -> dict:

@@ -14,12 +14,18 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 namespace sn_ext {
 namespace {
@@ -49,6 +55,7 @@ class OpPair {
   OpPair(std::string forward, std::string backward)
       : forward_name_(std::move(forward)), backward_name_(std::move(backward)) {}
 
+  const std::string& forward_name() const { return forward_name_; }
   const c10::TypedOperatorHandle<ForwardSignature>& forward() const {
     resolve();
     return *forward_;
@@ -74,14 +81,6 @@ class OpPair {
 };
 
 const OpPair compiled_ops{"sn_ext::spectral_normalize_", "sn_ext::spectral_normalize_backward"};
-
-// Autograd nodes keep their pair in saved_data (an IValue map) as its address.
-int64_t pair_id(const OpPair* ops) {
-  return static_cast<int64_t>(reinterpret_cast<intptr_t>(ops));
-}
-const OpPair& pair_of(AutogradContext* ctx) {
-  return *reinterpret_cast<const OpPair*>(static_cast<intptr_t>(ctx->saved_data["ops"].toInt()));
-}
 
 at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& weight_sn, const at::Tensor& u, const at::Tensor& v,
                          const at::Tensor& sigma, int64_t dim) {
@@ -128,37 +127,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const Op
   return result;
 }
 
-class SpectralNormalize : public torch::autograd::Function<SpectralNormalize> {
- public:
-  // Autograd saves the vectors used (fresh tensors), not the buffers u and v, so that a second call before this
-  // one's backward may update the buffers again.
-  static variable_list forward(AutogradContext* ctx, const OpPair* ops, const at::Tensor& weight, at::Tensor u,
-                               at::Tensor v, int64_t dim, int64_t n, double eps, bool v_first) {
-    auto result = call_forward(*ops, weight, u, v, dim, n, eps, v_first);
-    auto& [weight_sn, sigma, u_used, v_used] = result;
-    ctx->mark_non_differentiable({u_used, v_used});
-    ctx->set_materialize_grads(false);  // callers usually ignore sigma: no zero tensor for its gradient
-    ctx->save_for_backward({weight_sn, sigma, u_used, v_used});
-    ctx->saved_data["dim"] = wrapped(dim, weight);
-    ctx->saved_data["ops"] = pair_id(ops);
-    return {weight_sn, sigma, u_used, v_used};
+// torch's pointer to a Node: std::shared_ptr up to torch 2.11, c10::intrusive_ptr later.
+using NodePtr = decltype(std::declval<torch::autograd::Node&>().getptr());
+
+template <class T, class... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  else
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+}
+
+// The backward node of a pair's forward op, written as torch writes its own ops' nodes rather than as a
+// torch::autograd::Function: Function::apply and its CppNode fill a context (a string-keyed map of IValues for dim
+// and the pair, VariableInfo for every input and output, a non-differentiable set) and check it all again in the
+// backward, ~4 us of a small layer's CPU train step (benchmarks/module_overhead.py). Its edges are W's, u's and v's,
+// as Function::apply's were (a u that requires grad gives W_sn a grad_fn, with no gradient for u). Autograd saves
+// the vectors used (fresh tensors), not the buffers u and v, so that a second call before this one's backward may
+// update the buffers again.
+struct SpectralNormalizeNode : public torch::autograd::Node {
+  SpectralNormalizeNode(const OpPair* ops, int64_t dim, torch::autograd::edge_list&& next_edges)
+      : Node(std::move(next_edges)), ops_(ops), dim_(dim) {}
+
+  std::string name() const override { return "SpectralNormalizeBackward0"; }
+
+  // Outputs of the forward (W_sn, sigma) are saved as outputs (no reference cycle through their grad_fn).
+  void save(const at::Tensor& weight_sn, const at::Tensor& sigma, const at::Tensor& u, const at::Tensor& v) {
+    weight_sn_ = torch::autograd::SavedVariable(weight_sn, /*is_output=*/true);
+    sigma_ = torch::autograd::SavedVariable(sigma, /*is_output=*/true);
+    u_ = torch::autograd::SavedVariable(u, /*is_output=*/false);
+    v_ = torch::autograd::SavedVariable(v, /*is_output=*/false);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as below
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &weight_sn = saved[0], &sigma = saved[1], &u = saved[2], &v = saved[3];
-    const int64_t dim = ctx->saved_data["dim"].toInt();
+  // grads: W_sn's and sigma's, either undefined when unused (a caller that ignores sigma gets no zero tensor).
+  variable_list apply(variable_list&& grads) override {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as SpectralNormalizeBackward
+    variable_list out(3);                                                           // W's gradient; none for u, v
+    if (!should_compute_output(0) || (!grads[0].defined() && !grads[1].defined())) return out;
+    const auto self = getptr();
+    const at::Tensor weight_sn = weight_sn_.unpack(self), sigma = sigma_.unpack(self), u = u_.unpack(), v = v_.unpack();
     at::Tensor grad_weight;
-    if (grads[0].defined()) grad_weight = pair_of(ctx).backward().call(grads[0], weight_sn, u, v, sigma, dim);
+    if (grads[0].defined()) grad_weight = ops_->backward().call(grads[0], weight_sn, u, v, sigma, dim_);
     if (grads[1].defined()) {
       const at::Tensor from_sigma =
-          (grads[1] * rank_one(u.to(sigma.scalar_type()), v.to(sigma.scalar_type()), weight_sn, dim))
+          (grads[1] * rank_one(u.to(sigma.scalar_type()), v.to(sigma.scalar_type()), weight_sn, dim_))
               .to(weight_sn.scalar_type());
       grad_weight = grad_weight.defined() ? grad_weight + from_sigma : from_sigma;
     }
-    return {{}, grad_weight, {}, {}, {}, {}, {}, {}};
+    out[0] = std::move(grad_weight);
+    return out;
   }
+
+  void release_variables() override {
+    weight_sn_.reset_data();
+    sigma_.reset_data();
+    u_.reset_data();
+    v_.reset_data();
+  }
+
+ private:
+  const OpPair* ops_;
+  const int64_t dim_;
+  torch::autograd::SavedVariable weight_sn_, sigma_, u_, v_;
 };
 
 class SpectralNormalizeBackward : public torch::autograd::Function<SpectralNormalizeBackward> {
@@ -192,32 +222,47 @@ class SpectralNormalizeBackward : public torch::autograd::Function<SpectralNorma
   }
 };
 
-// Whether autograd records a call on these inputs: what torch::autograd::Function::apply decides. When it does not
-// (eval under no_grad, the backward op inside a backward without create_graph), the kernels below call the op
-// directly: Function::apply would still make a node, wrap the outputs and fill a context for nothing (~1-2 us on a
-// small layer's CPU step). A dual tensor (forward-mode AD) also goes through Function::apply, whatever the grad
-// mode: apply is what handles its tangent (refusing it, as these Functions have no jvp), which a direct call drops.
-bool records(std::initializer_list<const at::Tensor*> inputs) {
-  const bool grad_mode = at::GradMode::is_enabled();
+bool requires_grad(std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
   for (const at::Tensor* t : inputs)
-    if ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()) return true;
+    if (t->requires_grad()) return true;
   return false;
 }
 
-// The Autograd kernels of a pair's ops: SpectralNormalize and SpectralNormalizeBackward with the pair's ops.
+// A dual tensor (forward-mode AD), whatever the grad mode: these ops have no jvp, and a call that did not refuse it
+// would drop its tangent (a silently wrong Jacobian-vector product).
+bool any_dual(std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* t : inputs)
+    if (t->_fw_grad(/*level=*/0).defined()) return true;
+  return false;
+}
+
+// The Autograd kernels of a pair's ops. When autograd records nothing (eval under no_grad, the backward op inside a
+// backward without create_graph) they call the op directly: a node, its saved tensors and the outputs' history
+// would be made for nothing (~1-2 us on a small layer's CPU step). The forward records SpectralNormalizeNode; the
+// backward op, which only a double backward records, goes through its Function (whose apply refuses a dual tensor).
 auto forward_kernel(const OpPair* ops) {
   return [ops](const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n, double eps,
                bool v_first) -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
-    if (!records({&weight, &u, &v})) return call_forward(*ops, weight, u, v, dim, n, eps, v_first);
-    auto out = SpectralNormalize::apply(ops, weight, u, v, dim, n, eps, v_first);
-    return {out[0], out[1], out[2], out[3]};
+    TORCH_CHECK(!any_dual({&weight, &u, &v}), ops->forward_name(),
+                ": forward-mode AD (a dual tensor) is not supported: the op has no jvp formula");
+    if (!requires_grad({&weight, &u, &v})) return call_forward(*ops, weight, u, v, dim, n, eps, v_first);
+    auto result = call_forward(*ops, weight, u, v, dim, n, eps, v_first);
+    const auto& [weight_sn, sigma, u_used, v_used] = result;
+    auto node =
+        make_node<SpectralNormalizeNode>(ops, wrapped(dim, weight), torch::autograd::collect_next_edges(weight, u, v));
+    torch::autograd::set_history(weight_sn, node);  // the node's input 0
+    torch::autograd::set_history(sigma, node);      // input 1
+    static_cast<SpectralNormalizeNode*>(node.get())->save(weight_sn, sigma, u_used, v_used);
+    return result;
   };
 }
 
 auto backward_kernel(const OpPair* ops) {
   return [ops](const at::Tensor& grad, const at::Tensor& weight_sn, const at::Tensor& u, const at::Tensor& v,
                const at::Tensor& sigma, int64_t dim) -> at::Tensor {
-    if (!records({&grad, &weight_sn, &u, &v, &sigma})) {
+    const std::initializer_list<const at::Tensor*> inputs{&grad, &weight_sn, &u, &v, &sigma};
+    if (!requires_grad(inputs) && !any_dual(inputs)) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       return ops->backward().call(grad, weight_sn, u, v, sigma, dim);
     }

@@ -70,7 +70,7 @@ def _backward_backward(ctx, h):
 
 
 # torch.library.register_autograd refuses ops that mutate inputs (u, v), so without the compiled library the
-# formulas of csrc/autograd.cpp's SpectralNormalize and SpectralNormalizeGrouped are registered as Autograd kernels
+# formulas of csrc/autograd.cpp's SpectralNormalizeNode and SpectralNormalizeGrouped are registered as Autograd kernels
 # directly: torch.autograd.Functions (the grouped one over the flattened lists: L weights_sn, sigmas, L us_used,
 # L vs_used). Below Autograd nothing bumps the versions of the vectors updated in place: they do, as an in-place
 # aten op would.

@@ -178,7 +178,8 @@ def get(name: str) -> Backend:
 
 
 class Kernels:
-    """What a module calls: the chosen backend's forward (Backend.forward), for weights on one device of one dtype.
+    """What a module calls: the chosen backend's forward (Backend.forward's op, or for the compiled
+    spectral_normalize_ its direct binding: sn_ext.ops.eager_forward), for weights on one device of one dtype.
     Immutable.
 
     Modules check `kernels.device != weight.device or kernels.dtype != weight.dtype` before each call (about
@@ -189,7 +190,7 @@ class Kernels:
         self.backend = backend
         self.device = device
         self.dtype = dtype
-        self.forward = backend.forward if backend is not None else None
+        self.forward = ops.eager_forward(backend.forward_op) if backend is not None else None
 
     def __repr__(self) -> str:
         name = self.backend.name if self.backend is not None else "unresolved"

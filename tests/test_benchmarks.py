@@ -407,3 +407,20 @@ def test_module_overhead_rows_call_what_they_say():
     for name, base, call in table:
         assert not base or base in names[: names.index(name)], name
         call()
+
+
+def test_sample_and_low_percentile():
+    """benchmarks/timing.py: sample() times `repeats` blocks of one size within [min_reps, max_reps], and
+    low_percentile() is the floor of those calls (below the median, at or above the fastest), which
+    module_overhead.py reports per row."""
+    from benchmarks import timing
+
+    calls = []
+    blocks = timing.sample(
+        [timing.Step(lambda: calls.append(1))], torch.device("cpu"), budget_s=0.01, repeats=4, min_reps=5, max_reps=50
+    )
+    assert len(blocks) == 4 and all(len(b) == len(blocks[0]) for b in blocks) and 5 <= len(blocks[0]) <= 50
+    assert len(calls) == 3 + 1 + 4 * len(blocks[0])  # warm-up, the estimate, the blocks
+    times = [t for b in blocks for t in b]
+    assert min(times) <= timing.low_percentile(blocks) <= sorted(times)[len(times) // 2]
+    assert timing.low_percentile([[float(t) for t in range(1, 101)]]) == pytest.approx(10.9)

@@ -203,6 +203,51 @@ def test_a_dual_weight_is_refused_not_stripped_of_its_tangent(backend, grad_mode
             be.forward(dual, u, v, 0, 1, 1e-12, False)
 
 
+@pytest.mark.parametrize("backend", USABLE)
+def test_the_forwards_graph_keeps_autogrades_guards(backend):
+    """The forward's backward node (csrc/autograd.cpp's SpectralNormalizeNode where the compiled library is loaded)
+    keeps what autograd guarantees for its saved tensors: a second backward without retain_graph is refused, one
+    with it gives the same gradient, an in-place change of W_sn before the backward is caught, and
+    saved_tensors_hooks see every saved tensor, whose unpacked copies give the same gradient."""
+    be = sn_ext.backends.get(backend)
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    u, v, grad = torch.randn(5, generator=gen), torch.randn(6, generator=gen), torch.randn(5, 2, 3, generator=gen)
+    u, v, grad = u.double(), v.double(), grad.double()
+
+    def gradient(**backward) -> torch.Tensor:
+        weight_sn, sigma, _, _ = be.forward(weight, u.clone(), v.clone(), 0, 1, 1e-12, False)
+        (gw,) = torch.autograd.grad((weight_sn * grad).sum() + 2 * sigma, weight, **backward)
+        return gw
+
+    expected = gradient()
+    weight_sn, sigma, _, _ = be.forward(weight, u.clone(), v.clone(), 0, 1, 1e-12, False)
+    loss = (weight_sn * grad).sum() + 2 * sigma
+    torch.testing.assert_close(torch.autograd.grad(loss, weight, retain_graph=True)[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, weight)[0], expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(loss, weight)
+
+    weight_sn, _, _, _ = be.forward(weight, u.clone(), v.clone(), 0, 1, 1e-12, False)
+    loss = (weight_sn * grad).sum()
+    weight_sn.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+    packed = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        weight_sn, sigma, u_used, v_used = be.forward(weight, u.clone(), v.clone(), 0, 1, 1e-12, False)
+    saved = {t.data_ptr() for t in (weight_sn, sigma, u_used, v_used)}  # hooks may get detached aliases
+    assert len(packed) == 4 and saved == {t.data_ptr() for t in packed}
+    (gw,) = torch.autograd.grad((weight_sn * grad).sum() + 2 * sigma, weight)
+    torch.testing.assert_close(gw, expected, rtol=0, atol=0)
+
+
 def test_a_parametrized_buffer():
     """torch keeps a parametrized buffer's original as a buffer of the ParametrizationList: read from there."""
     module = nn.Module()
@@ -211,3 +256,110 @@ def test_a_parametrized_buffer():
     assert "original" in module.parametrizations.weight._buffers
     torch.testing.assert_close(module.weight, _reference_weight(module), rtol=0, atol=0)
     torch.testing.assert_close(torch.linalg.matrix_norm(module.weight, 2), torch.tensor(1.0), rtol=1e-3, atol=0)
+
+
+# ---- the direct binding of spectral_normalize_ (sn_ext.ops.eager_forward, csrc/python_module.cpp) ----
+
+needs_binding = pytest.mark.skipif(not sn_ext.ops.library_status.loaded, reason="the compiled library's binding")
+OP = torch.ops.sn_ext.spectral_normalize_.default
+
+
+def _args(seed: int = 8, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(3, 7, 2, generator=gen, dtype=dtype).transpose(0, 1)  # non-contiguous, odd sizes
+    u, v = torch.randn(7, generator=gen, dtype=dtype), torch.randn(6, generator=gen, dtype=dtype)
+    return weight, u, v
+
+
+@needs_binding
+def test_modules_call_the_binding_and_it_is_the_op():
+    """The compiled backend's Kernels call the binding, which returns the op's results bit for bit, updates u and v
+    in place (bumping their versions) and records the same graph (same gradient)."""
+    kernels = sn_ext.backends.select("cpu", "cpu", torch.float32)
+    assert kernels.forward is sn_ext.ops.eager_forward("spectral_normalize_") and kernels.forward is not OP
+    weight, u, v = _args()
+    leaf = weight.clone().requires_grad_()
+    u1, v1, u2, v2 = u.clone(), v.clone(), u.clone(), v.clone()
+    versions = u1._version, v1._version
+    by_binding = kernels.forward(leaf, u1, v1, 0, 2, 1e-12)
+    by_op = OP(leaf, u2, v2, 0, 2, 1e-12, False)
+    assert (u1._version, v1._version) != versions
+    for a, b in zip((*by_binding, u1, v1), (*by_op, u2, v2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert by_binding[0].grad_fn is not None and by_binding[2].grad_fn is None
+    grad = torch.randn_like(weight)
+    (g1,) = torch.autograd.grad((by_binding[0] * grad).sum() + by_binding[1], leaf)
+    (g2,) = torch.autograd.grad((by_op[0] * grad).sum() + by_op[1], leaf)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+@needs_binding
+@pytest.mark.parametrize("dim, eps, v_first", [(0, 0, False), (0, 1e-12, 0), (-3, 1e-12, True)])
+def test_the_binding_hands_other_argument_types_to_torch_ops(dim, eps, v_first):
+    """An int eps or v_first (not the exact float / bool the binding takes), or a negative dim, gives the op's
+    result; a wrong type gives torch.ops' error naming the argument."""
+    forward = sn_ext.ops.eager_forward("spectral_normalize_")
+    weight, u, v = _args()
+    u2, v2 = u.clone(), v.clone()
+    for a, b in zip(forward(weight, u, v, dim, 1, eps, v_first), OP(weight, u2, v2, dim, 1, float(eps), bool(v_first))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="dim"):
+        forward(weight, u, v, "0", 1, 1e-12, False)
+
+
+class _Logged(torch.Tensor):
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _FunctionMode(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@needs_binding
+def test_modes_subclasses_and_tracers_see_the_op():
+    """What must see the op still does with the binding: a __torch_function__ subclass and a torch function mode
+    (handed to torch.ops), a dispatch mode, FakeTensorMode, meta tensors, autocast, jit.trace and vmap (through
+    the dispatcher either way)."""
+    forward = sn_ext.ops.eager_forward("spectral_normalize_")
+    weight, u, v = _args()
+    _Logged.seen.clear()
+    forward(weight.as_subclass(_Logged), u.clone(), v.clone(), 0, 1, 1e-12)
+    assert OP in _Logged.seen
+    for mode in (_FunctionMode(), _DispatchMode()):
+        with mode:
+            forward(weight, u.clone(), v.clone(), 0, 1, 1e-12)
+        assert OP in mode.seen, type(mode).__name__
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode() as fake_mode:
+        out = forward(*(fake_mode.from_tensor(t) for t in (weight, u, v)), 0, 1, 1e-12)
+    assert all(isinstance(t, FakeTensor) for t in out) and out[0].shape == weight.shape
+    out = forward(*(t.to("meta") for t in (weight, u, v)), 0, 1, 1e-12)
+    assert out[0].device.type == "meta" and out[1].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert forward(weight, u.clone(), v.clone(), 0, 1, 1e-12)[0].dtype == torch.float32
+    traced = torch.jit.trace(lambda w, u, v: forward(w, u, v, 0, 1, 1e-12)[0], (weight, u.clone(), v.clone()))
+    assert "sn_ext::spectral_normalize_" in str(traced.graph)
+    with pytest.raises(RuntimeError, match="(?i)batch"):
+        torch.vmap(lambda w: forward(w, u.clone(), v.clone(), 0, 1, 1e-12)[0])(torch.stack([weight, weight]))
