@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import bandwidth, gan_step, host_overhead, layer, ops, report, spectral_normalize_grouped
+from . import allocator, bandwidth, gan_step, host_overhead, layer, ops, report, spectral_normalize_grouped
 from .records import RESULTS_DIR, RowWriter, device_slug, log, run_metadata
 
 SECTIONS = ("layer", "host", "layers", "ops", "gan", "bandwidth")
@@ -72,6 +72,13 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 with --quick)")
     p.add_argument("--gan-batch", type=int, help="GAN batch size (default 64 on a GPU, 16 on the CPU, 8 with --quick)")
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>)")
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc malloc's defaults, which give a large step output fresh pages (page faults) or a reused "
+        "heap chunk depending on what ran before (default: freed memory kept in the heap for every provider alike; "
+        "benchmarks/allocator.py)",
+    )
     p.add_argument("--report-only", action="store_true", help="only rebuild report.md and the plots from the CSVs")
     return p.parse_args(argv)
 
@@ -90,6 +97,7 @@ def main(argv=None) -> Path:
 
 
 def run_sections(args, device: torch.device, out: Path) -> None:
+    malloc = allocator.SYSTEM if args.system_malloc else allocator.keep_freed_memory()
     meta = run_metadata(device)
     compile_ok = not (args.quick or args.no_compile)
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]
@@ -170,6 +178,7 @@ def run_sections(args, device: torch.device, out: Path) -> None:
             "quick": args.quick,
             "compile": compile_ok,
             "device_type": device.type,
+            "malloc": malloc,
             "command": "python -m benchmarks " + shlex.join(sys.argv[1:]),
         }
         out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 
 def floor_us(fn: Callable[[], object], budget_s: float = 0.6) -> float:
     """The 10th percentile of a call's time (µs) over about `budget_s` of calls, after 100 warm-up calls."""
-    return low_percentile(sample([Step(fn)], CPU, budget_s=budget_s, warmup=100, max_reps=100_000))
+    return low_percentile(sample([Step(fn)], CPU, budget_s=budget_s, warmup=100, max_reps=100_000).blocks)
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:

@@ -22,7 +22,7 @@ def timing_columns(keys: Sequence[str], extra: Sequence[str] = (), unit: str = "
     """A timed section's CSV columns: what a row measured (`keys`), timing.summarize's statistics in `unit`, the
     section's own derived columns (`extra`), then how it was timed and whether it worked."""
     statistics = [f"median_{unit}", f"p20_{unit}", f"p80_{unit}"]
-    return [*keys, *statistics, *extra, "reps", "repeats", "rotation", "spread", "status", "note"]
+    return [*keys, *statistics, *extra, "reps", "repeats", "rotation", "spread", "faults_per_call", "status", "note"]
 
 
 def device_name(device: torch.device) -> str:

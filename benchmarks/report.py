@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sn_ext.backends import AUTO_ORDER
 
-from . import gan_step, layer, memory, op_count, ops, plots, spectral_normalize_grouped
+from . import allocator, gan_step, layer, memory, op_count, ops, plots, spectral_normalize_grouped
 from .records import markdown_table, read_rows
 
 
@@ -39,7 +39,8 @@ def _header(rows: list[dict], settings: dict) -> str:
     return (
         f"_{r['device']}, {r['threads']} CPU threads; torch {r['torch']}, triton {r['triton']}, "
         f"CUDA {r['cuda'] or '-'}, sn_ext {r['sn_ext']} (compiled kernels: {r['sn_ext_compiled']}); commit "
-        f"{r['commit']}, {r['date']}; `{settings.get('command', '')}`._{quick}"
+        f"{r['commit']}, {r['date']}; host malloc: {settings.get('malloc', allocator.SYSTEM)}; "
+        f"`{settings.get('command', '')}`._{quick}"
     )
 
 

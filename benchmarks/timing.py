@@ -13,8 +13,11 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
+
+from .allocator import page_faults
 
 # A few copies of everything a step reads, up to this many bytes in all (about twice the largest last-level cache
 # of the machines we run on: an H100's L2 is 50 MB), at most MAX_ROTATION copies.
@@ -70,6 +73,11 @@ def _event_samples(steps: Sequence[Step], device: torch.device, count: int, star
     return [begin.elapsed_time(end) * 1e3 for begin, end in events]
 
 
+class Sampled(NamedTuple):
+    blocks: list[list[float]]  # every timed call's time (microseconds), block by block
+    page_faults: int  # the page faults the process took while the blocks ran (resets included)
+
+
 def sample(
     steps: Sequence[Step],
     device: torch.device,
@@ -79,29 +87,32 @@ def sample(
     warmup: int = 3,
     min_reps: int = 3,
     max_reps: int = 200,
-) -> list[list[float]]:
+) -> Sampled:
     """Times `steps` (rotated): `warmup` calls, one call of each step to estimate the time (so every copy has run
     once before the timing), then `repeats` blocks of a number of calls chosen so that all blocks take about
-    `budget_s` (at least `min_reps`, at most `max_reps` each). Returns every call's time (microseconds), block by
-    block."""
+    `budget_s` (at least `min_reps`, at most `max_reps` each)."""
     _host_samples(steps, device, warmup, 0)
     one = statistics.median(_host_samples(steps, device, len(steps), warmup)) / 1e6
     reps = max(min_reps, min(max_reps, int(budget_s / repeats / max(one, 1e-7))))
     timed = _event_samples if device.type == "cuda" else _host_samples
-    return [timed(steps, device, reps, r * reps) for r in range(repeats)]
+    faults_before = page_faults()
+    blocks = [timed(steps, device, reps, r * reps) for r in range(repeats)]
+    return Sampled(blocks, page_faults() - faults_before)
 
 
 def measure(steps: Sequence[Step], device: torch.device, **how) -> dict:
     """sample(steps, device, **how), summarized: the median and 20th/80th percentiles over all calls
-    (microseconds), the number of calls per block, the rotation and the spread of the blocks' medians
-    (max / min - 1)."""
-    blocks = sample(steps, device, **how)
+    (microseconds), the number of calls per block, the rotation, the spread of the blocks' medians (max / min - 1)
+    and the page faults per call (benchmarks/allocator.py says why they matter)."""
+    blocks, faults = sample(steps, device, **how)
+    calls = [t for block in blocks for t in block]
     return summarize(
-        [t for block in blocks for t in block],
+        calls,
         reps=len(blocks[0]),
         repeats=len(blocks),
         rotation=len(steps),
         block_medians=[statistics.median(block) for block in blocks],
+        faults_per_call=faults / len(calls),
     )
 
 
@@ -112,7 +123,15 @@ def low_percentile(blocks: list[list[float]], percent: int = 10) -> float:
     return statistics.quantiles(calls, n=100, method="inclusive")[percent - 1] if len(calls) >= 2 else calls[0]
 
 
-def summarize(samples: list[float], *, reps: int, repeats: int, rotation: int, block_medians: list[float]) -> dict:
+def summarize(
+    samples: list[float],
+    *,
+    reps: int,
+    repeats: int,
+    rotation: int,
+    block_medians: list[float],
+    faults_per_call: float,
+) -> dict:
     q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) >= 2 else samples * 9
     spread = max(block_medians) / min(block_medians) - 1 if min(block_medians) > 0 else math.nan
     return {
@@ -123,4 +142,5 @@ def summarize(samples: list[float], *, reps: int, repeats: int, rotation: int, b
         "repeats": repeats,
         "rotation": rotation,
         "spread": spread,
+        "faults_per_call": faults_per_call,
     }

@@ -418,9 +418,58 @@ def test_sample_and_low_percentile():
     calls = []
     blocks = timing.sample(
         [timing.Step(lambda: calls.append(1))], torch.device("cpu"), budget_s=0.01, repeats=4, min_reps=5, max_reps=50
-    )
+    ).blocks
     assert len(blocks) == 4 and all(len(b) == len(blocks[0]) for b in blocks) and 5 <= len(blocks[0]) <= 50
     assert len(calls) == 3 + 1 + 4 * len(blocks[0])  # warm-up, the estimate, the blocks
     times = [t for b in blocks for t in b]
     assert min(times) <= timing.low_percentile(blocks) <= sorted(times)[len(times) // 2]
     assert timing.low_percentile([[float(t) for t in range(1, 101)]]) == pytest.approx(10.9)
+
+
+def test_sample_counts_page_faults():
+    """sample() counts the page faults of the timed calls: a step that touches every page of a fresh 1 MiB mapping
+    takes at least one fault per page, every call, and measure() says so per call."""
+    import mmap
+
+    from benchmarks import timing
+
+    pages = 256
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as memory:
+            for page in range(pages):
+                memory[page * mmap.PAGESIZE] = 1
+
+    sampled = timing.sample([timing.Step(touch_fresh_pages)], torch.device("cpu"), budget_s=0.01, max_reps=20)
+    assert sampled.page_faults >= pages * sum(len(b) for b in sampled.blocks)
+    cpu = torch.device("cpu")
+    assert timing.measure([timing.Step(lambda: None)], cpu, budget_s=0.01)["faults_per_call"] < 1
+    assert timing.measure([timing.Step(touch_fresh_pages)], cpu, budget_s=0.01)["faults_per_call"] >= pages
+
+
+def test_keep_freed_memory_removes_the_faults_of_large_outputs():
+    """benchmarks/allocator.py: with glibc's defaults, a 64 MiB output (above the largest mmap threshold) comes in
+    fresh pages on every call, 16384 faults; after keep_freed_memory() the next calls reuse the freed chunk.
+    In a process of its own: the setting stays for the process's life."""
+    script = """
+import torch
+from benchmarks import allocator
+def faults_per_call():
+    w = torch.randn(4096, 4096)
+    for _ in range(2):
+        w * 1.0
+    before = allocator.page_faults()
+    for _ in range(5):
+        w * 1.0
+    return (allocator.page_faults() - before) / 5
+print(faults_per_call())
+print(allocator.keep_freed_memory())
+print(faults_per_call())
+"""
+    lines = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split("\n")
+    system_faults, setting, kept_faults = float(lines[0]), lines[1], float(lines[2])
+    assert system_faults >= 16384, system_faults
+    assert "freed memory kept" in setting, setting
+    assert kept_faults < 100, kept_faults
