@@ -1,11 +1,12 @@
 """The CPU kernels' sums (csrc/cpu/common.h, power_iteration.h) against float64 oracles on fresh random inputs.
 
-The kernels read float32/float16/bfloat16 weights into double: each product is exact, and only the double sums
-round. Their error against float64 must stay within max(TOL, 2 x torch's own error in the weight's dtype) on every
-case, ill-conditioned ones included. The case that caught float32 sums (branch cpu-float32-sums, d88e3c1, reverted)
-is here: n_power_iterations = 0 on tiny weights such as 3x3x3x3, with u chosen so that sigma = u^T W v cancels; float
-sums there reached 4.2x torch's error. The row blocks (4 rows per sweep, 8 double lanes per row) must also give the
-same bits on 1 and 2 threads.
+The kernels multiply a weight by a vector element of its dtype exactly (float32 in double, float16 and bfloat16 in
+float: lane_t in common.h), so only the sums round. Their error against float64 must stay within max(TOL, 2 x torch's
+own error in the weight's dtype) on every case, ill-conditioned ones included. The case that caught float32 sums
+(branch cpu-float32-sums, d88e3c1, reverted) is here: n_power_iterations = 0 on tiny weights such as 3x3x3x3, with u
+chosen so that sigma = u^T W v cancels; float sums of float32 products there reached 4.2x torch's error (float sums
+of bfloat16 products stay far inside bfloat16's). The row blocks (4 rows per sweep, 8 double or 16 float lanes per
+row) must also give the same bits on 1 and 2 threads.
 """
 
 import numpy as np
@@ -39,7 +40,7 @@ def _channels_last(*shape):
 
 
 # (id, make(dtype, seed) -> weight, dim): tiny, 1xN, Nx1, wide, tall, row counts off the 4-row blocks, row lengths off
-# the 8 lanes, several row partitions, dim != 0, non-contiguous and channels_last views.
+# the 8 and 16 lanes, several row partitions, dim != 0, non-contiguous and channels_last views.
 CASES = [
     ("3x3x3x3", _dense(3, 3, 3, 3), 0),
     ("1x37", _dense(1, 37), 0),
@@ -145,7 +146,7 @@ def test_same_bits_for_any_thread_count(shape, dtype):
 def test_same_bits_for_contiguous_and_strided_rows(dtype):
     # Contiguous float32 and bfloat16 rows go through dot_rows' AVX2 loop, strided rows (and float16) through the
     # generic loops: both must add the same lanes in the same order, so every result is equal bit for bit.
-    rows, cols = 67, 1003  # off the 4-row blocks and the 8 lanes
+    rows, cols = 67, 1003  # off the 4-row blocks and the 8 or 16 lanes
     dense = randn(rows, cols, dtype=dtype, seed=21)
     strided = torch.zeros(rows, 2 * cols, dtype=dtype)[:, ::2]
     strided.copy_(dense)

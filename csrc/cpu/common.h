@@ -1,14 +1,14 @@
 // Building blocks of the CPU kernels (power_iteration.h and the *_cpu.cpp op files): strided views of
 // weight-shaped tensors, dot products of several rows at once, row updates and vector loads/stores.
 //
-// Matrix-vector products and reductions accumulate in double for every weight dtype. For float32, float16 and
-// bfloat16 weights each product of two such values is exact in double (at most 2 x 24 significand bits), so the only
-// rounding is the double sum's: far below torch's own float32 BLAS error, even where a sum cancels (sigma = u^T W v
-// with n_power_iterations = 0 on a 3x3x3x3 weight, where float32 sums reached 4x torch's error). Speed comes from
-// kLanes independent double accumulators per row and kRowBlock rows per sweep of x (one load of x serves kRowBlock
-// rows), not from summing in float: measured on this machine's AVX2 cores (1 thread), a row block of 4 with 8
-// double lanes runs at the speed of 16 float lanes (38 GB/s from L2/L3, 17-21 GB/s from memory; one double
-// accumulator chain: 22 and 10-11 GB/s).
+// Matrix-vector products and reductions accumulate in double, except dot_rows' lanes for the 2-byte dtypes (float:
+// see lane_t). For float32, float16 and bfloat16 weights each product of a weight and a vector element (a value of
+// the weight's dtype) is exact in double (at most 2 x 24 significand bits), so the only rounding is the double sum's:
+// far below torch's own float32 BLAS error, even where a sum cancels (sigma = u^T W v with n_power_iterations = 0 on
+// a 3x3x3x3 weight, where float32 sums reached 4x torch's error). Speed comes from kLanes independent accumulators
+// per row and kRowBlock rows per sweep of x (one load of x serves kRowBlock rows), not from summing float32 weights
+// in float: measured on this machine's AVX2 cores (1 thread), a row block of 4 with 8 double lanes runs at the speed
+// of 16 float lanes (38 GB/s from L2/L3, 17-21 GB/s from memory; one double accumulator chain: 22 and 10-11 GB/s).
 // Float64 weights keep the one-accumulator sums (their products are not exact in double, and changing their order
 // would change float64 results that tests compare at 1e-14).
 // Every split depends on the shape only, never on the thread count: results are the same for any number of threads.
@@ -64,66 +64,113 @@ struct Matrix3d {
   T* line(int64_t o, int64_t i) const { return data + o * s_outer + i * s_row; }
 };
 
-// x as a double. A bfloat16 is the float whose high 16 bits it holds: c10's conversion gives the same value, but
-// through a function GCC does not vectorize.
+// x as a float (a bfloat16 is the float whose high 16 bits it holds: c10's conversion gives the same value, but
+// through a function GCC does not vectorize) or, for double, itself.
 template <typename scalar_t>
-inline acc_t widen(scalar_t x) {
+inline auto to_float(scalar_t x) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
     float value;
     std::memcpy(&value, &bits, sizeof value);
     return value;
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    return x;
   } else {
-    return static_cast<acc_t>(x);
+    return static_cast<float>(x);
   }
+}
+
+// x as a double.
+template <typename scalar_t>
+inline acc_t widen(scalar_t x) {
+  return static_cast<acc_t>(to_float(x));
+}
+
+// The type dot_rows multiplies and sums its lanes in, and so the type of the vector it dots the rows with: float for
+// the 2-byte dtypes, double for float32 and float64. dot_rows' vector always holds values of the weight's dtype
+// (load_vector reads them from the buffers, normalize_into rounds them so), and the product of two bfloat16 or two
+// float16 values is exact in float (at most 2 x 11 significand bits): only the float lanes' sums round, at most
+// n / 16 + 1 steps of 2^-24 each for a row of n, far below the 2^-9 of the bfloat16 result torch rounds its W v
+// to. Float lanes carry twice the elements per instruction and save the conversion to double, which made bfloat16
+// dot products compute-bound (2x slower than float32's on this machine).
+template <typename scalar_t>
+using lane_t = std::conditional_t<sizeof(scalar_t) == 2, float, acc_t>;
+template <typename scalar_t>
+using LaneVector = std::vector<lane_t<scalar_t>>;
+
+// A Vector (double) as dot_rows' lane type.
+template <typename scalar_t>
+LaneVector<scalar_t> to_lanes(const Vector& x) {
+  return LaneVector<scalar_t>(x.begin(), x.end());
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Whether dot_rows has an AVX2 loop for scalar_t: float32 and bfloat16, whose conversion to float is one vector
-// instruction (float16 would need F16C, which the avx2 build does not enable).
+// dot_rows' AVX2 loop for scalar_t: its lane registers and how a weight's values enter them. Float32 (4 doubles per
+// register) and bfloat16 (8 floats), whose conversions are one or two vector instructions; float16 would need F16C,
+// which the avx2 build does not enable, so it has none (kHas = false).
 template <typename scalar_t>
-constexpr bool kWidenAvx2 = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+struct Avx2Lanes {
+  static constexpr bool kHas = false;
+};
 
-// w[0..3] as doubles: the values widen() gives.
-template <typename scalar_t>
-inline __m256d widen4(const scalar_t* w) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return _mm256_cvtps_pd(_mm_loadu_ps(w));
-  } else {
-    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w));
-    return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
+template <>
+struct Avx2Lanes<float> {
+  static constexpr bool kHas = true;
+  static constexpr int64_t kWidth = 4;
+  using reg = __m256d;
+  static reg zero() { return _mm256_setzero_pd(); }
+  static reg load(const double* x) { return _mm256_loadu_pd(x); }
+  static reg widen(const float* w) { return _mm256_cvtps_pd(_mm_loadu_ps(w)); }  // the values widen() gives
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static void store(double* out, reg a) { _mm256_storeu_pd(out, a); }
+};
+
+template <>
+struct Avx2Lanes<c10::BFloat16> {
+  static constexpr bool kHas = true;
+  static constexpr int64_t kWidth = 8;
+  using reg = __m256;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg load(const float* x) { return _mm256_loadu_ps(x); }
+  static reg widen(const c10::BFloat16* w) {  // the values to_float() gives: the bits, 16 places up
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
-}
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* out, reg a) { _mm256_storeu_ps(out, a); }
+};
 #endif
 
 // Rows handled per sweep of the shared vector in dot_rows and add_rows.
 constexpr int64_t kRowBlock = 4;
-// Double accumulators per row in dot_rows: two AVX2 registers, so a row block keeps 8 FMA chains in flight.
-constexpr int64_t kLanes = 8;
+// Accumulators per row in dot_rows: two AVX2 registers of lane_t, so a row block keeps 8 FMA chains in flight.
+template <typename scalar_t>
+constexpr int64_t kLanes = 2 * 32 / sizeof(lane_t<scalar_t>);
 
 // dot_rows' lanes for its first `full` elements (a multiple of kLanes), in AVX2 registers, two per row: GCC kept
 // dot_rows' lane array on the stack and converted 2 values per instruction (bfloat16: 1.6x slower). Each product is
 // exact, so the sums are those of dot_rows' generic loops. Returns false, adding nothing, where it does not apply
 // (a build without AVX2 and FMA, float16, strided rows): dot_rows' generic loops add them then.
 template <int64_t NR, typename scalar_t>
-bool add_full_lane_groups_avx2(const scalar_t* w, int64_t w_row, int64_t s, const acc_t* x, int64_t full,
-                               acc_t (&lanes)[NR][kLanes]) {
+bool add_full_lane_groups_avx2(const scalar_t* w, int64_t w_row, int64_t s, const lane_t<scalar_t>* x, int64_t full,
+                               lane_t<scalar_t> (&lanes)[NR][kLanes<scalar_t>]) {
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (kWidenAvx2<scalar_t>) {
+  using A = Avx2Lanes<scalar_t>;
+  if constexpr (A::kHas) {
     if (s == 1) {
-      static_assert(kLanes == 8, "two __m256d per row");
-      __m256d lo[NR], hi[NR];
-      for (int64_t q = 0; q < NR; ++q) lo[q] = hi[q] = _mm256_setzero_pd();
-      for (int64_t r = 0; r < full; r += kLanes) {
-        const __m256d x_lo = _mm256_loadu_pd(x + r), x_hi = _mm256_loadu_pd(x + r + 4);
+      static_assert(kLanes<scalar_t> == 2 * A::kWidth, "two registers per row");
+      typename A::reg lo[NR], hi[NR];
+      for (int64_t q = 0; q < NR; ++q) lo[q] = hi[q] = A::zero();
+      for (int64_t r = 0; r < full; r += 2 * A::kWidth) {
+        const typename A::reg x_lo = A::load(x + r), x_hi = A::load(x + r + A::kWidth);
         for (int64_t q = 0; q < NR; ++q) {
-          lo[q] = _mm256_fmadd_pd(widen4(w + q * w_row + r), x_lo, lo[q]);
-          hi[q] = _mm256_fmadd_pd(widen4(w + q * w_row + r + 4), x_hi, hi[q]);
+          lo[q] = A::fma(A::widen(w + q * w_row + r), x_lo, lo[q]);
+          hi[q] = A::fma(A::widen(w + q * w_row + r + A::kWidth), x_hi, hi[q]);
         }
       }
       for (int64_t q = 0; q < NR; ++q) {
-        _mm256_storeu_pd(lanes[q], lo[q]);
-        _mm256_storeu_pd(lanes[q] + 4, hi[q]);
+        A::store(lanes[q], lo[q]);
+        A::store(lanes[q] + A::kWidth, hi[q]);
       }
       return true;
     }
@@ -132,47 +179,55 @@ bool add_full_lane_groups_avx2(const scalar_t* w, int64_t w_row, int64_t s, cons
   return false;
 }
 
+// lanes[0] + ... + lanes[L - 1] in double, added pairwise: (0 + L/2, ...), then halves again.
+template <typename lane, int64_t L>
+acc_t pairwise_sum(const lane (&lanes)[L]) {
+  acc_t sums[L];
+  for (int64_t k = 0; k < L; ++k) sums[k] = lanes[k];
+  for (int64_t width = L / 2; width >= 1; width /= 2)
+    for (int64_t k = 0; k < width; ++k) sums[k] += sums[k + width];
+  return sums[0];
+}
+
 // out[q] = sum over r < n of w[q * w_row + r * s] * x[r] for q < NR: NR rows dotted with one vector, which is read
-// once for all of them. Float data: element r goes to lane r % kLanes and the lanes are added pairwise, so a row's
-// result depends only on the row and x, not on NR, the strides or which task ran it. Double data: one accumulator,
-// the sum these kernels have always used for float64.
+// once for all of them. Float data: element r goes to lane r % kLanes and the lanes are added pairwise (in double),
+// so a row's result depends only on the row and x, not on NR, the strides or which task ran it. Double data: one
+// accumulator, the sum these kernels have always used for float64.
 template <int64_t NR, typename scalar_t>
-void dot_rows(const scalar_t* w, int64_t w_row, int64_t s, const acc_t* x, int64_t n, acc_t* out) {
+void dot_rows(const scalar_t* w, int64_t w_row, int64_t s, const lane_t<scalar_t>* x, int64_t n, acc_t* out) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     for (int64_t q = 0; q < NR; ++q) {
       const scalar_t* row = w + q * w_row;
       acc_t sum = 0;
       if (s == 1) {
 #pragma omp simd reduction(+ : sum)
-        for (int64_t r = 0; r < n; ++r) sum += widen(row[r]) * x[r];
+        for (int64_t r = 0; r < n; ++r) sum += row[r] * x[r];
       } else {
-        for (int64_t r = 0; r < n; ++r) sum += widen(row[r * s]) * x[r];
+        for (int64_t r = 0; r < n; ++r) sum += row[r * s] * x[r];
       }
       out[q] = sum;
     }
   } else {
-    acc_t lanes[NR][kLanes] = {};
-    const int64_t full = n - n % kLanes;
+    using lane = lane_t<scalar_t>;
+    constexpr int64_t L = kLanes<scalar_t>;
+    lane lanes[NR][L] = {};
+    const int64_t full = n - n % L;
     if (!add_full_lane_groups_avx2<NR>(w, w_row, s, x, full, lanes)) {
       if (s == 1) {
-        for (int64_t r = 0; r < full; r += kLanes)
+        for (int64_t r = 0; r < full; r += L)
           for (int64_t q = 0; q < NR; ++q) {
 #pragma omp simd
-            for (int64_t k = 0; k < kLanes; ++k) lanes[q][k] += widen(w[q * w_row + r + k]) * x[r + k];
+            for (int64_t k = 0; k < L; ++k) lanes[q][k] += to_float(w[q * w_row + r + k]) * x[r + k];
           }
       } else {
-        for (int64_t r = 0; r < full; r += kLanes)
+        for (int64_t r = 0; r < full; r += L)
           for (int64_t q = 0; q < NR; ++q)
-            for (int64_t k = 0; k < kLanes; ++k) lanes[q][k] += widen(w[q * w_row + (r + k) * s]) * x[r + k];
+            for (int64_t k = 0; k < L; ++k) lanes[q][k] += to_float(w[q * w_row + (r + k) * s]) * x[r + k];
       }
     }
     for (int64_t r = full; r < n; ++r)
-      for (int64_t q = 0; q < NR; ++q) lanes[q][r - full] += widen(w[q * w_row + r * s]) * x[r];
-    for (int64_t q = 0; q < NR; ++q) {
-      for (int64_t width = kLanes / 2; width >= 1; width /= 2)
-        for (int64_t k = 0; k < width; ++k) lanes[q][k] += lanes[q][k + width];
-      out[q] = lanes[q][0];
-    }
+      for (int64_t q = 0; q < NR; ++q) lanes[q][r - full] += to_float(w[q * w_row + r * s]) * x[r];
+    for (int64_t q = 0; q < NR; ++q) out[q] = pairwise_sum(lanes[q]);
   }
 }
 
@@ -196,11 +251,12 @@ void add_rows(const scalar_t* w, int64_t w_row, int64_t s, const acc_t* y, acc_t
   }
 }
 
-template <typename scalar_t>
-Vector load_vector(const at::Tensor& t) {
+// A vector of the weight's dtype, as T (double by default).
+template <typename scalar_t, typename T = acc_t>
+std::vector<T> load_vector(const at::Tensor& t) {
   const auto c = t.contiguous();
   const scalar_t* p = c.const_data_ptr<scalar_t>();
-  return Vector(p, p + c.numel());
+  return std::vector<T>(p, p + c.numel());
 }
 
 template <typename scalar_t>

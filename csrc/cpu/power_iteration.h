@@ -14,7 +14,7 @@ namespace {
 
 // y[q] = (row i + q of Wm) . x for q < NR: the rows' segments of constant o, dotted NR rows at a time.
 template <int64_t NR, typename scalar_t>
-void dot_matrix_rows(const Matrix3d<const scalar_t>& W, int64_t i, const Vector& x, acc_t* y) {
+void dot_matrix_rows(const Matrix3d<const scalar_t>& W, int64_t i, const LaneVector<scalar_t>& x, acc_t* y) {
   std::fill(y, y + NR, acc_t(0));
   for (int64_t o = 0; o < W.outer; ++o) {
     acc_t part[NR];
@@ -26,10 +26,11 @@ void dot_matrix_rows(const Matrix3d<const scalar_t>& W, int64_t i, const Vector&
 // y = Wm x, parallel over blocks of kRowBlock rows.
 template <typename scalar_t>
 void matvec(const Matrix3d<const scalar_t>& W, const Vector& x, Vector& y) {
+  const LaneVector<scalar_t> lanes_x = to_lanes<scalar_t>(x);
   const int64_t blocks = (W.rows + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, blocks, grain_for(kRowBlock * W.cols()), [&](int64_t begin, int64_t end) {
     for_each_row_block(begin * kRowBlock, std::min(W.rows, end * kRowBlock),
-                       [&](auto nr, int64_t i) { dot_matrix_rows<decltype(nr)::value>(W, i, x, y.data() + i); });
+                       [&](auto nr, int64_t i) { dot_matrix_rows<decltype(nr)::value>(W, i, lanes_x, y.data() + i); });
   });
 }
 
@@ -70,6 +71,7 @@ void matvec_and_gram(const Matrix3d<const scalar_t>& W, const Vector& x, Vector&
       std::max<int64_t>(1, std::min({std::max(W.rows / kMinPartitionRows, std::min(W.rows, kMinPartitions)),
                                      (W.rows * cols) / kGrainElements, int64_t(64), kMaxPartialElements / cols}));
   const int64_t rows_per_partition = (W.rows + partitions - 1) / partitions;
+  const LaneVector<scalar_t> lanes_x = to_lanes<scalar_t>(x);
   const std::unique_ptr<acc_t[]> partial(new acc_t[partitions * cols]);  // zeroed by its tasks
   at::parallel_for(0, partitions, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -78,7 +80,7 @@ void matvec_and_gram(const Matrix3d<const scalar_t>& W, const Vector& x, Vector&
       const int64_t first = p * rows_per_partition, last = std::min(W.rows, first + rows_per_partition);
       for_each_row_block(first, last, [&](auto nr, int64_t i) {
         constexpr int64_t NR = decltype(nr)::value;
-        dot_matrix_rows<NR>(W, i, x, y.data() + i);
+        dot_matrix_rows<NR>(W, i, lanes_x, y.data() + i);
         for (int64_t o = 0; o < W.outer; ++o)
           add_rows<NR>(W.line(o, i), W.s_row, W.s_inner, y.data() + i, zp + o * W.inner, 0, W.inner);
       });

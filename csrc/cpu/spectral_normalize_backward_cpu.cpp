@@ -10,22 +10,34 @@
 namespace sn_ext {
 namespace {
 
-// <A, B> over two weight-shaped views, one partial sum per line, then added in line order (deterministic).
+// <A, B> over two weight-shaped views, one partial sum per line, then added in line order (deterministic). A line's
+// sum: kLanes accumulators of lane_t, as in dot_rows (the product of two values of a float dtype is exact in lane_t:
+// only the sums round), added pairwise in double. Independent lanes, not one chain of dependent adds, so the loop
+// runs at the speed of the loads.
 template <typename scalar_t>
 acc_t inner_product(const Matrix3d<const scalar_t>& A, const Matrix3d<const scalar_t>& B) {
+  using lane = lane_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
   Vector partial(A.lines());
   at::parallel_for(0, A.lines(), grain_for(A.inner), [&](int64_t begin, int64_t end) {
     for (int64_t l = begin; l < end; ++l) {
       const scalar_t* a = A.line(l);
       const scalar_t* b = B.line(l);
-      acc_t sum = 0;
+      lane lanes[L] = {};
+      const int64_t full = A.inner - A.inner % L;
       if (A.s_inner == 1 && B.s_inner == 1) {
-#pragma omp simd reduction(+ : sum)
-        for (int64_t r = 0; r < A.inner; ++r) sum += widen(a[r]) * widen(b[r]);
+        for (int64_t r = 0; r < full; r += L) {
+#pragma omp simd
+          for (int64_t k = 0; k < L; ++k) lanes[k] += lane(to_float(a[r + k])) * lane(to_float(b[r + k]));
+        }
       } else {
-        for (int64_t r = 0; r < A.inner; ++r) sum += widen(a[r * A.s_inner]) * widen(b[r * B.s_inner]);
+        for (int64_t r = 0; r < full; r += L)
+          for (int64_t k = 0; k < L; ++k)
+            lanes[k] += lane(to_float(a[(r + k) * A.s_inner])) * lane(to_float(b[(r + k) * B.s_inner]));
       }
-      partial[l] = sum;
+      for (int64_t r = full; r < A.inner; ++r)
+        lanes[r - full] += lane(to_float(a[r * A.s_inner])) * lane(to_float(b[r * B.s_inner]));
+      partial[l] = pairwise_sum(lanes);
     }
   });
   acc_t total = 0;
@@ -46,16 +58,17 @@ at::Tensor spectral_normalize_backward_cpu(const at::Tensor& grad, const at::Ten
         const Matrix3d<scalar_t> out(grad_weight.view3d);
         const opmath_t lambda = static_cast<opmath_t>(inner_product(G, S));
         const opmath_t inv_sigma = opmath_t(1) / sigma.item<opmath_t>();
-        const Vector uu = load_vector<scalar_t>(u), vv = load_vector<scalar_t>(v);
+        const Vector uu = load_vector<scalar_t>(u);
+        const std::vector<opmath_t> vv = load_vector<scalar_t, opmath_t>(v);  // converted once, not once per row
         at::parallel_for(0, G.lines(), grain_for(G.inner), [&](int64_t begin, int64_t end) {
           for (int64_t l = begin; l < end; ++l) {
             const int64_t o = l / G.rows, i = l % G.rows;
             const scalar_t* g = G.line(l);
             scalar_t* y = out.line(l);
             const opmath_t lambda_u = lambda * static_cast<opmath_t>(uu[i]);
-            const acc_t* vo = vv.data() + o * G.inner;
+            const opmath_t* vo = vv.data() + o * G.inner;
             for_each_in_line(G.inner, G.s_inner, out.s_inner, [&](int64_t r, int64_t a, int64_t b) {
-              const opmath_t corrected = static_cast<opmath_t>(g[a]) - lambda_u * static_cast<opmath_t>(vo[r]);
+              const opmath_t corrected = static_cast<opmath_t>(g[a]) - lambda_u * vo[r];
               y[b] = static_cast<scalar_t>(corrected * inv_sigma);
             });
           }
