@@ -12,6 +12,9 @@ backward, what a training step pays) and "eval" (`with torch.no_grad(): module()
   weight_swapping_steps);
 - sn_ext <backend>: sn_ext.spectral_norm(..., backend=...) for each of sn_ext.backends.BACKENDS that can take the
   weight here (the others are skipped, saying why).
+
+The providers of one shape, dtype and mode are timed side by side, their calls interleaved
+(timing.measure_side_by_side): the ratios between them do not depend on when each one ran.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sn_ext
 from sn_ext import backends
 
 from .records import failure, log, rounded, timing_columns
-from .timing import Step, measure, rotation
+from .timing import Step, measure_side_by_side, rotation
 
 BASELINE_SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "1024x1024x3x3", "4096x4096"]
 QUICK_SHAPES = BASELINE_SHAPES[:3]
@@ -171,28 +174,36 @@ def run(
             params, weights, grads = weights_and_grads(shape_text, dtype, device, quick)
             if compile_ok:
                 torch._dynamo.reset()  # a fresh compile per shape: no recompile limit across a run's shapes
+            base = {"shape": shape_text, "params": params, "dtype": dtype_name}
+
+            runnable = {}  # provider -> (modules, call, copies of W)
             for provider in PROVIDERS:
-                base = {"shape": shape_text, "params": params, "dtype": dtype_name, "provider": provider}
                 reason = skip_reason(provider, device, dtype, compile_ok)
                 if reason:
                     for mode in modes:
-                        write({**base, "mode": mode, "status": "skipped", "note": reason})
+                        write({**base, "provider": provider, "mode": mode, "status": "skipped", "note": reason})
                     continue
                 compiled = provider == "torch compiled"
                 copies = [w.clone() for w in weights]
                 modules = [make_layer(provider, copies[0])] if compiled else [make_layer(provider, w) for w in copies]
-                call = torch.compile(_call) if compiled else _call
-                for mode in modes:
-                    row = {**base, "mode": mode}
-                    try:
-                        if compiled:
+                runnable[provider] = (modules, torch.compile(_call) if compiled else _call, copies)
+            for mode in modes:
+                steps_by_provider = {}
+                for provider, (modules, call, copies) in runnable.items():
+                    try:  # one call first: a provider that fails (torch.compile without a compiler) is left out
+                        if provider == "torch compiled":
                             steps = weight_swapping_steps(modules[0], copies, grads, mode, call)
                         else:
                             steps = make_steps(modules, grads, mode, call)
-                        t = measure(steps, device, budget_s=budget)
-                    except Exception as error:  # e.g. torch.compile without a working compiler
-                        write({**row, "status": "failed", "note": failure(error)})
+                        if steps[0].reset:
+                            steps[0].reset()
+                        steps[0].run()
+                    except Exception as error:
+                        write({**base, "provider": provider, "mode": mode, "status": "failed", "note": failure(error)})
                         log(f"  layer {dtype_name} {shape_text} {mode} {provider}: failed ({failure(error)})")
                         continue
-                    write({**row, **rounded(t), "status": "ok"})
+                    steps_by_provider[provider] = steps
+                timings = measure_side_by_side(steps_by_provider, device, budget_s=budget)
+                for provider, t in timings.items():
+                    write({**base, "provider": provider, "mode": mode, **rounded(t), "status": "ok"})
                     log(f"  layer {dtype_name} {shape_text} {mode:5} {provider:16} {t['median_us']:10.1f} us")

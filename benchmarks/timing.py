@@ -43,39 +43,51 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _host_samples(steps: Sequence[Step], device: torch.device, count: int, start: int) -> list[float]:
-    samples = []
-    for i in range(start, start + count):
-        step = steps[i % len(steps)]
+class Timed(NamedTuple):
+    times: list[float]  # each call's time, microseconds
+    faults: list[int]  # the page faults the process took during each call (benchmarks/allocator.py)
+
+
+def _host_timed(calls: Sequence[Step], device: torch.device) -> Timed:
+    times, faults = [], []
+    for step in calls:
         if step.reset:
             step.reset()
         synchronize(device)
+        faults_before = page_faults()
         t0 = time.perf_counter()
         step.run()
         synchronize(device)
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return samples
+        times.append((time.perf_counter() - t0) * 1e6)
+        faults.append(page_faults() - faults_before)
+    return Timed(times, faults)
 
 
-def _event_samples(steps: Sequence[Step], device: torch.device, count: int, start: int) -> list[float]:
+def _event_timed(calls: Sequence[Step], device: torch.device) -> Timed:
     """CUDA events around each call, no synchronisation in between: a step's time is what it takes on the GPU's
     timeline, including the gaps where the GPU waits for the host to launch the next kernel."""
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in calls]
+    faults = []
     synchronize(device)
-    for i, (begin, end) in zip(range(start, start + count), events):
-        step = steps[i % len(steps)]
+    for step, (begin, end) in zip(calls, events):
         if step.reset:
             step.reset()
+        faults_before = page_faults()
         begin.record()
         step.run()
         end.record()
+        faults.append(page_faults() - faults_before)
     synchronize(device)
-    return [begin.elapsed_time(end) * 1e3 for begin, end in events]
+    return Timed([begin.elapsed_time(end) * 1e3 for begin, end in events], faults)
+
+
+def _rotated(steps: Sequence[Step], count: int, start: int) -> list[Step]:
+    return [steps[i % len(steps)] for i in range(start, start + count)]
 
 
 class Sampled(NamedTuple):
     blocks: list[list[float]]  # every timed call's time (microseconds), block by block
-    page_faults: int  # the page faults the process took while the blocks ran (resets included)
+    page_faults: int  # the page faults the process took during the timed calls
 
 
 def sample(
@@ -91,29 +103,53 @@ def sample(
     """Times `steps` (rotated): `warmup` calls, one call of each step to estimate the time (so every copy has run
     once before the timing), then `repeats` blocks of a number of calls chosen so that all blocks take about
     `budget_s` (at least `min_reps`, at most `max_reps` each)."""
-    _host_samples(steps, device, warmup, 0)
-    one = statistics.median(_host_samples(steps, device, len(steps), warmup)) / 1e6
-    reps = max(min_reps, min(max_reps, int(budget_s / repeats / max(one, 1e-7))))
-    timed = _event_samples if device.type == "cuda" else _host_samples
-    faults_before = page_faults()
-    blocks = [timed(steps, device, reps, r * reps) for r in range(repeats)]
-    return Sampled(blocks, page_faults() - faults_before)
+    return sample_side_by_side(
+        {"": steps}, device, budget_s=budget_s, repeats=repeats, warmup=warmup, min_reps=min_reps, max_reps=max_reps
+    )[""]
+
+
+def sample_side_by_side(
+    steps_by_name: dict[str, Sequence[Step]],
+    device: torch.device,
+    *,
+    budget_s: float,
+    repeats: int = 3,
+    warmup: int = 3,
+    min_reps: int = 3,
+    max_reps: int = 200,
+) -> dict[str, Sampled]:
+    """sample() for several things at once, their calls interleaved: round i calls each thing's step i (rotated) in
+    turn, so that a burst of load on a shared machine or a change of clock falls on all of them alike, and their
+    ratios are measured side by side (timed one after the other, single cells of a 2-core VM moved up to 1.8x
+    between two runs minutes apart). Each thing warms up on its own first; every block has the same number of
+    rounds, chosen so that all blocks take about `budget_s` per thing."""
+    timed = _event_timed if device.type == "cuda" else _host_timed
+    one_round = 0.0
+    for steps in steps_by_name.values():
+        timed(_rotated(steps, warmup, 0), device)
+        one_round += statistics.median(timed(_rotated(steps, len(steps), warmup), device).times) / 1e6
+    reps = max(min_reps, min(max_reps, int(budget_s * len(steps_by_name) / repeats / max(one_round, 1e-7))))
+    names = list(steps_by_name)
+    blocks = {name: [] for name in names}
+    faults = dict.fromkeys(names, 0)
+    for r in range(repeats):
+        rounds = [steps_by_name[name][(r * reps + i) % len(steps_by_name[name])] for i in range(reps) for name in names]
+        block = timed(rounds, device)
+        for k, name in enumerate(names):
+            blocks[name].append(block.times[k :: len(names)])
+            faults[name] += sum(block.faults[k :: len(names)])
+    return {name: Sampled(blocks[name], faults[name]) for name in names}
 
 
 def measure(steps: Sequence[Step], device: torch.device, **how) -> dict:
-    """sample(steps, device, **how), summarized: the median and 20th/80th percentiles over all calls
-    (microseconds), the number of calls per block, the rotation, the spread of the blocks' medians (max / min - 1)
-    and the page faults per call (benchmarks/allocator.py says why they matter)."""
-    blocks, faults = sample(steps, device, **how)
-    calls = [t for block in blocks for t in block]
-    return summarize(
-        calls,
-        reps=len(blocks[0]),
-        repeats=len(blocks),
-        rotation=len(steps),
-        block_medians=[statistics.median(block) for block in blocks],
-        faults_per_call=faults / len(calls),
-    )
+    """sample(steps, device, **how), summarized (summarize())."""
+    return summarize(sample(steps, device, **how), rotation=len(steps))
+
+
+def measure_side_by_side(steps_by_name: dict[str, Sequence[Step]], device: torch.device, **how) -> dict[str, dict]:
+    """sample_side_by_side(steps_by_name, device, **how), each thing summarized."""
+    sampled = sample_side_by_side(steps_by_name, device, **how)
+    return {name: summarize(sampled[name], rotation=len(steps)) for name, steps in steps_by_name.items()}
 
 
 def low_percentile(blocks: list[list[float]], percent: int = 10) -> float:
@@ -123,24 +159,21 @@ def low_percentile(blocks: list[list[float]], percent: int = 10) -> float:
     return statistics.quantiles(calls, n=100, method="inclusive")[percent - 1] if len(calls) >= 2 else calls[0]
 
 
-def summarize(
-    samples: list[float],
-    *,
-    reps: int,
-    repeats: int,
-    rotation: int,
-    block_medians: list[float],
-    faults_per_call: float,
-) -> dict:
+def summarize(sampled: Sampled, *, rotation: int) -> dict:
+    """The median and 20th/80th percentiles over all calls (microseconds), the number of calls per block, the
+    rotation, the spread of the blocks' medians (max / min - 1) and the page faults per call (benchmarks/allocator.py
+    says why they matter)."""
+    samples = [t for block in sampled.blocks for t in block]
+    block_medians = [statistics.median(block) for block in sampled.blocks]
     q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) >= 2 else samples * 9
     spread = max(block_medians) / min(block_medians) - 1 if min(block_medians) > 0 else math.nan
     return {
         "median_us": statistics.median(samples),
         "p20_us": q[1],
         "p80_us": q[7],
-        "reps": reps,
-        "repeats": repeats,
+        "reps": len(sampled.blocks[0]),
+        "repeats": len(sampled.blocks),
         "rotation": rotation,
         "spread": spread,
-        "faults_per_call": faults_per_call,
+        "faults_per_call": sampled.page_faults / len(samples),
     }

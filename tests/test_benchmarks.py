@@ -447,6 +447,35 @@ def test_sample_counts_page_faults():
     assert timing.measure([timing.Step(touch_fresh_pages)], cpu, budget_s=0.01)["faults_per_call"] >= pages
 
 
+def test_side_by_side_interleaves_the_calls_and_keeps_each_ones_faults():
+    """benchmarks/timing.py: measure_side_by_side() calls its things in turn (after each one's own warm-up), gives
+    each the same number of calls per block, and counts each one's page faults apart."""
+    import mmap
+
+    from benchmarks import timing
+
+    order = []
+
+    def fresh_pages():
+        order.append("faulting")
+        with mmap.mmap(-1, 64 * mmap.PAGESIZE) as memory:
+            for page in range(64):
+                memory[page * mmap.PAGESIZE] = 1
+
+    steps = {
+        "faulting": [timing.Step(fresh_pages)],
+        "quiet": [timing.Step(lambda: order.append("quiet")), timing.Step(lambda: order.append("quiet"))],
+    }
+    results = timing.measure_side_by_side(steps, torch.device("cpu"), budget_s=0.01, repeats=2, max_reps=30)
+    warmup = ["faulting"] * (3 + 1) + ["quiet"] * (3 + 2)
+    assert order[: len(warmup)] == warmup
+    timed = order[len(warmup) :]
+    assert timed == ["faulting", "quiet"] * (len(timed) // 2)
+    assert results["faulting"]["reps"] == results["quiet"]["reps"] == len(timed) // 4
+    assert results["faulting"]["faults_per_call"] >= 64 and results["quiet"]["faults_per_call"] < 1
+    assert results["quiet"]["rotation"] == 2
+
+
 def test_keep_freed_memory_removes_the_faults_of_large_outputs():
     """benchmarks/allocator.py: with glibc's defaults, a 64 MiB output (above the largest mmap threshold) comes in
     fresh pages on every call, 16384 faults; after keep_freed_memory() the next calls reuse the freed chunk.
