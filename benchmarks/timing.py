@@ -90,22 +90,9 @@ class Sampled(NamedTuple):
     page_faults: int  # the page faults the process took during the timed calls
 
 
-def sample(
-    steps: Sequence[Step],
-    device: torch.device,
-    *,
-    budget_s: float,
-    repeats: int = 3,
-    warmup: int = 3,
-    min_reps: int = 3,
-    max_reps: int = 200,
-) -> Sampled:
-    """Times `steps` (rotated): `warmup` calls, one call of each step to estimate the time (so every copy has run
-    once before the timing), then `repeats` blocks of a number of calls chosen so that all blocks take about
-    `budget_s` (at least `min_reps`, at most `max_reps` each)."""
-    return sample_side_by_side(
-        {"": steps}, device, budget_s=budget_s, repeats=repeats, warmup=warmup, min_reps=min_reps, max_reps=max_reps
-    )[""]
+def sample(steps: Sequence[Step], device: torch.device, **how) -> Sampled:
+    """Times `steps` alone: sample_side_by_side() of one thing."""
+    return sample_side_by_side({"": steps}, device, **how)[""]
 
 
 def sample_side_by_side(
@@ -118,11 +105,12 @@ def sample_side_by_side(
     min_reps: int = 3,
     max_reps: int = 200,
 ) -> dict[str, Sampled]:
-    """sample() for several things at once, their calls interleaved: round i calls each thing's step i (rotated) in
-    turn, so that a burst of load on a shared machine or a change of clock falls on all of them alike, and their
-    ratios are measured side by side (timed one after the other, single cells of a 2-core VM moved up to 1.8x
-    between two runs minutes apart). Each thing warms up on its own first; every block has the same number of
-    rounds, chosen so that all blocks take about `budget_s` per thing."""
+    """Times each thing's `steps` (rotated): `warmup` calls, one call of each step to estimate the time (so every
+    copy has run once before the timing), then `repeats` blocks of rounds, round i calling each thing's step i in
+    turn; every block has the same number of rounds, chosen so that all blocks take about `budget_s` per thing (at
+    least `min_reps`, at most `max_reps` each). Interleaved, so that a burst of load on a shared machine or a change
+    of clock falls on all the things alike and their ratios are measured side by side (timed one thing after the
+    other, single cells of a 2-core VM moved up to 1.8x between two runs minutes apart)."""
     timed = _event_timed if device.type == "cuda" else _host_timed
     one_round = 0.0
     for steps in steps_by_name.values():
