@@ -1,12 +1,13 @@
 """The CPU kernels' sums (csrc/cpu/common.h, power_iteration.h) against float64 oracles on fresh random inputs.
 
-The kernels multiply a weight by a vector element of its dtype exactly (float32 in double, float16 and bfloat16 in
-float: lane_t in common.h), so only the sums round. Their error against float64 must stay within max(TOL, 2 x torch's
-own error in the weight's dtype) on every case, ill-conditioned ones included. The case that caught float32 sums
-(branch cpu-float32-sums, d88e3c1, reverted) is here: n_power_iterations = 0 on tiny weights such as 3x3x3x3, with u
-chosen so that sigma = u^T W v cancels; float sums of float32 products there reached 4.2x torch's error (float sums
-of bfloat16 products stay far inside bfloat16's). The row blocks (4 rows per sweep, 8 double or 16 float lanes per
-row) must also give the same bits on 1 and 2 threads.
+The kernels' dot products multiply a weight by a vector element of its dtype exactly (float32 in double, float16 and
+bfloat16 in float: lane_t in common.h), so only the sums round; W^T y sums in the same types (float for the 2-byte
+dtypes, as torch's own matrix-vector products accumulate). Their error against float64 must stay within max(TOL, 2 x
+torch's own error in the weight's dtype) on every case, ill-conditioned ones included. The case that caught float32
+sums (branch cpu-float32-sums, d88e3c1, reverted) is here: n_power_iterations = 0 on tiny weights such as 3x3x3x3,
+with u chosen so that sigma = u^T W v cancels; float sums of float32 products there reached 4.2x torch's error
+(float sums of bfloat16 products stay far inside bfloat16's). The row blocks (4 rows per sweep, 8 double or 16 float
+lanes per row) must also give the same bits on 1 and 2 threads.
 """
 
 import numpy as np

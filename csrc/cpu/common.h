@@ -86,13 +86,15 @@ inline acc_t widen(scalar_t x) {
   return static_cast<acc_t>(to_float(x));
 }
 
-// The type dot_rows multiplies and sums its lanes in, and so the type of the vector it dots the rows with: float for
-// the 2-byte dtypes, double for float32 and float64. dot_rows' vector always holds values of the weight's dtype
-// (load_vector reads them from the buffers, normalize_into rounds them so), and the product of two bfloat16 or two
-// float16 values is exact in float (at most 2 x 11 significand bits): only the float lanes' sums round, at most
-// n / 16 + 1 steps of 2^-24 each for a row of n, far below the 2^-9 of the bfloat16 result torch rounds its W v
-// to. Float lanes carry twice the elements per instruction and save the conversion to double, which made bfloat16
-// dot products compute-bound (2x slower than float32's on this machine).
+// The type dot_rows and add_rows multiply and sum in, and so the type of the vectors they read: float for the 2-byte
+// dtypes, double for float32 and float64. dot_rows' vector always holds values of the weight's dtype (load_vector
+// reads them from the buffers, normalize_into rounds them so), and the product of two bfloat16 or two float16 values
+// is exact in float (at most 2 x 11 significand bits): only the float lanes' sums round, at most n / 16 + 1 steps of
+// 2^-24 each for a row of n, far below the 2^-9 of the bfloat16 result torch rounds its W v to. add_rows' y (W v
+// before normalization) is rounded to float, and its sums (W^T y) run over the rows of a partition in float, as
+// torch's own bfloat16 matrix-vector products accumulate in float over all rows. Float lanes carry twice the
+// elements per instruction and save the conversion to double, which made the 2-byte dtypes compute-bound: bfloat16
+// W v ran 2x slower than float32's, and W^T y 3x slower than W v, on this machine.
 template <typename scalar_t>
 using lane_t = std::conditional_t<sizeof(scalar_t) == 2, float, acc_t>;
 template <typename scalar_t>
@@ -232,20 +234,22 @@ void dot_rows(const scalar_t* w, int64_t w_row, int64_t s, const lane_t<scalar_t
 }
 
 // z[r] += y[0] * w[r * s] + ... + y[NR - 1] * w[(NR - 1) * w_row + r * s] for r in [r0, r1), the rows added one
-// after another to each element: the same roundings as NR separate sweeps, with one read and write of z.
+// after another to each element: the same roundings as NR separate sweeps, with one read and write of z. In lane_t:
+// double for float32 and float64, float for the 2-byte dtypes (below, sum_t).
 template <int64_t NR, typename scalar_t>
-void add_rows(const scalar_t* w, int64_t w_row, int64_t s, const acc_t* y, acc_t* z, int64_t r0, int64_t r1) {
+void add_rows(const scalar_t* w, int64_t w_row, int64_t s, const lane_t<scalar_t>* y, lane_t<scalar_t>* z, int64_t r0,
+              int64_t r1) {
   if (s == 1) {
 #pragma omp simd
     for (int64_t r = r0; r < r1; ++r) {
-      acc_t t = z[r];
-      for (int64_t q = 0; q < NR; ++q) t += y[q] * widen(w[q * w_row + r]);
+      lane_t<scalar_t> t = z[r];
+      for (int64_t q = 0; q < NR; ++q) t += y[q] * to_float(w[q * w_row + r]);
       z[r] = t;
     }
   } else {
     for (int64_t r = r0; r < r1; ++r) {
-      acc_t t = z[r];
-      for (int64_t q = 0; q < NR; ++q) t += y[q] * widen(w[q * w_row + r * s]);
+      lane_t<scalar_t> t = z[r];
+      for (int64_t q = 0; q < NR; ++q) t += y[q] * to_float(w[q * w_row + r * s]);
       z[r] = t;
     }
   }

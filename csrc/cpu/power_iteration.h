@@ -35,21 +35,24 @@ void matvec(const Matrix3d<const scalar_t>& W, const Vector& x, Vector& y) {
 }
 
 // z = Wm^T y, parallel over column chunks (each task owns its slice of z: no reduction across tasks). Each element
-// of z adds the rows in order, kRowBlock rows per read and write of z.
+// of z adds the rows in order, kRowBlock rows per read and write of z, in lane_t.
 template <typename scalar_t>
 void rmatvec(const Matrix3d<const scalar_t>& W, const Vector& y, Vector& z) {
+  const LaneVector<scalar_t> lanes_y = to_lanes<scalar_t>(y);
   const int64_t chunk_grain = std::max<int64_t>(64, grain_for(W.rows));
   at::parallel_for(0, W.cols(), chunk_grain, [&](int64_t begin, int64_t end) {
-    std::fill(z.begin() + begin, z.begin() + end, acc_t(0));
+    LaneVector<scalar_t> chunk(end - begin);  // z[begin, end), zeroed
     // Walk [begin, end) as segments of constant o: columns o * inner + [r0, r1).
     for (int64_t c = begin; c < end;) {
       const int64_t o = c / W.inner, r0 = c % W.inner, r1 = std::min(W.inner, r0 + (end - c));
-      acc_t* zo = z.data() + o * W.inner;
+      lane_t<scalar_t>* zc = chunk.data() + (c - begin);  // zc[k] is column c + k
       for_each_row_block(0, W.rows, [&](auto nr, int64_t i) {
-        add_rows<decltype(nr)::value>(W.line(o, i), W.s_row, W.s_inner, y.data() + i, zo, r0, r1);
+        add_rows<decltype(nr)::value>(W.line(o, i) + r0 * W.s_inner, W.s_row, W.s_inner, lanes_y.data() + i, zc, 0,
+                                      r1 - r0);
       });
       c += r1 - r0;
     }
+    std::copy(chunk.begin(), chunk.end(), z.begin() + begin);
   });
 }
 
@@ -64,7 +67,7 @@ void rmatvec(const Matrix3d<const scalar_t>& W, const Vector& y, Vector& z) {
 template <typename scalar_t>
 void matvec_and_gram(const Matrix3d<const scalar_t>& W, const Vector& x, Vector& y, Vector& z) {
   const int64_t cols = W.cols();
-  constexpr int64_t kMaxPartialElements = int64_t(1) << 22;  // 32 MB of double partial sums at most
+  constexpr int64_t kMaxPartialElements = int64_t(1) << 22;  // 32 MB of double partial sums at most (float: 16)
   constexpr int64_t kMinPartitionRows = 8 * kRowBlock;
   constexpr int64_t kMinPartitions = 4;  // a weight of few, long rows still spreads over 4 threads
   const int64_t partitions =
@@ -72,24 +75,26 @@ void matvec_and_gram(const Matrix3d<const scalar_t>& W, const Vector& x, Vector&
                                      (W.rows * cols) / kGrainElements, int64_t(64), kMaxPartialElements / cols}));
   const int64_t rows_per_partition = (W.rows + partitions - 1) / partitions;
   const LaneVector<scalar_t> lanes_x = to_lanes<scalar_t>(x);
-  const std::unique_ptr<acc_t[]> partial(new acc_t[partitions * cols]);  // zeroed by its tasks
+  const std::unique_ptr<lane_t<scalar_t>[]> partial(new lane_t<scalar_t>[partitions * cols]);  // zeroed by its tasks
   at::parallel_for(0, partitions, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      acc_t* zp = partial.get() + p * cols;
-      std::fill(zp, zp + cols, acc_t(0));
+      lane_t<scalar_t>* zp = partial.get() + p * cols;
+      std::fill(zp, zp + cols, lane_t<scalar_t>(0));
       const int64_t first = p * rows_per_partition, last = std::min(W.rows, first + rows_per_partition);
       for_each_row_block(first, last, [&](auto nr, int64_t i) {
         constexpr int64_t NR = decltype(nr)::value;
         dot_matrix_rows<NR>(W, i, lanes_x, y.data() + i);
+        lane_t<scalar_t> block_y[NR];
+        std::copy(y.data() + i, y.data() + i + NR, block_y);
         for (int64_t o = 0; o < W.outer; ++o)
-          add_rows<NR>(W.line(o, i), W.s_row, W.s_inner, y.data() + i, zp + o * W.inner, 0, W.inner);
+          add_rows<NR>(W.line(o, i), W.s_row, W.s_inner, block_y, zp + o * W.inner, 0, W.inner);
       });
     }
   });
   at::parallel_for(0, cols, grain_for(partitions), [&](int64_t begin, int64_t end) {
     std::copy(partial.get() + begin, partial.get() + end, z.begin() + begin);
     for (int64_t p = 1; p < partitions; ++p)
-      for (int64_t c = begin; c < end; ++c) z[c] += partial[p * cols + c];
+      for (int64_t c = begin; c < end; ++c) z[c] += acc_t(partial[p * cols + c]);
   });
 }
 
