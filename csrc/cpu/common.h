@@ -1,15 +1,16 @@
 // Building blocks of the CPU kernels (power_iteration.h and the *_cpu.cpp op files): strided views of
 // weight-shaped tensors, dot products of several rows at once, row updates and vector loads/stores.
 //
-// Matrix-vector products and reductions accumulate in double, except dot_rows' lanes for the 2-byte dtypes (float:
-// see lane_t). For float32, float16 and bfloat16 weights each product of a weight and a vector element (a value of
-// the weight's dtype) is exact in double (at most 2 x 24 significand bits), so the only rounding is the double sum's:
-// far below torch's own float32 BLAS error, even where a sum cancels (sigma = u^T W v with n_power_iterations = 0 on
-// a 3x3x3x3 weight, where float32 sums reached 4x torch's error). Speed comes from kLanes independent accumulators
-// per row and kRowBlock rows per sweep of x (one load of x serves kRowBlock rows), not from summing float32 weights
-// in float: measured on this machine's AVX2 cores (1 thread), a row block of 4 with 8 double lanes runs at the speed
-// of 16 float lanes (38 GB/s from L2/L3, 17-21 GB/s from memory; one double accumulator chain: 22 and 10-11 GB/s).
-// Float64 weights keep the one-accumulator sums (their products are not exact in double, and changing their order
+// Matrix-vector products and reductions accumulate in double for float32 and float64 weights and in float for the
+// 2-byte dtypes (lane_t says why); sums of many partial results are added in double. For float32 weights each product
+// of a weight and a vector element (a value of the weight's dtype) is exact in double (2 x 24 significand bits), so
+// the only rounding is the double sum's: far below torch's own float32 BLAS error, even where a sum cancels (sigma =
+// u^T W v with n_power_iterations = 0 on a 3x3x3x3 weight, where float32 sums reached 4x torch's error). Speed comes
+// from kLanes independent accumulators per row and kRowBlock rows per sweep of x (one load of x serves kRowBlock
+// rows), not from summing float32 weights in float: measured on this machine's AVX2 cores (1 thread), a row block of
+// 4 with 8 double lanes runs at the speed of 16 float lanes (38 GB/s from L2/L3, 17-21 GB/s from memory; one double
+// accumulator chain: 22 and 10-11 GB/s).
+// Float64 weights keep dot_rows' one-accumulator sums (their products are not exact in double, and changing their order
 // would change float64 results that tests compare at 1e-14).
 // Every split depends on the shape only, never on the thread count: results are the same for any number of threads.
 #pragma once
@@ -80,12 +81,6 @@ inline auto to_float(scalar_t x) {
   }
 }
 
-// x as a double.
-template <typename scalar_t>
-inline acc_t widen(scalar_t x) {
-  return static_cast<acc_t>(to_float(x));
-}
-
 // The type dot_rows and add_rows multiply and sum in, and so the type of the vectors they read: float for the 2-byte
 // dtypes, double for float32 and float64. dot_rows' vector always holds values of the weight's dtype (load_vector
 // reads them from the buffers, normalize_into rounds them so), and the product of two bfloat16 or two float16 values
@@ -100,7 +95,7 @@ using lane_t = std::conditional_t<sizeof(scalar_t) == 2, float, acc_t>;
 template <typename scalar_t>
 using LaneVector = std::vector<lane_t<scalar_t>>;
 
-// A Vector (double) as dot_rows' lane type.
+// A Vector (double) as lane_t, the type of dot_rows' and add_rows' vectors.
 template <typename scalar_t>
 LaneVector<scalar_t> to_lanes(const Vector& x) {
   return LaneVector<scalar_t>(x.begin(), x.end());
@@ -122,7 +117,7 @@ struct Avx2Lanes<float> {
   using reg = __m256d;
   static reg zero() { return _mm256_setzero_pd(); }
   static reg load(const double* x) { return _mm256_loadu_pd(x); }
-  static reg widen(const float* w) { return _mm256_cvtps_pd(_mm_loadu_ps(w)); }  // the values widen() gives
+  static reg widen(const float* w) { return _mm256_cvtps_pd(_mm_loadu_ps(w)); }  // to_float(), as doubles
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
   static void store(double* out, reg a) { _mm256_storeu_pd(out, a); }
 };
@@ -235,7 +230,7 @@ void dot_rows(const scalar_t* w, int64_t w_row, int64_t s, const lane_t<scalar_t
 
 // z[r] += y[0] * w[r * s] + ... + y[NR - 1] * w[(NR - 1) * w_row + r * s] for r in [r0, r1), the rows added one
 // after another to each element: the same roundings as NR separate sweeps, with one read and write of z. In lane_t:
-// double for float32 and float64, float for the 2-byte dtypes (below, sum_t).
+// double for float32 and float64, float for the 2-byte dtypes.
 template <int64_t NR, typename scalar_t>
 void add_rows(const scalar_t* w, int64_t w_row, int64_t s, const lane_t<scalar_t>* y, lane_t<scalar_t>* z, int64_t r0,
               int64_t r1) {
