@@ -1,24 +1,29 @@
-"""The first step of benchmarks/gpu_check.sh: in about a minute, whether sn_ext's CUDA kernels work and roughly how
-fast they are. Every check's result goes to <out>/smoke.json as soon as it is known, so that a later hang or crash
-keeps what came before.
+"""The checks and timings of benchmarks/gpu_check.sh, in parts that its steps run in processes of their own
+(benchmarks/gpu_check.py). Every result goes to <out>/<name>.json as soon as it is known, so that a later hang or
+crash keeps what came before.
 
-- correct: every op (spectral_normalize_ u-first and v-first with n = 0, 1, 3; power_iteration_;
-  spectral_normalize_backward; the grouped ops on a 13-layer group) on a few shapes and dtypes, against the same op
-  on the CPU (normwise relative error; the CPU kernels round u and v to the weight's dtype as the CUDA ones do);
-- rounds (first, with --only check_rounds in gpu_check.sh, one process per round mode): the round mode that
-  SN_EXT_CUDA_ROUND names (fused, the default; split, whose loops read W in 16-byte packs; split-scalar, the split
-  round's earlier scalar loops) against the CPU, u-first and v-first, on shapes that take each path of the fused
-  round and of the split round's loops (one register-held segment or wider rows; 16-byte packs or single elements);
-  gpu_check.sh runs everything after it with the first mode that passed; the modes that passed (--time-rounds) are
-  timed side by side on a 4096x4096 float32 weight and a 512x512x3x3 one, u-first and v-first;
-- launch modes: cooperative and phased launches (SN_EXT_CUDA_LAUNCH) give the same bits, and a forward + backward
-  captured in a CUDA graph replays to the eager result, in each mode;
-- fast: one layer's train step (forward + backward, eager float32) with sn_ext's cuda and triton backends and
-  torch's spectral norm, against plain `W * 1.0` (the goal: <= 1.3x plain up to 512x512x3x3), and 4096x4096 against
-  3.5 device-to-device copies of W (the 7 weight-sized passes a step must make; the goal: <= 1.25x).
+Checks (correctness: they decide the exit status):
+- check_rounds (one process per round mode, first): the round mode that SN_EXT_CUDA_ROUND names (fused, the
+  default; split, whose loops read W in 16-byte packs; split-scalar, the split round's earlier scalar loops) against
+  the CPU kernels, u-first and v-first, n = 0, 1, 3, on shapes that take each path of the fused round and of the
+  split round's loops; gpu_check.py runs everything after it with the first mode that passed;
+- check_ops: every op (spectral_normalize_ u-first and v-first with n = 0, 1, 3; power_iteration_;
+  spectral_normalize_backward) on a few shapes and dtypes against the CPU (normwise relative error), cooperative
+  and phased launches (SN_EXT_CUDA_LAUNCH) bit for bit;
+- check_grouped: the grouped ops on a 13-layer group, each layer's bits equal to its per-layer launch's;
+- check_graphs: a forward + backward captured in a CUDA graph replays to the eager result, in each launch mode.
 
-    python -m benchmarks.gpu_smoke --out gpu_results
-    SN_EXT_CUDA_ROUND=split python -m benchmarks.gpu_smoke --out gpu_results --only check_rounds  # rounds_split.json
+Timings (each record's "ok" says whether it meets its goal, issue #29; see the constants below):
+- time_layers: one layer's train step (forward + backward, float32), plain `W * 1.0`, torch's spectral norm and
+  sn_ext's cuda backend side by side: eager (what a training loop sees) and CUDA-graph replay (device time);
+  4096x4096 against 3.5 device copies of W;
+- time_rounds: the forward with each round mode that passed (--time-rounds), u-first and v-first;
+- time_grouped: sngan's CNN and ResNet discriminators' spectral norms per train step, per layer and grouped,
+  with the kernels per step;
+- time_triton: time_layers' steps with the Triton backend, beside plain (after gpu_check.py's Triton warm-up).
+
+    python -m benchmarks.gpu_smoke --out gpu_results                         # every part, into smoke.json
+    SN_EXT_CUDA_ROUND=split python -m benchmarks.gpu_smoke --out gpu_results --only check_rounds --name rounds_split
 """
 
 from __future__ import annotations
@@ -37,13 +42,20 @@ from sn_ext import backends, ops
 
 from .gpu_summary import ROUND_MODES
 from .layer import make_layer, make_steps, weights_and_grads
-from .timing import Step, measure
+from .timing import Step, measure, measure_side_by_side
 
 EPS = 1e-12
 SHAPES = [(64, 3, 3, 3), (256, 256, 3, 3), (257, 129, 3), (1, 100003)]
 DTYPES = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}  # normwise relative error allowed
+# Where the timing parts run (tests/test_gpu_check.py runs them on the CPU, CUDA graphs aside).
+TIMING_DEVICE = torch.device("cuda")
 TIMED_SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "4096x4096"]
-PLAIN_GOAL, COPY_GOAL = 1.3, 1.25
+COPY_SHAPE = "4096x4096"  # the one judged against device copies (bandwidth-bound), not against plain
+TIMED_ROUND_SHAPES = [(4096, 4096), (512, 512, 3, 3)]
+# The goals (issue #29): the eager train step within 1.4x of plain `W * 1.0` up to 512x512x3x3; 4096x4096 within
+# 1.15x of 3.5 device copies of W (the 7 weight-sized passes a step must make); a v-first round within 1.15x of a
+# u-first one; a grouped whole model in 2 launches per train step.
+PLAIN_GOAL, COPY_GOAL, V_FIRST_GOAL, GROUPED_KERNELS_GOAL = 1.4, 1.15, 1.15, 2
 
 
 class Results:
@@ -246,26 +258,41 @@ def check_rounds(results: Results) -> None:
 
 def time_rounds(results: Results, modes=ROUND_MODES) -> None:
     """The forward (one round, then W / sigma), u-first and v-first, float32, with each of `modes` (those that passed
-    their check: gpu_check.sh's --time-rounds) side by side: which round and which split loops are faster."""
-    device = torch.device("cuda")
-    for shape in [(4096, 4096), (512, 512, 3, 3)]:
+    their check: gpu_check.py's --time-rounds) side by side: which round and which split loops are faster, and the
+    v-first round against the u-first one in the default mode (goal: within V_FIRST_GOAL)."""
+    device = TIMING_DEVICE
+    for shape in TIMED_ROUND_SHAPES:
         w, u, v, _ = (t.to(device) for t in inputs(shape, torch.float32))
+        u_first_us = None
         for v_first in (False, True):
-            times = {}
+            steps = {}
             for mode in modes:
-                with round_mode(mode):
-                    step = Step(
-                        lambda w=w, u=u, v=v, v_first=v_first: ops.spectral_normalize_(w, u, v, 0, 1, EPS, v_first)
-                    )
-                    times[mode] = measure([step], device, budget_s=0.2)["median_us"]
+                with round_mode(mode):  # the op reads the mode at each launch: the step sets it
+                    steps[mode] = [Step(_forward_in_mode(mode, w, u, v, v_first))]
+            times = {mode: t["median_us"] for mode, t in measure_side_by_side(steps, device, budget_s=0.1).items()}
             record = {
                 "shape": "x".join(map(str, shape)),
-                "mode": f"forward (spectral_normalize_, n = 1, {'v' if v_first else 'u'}-first), float32",
+                "order": "v-first" if v_first else "u-first",
+                "mode": "forward (spectral_normalize_, n = 1), float32",
                 **{f"{mode}_us": t for mode, t in times.items()},
             }
             if times:
                 record["fastest"] = min(times, key=times.get)
+            ours = times.get(current_round())
+            if not v_first:
+                u_first_us = ours
+            elif ours is not None and u_first_us is not None:  # the goal, in the mode the run uses
+                record["over_u_first"] = round(ours / u_first_us, 3)
+                record["ok"] = record["over_u_first"] <= V_FIRST_GOAL
             results.add("round_timings", record)
+
+
+def _forward_in_mode(mode: str, w, u, v, v_first: bool):
+    def forward():
+        with round_mode(mode):
+            return ops.spectral_normalize_(w, u, v, 0, 1, EPS, v_first)
+
+    return forward
 
 
 def check_grouped(results: Results) -> None:
@@ -332,42 +359,126 @@ def check_graphs(results: Results) -> None:
             results.add("checks", {"check": "cuda graph", "mode": mode, "ok": torch.equal(static, eager)})
 
 
+def graph_replay_us(steps: list[Step], device: torch.device) -> float:
+    """Device time per step: each step (its own copy of W) captured in a CUDA graph, the graphs replayed in turn and
+    timed with CUDA events: no host time, no launch gaps, what a step costs the GPU."""
+    graphs = []
+    for step in steps:
+        if step.reset:
+            step.reset()
+        graphs.append(captured(step.run)[0])
+    return measure([Step(graph.replay) for graph in graphs], device, budget_s=0.1)["median_us"]
+
+
+def _layer_record(shape: str, params: int, providers: list[str], weights, grads, device) -> dict:
+    """The providers' eager train steps side by side (median µs per step, wall time on the GPU's timeline), and
+    each one's device time from CUDA-graph replay."""
+    steps, record, graph = {}, {"kind": "layer", "shape": shape, "params": params}, {}
+    for provider in providers:
+        try:
+            modules = [make_layer(provider, w.clone()) for w in weights]
+            steps[provider] = make_steps(modules, grads, "train")
+        except Exception as error:  # a backend that cannot run here: say why, time the others
+            record[provider] = f"failed: {type(error).__name__}: {error}"[:200]
+    for provider, t in measure_side_by_side(steps, device, budget_s=0.2).items():
+        record[provider] = t["median_us"]
+    for provider, provider_steps in steps.items():
+        try:
+            graph[provider] = graph_replay_us(provider_steps, device)
+        except Exception as error:  # capture refused: eager times stand
+            graph[provider] = f"failed: {type(error).__name__}: {error}"[:200]
+    record["graph_us"] = graph
+    return record
+
+
 def time_layers(results: Results) -> None:
-    device = torch.device("cuda")
+    """One layer's train step, plain vs torch vs sn_ext cuda (goal: PLAIN_GOAL up to 512x512x3x3, eager), and
+    4096x4096 against 3.5 device copies of W (goal: COPY_GOAL, device time)."""
+    device = TIMING_DEVICE
     for shape in TIMED_SHAPES:
         params, weights, grads = weights_and_grads(shape, torch.float32, device, quick=False)
-        times = {}
-        for provider in ["plain", "torch", "sn_ext cuda", "sn_ext triton"]:
-            try:
-                modules = [make_layer(provider, w.clone()) for w in weights]
-                times[provider] = measure(make_steps(modules, grads, "train"), device, budget_s=0.2)["median_us"]
-            except Exception as error:  # a backend that cannot run here: say why, time the others
-                times[provider] = f"failed: {type(error).__name__}: {error}"[:200]
-        record = {"shape": shape, "params": params, "mode": "train (forward + backward), float32, eager", **times}
-        ours = times.get("sn_ext cuda")
-        if isinstance(ours, float) and isinstance(times["plain"], float):
-            record["cuda_over_plain"] = round(ours / times["plain"], 3)
-            record["ok"] = shape == "4096x4096" or record["cuda_over_plain"] <= PLAIN_GOAL
-        if shape == "4096x4096" and isinstance(ours, float):
+        record = _layer_record(shape, params, ["plain", "torch", "sn_ext cuda"], weights, grads, device)
+        ours, plain = record.get("sn_ext cuda"), record.get("plain")
+        if isinstance(ours, float) and isinstance(plain, float):
+            record["cuda_over_plain"] = round(ours / plain, 3)
+            if shape != COPY_SHAPE:
+                record["ok"] = record["cuda_over_plain"] <= PLAIN_GOAL
+        ours_device = record["graph_us"].get("sn_ext cuda")
+        if shape == COPY_SHAPE and isinstance(ours_device, float):
             outs = [torch.empty_like(w) for w in weights]
             copy = measure([Step(lambda w=w, o=o: o.copy_(w)) for w, o in zip(weights, outs)], device, budget_s=0.2)
             record["copy_us"] = copy["median_us"]
-            record["cuda_over_3.5_copies"] = round(ours / (3.5 * copy["median_us"]), 3)
+            record["cuda_over_3.5_copies"] = round(ours_device / (3.5 * copy["median_us"]), 3)
             record["ok"] = record["cuda_over_3.5_copies"] <= COPY_GOAL
         results.add("timings", record)
 
 
-PARTS = {f.__name__: f for f in (check_rounds, time_rounds, check_ops, check_grouped, check_graphs, time_layers)}
-# The round checks run first, one process per mode (--only check_rounds, rounds_<mode>.json): a round mode that
-# crashes the process or the CUDA context then leaves the other checks to processes run with the first mode that
-# passed (gpu_check.sh).
-DEFAULT_PARTS = ["time_rounds", "check_ops", "check_grouped", "check_graphs", "time_layers"]
+def time_triton(results: Results) -> None:
+    """The same train steps with sn_ext's Triton backend, beside plain (after the Triton warm-up of gpu_check)."""
+    device = TIMING_DEVICE
+    for shape in TIMED_SHAPES:
+        params, weights, grads = weights_and_grads(shape, torch.float32, device, quick=False)
+        record = _layer_record(shape, params, ["plain", "sn_ext triton"], weights, grads, device)
+        ours, plain = record.get("sn_ext triton"), record.pop("plain")
+        record["graph_us"] = {"sn_ext triton": record["graph_us"].get("sn_ext triton")}
+        if isinstance(ours, float) and isinstance(plain, float):
+            record["triton_over_plain"] = round(ours / plain, 3)
+        results.add("timings", record)
+
+
+def discriminator_weights(arch: str) -> list[tuple[int, ...]]:
+    """The shapes of the weights spectral norm normalizes in sngan's `arch` discriminator for 32x32 RGB images."""
+    from sngan.models import build_models
+
+    _, D = build_models(arch, (3, 32, 32), z_dim=128)
+    kinds = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding)
+    return [tuple(m.weight.shape) for m in D.modules() if isinstance(m, kinds)]
+
+
+def time_grouped(results: Results) -> None:
+    """A whole discriminator's spectral norms per train step: per layer vs grouped (goal: GROUPED_KERNELS_GOAL
+    kernels per step), and plain, side by side; kernels per step counted with the profiler."""
+    from .op_count import count_ops
+    from .spectral_normalize_grouped import make_model
+
+    device = TIMING_DEVICE
+    for arch in ("cnn", "resnet"):
+        shapes = discriminator_weights(arch)
+        gen = torch.Generator().manual_seed(0)
+        weights = [torch.randn(shape, generator=gen).to(device) for shape in shapes]
+        grads = [torch.randn(shape, generator=gen).to(device) for shape in shapes]
+        providers = {"plain": "plain", "per layer": "sn_ext cuda", "grouped": "sn_ext grouped"}
+        steps = {name: make_steps([make_model(p, weights)], [grads], "train") for name, p in providers.items()}
+        record = {"kind": "grouped", "model": f"sngan {arch} D (32x32)", "layers": len(shapes)}
+        for name, t in measure_side_by_side(steps, device, budget_s=0.2).items():
+            record[name] = t["median_us"]
+        for name, (step,) in steps.items():
+            step.reset()
+            record[f"{name} kernels"] = count_ops(step.run, device)[0]
+        record["ok"] = record["grouped kernels"] <= GROUPED_KERNELS_GOAL
+        results.add("timings", record)
+
+
+PARTS = {
+    f.__name__: f
+    for f in (
+        check_rounds,
+        time_rounds,
+        time_layers,
+        time_grouped,
+        check_ops,
+        check_grouped,
+        check_graphs,
+        time_triton,
+    )
+}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_smoke", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("gpu_results"))
-    p.add_argument("--only", action="append", choices=list(PARTS), help="run these parts (default: all but rounds)")
+    p.add_argument("--only", action="append", choices=list(PARTS), help="run these parts (default: all)")
+    p.add_argument("--name", default="smoke", help="the results file: <out>/<name>.json")
     p.add_argument(
         "--time-rounds",
         nargs="*",
@@ -378,8 +489,8 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    parts = args.only or DEFAULT_PARTS
-    results = Results(args.out / (f"rounds_{current_round()}.json" if parts == ["check_rounds"] else "smoke.json"))
+    parts = args.only or list(PARTS)
+    results = Results(args.out / f"{args.name}.json")
     results.data["device"] = torch.cuda.get_device_name()
     results.data["round"] = current_round()
     failed = False
@@ -391,6 +502,7 @@ def main(argv=None) -> int:
             failed = True
             results.add("checks", {"check": part.__name__, "ok": False, "error": traceback.format_exc()[-2000:]})
         print(f"# {part.__name__}: {time.perf_counter() - start:.1f} s", flush=True)
+    # Correctness decides the exit status; a timing's goal (its "ok") is a result, read in the summary.
     checks_ok = all(c["ok"] for c in results.data["checks"])
     return 0 if checks_ok and not failed else 1
 
