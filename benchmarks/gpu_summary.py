@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from .tables import markdown_table
+
 START, END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
 PROVIDERS = ["plain", "torch", "sn_ext cuda", "sn_ext triton"]
 # SN_EXT_CUDA_ROUND's values (csrc/cuda/launch.h) in gpu_check.sh's order of preference: the fused u-first round;
@@ -96,8 +98,6 @@ def _round(record: dict) -> str:
 
 
 def table(summary: dict) -> str:
-    from .records import markdown_table  # here, not above: gpu_check.py imports this module before torch is built
-
     rows = [
         [
             t["shape"],

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .tables import markdown_table  # noqa: F401  (benchmarks/cuda_plan.py imports it from here)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 META_COLUMNS = ["device", "threads", "torch", "triton", "cuda", "sn_ext", "sn_ext_compiled", "python", "commit", "date"]
 
@@ -110,12 +112,6 @@ def read_rows(path: Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def rounded(values: dict) -> dict:

@@ -8,7 +8,8 @@ from pathlib import Path
 from sn_ext.backends import AUTO_ORDER
 
 from . import allocator, gan_step, layer, memory, op_count, ops, plots, spectral_normalize_grouped
-from .records import markdown_table, read_rows
+from .records import read_rows
+from .tables import markdown_table
 
 
 def _f(x: float) -> str:

@@ -24,7 +24,8 @@ from torch import nn
 import sn_ext
 
 from .op_count import KIND, count_ops
-from .records import device_name, markdown_table
+from .records import device_name
+from .tables import markdown_table
 from .timing import Step, measure
 
 LAYERS = 8
