@@ -98,6 +98,25 @@ def round_mode(mode: str):
     return environment(ROUND_ENV_VAR, mode)
 
 
+def cooperative_problem() -> str:
+    """Why a forced cooperative launch cannot run on this device ("" when it can): the device has no cooperative
+    launch, or refused one (csrc/cuda/launch.cu). The checks that force it then skip it, saying why."""
+    from sn_ext import _library
+
+    with launch_mode("auto"):
+        how = _library.cuda_launch(torch.cuda.current_device())
+    return "" if how.startswith("cooperative") else how
+
+
+def forced_launch_modes(results: Results, check: str) -> list[str]:
+    """The launch modes a check forces in turn: cooperative and phased, or phased alone (recorded as a skip)."""
+    problem = cooperative_problem()
+    if problem:
+        results.add("checks", {"check": check, "mode": "cooperative", "ok": True, "skipped": problem})
+        return ["phased"]
+    return ["cooperative", "phased"]
+
+
 def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double().cpu()
     return float((ours.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -133,17 +152,19 @@ def all_ops(w, u, v, g, n, v_first):
 
 
 def check_ops(results: Results) -> None:
+    modes = forced_launch_modes(results, "op vs cpu")
     for dtype, tol in DTYPES.items():
         for shape in SHAPES:
             for n, v_first in [(0, False), (1, False), (3, False), (1, True)]:
                 cpu = inputs(shape, dtype)
                 expected = all_ops(*cpu, n, v_first)
-                with launch_mode("cooperative"):
-                    cooperative = all_ops(*(t.cuda() for t in cpu), n, v_first)
-                with launch_mode("phased"):
-                    phased = all_ops(*(t.cuda() for t in cpu), n, v_first)
-                errors = {k: _rel(cooperative[k], expected[k]) for k in expected}
-                same = all(torch.equal(cooperative[k], phased[k]) for k in expected)
+                got = {}
+                for mode in modes:
+                    with launch_mode(mode):
+                        got[mode] = all_ops(*(t.cuda() for t in cpu), n, v_first)
+                first = got[modes[0]]
+                errors = {k: _rel(first[k], expected[k]) for k in expected}
+                same = all(torch.equal(first[k], got["phased"][k]) for k in expected)
                 results.add(
                     "checks",
                     {
@@ -301,7 +322,7 @@ def check_grouped(results: Results) -> None:
     ws, us, vs, gs = (list(t) for t in zip(*layers))
     dims = [0] * count
     cpu_sn = ops.spectral_normalize_grouped_(ws, [u.clone() for u in us], [v.clone() for v in vs], dims, 1, EPS)[0]
-    for mode in ("cooperative", "phased"):
+    for mode in forced_launch_modes(results, f"grouped, {count} layers"):
         with launch_mode(mode):
             w, u, v, g = ([t.clone().cuda() for t in ts] for ts in (ws, us, vs, gs))
             w_sn, sigmas, u_used, v_used = ops.spectral_normalize_grouped_(w, u, v, dims, 1, EPS)
@@ -341,9 +362,11 @@ def captured(step):
 
 
 def check_graphs(results: Results) -> None:
+    """Capture and replay in each forced mode, and in auto (what users get: cooperative inside the capture once the
+    eager warm-up call has proven it, csrc/cuda/launch.h)."""
     w, u0, v0, g = (t.cuda() for t in inputs((256, 128, 3, 3), torch.float32))
     u, v = u0.clone(), v0.clone()
-    for mode in ("cooperative", "phased"):
+    for mode in [*forced_launch_modes(results, "cuda graph"), "auto"]:
         with launch_mode(mode):
 
             def step():  # from the same vectors every time (the op updates u, v in place)

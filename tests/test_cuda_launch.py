@@ -37,6 +37,13 @@ def _weight(shape, seed, dtype=torch.float32):
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
 
 
+def skip_without_cooperative_launch():
+    """A test that forces cooperative launches skips, saying why, on a device that has none (or refused one)."""
+    problem = gpu_smoke.cooperative_problem()
+    if problem:
+        pytest.skip(f"SN_EXT_CUDA_LAUNCH=cooperative cannot run here: {problem}")
+
+
 def _inputs(shape, seed=0, dtype=torch.float32):
     w, u, v, _ = gpu_smoke.inputs(shape, dtype, seed)
     return w.to(DEVICE), u.to(DEVICE), v.to(DEVICE)
@@ -47,6 +54,7 @@ def _inputs(shape, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_cooperative_and_phased_give_the_same_bits(shape, dtype, n, v_first):
+    skip_without_cooperative_launch()
     cuda_inputs = [t.to(DEVICE) for t in gpu_smoke.inputs(shape, dtype)]
     results = {}
     for mode in MODES:
@@ -66,6 +74,7 @@ def _group(count, dtype=torch.float32):
 def test_grouped_chunks_agree_with_per_layer_launches(count):
     """Up to 12 layers per grouped launch (a 4 KB parameter block), more in several: every layer's bits equal its
     per-layer launch's, in both launch modes."""
+    skip_without_cooperative_launch()
     weights, us, vs = _group(count)
     for mode in MODES:
         with launch_mode(mode):
@@ -92,8 +101,12 @@ def test_one_block_layer_has_the_bits_of_a_multi_block_launch():
     assert torch.equal(alone[0], grouped[0][0]) and torch.equal(alone[1], grouped[1][0])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "auto"])
 def test_graph_capture_and_replay(mode):
+    """In auto mode too: the eager call before the capture proves the cooperative launch, which the capture then
+    uses (csrc/cuda/launch.h); a refusal there would have invalidated the capture."""
+    if mode == "cooperative":
+        skip_without_cooperative_launch()
     shape = (256, 128, 3, 3)
     w, u0, v0 = _inputs(shape)
     u, v = u0.clone(), v0.clone()
@@ -137,6 +150,7 @@ def _launches(call) -> int:
     ids=str,
 )
 def test_phased_launches_one_kernel_per_phase(round_, v_first, n, phased_launches):
+    skip_without_cooperative_launch()
     w, u, v = _inputs((512, 512, 3, 3))
     with round_mode(round_):
         with launch_mode("cooperative"):

@@ -1126,9 +1126,12 @@ void launch_steps(Params& p, int64_t steps, int64_t blocks) {
     C10_CUDA_CHECK(cudaLaunchKernel(function, grid, block, args, 0, stream));
     return;
   }
-  if (launch_mode(device) == LaunchMode::kCooperative) {
+  if (launch_mode(device, stream) == LaunchMode::kCooperative) {
     const cudaError_t error = cudaLaunchCooperativeKernel(function, grid, block, args, 0, stream);
-    if (error == cudaSuccess) return;
+    if (error == cudaSuccess) {
+      cooperative_succeeded(device);  // proves the device: launch_mode may choose it inside a capture from now on
+      return;
+    }
     if (!is_cooperative_refusal(error)) C10_CUDA_CHECK(error);
     (void)cudaGetLastError();  // clears the refusal, which the next CUDA error check would report
     cooperative_refused(device, error);

@@ -25,8 +25,8 @@ Requested requested_mode() {
 }
 
 // Per device: 0 = not looked at yet, 1 = cooperative launches possible, 2 = the device has no cooperative launch,
-// 3 = a cooperative launch was refused (reason in refusals[device]).
-enum State : int { kUnknown = 0, kCapable = 1, kIncapable = 2, kRefused = 3 };
+// 3 = a cooperative launch was refused (reason in refusals[device]), 4 = possible and one succeeded outside a capture.
+enum State : int { kUnknown = 0, kCapable = 1, kIncapable = 2, kRefused = 3, kProven = 4 };
 std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> states{};
 std::array<std::string, C10_COMPILE_TIME_MAX_GPUS> refusals;
 std::mutex refusals_mutex;
@@ -43,18 +43,35 @@ State state_of(c10::DeviceIndex device) {
   return static_cast<State>(state);
 }
 
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 }  // namespace
 
-LaunchMode launch_mode(c10::DeviceIndex device) {
+LaunchMode launch_mode(c10::DeviceIndex device, cudaStream_t stream) {
   switch (requested_mode()) {
     case Requested::kPhased:
       return LaunchMode::kPhased;
     case Requested::kCooperative:
+      TORCH_CHECK(state_of(device) != kIncapable, "sn_ext: ", kLaunchModeEnv,
+                  "=cooperative, but cuda:", static_cast<int>(device),
+                  " has no cooperative launch (cudaDevAttrCooperativeLaunch is 0): set it to auto or phased");
       return LaunchMode::kCooperative;
     case Requested::kAuto:
       break;
   }
-  return state_of(device) == kCapable ? LaunchMode::kCooperative : LaunchMode::kPhased;
+  const State state = state_of(device);
+  if (state == kProven) return LaunchMode::kCooperative;
+  return state == kCapable && !is_capturing(stream) ? LaunchMode::kCooperative : LaunchMode::kPhased;
+}
+
+void cooperative_succeeded(c10::DeviceIndex device) {
+  if (states[device].load(std::memory_order_relaxed) != kCapable) return;  // proven already: no write per launch
+  int expected = kCapable;
+  states[device].compare_exchange_strong(expected, kProven, std::memory_order_acq_rel);
 }
 
 bool is_cooperative_refusal(cudaError_t error) {
@@ -99,6 +116,8 @@ std::string launch_description(c10::DeviceIndex device) {
   }
   switch (state_of(device)) {
     case kCapable:
+      return "cooperative (phased inside a CUDA-graph capture until one has succeeded outside)";
+    case kProven:
       return "cooperative";
     case kIncapable:
       return "phased (the device has no cooperative launch)";

@@ -18,9 +18,17 @@ enum class LaunchMode { kCooperative, kPhased };
 // or a user can switch in-process.
 constexpr const char* kLaunchModeEnv = "SN_EXT_CUDA_LAUNCH";
 
-// The mode for a launch on `device`: SN_EXT_CUDA_LAUNCH's choice, where "auto" is cooperative unless the device
-// cannot launch cooperatively or refused it before. Raises on any other value of the variable, naming it.
-LaunchMode launch_mode(c10::DeviceIndex device);
+// The mode for a launch on `device` into `stream`: SN_EXT_CUDA_LAUNCH's choice, where "auto" is cooperative unless
+// the device cannot launch cooperatively or refused it before. While `stream` is being captured into a CUDA graph,
+// "auto" is cooperative only once a cooperative launch has succeeded on the device outside a capture: a refusal
+// inside a capture would invalidate the whole capture before the phased launches could stand in, so nothing that
+// can be refused is attempted there (torch's capture protocol runs the step eagerly first, which proves it). Raises
+// on any other value of the variable, naming it, and where "cooperative" is forced on a device that has no
+// cooperative launch.
+LaunchMode launch_mode(c10::DeviceIndex device, cudaStream_t stream);
+
+// A cooperative launch on `device` succeeded outside a capture (launch_mode may choose it inside one from now on).
+void cooperative_succeeded(c10::DeviceIndex device);
 
 // Whether `error`, returned by cudaLaunchCooperativeKernel, means "not as a cooperative launch" (try phased) rather
 // than a bug or a broken device.
