@@ -1,9 +1,14 @@
 // sn_ext::spectral_normalize_backward on CUDA, and the backward kernel that also serves
 // spectral_normalize_grouped_backward (the design: spectral_normalize_cuda.cu):
-//   <G, W_sn> partial sums | their totals (one block per layer) | (G - lambda u v^T) / sigma -> 3 phases, 2 barriers
+//   <G, W_sn> partial sums, a piece of the elements per virtual block | lambda (each block adds the partial sums
+//   itself, in order) and (G - lambda u v^T) / sigma over the same pieces, each walked back (the data the first phase
+//   read last, read first)  -> 2 phases, 1 barrier
+// A dense layer (block_walk::lambda_blocks_for: one piece, where the device-time model finds one block faster than
+// a grid and its barrier) does both in one virtual block of the first phase.
 #include <vector>
 
 #include "common.cuh"
+#include "elementwise.cuh"
 #include "kernels.h"
 
 namespace sn_ext {
@@ -22,11 +27,12 @@ struct LayerBackward {
   const scalar_t* v;
   int64_t v_stride;
   const acc_t* sigma;
-  acc_t* partial;  // lambda's partial sums, then lambda itself at partial[lambda_blocks]
-  int64_t numel, lambda_blocks, elementwise_blocks;
+  acc_t* partial;  // lambda's partial sums, one per piece
+  // The elements in `blocks` pieces of `chunk` (a whole number of packs): one virtual block each, in both phases.
+  int64_t numel, blocks, chunk;
   bool lambda_packed;       // G and W_sn contiguous and aligned (packable)
-  bool elementwise_packed;  // G and grad_W contiguous and aligned, a line a whole number of packs
-  int64_t lambda_first, elementwise_first;
+  bool elementwise_packed;  // G and grad_W contiguous and aligned
+  __device__ bool dense() const { return blocks == 1; }
 };
 
 // A backward launch's parameter block: up to kLayers layers (1 for a per-layer op, kGroupLayers for a grouped one).
@@ -34,7 +40,6 @@ template <typename scalar_t, typename acc_t, int kLayers>
 struct BackwardLaunch {
   LayerBackward<scalar_t, acc_t> layers[kLayers];
   int count;
-  int64_t lambda_total, elementwise_total;
   int64_t first_step, step_count;  // the phases this launch runs (launch_steps)
   bool one_block;                  // a one-block launch: __syncthreads between phases
 };
@@ -43,39 +48,45 @@ static_assert(sizeof(BackwardLaunch<double, double, kGroupLayers>) <= kMaxParame
               "a grouped backward launch's parameter block must stay under 4 KB");
 static_assert(sizeof(BackwardLaunch<double, double, 1>) <= 512, "a per-layer backward launch passes a small block");
 
-// The backward's phases: lambda = <G, W_sn> as partial sums | their totals, one block per layer |
-// (G - lambda u v^T) / sigma.
-constexpr int64_t kBackwardSteps = 3;
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ acc_t lambda_share(const LayerBackward<scalar_t, acc_t>& L, const block_walk::Range& piece) {
+  return lambda_range<scalar_t, acc_t, index_t>(L.g, L.gv, L.s, L.sv, L.lambda_packed, piece.begin, piece.end);
+}
 
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ void correct(const LayerBackward<scalar_t, acc_t>& L, const block_walk::Range& piece, acc_t lambda) {
+  correction_range<true, scalar_t, acc_t, index_t>(L.g, L.gv, L.out, L.ov, L.u, L.u_stride, L.v, L.v_stride, lambda,
+                                                   *L.sigma, L.elementwise_packed, piece.begin, piece.end);
+}
+
+// Its phases as straight-line code, not a loop over steps: a loop let the compiler keep what one phase computes from
+// threadIdx live through the other, and spill.
 template <typename scalar_t, typename acc_t, typename index_t, int kLayers>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     backward_kernel(const __grid_constant__ BackwardLaunch<scalar_t, acc_t, kLayers> p) {
   using Layer = LayerBackward<scalar_t, acc_t>;
-  for (int64_t s = p.first_step; s < p.first_step + p.step_count; ++s) {
-    if (s > p.first_step) phase_barrier(p.one_block);
-    if (s == 0) {  // lambda's partial sums
-      for_each_virtual_block(p.layers, p.count, &Layer::lambda_first, p.lambda_total,
-                             [&](const Layer& L, int64_t local) {
-                               const acc_t sum = lambda_partial_block<scalar_t, acc_t, index_t>(
-                                   L.g, L.gv, L.s, L.sv, L.lambda_packed, static_cast<index_t>(L.numel),
-                                   static_cast<index_t>(local), static_cast<index_t>(L.lambda_blocks));
-                               if (threadIdx.x == 0) L.partial[local] = sum;
-                             });
-    } else if (s == 1) {  // their totals, one block per layer
-      for (int l = blockIdx.x; l < p.count; l += gridDim.x) {
-        const Layer& L = p.layers[l];
-        const acc_t total = ordered_sum_block(L.lambda_blocks, [&](int64_t j) { return L.partial[j]; });
-        if (threadIdx.x == 0) L.partial[L.lambda_blocks] = total;
-      }
-    } else {  // (G - lambda u v^T) / sigma
-      for_each_virtual_block(
-          p.layers, p.count, &Layer::elementwise_first, p.elementwise_total, [&](const Layer& L, int64_t local) {
-            backward_block(L.g, L.gv, L.out, L.ov, L.u, L.u_stride, L.v, L.v_stride, L.partial[L.lambda_blocks],
-                           *L.sigma, L.elementwise_packed, static_cast<index_t>(L.numel), static_cast<index_t>(local),
-                           static_cast<index_t>(L.elementwise_blocks));
-          });
-    }
+  if (p.first_step == 0) {  // lambda's partial sums; a dense layer's whole backward
+    for_each_virtual_block(
+        p.layers, p.count, [](const Layer& L) { return L.blocks; }, false,
+        [&](const Layer& L, int64_t local) {
+          const block_walk::Range piece = block_walk::piece(L.numel, L.chunk, local);
+          const acc_t sum = block_sum(lambda_share<scalar_t, acc_t, index_t>(L, piece), ordered_sum_scratch<acc_t>());
+          if (L.dense()) {
+            correct<scalar_t, acc_t, index_t>(L, piece, sum);
+          } else if (threadIdx.x == 0) {
+            L.partial[local] = sum;
+          }
+        });
   }
+  if (p.first_step + p.step_count < 2) return;
+  if (p.first_step == 0) phase_barrier(p.one_block);
+  // lambda from the partial sums, then (G - lambda u v^T) / sigma, walked back
+  for_each_virtual_block_of_layers(
+      p.layers, p.count, [](const Layer& L) { return L.dense() ? int64_t{0} : L.blocks; }, true,
+      [](const Layer& L) { return ordered_sum_block(L.blocks, [&](int64_t j) { return L.partial[j]; }); },
+      [&](const Layer& L, int64_t local, acc_t lambda) {
+        correct<scalar_t, acc_t, index_t>(L, block_walk::piece(L.numel, L.chunk, local), lambda);
+      });
 }
 
 }  // namespace
@@ -83,10 +94,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 void run_backward(const std::vector<BackwardLayer>& layers, const at::Tensor& sigmas) {
   const at::Tensor& s0 = layers[0].s3;
   const auto acc_options = s0.options().dtype(sigmas.scalar_type());
-  std::vector<int64_t> partial_offsets{0};
+  std::vector<int64_t> partial_offsets{0}, blocks;
   int64_t max_numel = 0;
   for (const BackwardLayer& layer : layers) {
-    partial_offsets.push_back(partial_offsets.back() + lambda_blocks_for(layer.s3.numel()) + 1);
+    blocks.push_back(block_walk::lambda_blocks_for(layer.s3.numel(), static_cast<int>(layer.s3.element_size())));
+    partial_offsets.push_back(partial_offsets.back() + blocks.back());
     max_numel = std::max(max_numel, layer.s3.numel());
   }
   at::Tensor workspace = at::empty({partial_offsets.back()}, acc_options);
@@ -99,7 +111,8 @@ void run_backward(const std::vector<BackwardLayer>& layers, const at::Tensor& si
         for (size_t start = 0; start < layers.size(); start += kLayers) {
           BackwardLaunch<scalar_t, acc_t, kLayers> p{};
           p.count = static_cast<int>(std::min<size_t>(kLayers, layers.size() - start));
-          int64_t numel = 0;
+          int64_t wanted = 0;
+          bool spread = false;
           for (int l = 0; l < p.count; ++l) {
             const size_t i = start + l;
             const BackwardLayer& layer = layers[i];
@@ -117,19 +130,16 @@ void run_backward(const std::vector<BackwardLayer>& layers, const at::Tensor& si
             L.sigma = sigmas.const_data_ptr<acc_t>() + i;
             L.partial = workspace.mutable_data_ptr<acc_t>() + partial_offsets[i];
             L.numel = layer.s3.numel();
-            numel += L.numel;
-            L.lambda_blocks = lambda_blocks_for(L.numel);
-            L.elementwise_blocks = elementwise_blocks(L.numel);
+            L.blocks = blocks[i];
+            L.chunk = block_walk::piece_chunk(L.numel, L.blocks, Pack<scalar_t>::kSize);
             L.lambda_packed = packable(layer.g3) && packable(layer.s3);
-            L.elementwise_packed = packable(layer.g3, true) && packable(layer.out3, true);
-            L.lambda_first = p.lambda_total;
-            L.elementwise_first = p.elementwise_total;
-            p.lambda_total += L.lambda_blocks;
-            p.elementwise_total += L.elementwise_blocks;
+            L.elementwise_packed = packable(layer.g3) && packable(layer.out3);
+            wanted += L.blocks;
+            spread = spread || L.blocks > 1;
           }
-          const int64_t wanted = std::max({p.lambda_total, p.elementwise_total, int64_t{p.count}});
           constexpr auto kernel = backward_kernel<scalar_t, acc_t, index_t, kLayers>;
-          launch_steps<kernel>(p, kBackwardSteps, launch_blocks<kernel>(numel, wanted));
+          // Dense layers only: one phase, one ordinary launch of a block per layer.
+          launch_steps<kernel>(p, spread ? 2 : 1, spread ? grid_blocks<kernel>(wanted) : p.count);
         }
       });
     });
