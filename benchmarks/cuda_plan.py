@@ -60,10 +60,19 @@ REDUCE_MAX_GROUPS = 32  # kReduceMaxGroups
 REDUCE_UNROLL = 4  # column_sums_block's `#pragma unroll 4`
 VECTOR_BATCH = 8  # kVectorBatch: finish_elements' elements in flight per thread
 NOMINAL_GRID = 264  # kNominalGrid: 132 SMs x 2
-# block_walk.h's latencies (ns) and copy bandwidth for the plans' choices: device_model's, the middle of its ranges
-# (tests/test_benchmarks.py checks that they agree).
-CHOICE_NS = {"l2": 225.0, "dram": 950.0, "block_sum": 250.0, "sync": 62.5, "grid_barrier": 1500.0}
-CHOICE_COPY_BYTES_PER_NS = 3000.0
+# block_walk.h's scenarios for the plans' choices (tests/test_benchmarks.py checks them against device_model): the
+# latencies (ns) at the low and at the high end of their ranges, on an H100 and on an H200 (copy bytes per ns).
+SCENARIO_KEYS = ("l2", "dram", "block_sum", "sync", "grid_barrier", "copy")
+SCENARIOS = [
+    dict(zip(SCENARIO_KEYS, values))
+    for values in (
+        (150.0, 700.0, 200.0, 50.0, 1000.0, 3000.0),
+        (300.0, 1200.0, 300.0, 75.0, 2000.0, 3000.0),
+        (150.0, 700.0, 200.0, 50.0, 1000.0, 4300.0),
+        (300.0, 1200.0, 300.0, 75.0, 2000.0, 4300.0),
+    )
+]
+CHOICE_L2_BYTES = 50e6
 MIN_PASSES = {"forward": 3, "backward": 4}
 
 SHAPES = ["64x3x3x3", "128x128x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "1024x1024x3x3", "4096x4096"]
@@ -228,8 +237,15 @@ class FusedPlan:
         return THREADS // self.reduce_groups
 
 
-def _at_least(chain_ns: float, nbytes: float) -> float:
-    return chain_ns if chain_ns > nbytes / CHOICE_COPY_BYTES_PER_NS else nbytes / CHOICE_COPY_BYTES_PER_NS
+def _at_least(chain_ns: float, nbytes: float, x: dict) -> float:
+    return chain_ns if chain_ns > nbytes / x["copy"] else nbytes / x["copy"]
+
+
+def _in_all_scenarios(time) -> float:
+    total = 0.0
+    for x in SCENARIOS:
+        total += time(x)
+    return total
 
 
 def stream_trips(elements: int, unit: int, packs: int = STREAM_PACKS) -> float:
@@ -256,52 +272,55 @@ def with_row_blocks(p: FusedPlan, rows: int, cols: int, min_rows: int) -> FusedP
     )
 
 
-def fused_pass_ns(p: FusedPlan, rows: int, trip_ns: float) -> float:
-    ns = CHOICE_NS
+def fused_pass_ns(p: FusedPlan, rows: int, trip_ns: float, x: dict) -> float:
     pairs = ceil_div(ceil_div(rows, p.rows_per_step), 2)
-    total = ns["l2"] + 2 * ns["sync"] + ns["block_sum"]
+    total = x["l2"] + 2 * x["sync"] + x["block_sum"]
     if p.segments == 1:
-        return total + pairs * (trip_ns + (ns["sync"] if p.threads > 32 else 0))
-    return total + pairs * (p.segments * trip_ns + ns["sync"]) + ns["sync"] + pairs * p.segments * ns["l2"]
+        return total + pairs * (trip_ns + (x["sync"] if p.threads > 32 else 0))
+    return total + pairs * (p.segments * trip_ns + x["sync"]) + x["sync"] + pairs * p.segments * x["l2"]
 
 
-def dense_forward_ns(p: FusedPlan, rows: int, cols: int, itemsize: int) -> float:
-    finish_trips = stream_trips(rows * cols, 16 // itemsize) + stream_trips(rows + cols, 1)
-    return fused_pass_ns(p, rows, CHOICE_NS["l2"]) + CHOICE_NS["l2"] + finish_trips * CHOICE_NS["l2"]
+def dense_forward_ns(p: FusedPlan, rows: int, cols: int, itemsize: int, x: dict) -> float:
+    finish_trips = (
+        stream_trips(rows * cols, 16 // itemsize)
+        + stream_trips(rows, 1, VECTOR_BATCH)
+        + stream_trips(cols, 1, VECTOR_BATCH)
+    )
+    return fused_pass_ns(p, rows, x["l2"], x) + x["l2"] + finish_trips * x["l2"]
 
 
-def spread_forward_ns(p: FusedPlan, rows: int, cols: int, itemsize: int) -> float:
-    ns = CHOICE_NS
+def spread_forward_ns(p: FusedPlan, rows: int, cols: int, itemsize: int, x: dict) -> float:
     acc = 8 if itemsize == 8 else 4
     w = float(rows) * cols * itemsize
     partial = float(p.blocks) * cols * acc
-    pass_ = _at_least(fused_pass_ns(p, p.rows_per_block, ns["dram"]), (2 if p.segments > 1 else 1) * w + partial)
+    pass_ = _at_least(fused_pass_ns(p, p.rows_per_block, x["dram"], x), (2 if p.segments > 1 else 1) * w + partial, x)
     reduce_waves = float(ceil_div(p.reduce_blocks, NOMINAL_GRID))
     per_thread = float(ceil_div(ceil_div(p.blocks, p.reduce_groups), 4))
     reduce = _at_least(
-        ns["l2"] + ns["block_sum"] + reduce_waves * (per_thread * ns["l2"] + 3 * ns["sync"] + ns["block_sum"]),
-        partial,
+        x["l2"] + x["block_sum"] + reduce_waves * (per_thread * x["l2"] + 3 * x["sync"] + x["block_sum"]), partial, x
     )
     waves = float(ceil_div(p.blocks, NOMINAL_GRID))
     divide_trips = waves * stream_trips(p.rows_per_block * cols, 16 // itemsize)
-    normalize = _at_least(ns["l2"] + ns["block_sum"] + divide_trips * ns["l2"], 2 * w)
-    return pass_ + reduce + normalize + 2 * ns["grid_barrier"]
+    divide_ns = x["l2"] if 2 * w <= CHOICE_L2_BYTES else x["dram"]
+    normalize = _at_least(x["l2"] + x["block_sum"] + divide_trips * divide_ns, 2 * w, x)
+    return pass_ + reduce + normalize + 2 * x["grid_barrier"]
 
 
 def plan_fused(rows: int, cols: int, itemsize: int, packed: bool) -> FusedPlan:
-    """block_walk::plan_fused: dense (one block of rows) where the model's chain in one block is no longer than the
-    grid's, else the rows per block the model finds fastest."""
+    """block_walk::plan_fused: dense (one block of rows) where its time, summed over the model's scenarios, is no
+    longer than the grid's, else the rows per block the model finds fastest."""
     layout = fused_layout(cols, itemsize, packed)
     best = with_row_blocks(layout, rows, cols, rows)
     if rows <= layout.rows_per_step:
         return best
-    best_ns = dense_forward_ns(best, rows, cols, itemsize)
+    dense = best
+    best_ns = _in_all_scenarios(lambda x: dense_forward_ns(dense, rows, cols, itemsize, x))
     min_rows = ceil_div(rows, TARGET_BLOCKS)
     while True:
         spread = with_row_blocks(layout, rows, cols, min_rows)
         if spread.blocks == 1:
             break
-        t = spread_forward_ns(spread, rows, cols, itemsize)
+        t = _in_all_scenarios(lambda x, spread=spread: spread_forward_ns(spread, rows, cols, itemsize, x))
         if t < best_ns:
             best, best_ns = spread, t
         min_rows *= 2
@@ -312,31 +331,32 @@ def fused_plan_of(w: Weight, packed: bool) -> FusedPlan:
     return plan_fused(w.rows, w.cols, w.itemsize, packed)
 
 
-def dense_backward_ns(numel: int, itemsize: int) -> float:
+def dense_backward_ns(numel: int, itemsize: int, x: dict) -> float:
     trips = stream_trips(numel, 16 // itemsize, STREAM_PAIR_PACKS) + stream_trips(numel, 16 // itemsize)
-    return trips * CHOICE_NS["l2"] + CHOICE_NS["block_sum"] + CHOICE_NS["sync"]
+    return trips * x["l2"] + x["block_sum"] + x["sync"]
 
 
-def spread_backward_ns(numel: int, itemsize: int, blocks: int) -> float:
-    ns = CHOICE_NS
+def spread_backward_ns(numel: int, itemsize: int, blocks: int, x: dict) -> float:
     nbytes = 2.0 * numel * itemsize
     waves = float(ceil_div(blocks, NOMINAL_GRID))
     piece = ceil_div(numel, blocks)
     lambda_trips = waves * stream_trips(piece, 16 // itemsize, STREAM_PAIR_PACKS)
     trips = waves * stream_trips(piece, 16 // itemsize)
     return (
-        _at_least(lambda_trips * ns["dram"] + waves * ns["block_sum"], nbytes)
-        + _at_least(ns["l2"] + ns["block_sum"] + trips * ns["l2"], nbytes)
-        + ns["grid_barrier"]
+        _at_least(lambda_trips * x["dram"] + waves * x["block_sum"], nbytes, x)
+        + _at_least(x["l2"] + x["block_sum"] + trips * x["l2"], nbytes, x)
+        + x["grid_barrier"]
     )
 
 
 def lambda_blocks(numel: int, itemsize: int = 4) -> int:
     """block_walk::lambda_blocks_for: the backward's pieces (1: a dense layer, one block)."""
     blocks = max(1, min(ceil_div(numel, THREADS * LAMBDA_ITEMS_PER_THREAD), MAX_LAMBDA_BLOCKS))
-    if blocks == 1 or dense_backward_ns(numel, itemsize) <= spread_backward_ns(numel, itemsize, blocks):
+    if blocks == 1:
         return 1
-    return blocks
+    dense = _in_all_scenarios(lambda x: dense_backward_ns(numel, itemsize, x))
+    spread = _in_all_scenarios(lambda x: spread_backward_ns(numel, itemsize, blocks, x))
+    return 1 if dense <= spread else blocks
 
 
 def piece_chunk(n: int, pieces: int, align: int) -> int:

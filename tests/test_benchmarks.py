@@ -302,17 +302,17 @@ def test_cuda_plan_uses_the_kernels_constants():
     ]:
         assert getattr(cuda_plan, python) == constant(cuda), python
     assert cuda_plan.NOMINAL_GRID == 132 * cuda_plan.MIN_BLOCKS_PER_SM
-    # The plans' choices weigh the device model's latencies, the middle of its ranges, and an H100's copy bandwidth.
-    (latencies,) = re.findall(
-        r"constexpr double kL2Ns = ([\d.]+), kDramNs = ([\d.]+), kBlockSumNs = ([\d.]+), kSyncNs = ([\d.]+), "
-        r"kGridBarrierNs = ([\d.]+);",
-        source,
-    )
-    names = ["l2", "dram", "block_sum", "sync", "grid_barrier"]
-    assert [float(x) for x in latencies] == [cuda_plan.CHOICE_NS[n] for n in names]
-    assert [cuda_plan.CHOICE_NS[n] for n in names] == pytest.approx([1000 * sum(dm.LATENCY_US[n]) / 2 for n in names])
-    copy = dm.GPUS["h100"].copy_bytes_per_us / 1000
-    assert float(constant("kCopyBytesPerNs")) == cuda_plan.CHOICE_COPY_BYTES_PER_NS == copy
+    # The plans' choices weigh the device model's scenarios: its latency ranges' two ends, on each GPU.
+    (block,) = re.findall(r"constexpr Scenario kScenarios\[4\] = \{(.*?)\};", source, re.S)
+    scenarios = [[float(v) for v in row.split(",")] for row in re.findall(r"\{([^{}]+)\}", block)]
+    assert scenarios == [[x[k] for k in cuda_plan.SCENARIO_KEYS] for x in cuda_plan.SCENARIOS]
+    model = [
+        [1000 * dm.LATENCY_US[t][end] for t in cuda_plan.SCENARIO_KEYS[:-1]] + [dm.GPUS[g].copy_bytes_per_us / 1000]
+        for g in ("h100", "h200")
+        for end in dm.ENDS
+    ]
+    assert [v for row in scenarios for v in row] == pytest.approx([v for row in model for v in row])
+    assert constant("kL2Bytes") == cuda_plan.CHOICE_L2_BYTES == min(g.l2_bytes for g in dm.GPUS.values())
     # The loops the model counts: the split round's and the column sums' unrolling, elementwise_blocks' threads.
     assert re.findall(r"multiprocessor_count\(\) \* \((\d+) / kThreads\)", source) == [
         str(cuda_plan.ELEMENTWISE_THREADS_PER_SM)

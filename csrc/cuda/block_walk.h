@@ -123,12 +123,22 @@ SN_EXT_HOST_DEVICE inline int64_t piece_chunk(int64_t n, int64_t pieces, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The device-time model's latencies (benchmarks/device_model.py: the middle of its ranges), in nanoseconds, and the
-// copy bandwidth it assumes for an H100, for the choices below that trade a longer chain in one block against more
-// blocks with grid-wide barriers between them (benchmarks/cuda_plan.py mirrors them). The choices fix how sums are
-// split, and so the result bits: they depend on the shape alone, never on the device.
-constexpr double kL2Ns = 225, kDramNs = 950, kBlockSumNs = 250, kSyncNs = 62.5, kGridBarrierNs = 1500;
-constexpr double kCopyBytesPerNs = 3000;  // read + write, H100
+// The device-time model (benchmarks/device_model.py) for the choices below, which trade a longer chain in one block
+// against more blocks with grid-wide barriers between them (benchmarks/cuda_plan.py mirrors them). The choices fix
+// how sums are split, and so the result bits: they depend on the shape alone, never on the device, and weigh a
+// plan's time in each of the model's scenarios: its latencies (ns) at the low and at the high end of their ranges, on
+// an H100 and on an H200 (copy bandwidth, read + write, bytes per ns). W is read from L2 again where W and W_sn fit in
+// the smaller L2 (the H100's).
+struct Scenario {
+  double l2, dram, block_sum, sync, grid_barrier, copy_bytes_per_ns;
+};
+constexpr Scenario kScenarios[4] = {
+    {150, 700, 200, 50, 1000, 3000},
+    {300, 1200, 300, 75, 2000, 3000},
+    {150, 700, 200, 50, 1000, 4300},
+    {300, 1200, 300, 75, 2000, 4300},
+};
+constexpr double kL2Bytes = 50e6;
 // Resident blocks of a nominal H100/H200 grid (132 SMs x 2, common.cuh's kMinBlocksPerSm): blocks beyond it run as
 // later waves.
 constexpr int64_t kNominalGrid = 264;
@@ -136,9 +146,12 @@ constexpr int64_t kNominalGrid = 264;
 // sigma, the correction: 64 bytes in flight per thread) or of each of two (<G, W_sn>: 128 bytes).
 constexpr int kStreamPacks = 4;
 constexpr int kStreamPairPacks = 4;
+// Elements of u or v a thread of the fused round's finish loads before it stores any (fused_round.cuh's
+// finish_elements).
+constexpr int kVectorBatch = 8;
 
-inline double at_least(double chain_ns, double bytes) {
-  return chain_ns > bytes / kCopyBytesPerNs ? chain_ns : bytes / kCopyBytesPerNs;
+inline double at_least(double chain_ns, double bytes, const Scenario& x) {
+  return chain_ns > bytes / x.copy_bytes_per_ns ? chain_ns : bytes / x.copy_bytes_per_ns;
 }
 
 // Round trips of a block's threads streaming `elements` (`packs` packs of `unit` elements in flight each).
@@ -204,48 +217,60 @@ inline FusedPlan with_row_blocks(FusedPlan p, int64_t rows, int64_t cols, int64_
 // The chain of a block's fused pass over `rows` of its rows, one round trip `trip_ns`: v's share (an L2 round trip),
 // per two steps their loads and one sum (a wide row: its segments' loads, one sum, then its segments again from
 // L1/L2 for z), the row groups' z sums combined and |y|^2.
-inline double fused_pass_ns(const FusedPlan& p, int64_t rows, double trip_ns) {
+inline double fused_pass_ns(const FusedPlan& p, int64_t rows, double trip_ns, const Scenario& x) {
   const int64_t pairs = ceil_div(ceil_div(rows, p.rows_per_step), 2);
-  double ns = kL2Ns + 2 * kSyncNs + kBlockSumNs;
-  if (p.segments == 1) return ns + pairs * (trip_ns + (p.threads > 32 ? kSyncNs : 0));
-  return ns + pairs * (p.segments * trip_ns + kSyncNs) + kSyncNs + pairs * p.segments * kL2Ns;
+  double ns = x.l2 + 2 * x.sync + x.block_sum;
+  if (p.segments == 1) return ns + pairs * (trip_ns + (p.threads > 32 ? x.sync : 0));
+  return ns + pairs * (p.segments * trip_ns + x.sync) + x.sync + pairs * p.segments * x.l2;
 }
 
 // A dense layer's forward (one block; u-first, one round): the pass from L2 (a small layer's W is there from its
 // last use), |y| and |z| (a round trip), then u, v and W / sigma.
-inline double dense_forward_ns(const FusedPlan& p, int64_t rows, int64_t cols, int itemsize) {
-  const double finish_trips = stream_trips(rows * cols, 16 / itemsize) + stream_trips(rows + cols, 1);
-  return fused_pass_ns(p, rows, kL2Ns) + kL2Ns + finish_trips * kL2Ns;
+inline double dense_forward_ns(const FusedPlan& p, int64_t rows, int64_t cols, int itemsize, const Scenario& x) {
+  const double finish_trips = stream_trips(rows * cols, 16 / itemsize) + stream_trips(rows, 1, kVectorBatch) +
+                              stream_trips(cols, 1, kVectorBatch);
+  return fused_pass_ns(p, rows, x.l2, x) + x.l2 + finish_trips * x.l2;
 }
 
 // The same layer spread over a grid: the pass (from DRAM; its bytes: W, twice for wide rows, and the partial z rows
 // written), the column sums (|y|, the partial rows, the tree over the groups, |z|^2's share; the partial rows read),
-// the normalizations and W / sigma (|y| and |z|, then the block's rows of W; W read and W_sn written), two grid-wide
-// barriers.
-inline double spread_forward_ns(const FusedPlan& p, int64_t rows, int64_t cols, int itemsize) {
+// the normalizations and W / sigma (|y| and |z|, then the block's rows of W, from L2 where W and W_sn fit, else
+// DRAM; W read and W_sn written), two grid-wide barriers.
+inline double spread_forward_ns(const FusedPlan& p, int64_t rows, int64_t cols, int itemsize, const Scenario& x) {
   const int acc = itemsize == 8 ? 8 : 4;
   const double w = static_cast<double>(rows) * cols * itemsize;
   const double partial = static_cast<double>(p.blocks) * cols * acc;
-  const double pass = at_least(fused_pass_ns(p, p.rows_per_block, kDramNs), (p.segments > 1 ? 2 : 1) * w + partial);
+  const double pass =
+      at_least(fused_pass_ns(p, p.rows_per_block, x.dram, x), (p.segments > 1 ? 2 : 1) * w + partial, x);
   const double reduce_waves = static_cast<double>(ceil_div(p.reduce_blocks, kNominalGrid));
   const double per_thread = static_cast<double>(ceil_div(ceil_div(p.blocks, p.reduce_groups), 4));
   const double reduce =
-      at_least(kL2Ns + kBlockSumNs + reduce_waves * (per_thread * kL2Ns + 3 * kSyncNs + kBlockSumNs), partial);
+      at_least(x.l2 + x.block_sum + reduce_waves * (per_thread * x.l2 + 3 * x.sync + x.block_sum), partial, x);
   const double waves = static_cast<double>(ceil_div(p.blocks, kNominalGrid));
   const double divide_trips = waves * stream_trips(p.rows_per_block * cols, 16 / itemsize);
-  const double normalize = at_least(kL2Ns + kBlockSumNs + divide_trips * kL2Ns, 2 * w);
-  return pass + reduce + normalize + 2 * kGridBarrierNs;
+  const double divide_ns = 2 * w <= kL2Bytes ? x.l2 : x.dram;
+  const double normalize = at_least(x.l2 + x.block_sum + divide_trips * divide_ns, 2 * w, x);
+  return pass + reduce + normalize + 2 * x.grid_barrier;
+}
+
+// A plan's time summed over the model's scenarios.
+template <typename Time>
+inline double in_all_scenarios(const Time& time) {
+  double ns = 0;
+  for (const Scenario& x : kScenarios) ns += time(x);
+  return ns;
 }
 
 inline FusedPlan plan_fused(int64_t rows, int64_t cols, int itemsize, bool packed) {
   const FusedPlan layout = fused_layout(cols, itemsize, packed);
   FusedPlan best = with_row_blocks(layout, rows, cols, rows);
   if (rows <= layout.rows_per_step) return best;
-  double best_ns = dense_forward_ns(best, rows, cols, itemsize);
+  double best_ns = in_all_scenarios([&](const Scenario& x) { return dense_forward_ns(best, rows, cols, itemsize, x); });
   for (int64_t min_rows = ceil_div(rows, kTargetBlocks);; min_rows *= 2) {
     const FusedPlan spread = with_row_blocks(layout, rows, cols, min_rows);
     if (spread.blocks == 1) break;
-    const double ns = spread_forward_ns(spread, rows, cols, itemsize);
+    const double ns =
+        in_all_scenarios([&](const Scenario& x) { return spread_forward_ns(spread, rows, cols, itemsize, x); });
     if (ns < best_ns) {
       best = spread;
       best_ns = ns;
@@ -330,27 +355,30 @@ SN_EXT_HOST_DEVICE inline FusedStep fused_step(int64_t s, int64_t n, bool v_firs
 constexpr int64_t kMaxLambdaBlocks = 4 * kThreads;
 constexpr int64_t kLambdaItemsPerThread = 8;
 
-inline double dense_backward_ns(int64_t numel, int itemsize) {
-  return (stream_trips(numel, 16 / itemsize, kStreamPairPacks) + stream_trips(numel, 16 / itemsize)) * kL2Ns +
-         kBlockSumNs + kSyncNs;
+inline double dense_backward_ns(int64_t numel, int itemsize, const Scenario& x) {
+  return (stream_trips(numel, 16 / itemsize, kStreamPairPacks) + stream_trips(numel, 16 / itemsize)) * x.l2 +
+         x.block_sum + x.sync;
 }
 
-inline double spread_backward_ns(int64_t numel, int itemsize, int64_t blocks) {
+inline double spread_backward_ns(int64_t numel, int itemsize, int64_t blocks, const Scenario& x) {
   const double bytes =
       2.0 * numel * itemsize;  // each phase reads two weight-sized tensors, or reads one and writes one
   const double waves = static_cast<double>(ceil_div(blocks, kNominalGrid));
   const int64_t piece = ceil_div(numel, blocks);
   const double lambda_trips = waves * stream_trips(piece, 16 / itemsize, kStreamPairPacks);
   const double trips = waves * stream_trips(piece, 16 / itemsize);
-  return at_least(lambda_trips * kDramNs + waves * kBlockSumNs, bytes) +
-         at_least(kL2Ns + kBlockSumNs + trips * kL2Ns, bytes) + kGridBarrierNs;
+  return at_least(lambda_trips * x.dram + waves * x.block_sum, bytes, x) +
+         at_least(x.l2 + x.block_sum + trips * x.l2, bytes, x) + x.grid_barrier;
 }
 
 inline int64_t lambda_blocks_for(int64_t numel, int itemsize) {
   const int64_t wanted = ceil_div(numel, int64_t(kThreads) * kLambdaItemsPerThread);
   const int64_t blocks = wanted < 1 ? 1 : wanted > kMaxLambdaBlocks ? kMaxLambdaBlocks : wanted;
-  if (blocks == 1 || dense_backward_ns(numel, itemsize) <= spread_backward_ns(numel, itemsize, blocks)) return 1;
-  return blocks;
+  if (blocks == 1) return 1;
+  const double dense = in_all_scenarios([&](const Scenario& x) { return dense_backward_ns(numel, itemsize, x); });
+  const double spread =
+      in_all_scenarios([&](const Scenario& x) { return spread_backward_ns(numel, itemsize, blocks, x); });
+  return dense <= spread ? 1 : blocks;
 }
 
 }  // namespace block_walk

@@ -449,22 +449,20 @@ __device__ void layer_square_sums(const Layer& L, bool with_y, bool with_z, acc_
 
 // Elements [begin, end) of a vector the forward returns (work; the caller's `in` and, when committing, `commit`, the
 // same memory, at stride `stride`): value(j) (from the workspace), or the input after a degenerate round, also
-// committed. kVectorBatch elements per thread at a time, all loaded before any is stored (the loads' round trips
-// overlap; one block can finish a 1 x 8192 weight's v in 4).
-constexpr int kVectorBatch = 8;
-
+// committed. kVectorBatch elements per thread at a time (block_walk.h), all loaded before any is stored (the loads'
+// round trips overlap; one block finishes a 1 x 8192 weight's v in 4).
 template <typename scalar_t, typename Value>
 __device__ __forceinline__ void finish_elements(scalar_t* work, const scalar_t* in, scalar_t* commit, int64_t stride,
                                                 int64_t begin, int64_t end, bool restore, const Value& value) {
-  for (int64_t base = begin + thread_x(); base < end; base += int64_t(kVectorBatch) * kThreads) {
-    scalar_t batch[kVectorBatch];
+  for (int64_t base = begin + thread_x(); base < end; base += int64_t(block_walk::kVectorBatch) * kThreads) {
+    scalar_t batch[block_walk::kVectorBatch];
 #pragma unroll
-    for (int q = 0; q < kVectorBatch; ++q) {
+    for (int q = 0; q < block_walk::kVectorBatch; ++q) {
       const int64_t j = base + q * kThreads;
       batch[q] = j < end ? (restore ? in[j * stride] : value(j)) : scalar_t(0);
     }
 #pragma unroll
-    for (int q = 0; q < kVectorBatch; ++q) {
+    for (int q = 0; q < block_walk::kVectorBatch; ++q) {
       const int64_t j = base + q * kThreads;
       if (j >= end) continue;
       work[j] = batch[q];
