@@ -393,9 +393,22 @@ def graph_replay_us(steps: list[Step], device: torch.device) -> float:
     return measure([Step(graph.replay) for graph in graphs], device, budget_s=0.1)["median_us"]
 
 
+def modelled_us(backend: str, shape: str, device: torch.device) -> list[float] | str:
+    """The device-time model's (low, high) µs for one train step of `shape` in float32 on `backend`, on this GPU
+    (benchmarks/device_model.py), beside what the step measured; why not, where the model has no such GPU."""
+    from . import device_model
+    from .layer import parse_shape
+
+    try:
+        gpu = device_model.gpu_key(torch.cuda.get_device_name(device))
+        return list(device_model.modelled_step_us(backend, parse_shape(shape), torch.float32, gpu))
+    except Exception as error:  # another GPU than the model's (an H100 PCIe, ...), or a CPU stand-in
+        return f"not modelled: {error}"[:200]
+
+
 def _layer_record(shape: str, params: int, providers: list[str], weights, grads, device) -> dict:
     """The providers' eager train steps side by side (median µs per step, wall time on the GPU's timeline), and
-    each one's device time from CUDA-graph replay."""
+    each one's device time from CUDA-graph replay, beside the model's."""
     steps, record, graph = {}, {"kind": "layer", "shape": shape, "params": params}, {}
     for provider in providers:
         try:
@@ -421,6 +434,7 @@ def time_layers(results: Results) -> None:
     for shape in TIMED_SHAPES:
         params, weights, grads = weights_and_grads(shape, torch.float32, device, quick=False)
         record = _layer_record(shape, params, ["plain", "torch", "sn_ext cuda"], weights, grads, device)
+        record["modelled_us"] = {"sn_ext cuda": modelled_us("cuda", shape, device)}
         ours, plain = record.get("sn_ext cuda"), record.get("plain")
         if isinstance(ours, float) and isinstance(plain, float):
             record["cuda_over_plain"] = round(ours / plain, 3)
@@ -444,6 +458,7 @@ def time_triton(results: Results) -> None:
         record = _layer_record(shape, params, ["plain", "sn_ext triton"], weights, grads, device)
         ours, plain = record.get("sn_ext triton"), record.pop("plain")
         record["graph_us"] = {"sn_ext triton": record["graph_us"].get("sn_ext triton")}
+        record["modelled_us"] = {"sn_ext triton": modelled_us("triton", shape, device)}
         if isinstance(ours, float) and isinstance(plain, float):
             record["triton_over_plain"] = round(ours / plain, 3)
         results.add("timings", record)
