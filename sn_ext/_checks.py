@@ -113,9 +113,12 @@ def check_grouped_forward_args(
     dims: list[int],
     n_power_iterations: int,
     eps: float,
+    v_first: list[bool] | None = None,
 ) -> None:
     """All the checks of spectral_normalize_grouped_, as csrc/matrix_view.cpp's check_grouped_forward_args."""
     _check_grouped_lists(op, weights, dims, {"weights": weights, "us": us, "vs": vs})
+    if v_first is not None and len(v_first) != len(weights):
+        raise ValueError(f"{op}: v_first must hold one value per weight ({len(weights)}), got {len(v_first)}")
     for i, (weight, u, v, dim) in enumerate(zip(weights, us, vs, dims)):
         check_forward_args(f"{op} (layer {i})", weight, u, v, dim, n_power_iterations, eps)
 

@@ -149,12 +149,21 @@ def reference_spectral_normalize_backward(
 
 
 def spectral_normalize_grouped_(
-    weights: list[Tensor], us: list[Tensor], vs: list[Tensor], dims: list[int], n_power_iterations: int, eps: float
+    weights: list[Tensor],
+    us: list[Tensor],
+    vs: list[Tensor],
+    dims: list[int],
+    n_power_iterations: int,
+    eps: float,
+    v_first: list[bool] | None = None,
 ) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor]]:
-    check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n_power_iterations, eps)
+    check_grouped_forward_args(
+        "sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n_power_iterations, eps, v_first
+    )
+    orders = v_first if v_first is not None else [False] * len(weights)
     weights_sn, sigmas, us_used, vs_used = [], [], [], []
-    for weight, u, v, dim in zip(weights, us, vs, dims):
-        weight_sn, sigma, u_new, v_new = spectral_normalize_(weight, u, v, dim, n_power_iterations, eps)
+    for weight, u, v, dim, order in zip(weights, us, vs, dims, orders):
+        weight_sn, sigma, u_new, v_new = spectral_normalize_(weight, u, v, dim, n_power_iterations, eps, order)
         weights_sn.append(weight_sn)
         sigmas.append(sigma)
         us_used.append(u_new)

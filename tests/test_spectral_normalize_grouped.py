@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 from helpers import TOL, assert_rel, randn
-from op_cases import DEVICE, EPS, NO_TRITON_OP, grouped_layers, not_run, param
+from op_cases import DEVICE, EPS, NO_TRITON_OP, dtype_id, grouped_layers, not_run, param
 from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 
@@ -155,6 +155,70 @@ def test_grouped_ops_equal_the_reference_per_layer(backend, dtype, n):
         assert_rel(grads_w[i], ref_grad, tol, f"grad {i}")
 
 
+# Legacy (v-first) and parametrization (u-first) layers in one call, as a model mixing the two versions makes it.
+MIXED_ORDERS = [True, False, False, True]
+PER_LAYER_OPS = {
+    "cpu": (ops.spectral_normalize_, ops.spectral_normalize_backward),
+    "cuda": (ops.spectral_normalize_, ops.spectral_normalize_backward),
+    "reference": (reference.spectral_normalize_, reference.spectral_normalize_backward),
+}
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,n",
+    [
+        param(b, dt, n, id=f"{dtype_id(dt)}-{n}")
+        for b in ("cpu", "cuda", "reference")
+        for dt in (torch.float32, torch.float64, torch.bfloat16)
+        for n in (0, 1, 3)
+    ]
+    + [not_run("triton", NO_TRITON_OP, 2)],
+)
+def test_grouped_ops_take_each_layers_order(backend, dtype, n):
+    """Each layer of a mixed call gives, bit for bit, what the backend's per-layer op gives with that layer's
+    v_first (the CPU op runs the per-layer kernels; the CUDA op launches each order apart, every layer with the
+    plans of its own launch): W_sn, sigma, the vectors used, the buffers updated in place and the gradient."""
+    device = DEVICE[backend]
+    forward, backward = GROUPED_OPS[backend]
+    per_layer_forward, per_layer_backward = PER_LAYER_OPS[backend]
+    weights, us, vs, dims = grouped_layers(dtype, device, seed=5)
+    initial = [(u.clone(), v.clone()) for u, v in zip(us, vs)]
+    buffers = [(u.clone(), v.clone()) for u, v in initial]  # the per-layer ops update these
+    expected = [
+        per_layer_forward(w, u, v, d, n, EPS, order)
+        for w, (u, v), d, order in zip(weights, buffers, dims, MIXED_ORDERS)
+    ]
+    weights_sn, sigmas, us_used, vs_used = forward(weights, us, vs, dims, n, EPS, MIXED_ORDERS)
+    grads = [randn(*w.shape, dtype=dtype, seed=60 + i).to(device) for i, w in enumerate(weights)]
+    grads_w = backward(grads, weights_sn, us_used, vs_used, sigmas, dims)
+    for i, ((w_sn, sigma, u_used, v_used), (u, v), d) in enumerate(zip(expected, buffers, dims)):
+        ref_grad = per_layer_backward(grads[i], w_sn, u_used, v_used, sigma, d)
+        for name, got, want in (
+            ("W_sn", weights_sn[i], w_sn),
+            ("sigma", sigmas[i], sigma),
+            ("u_used", us_used[i], u_used),
+            ("v_used", vs_used[i], v_used),
+            ("u", us[i], u),
+            ("v", vs[i], v),
+            ("grad", grads_w[i], ref_grad),
+        ):
+            assert torch.equal(got, want), f"{name} of layer {i} (v_first={MIXED_ORDERS[i]})"
+    if n:  # the orders give other vectors: a call that ignored v_first would fail above
+        u_first = per_layer_forward(weights[0], *initial[0], dims[0], n, EPS, False)
+        assert not torch.equal(u_first[2], expected[0][2])
+
+
+@pytest.mark.parametrize("backend", [param(b, id="float32") for b in ("cpu", "cuda", "reference")])
+def test_grouped_op_orders_of_the_wrong_length_are_refused_and_change_nothing(backend):
+    weights, us, vs, dims = grouped_layers(torch.float32, DEVICE[backend])
+    before = [(u.clone(), v.clone()) for u, v in zip(us, vs)]
+    for orders in ([True, False, True], [False] * 5):
+        with pytest.raises(ValueError, match=rf"v_first must hold one value per weight \(4\), got {len(orders)}"):
+            GROUPED_OPS[backend][0](weights, us, vs, dims, 1, EPS, orders)
+    assert all(torch.equal(u, b[0]) and torch.equal(v, b[1]) for u, v, b in zip(us, vs, before))
+    GROUPED_OPS[backend][0](weights, us, vs, dims, 1, EPS, None)  # None: every layer u-first, as before v_first
+
+
 def test_grouped_op_gradcheck_and_gradgradcheck():
     weights, us, vs, dims = grouped_layers(torch.float64, "cpu")
     weights = [w.detach().requires_grad_() for w in weights]
@@ -171,11 +235,12 @@ def test_grouped_op_opcheck():
     """Schema, fake kernel and autograd registration (torch.compile does not trace this op: see nn/grouped.py)."""
     weights, us, vs, dims = grouped_layers(torch.float32, "cpu")
     weights = [w.detach().requires_grad_() for w in weights]
-    torch.library.opcheck(
-        torch.ops.sn_ext.spectral_normalize_grouped_.default,
-        (weights, us, vs, dims, 1, EPS),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )
+    for orders in (None, MIXED_ORDERS):
+        torch.library.opcheck(
+            torch.ops.sn_ext.spectral_normalize_grouped_.default,
+            (weights, us, vs, dims, 1, EPS, orders),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )
 
 
 def test_a_layer_left_out_of_the_loss_gets_a_zero_gradient():
