@@ -20,7 +20,6 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
 from .. import _matrix, ops
-from .legacy_hook import SpectralNorm as LegacyHook
 from .spectral_norm import SpectralNorm
 
 
@@ -35,7 +34,7 @@ def _spectral_norms(layer: nn.Module):
                     break
                 weight = p(weight)  # the input of a spectral norm stacked after other parametrizations
     for hook in layer._forward_pre_hooks.values():
-        if isinstance(hook, (LegacyHook, _TorchLegacySpectralNorm)):
+        if isinstance(hook, _TorchLegacySpectralNorm):  # torch's, sn_ext's (a subclass) or another subclass
             orig, u, v = (getattr(layer, hook.name + suffix) for suffix in ("_orig", "_u", "_v"))
             yield orig, u, v, hook.dim, hook.eps, True
 

@@ -23,7 +23,6 @@ from .. import _state_dict, backends
 from .._checks import check_weight_dtype
 from .._matrix import to_matrix
 from . import _kernels, _parametrize
-from .legacy_hook import SpectralNorm as _LegacyHook
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -131,10 +130,9 @@ def has_parametrization_spectral_norm(module: nn.Module, name: str) -> bool:
 
 
 def has_legacy_spectral_norm(module: nn.Module, name: str) -> bool:
-    """Whether module.<name> has a legacy spectral-norm hook (sn_ext's or torch's)."""
+    """Whether module.<name> has a legacy spectral-norm hook: torch's, sn_ext's (a subclass) or any other subclass."""
     return any(
-        isinstance(hook, (_LegacyHook, _TorchLegacySpectralNorm)) and hook.name == name
-        for hook in module._forward_pre_hooks.values()
+        isinstance(hook, _TorchLegacySpectralNorm) and hook.name == name for hook in module._forward_pre_hooks.values()
     )
 
 
