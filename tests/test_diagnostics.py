@@ -85,10 +85,13 @@ def test_kept_sigma_is_u_w_v_of_that_step(kind, backend):
         assert_rel(sn_ext.sigmas(net)[f"{index}.weight"], _u_w_v(layer), 1e-6, f"{kind} {backend} eval")
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["parametrizations", "with_a_legacy_layer"])
 @pytest.mark.parametrize("train", [True, False])
-def test_kept_sigma_grouped(train):
+def test_kept_sigma_grouped(train, legacy):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(), nn.Linear(72, 3))
+    if legacy:
+        sn_ext.legacy.spectral_norm(net[2])  # grouped with the others, v-first
     sn_ext.grouped_spectral_norm(net).train(train)
     x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(3))
     for step in range(2):

@@ -117,7 +117,9 @@ def test_grouped_mode_refuses_a_stacked_layer_before_any_change():
         warnings.simplefilter("ignore")
         sn_ext.spectral_norm(sn_ext.spectral_norm(model[1]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match=r"'1' \(Linear\), tensor 'weight' has 2 stacked parametrization"):
+    with pytest.raises(
+        RuntimeError, match=r"'1' \(Linear\), tensor 'weight' has 2 parametrization\(s\) \(SpectralNorm, SpectralNorm\)"
+    ):
         sn_ext.grouped_spectral_norm(model)
     assert not hasattr(model, "_sn_ext_group") and not parametrize.is_parametrized(model[0])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

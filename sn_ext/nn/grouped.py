@@ -201,16 +201,18 @@ def grouped_spectral_norm(
 def _planned_swaps(layer: nn.Module, name: str, qualname: str | None) -> list[swap.Swap]:
     """Checks that `layer.<name>` can be grouped, raising (naming it) if not, and returns the swap of its spectral
     norm of torch's for sn_ext's, if it has one."""
-    where = swap.where(Registered(qualname or "", layer, name, None, None))
     if qualname is None:
-        where += " (not a submodule of the model)"
+        kind = parametrize.type_before_parametrizations(layer).__name__
+        where = f"a {kind} that is not a submodule of the model, tensor '{name}'"
+    else:
+        where = swap.where(Registered(qualname, layer, name, None, None))
     leave_out = "leave this layer out (layers=[...])"
     plist = layer.parametrizations[name] if parametrize.is_parametrized(layer, name) else None
     if plist is not None and (len(plist) > 1 or not isinstance(plist[0], (SpectralNorm, _TorchSpectralNorm))):
         kinds = ", ".join(type(p).__name__ for p in plist)
         raise RuntimeError(
-            f"grouped_spectral_norm: {where} has {len(plist)} stacked parametrization(s) ({kinds}); a grouped "
-            f"tensor has exactly one, its spectral norm: remove the others first, or {leave_out}"
+            f"grouped_spectral_norm: {where} has {len(plist)} parametrization(s) ({kinds}); a grouped tensor has "
+            f"exactly one, its spectral norm: remove the others first, or {leave_out}"
         )
     legacy = _legacy_hook(layer, name, _TorchLegacySpectralNorm)
     weight = plist.original if plist is not None else getattr(layer, name + "_orig" if legacy else name, None)

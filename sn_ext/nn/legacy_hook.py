@@ -58,8 +58,8 @@ class SpectralNorm(TorchLegacySpectralNorm):
 
     def remove(self, module: nn.Module) -> None:
         """torch's (W / sigma baked into a plain Parameter), and sn_ext's load_state_dict pre-hook of this tensor
-        removed with it: torch's remove_spectral_norm looks for its own class among the module's pre-hooks, but
-        finds none there (nn.Module keeps them wrapped)."""
+        removed with it: torch's remove_spectral_norm, which calls this, looks for its own class among the module's
+        load_state_dict pre-hooks but never finds one there (nn.Module keeps them wrapped)."""
         super().remove(module)
         _state_dict.remove_layout_hooks(module, self.name)
 
