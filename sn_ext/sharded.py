@@ -280,4 +280,3 @@ def warm_up_(weight, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, ep
     weight can take a spectral norm."""
     check_not_fully_sharded(weight)
     power_iteration_(weight, u, v, dim, n_power_iterations, eps, v_first)
-
