@@ -38,6 +38,9 @@ from torch import Tensor
 from . import ops, reference
 from ._matrix import accumulate_dtype, rank_one, to_matrix
 
+# torch 2.14 renamed all_gather_into_tensor (still there, with a FutureWarning) to all_gather_single.
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def is_dtensor(tensor: Tensor) -> bool:
     """Whether `tensor` is a DTensor; without importing torch.distributed.tensor (0.4 s) when nothing has: no DTensor
@@ -80,7 +83,7 @@ class Split:
         world, chunk = len(self.sizes), max(self.sizes)
         if self.axis == 0 and all(size == chunk for size in self.sizes):  # the common case: no padding, no copy
             out = part.new_empty(world * part.numel())
-            dist.all_gather_into_tensor(out, part.contiguous(), group=self.group)
+            _all_gather_into_tensor(out, part.contiguous(), group=self.group)
             return out
         padded_shape = list(self.shape)
         padded_shape[self.axis] = chunk
@@ -89,7 +92,7 @@ class Split:
         mine[self.axis] = self.sizes[self.index]
         padded.narrow(self.axis, 0, mine[self.axis]).copy_(part.view(mine))
         out = part.new_empty(world * padded.numel())  # gloo takes flat tensors only
-        dist.all_gather_into_tensor(out, padded.flatten(), group=self.group)
+        _all_gather_into_tensor(out, padded.flatten(), group=self.group)
         out = out.view(world, *padded_shape)
         parts = [out[r].narrow(self.axis, 0, size) for r, size in enumerate(self.sizes)]
         return torch.cat(parts, dim=self.axis).flatten()
@@ -218,7 +221,8 @@ class _DivideBySigma(torch.autograd.Function):
         acc = sigma.dtype
         g = grad.to(acc)
         lam = ctx.split.all_reduce(torch.sum(local_sn.to(acc).conj() * g))
-        grad_local = (g - lam * rank_one(u_part.to(acc), v_part.to(acc), grad, ctx.dim)) / sigma.conj()
+        # lam scales u (a vector), not u v^T: one weight-sized temporary less.
+        grad_local = (g - rank_one(lam * u_part.to(acc), v_part.to(acc), grad, ctx.dim)).div_(sigma.conj())
         return grad_local.to(grad.dtype), None, None, None, None, None
 
 
