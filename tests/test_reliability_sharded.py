@@ -132,12 +132,15 @@ def _full_state(model) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _tp_run(mesh) -> dict:
+def _tp_run(mesh, out_dir: str | None = None) -> dict:
+    """5 steps, every rank the same data; the full state dict; in a worker, a checkpoint round trip (as _fsdp_run)."""
     model = _tp_model(mesh)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     real, fake = _batches(None, 1, (10,))
     for _ in range(STEPS):
         _gan_step(model, opt, real, fake)
+    if out_dir is not None:
+        _checkpoint_round_trip(model, lambda: _tp_model(mesh), os.path.join(out_dir, "tp_checkpoint"))
     return _full_state(model)
 
 
@@ -187,13 +190,12 @@ def _fsdp_run(mesh, out_dir: str | None = None) -> dict:
 
 
 def _checkpoint_round_trip(model, build, checkpoint_dir: str) -> None:
-    """Saves model's sharded state dict with torch.distributed.checkpoint, loads it into build() (another seed's
-    weights, u and v) and checks that every tensor came back."""
+    """Saves model's sharded state dict with torch.distributed.checkpoint, loads it into build() (a new model: its
+    initial weights, u and v) and checks that every tensor came back."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     dcp.save(get_model_state_dict(model), checkpoint_id=checkpoint_dir)
-    torch.manual_seed(7)
     other = build()
     state = get_model_state_dict(other)
     dcp.load(state, checkpoint_id=checkpoint_dir)
@@ -316,7 +318,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             mesh = init_device_mesh("cpu", (world,))
             for case in LAYER_CASES_2:
                 results[("layer", *case)] = _layer_run(mesh, *case)
-            results["tp"] = _tp_run(mesh)
+            results["tp"] = _tp_run(mesh, out_dir)
             if FSDP2_ON_CPU:
                 results["fsdp"] = _fsdp_run(mesh, out_dir)
             results["communication"] = _communication_run(mesh)
@@ -460,19 +462,19 @@ def test_fsdp_spectral_norm_before_fully_shard_matches_one_process(runs_2):
     _assert_same_on_every_rank(ranks, "fsdp")
 
 
-@needs_fsdp2_on_cpu
-def test_fsdp_checkpoint_loads_in_one_process(runs_2):
+@pytest.mark.parametrize("kind", ["tp", pytest.param("fsdp", marks=needs_fsdp2_on_cpu)])
+def test_checkpoint_loads_in_one_process(runs_2, kind):
     """The workers' torch.distributed.checkpoint (their round trip checked there) loads into a model of one
-    process, u and v included."""
+    process, u and v included: a tensor-parallel or FSDP2 checkpoint is one process's."""
     import torch.distributed.checkpoint as dcp
 
     out_dir, ranks = runs_2
-    model = _fsdp_model(None)
+    model = _tp_model(None) if kind == "tp" else _fsdp_model(None)
     state = model.state_dict()
-    dcp.load(state, checkpoint_id=os.path.join(out_dir, "fsdp_checkpoint"))
+    dcp.load(state, checkpoint_id=os.path.join(out_dir, f"{kind}_checkpoint"))
     model.load_state_dict(state)
     for key, value in model.state_dict().items():
-        assert torch.equal(value, ranks[0]["fsdp"][key]), key
+        assert torch.equal(value, ranks[0][kind][key]), key
 
 
 def test_spectral_norm_after_fully_shard_raises_naming_it(runs_2):
