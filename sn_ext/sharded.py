@@ -121,6 +121,12 @@ def split_of(weight, dim: int) -> Split:
     chunk = -(-size // world)  # torch.chunk's, as DTensor's Shard: full chunks, then the rest, then empty parts
     sizes = tuple(max(0, min(chunk, size - r * chunk)) for r in range(world))
     group = mesh.get_group(mesh_dim)
+    local_size = weight.to_local().shape[cut]
+    if local_size != sizes[index]:  # the u, v parts read below must be the shard's
+        raise RuntimeError(
+            f"spectral_norm: rank {index} of the mesh dimension holds {local_size} of the weight's {size} entries on "
+            f"dimension {cut}; torch.chunk's split, which DTensor's Shard follows, gives it {sizes[index]}"
+        )
     if cut == dim:
         return Split(group, True, (size,), 0, sizes, index)
     others = [d for d in range(weight.ndim) if d != dim]
@@ -150,9 +156,16 @@ def _products(matrix: Tensor, split: Split):
     return matvec, rmatvec
 
 
-def _check_arguments(weight, u: Tensor, v: Tensor, dim: int) -> None:
+def check_weight(weight, dim: int) -> None:
+    """What a spectral norm checks on a DTensor weight at registration, before it draws u and v: a real dtype,
+    placements it takes (split_of), and not a parameter that fully_shard has sharded."""
     if weight.is_complex():  # the fused ops take real weights; one process runs complex ones on the reference
         raise TypeError(f"spectral_norm of a DTensor weight: complex weights are not supported, got {weight.dtype}")
+    split_of(weight, dim)
+    check_not_fully_sharded(weight)
+
+
+def _check_vectors(weight, u: Tensor, v: Tensor, dim: int) -> None:
     rows = weight.shape[dim]
     for name, vector, size in (("u", u, rows), ("v", v, weight.numel() // rows)):
         if is_dtensor(vector) or vector.shape != (size,):
@@ -162,7 +175,6 @@ def _check_arguments(weight, u: Tensor, v: Tensor, dim: int) -> None:
             )
 
 
-@torch.no_grad()
 def power_iteration(
     weight, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,9 +182,15 @@ def power_iteration(
     degenerate round (a non-finite or zero vector on any rank: the collectives carry it to every rank) returns u and
     v. n == 0: sigma = u^T W v, u and v as they are."""
     dim %= weight.ndim
-    _check_arguments(weight, u, v, dim)
-    split = split_of(weight, dim)
-    local = weight.to_local()
+    _check_vectors(weight, u, v, dim)
+    return _power_iteration(weight.to_local(), split_of(weight, dim), u, v, dim, n_power_iterations, eps, v_first)
+
+
+@torch.no_grad()
+def _power_iteration(
+    local: Tensor, split: Split, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """power_iteration on this rank's shard `local`, cut as `split`."""
     u_new, v_new = u.clone(), v.clone()
     if split.group is None:  # every rank holds W: one process's computation, on its copy
         sigma = ops.power_iteration_(local, u_new, v_new, dim, n_power_iterations, eps, v_first)
@@ -187,7 +205,7 @@ def power_iteration(
         else:
             sigma = local.new_zeros((), dtype=accumulate_dtype(local.dtype))
         return split.all_reduce(sigma), u_new, v_new
-    matrix = to_matrix(local, dim).to(accumulate_dtype(weight.dtype))
+    matrix = to_matrix(local, dim).to(accumulate_dtype(local.dtype))
     return reference.power_rounds(*_products(matrix, split), u, v, n_power_iterations, eps, v_first)
 
 
@@ -240,7 +258,8 @@ def spectral_normalize(
     if split.group is None:
         local_sn, sigma, _, _ = kernels.forward(local, u, v, dim, n_power_iterations, eps)
     else:
-        sigma, u_new, v_new = power_iteration(weight, u, v, dim, n_power_iterations, eps)
+        _check_vectors(weight, u, v, dim)
+        sigma, u_new, v_new = _power_iteration(local, split, u, v, dim, n_power_iterations, eps, False)
         if n_power_iterations:
             with torch.no_grad():
                 u.copy_(u_new)
@@ -277,10 +296,3 @@ def check_not_fully_sharded(weight) -> None:
                     "sn_ext.spectral_norm before fully_shard (after parallelize_module for tensor parallel), as "
                     "fully_shard cannot follow a parameter that a parametrization moves"
                 )
-
-
-def warm_up_(weight, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, v_first: bool) -> None:
-    """A new module's warm-up rounds on a DTensor weight (sn_ext/nn/_kernels.py prepare), after checking that the
-    weight can take a spectral norm."""
-    check_not_fully_sharded(weight)
-    power_iteration_(weight, u, v, dim, n_power_iterations, eps, v_first)

@@ -306,6 +306,37 @@ def _after_fully_shard_run(mesh) -> dict:
     return {"error": ""}
 
 
+# ---- what it refuses ----
+
+
+def _refused_run(mesh) -> dict:
+    """Registration on weights it cannot take: the error's type and message, whether the layer was parametrized and
+    whether the global RNG was left as it was. mesh: 1-D (a Partial weight, a complex one) or 2-D (a weight sharded
+    on both dimensions)."""
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    from torch.nn.utils import parametrize
+
+    if mesh.ndim == 1:
+        weights = {
+            "partial": DTensor.from_local(torch.randn(7, 10), mesh, [Partial()]),
+            "complex": distribute_tensor(torch.randn(7, 10, dtype=torch.complex64), mesh, [Shard(0)]),
+        }
+    else:
+        weights = {"two_sharded_dims": distribute_tensor(torch.randn(8, 10), mesh, [Shard(0), Shard(1)])}
+    out = {}
+    for name, weight in weights.items():
+        layer = nn.Linear(10, 8)
+        layer.weight = nn.Parameter(weight)
+        rng = torch.get_rng_state()
+        raised = ("", "")
+        try:
+            sn_ext.spectral_norm(layer)
+        except Exception as error:  # noqa: BLE001 (the test checks the type)
+            raised = (type(error).__name__, str(error))
+        out[name] = (*raised, parametrize.is_parametrized(layer), torch.equal(rng, torch.get_rng_state()))
+    return out
+
+
 # ---- the workers ----
 
 
@@ -324,11 +355,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             results["communication"] = _communication_run(mesh)
             results["nan"] = _nan_run(mesh)
             results["after_fully_shard"] = _after_fully_shard_run(mesh)
+            results["refused"] = _refused_run(mesh)
         else:
             mesh = init_device_mesh("cpu", (world,))
             for case in LAYER_CASES_4:
                 results[("layer", *case)] = _layer_run(mesh, *case)
             results["nan"] = _nan_run(mesh)
+            results["refused"] = _refused_run(init_device_mesh("cpu", (2, world // 2)))
             if FSDP2_ON_CPU:
                 mesh_2d = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
                 results["2d"] = _mesh_2d_run(mesh_2d)
@@ -447,6 +480,26 @@ def test_nan_on_one_rank_keeps_u_and_v_on_every_rank(runs_2, runs_4, world):
     _assert_same_on_every_rank(ranks, "nan")
 
 
+# ---- what it refuses ----
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_unsupported_placements_and_dtypes_raise_and_change_nothing(runs_2, runs_4, world):
+    ranks = runs_2[1] if world == 2 else runs_4
+    expected = (
+        {"partial": ("NotImplementedError", "Partial"), "complex": ("TypeError", "complex64")}
+        if world == 2
+        else {"two_sharded_dims": ("NotImplementedError", "Shard(dim=1)")}
+    )
+    for result in ranks:
+        for name, (error_type, named) in expected.items():
+            raised, message, parametrized, rng_unchanged = result["refused"][name]
+            assert raised == error_type, (name, raised, message)
+            assert named in message and "spectral_norm" in message, (name, message)
+            assert not parametrized, f"{name}: the layer was changed"
+            assert rng_unchanged, f"{name}: the global RNG was drawn from"
+
+
 # ---- FSDP2 ----
 
 
@@ -462,6 +515,7 @@ def test_fsdp_spectral_norm_before_fully_shard_matches_one_process(runs_2):
     _assert_same_on_every_rank(ranks, "fsdp")
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # what this test does
 @pytest.mark.parametrize("kind", ["tp", pytest.param("fsdp", marks=needs_fsdp2_on_cpu)])
 def test_checkpoint_loads_in_one_process(runs_2, kind):
     """The workers' torch.distributed.checkpoint (their round trip checked there) loads into a model of one

@@ -37,7 +37,7 @@ def prepare(
     warm_up = kernels if kernels.backend is not None else backends.select("auto", weight.device, weight.dtype)
     with torch.no_grad():
         if sharded.is_dtensor(weight):  # tensor parallel: rounds on each rank's shard
-            sharded.warm_up_(weight, u, v, dim, n_power_iterations, eps, v_first)
+            sharded.power_iteration_(weight, u, v, dim, n_power_iterations, eps, v_first)
         elif warm_up.backend.forward_op == "spectral_normalize_":  # compiled kernels: the rounds without W / sigma
             ops.power_iteration_(weight, u, v, dim, n_power_iterations, eps, v_first)
         else:

@@ -60,6 +60,8 @@ class SpectralNorm(nn.Module):
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
         if ndim > 1:
+            if sharded.is_dtensor(weight):  # tensor parallel: what it cannot take fails before any draw
+                sharded.check_weight(weight, self.dim)
             self.n_power_iterations = n_power_iterations
             if vectors is not None:
                 self.register_buffer("_u", vectors[0])
