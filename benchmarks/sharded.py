@@ -196,6 +196,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=20, help="timed steps per case (default 20)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>/)")
     args = p.parse_args(argv)
+    if args.reps < 2:
+        p.error("--reps must be at least 2 (the table gives the p20-p80 spread)")
     out = args.out or RESULTS_DIR / device_slug(torch.device("cpu"))
     run(args.shape or list(SHAPES), args.reps, out)
     print((out / "sharded.md").read_text())
