@@ -27,10 +27,10 @@ rank holds whole (every placement Replicate) runs the module's own kernels.
 The power iteration (power_iteration, power_iteration_) is apart from the division by sigma (spectral_normalize), so
 that other functions of sigma (bounded spectral norm, sigma-reparam) can reuse it on sharded weights.
 
-Why not sharding strategies for sn_ext's ops (torch.distributed.tensor.experimental.register_sharding, torch >= 2.5):
-a strategy declares the placements an op runs on and the op then runs on local tensors, with any collective before
-or after it; a round needs two collectives inside it, so a strategy for the fused ops could only have DTensor
-replicate W (gather it) first. The parametrization's forward dispatches here after one type check instead.
+Why not sharding strategies for sn_ext's ops (torch.distributed.tensor.experimental.register_sharding, in torch
+2.6-2.14): a strategy declares the placements an op runs on and the op then runs on local tensors, with any
+collective before or after it; a round needs two collectives inside it, so a strategy for the fused ops could only
+have DTensor replicate W (gather it) first. The parametrization's forward dispatches here after one type check instead.
 """
 
 import dataclasses
