@@ -162,12 +162,12 @@ def _products(matrix: Tensor, split: Split):
 
 
 def check_weight(weight, dim: int) -> None:
-    """What a spectral norm checks on a DTensor weight at registration, before it draws u and v: a real dtype,
-    placements it takes (split_of), and not a parameter that fully_shard has sharded."""
+    """What a spectral norm checks on a DTensor weight at registration, before it draws u and v: a real dtype, not a
+    parameter that fully_shard has sharded, and placements it takes (split_of)."""
     if weight.is_complex():  # the fused ops take real weights; one process runs complex ones on the reference
         raise TypeError(f"spectral_norm of a DTensor weight: complex weights are not supported, got {weight.dtype}")
+    check_not_fully_sharded(weight)  # first: FSDP2's 2-D shards would fail split_of with a less useful message
     split_of(weight, dim)
-    check_not_fully_sharded(weight)
 
 
 def _check_vectors(weight, u: Tensor, v: Tensor, dim: int) -> None:
