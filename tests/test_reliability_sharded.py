@@ -15,7 +15,7 @@ import pytest
 import spawned
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
+from helpers import TOL, rel_err
 from torch import nn
 
 import sn_ext
@@ -87,6 +87,34 @@ def _layer_run(mesh, layer: str, shard: int, n: int) -> dict:
     out |= {"weight_sn": _full(weight_sn.detach()), "grad": _full(original.grad), "weight": _full(original.detach())}
     module.eval()
     out |= {"weight_sn_eval": _full(module.weight.detach()), "u": norm._u.clone(), "v": norm._v.clone()}
+    return out
+
+
+def _bfloat16_run(mesh) -> dict:
+    """A bfloat16 Linear, rows then columns sharded: u and v after registration, W_sn and W's gradient of one
+    training step, u and v after it (sums in float32, vectors rounded to bfloat16, as in one process)."""
+    out = {}
+    for side, shard in (("rows", 0), ("cols", 1)):
+        torch.manual_seed(0)
+        layer = nn.Linear(10, 7).to(torch.bfloat16)
+        grad = torch.randn(7, 10, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        if mesh is not None:
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(shard)]))
+            grad = distribute_tensor(grad, mesh, [Shard(shard)])
+        torch.manual_seed(1)
+        sn_ext.spectral_norm(layer)
+        norm = layer.parametrizations.weight[0]
+        out |= {f"{side}_u0": norm._u.clone(), f"{side}_v0": norm._v.clone()}
+        weight_sn = layer.weight
+        weight_sn.backward(grad)
+        out |= {
+            f"{side}_weight_sn": _full(weight_sn.detach()),
+            f"{side}_grad": _full(layer.parametrizations.weight.original.grad),
+            f"{side}_u": norm._u.clone(),
+            f"{side}_v": norm._v.clone(),
+        }
     return out
 
 
@@ -350,6 +378,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             for case in LAYER_CASES_2:
                 results[("layer", *case)] = _layer_run(mesh, *case)
             results["tp"] = _tp_run(mesh, out_dir)
+            results["bfloat16"] = _bfloat16_run(mesh)
             if FSDP2_ON_CPU:
                 results["fsdp"] = _fsdp_run(mesh, out_dir)
             results["communication"] = _communication_run(mesh)
@@ -414,6 +443,16 @@ def test_tensor_parallel_layer_matches_one_process(runs_2, case):
 def test_tensor_parallel_uneven_shards_on_4_ranks(runs_4, case):
     _assert_close(runs_4[0][("layer", *case)], _layer_run(None, *case), f"{case}")
     _assert_same_on_every_rank(runs_4, ("layer", *case))
+
+
+def test_tensor_parallel_bfloat16_matches_one_process(runs_2):
+    """Within bfloat16's tolerance (tests/helpers.py TOL): its vectors are rounded to bfloat16 after each round."""
+    _, ranks = runs_2
+    ours, reference = ranks[0]["bfloat16"], _bfloat16_run(None)
+    for key in reference:
+        assert ours[key].dtype == torch.bfloat16, key
+        assert rel_err(ours[key], reference[key]) <= TOL[torch.bfloat16], (key, rel_err(ours[key], reference[key]))
+    _assert_same_on_every_rank(ranks, "bfloat16")
 
 
 def test_tensor_parallel_model_matches_one_process(runs_2):
