@@ -46,7 +46,8 @@ LAYER_CASES_2 = [
     for shard in shards
     for n in (1, 3)
 ]
-# On 4 ranks the shards are uneven (7 rows: 2, 2, 2, 1; 6 channels: 2, 2, 2 and none).
+# On 4 ranks the shards are uneven (7 rows: 2, 2, 2, 1; 10 columns: 3, 3, 3, 1) or empty (6 output channels: 2, 2,
+# 2 and none; 5 input channels: 2, 2, 1 and none).
 LAYER_CASES_4 = [("linear", 0, 1), ("linear", 1, 1), ("conv", 0, 1), ("conv_transpose", 0, 2)]
 
 
