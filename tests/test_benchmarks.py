@@ -452,3 +452,28 @@ print(median_faults_per_call())
     assert system_faults >= 16384, system_faults
     assert "freed memory kept" in setting, setting
     assert kept_faults < 100, kept_faults
+
+
+def test_sharded_rows(tmp_path):
+    """python -m benchmarks.sharded on a small weight: both providers (their gradients checked equal inside), rows
+    and columns sharded, with the numbers each step sends (sn_ext: rows + cols + 1; gathering W: 2 rows x cols)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sharded", "--shape", "12x10", "--reps", "2", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "sharded.csv")
+    assert [(r["sharded"], r["provider"]) for r in rows] == [
+        ("rows", "sn_ext"),
+        ("rows", "gather + torch"),
+        ("cols", "sn_ext"),
+        ("cols", "gather + torch"),
+    ]
+    for row in rows:
+        expected = 12 + 10 + 1 if row["provider"] == "sn_ext" else 2 * 12 * 10
+        assert int(row["numbers_per_step"]) == expected, row
+        assert float(row["median_ms"]) > 0
+    assert "| 12x10 | rows | sn_ext |" in (tmp_path / "sharded.md").read_text()
