@@ -339,30 +339,44 @@ def _after_fully_shard_run(mesh) -> dict:
 
 
 def _refused_run(mesh) -> dict:
-    """Registration on weights it cannot take: the error's type and message, whether the layer was parametrized and
-    whether the global RNG was left as it was. mesh: 1-D (a Partial weight, a complex one) or 2-D (a weight sharded
-    on both dimensions)."""
+    """Registration on weights it cannot take: the error's type and message, whether the layer was changed and
+    whether the global RNG was left as it was. mesh: 1-D (a Partial weight, a complex one, the legacy spectral norm
+    on a sharded weight) or 2-D (a weight sharded on both dimensions)."""
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
     from torch.nn.utils import parametrize
 
     if mesh.ndim == 1:
-        weights = {
-            "partial": DTensor.from_local(torch.randn(7, 10), mesh, [Partial()]),
-            "complex": distribute_tensor(torch.randn(7, 10, dtype=torch.complex64), mesh, [Shard(0)]),
+        cases = {
+            "partial": (DTensor.from_local(torch.randn(7, 10), mesh, [Partial()]), sn_ext.spectral_norm),
+            "complex": (
+                distribute_tensor(torch.randn(7, 10, dtype=torch.complex64), mesh, [Shard(0)]),
+                sn_ext.spectral_norm,
+            ),
+            "legacy": (distribute_tensor(torch.randn(8, 10), mesh, [Shard(0)]), sn_ext.legacy.spectral_norm),
         }
     else:
-        weights = {"two_sharded_dims": distribute_tensor(torch.randn(8, 10), mesh, [Shard(0), Shard(1)])}
+        cases = {
+            "two_sharded_dims": (
+                distribute_tensor(torch.randn(8, 10), mesh, [Shard(0), Shard(1)]),
+                sn_ext.spectral_norm,
+            )
+        }
     out = {}
-    for name, weight in weights.items():
+    for name, (weight, register) in cases.items():
         layer = nn.Linear(10, 8)
         layer.weight = nn.Parameter(weight)
         rng = torch.get_rng_state()
         raised = ("", "")
         try:
-            sn_ext.spectral_norm(layer)
+            register(layer)
         except Exception as error:  # noqa: BLE001 (the test checks the type)
             raised = (type(error).__name__, str(error))
-        out[name] = (*raised, parametrize.is_parametrized(layer), torch.equal(rng, torch.get_rng_state()))
+        changed = (
+            parametrize.is_parametrized(layer)
+            or bool(layer._forward_pre_hooks)
+            or "weight_orig" in dict(layer.named_parameters())
+        )
+        out[name] = (*raised, changed, torch.equal(rng, torch.get_rng_state()))
     return out
 
 
@@ -527,7 +541,11 @@ def test_nan_on_one_rank_keeps_u_and_v_on_every_rank(runs_2, runs_4, world):
 def test_unsupported_placements_and_dtypes_raise_and_change_nothing(runs_2, runs_4, world):
     ranks = runs_2[1] if world == 2 else runs_4
     expected = (
-        {"partial": ("NotImplementedError", "Partial"), "complex": ("TypeError", "complex64")}
+        {
+            "partial": ("NotImplementedError", "Partial"),
+            "complex": ("TypeError", "complex64"),
+            "legacy": ("NotImplementedError", "use sn_ext.spectral_norm (the parametrization)"),
+        }
         if world == 2
         else {"two_sharded_dims": ("NotImplementedError", "Shard(dim=1)")}
     )

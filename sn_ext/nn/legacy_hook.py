@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm as TorchLegacySpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNormStateDictHook as TorchStateDictHook
 
-from .. import _state_dict, backends
+from .. import _state_dict, backends, sharded
 from .._matrix import to_matrix
 from . import _kernels
 from .spectral_norm import check_arguments, has_spectral_norm
@@ -110,6 +110,11 @@ def make_hook(
     """The forward pre-hook for `weight` (`<name>_orig`), its arguments checked and its kernels chosen; registers
     nothing (SpectralNorm.apply does, and sn_ext.convert_spectral_norm puts it in place of torch's)."""
     check_arguments(weight, n_power_iterations, dim, eps, complex_ok=False)
+    if sharded.is_dtensor(weight):  # before anything changes (convert and registration both come here first)
+        raise NotImplementedError(
+            f"the legacy spectral norm does not run on a DTensor (tensor-parallel) '{name}': use "
+            f"sn_ext.spectral_norm (the parametrization), which runs on sharded weights (docs/distributed.md)"
+        )
     fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
     fn.backend = backends.requested_backend(backend)
     fn._kernels = backends.initial_kernels(fn.backend, weight)
