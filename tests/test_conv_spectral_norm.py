@@ -169,12 +169,7 @@ def test_adjoint_is_the_transpose_for_every_configuration():
     checked = 0
     for conv, input_shape in _adjoint_cases():
         conv = conv.double()
-        try:
-            operator = ConvLayer.of(conv).operator(conv.weight.shape, input_shape)
-        except ValueError:  # padding too large for the size (reflect, circular): the layer cannot run either
-            with pytest.raises(RuntimeError):
-                conv(torch.zeros(1, *input_shape, dtype=torch.float64))
-            continue
+        operator = ConvLayer.of(conv).operator(conv.weight.shape, input_shape)
         w = conv.weight.detach()
         x = torch.randn(2, *input_shape, dtype=torch.float64)
         y = torch.randn(2, *operator.output_shape, dtype=torch.float64)
@@ -350,8 +345,13 @@ def test_first_registration_draws_and_warms_up_as_torch():
     assert_rel(_norm(layer)._v.flatten(), v, 1e-12, "v")
 
 
-def test_remove_parametrizations():
-    layer = sn_ext.conv_spectral_norm(_plain(lambda: nn.Conv2d(2, 3, 3, padding=1)), (2, 5, 5)).eval()
+def test_cached_and_remove_parametrizations():
+    layer = sn_ext.conv_spectral_norm(_plain(lambda: nn.Conv2d(2, 3, 3, padding=1)), (2, 5, 5))
+    with parametrize.cached():  # one computation, one round, for every read inside
+        first = layer.weight
+        u = _norm(layer)._u.clone()
+        assert layer.weight is first and torch.equal(_norm(layer)._u, u)
+    layer.eval()
     weight_sn = layer.weight.detach().clone()
     parametrize.remove_parametrizations(layer, "weight")
     assert type(layer) is nn.Conv2d and isinstance(layer.weight, nn.Parameter)
@@ -425,6 +425,8 @@ def test_argument_errors():
         sn_ext.conv_spectral_norm(nn.Conv2d(3, 4, 3), (2, 8, 8))
     with pytest.raises(ValueError, match=r"input_shape \(3, 2, 2\) does not fit Conv2d"):
         sn_ext.conv_spectral_norm(nn.Conv2d(3, 4, 3), (3, 2, 2))
+    with pytest.raises(ValueError, match=r"input_shape \(3, 3\) does not fit Conv1d.*reflect"):  # padding >= size
+        sn_ext.conv_spectral_norm(nn.Conv1d(3, 4, 3, padding=3, padding_mode="reflect"), (3, 3))
     for coeff in (0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="coeff must be a positive finite number or None"):
             sn_ext.conv_spectral_norm(nn.Conv2d(3, 4, 3), coeff=coeff)
