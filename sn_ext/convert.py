@@ -24,6 +24,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
 from .nn import swap
+from .nn.conv_parametrization import ConvSpectralNorm
 from .nn.grouped import SpectralNormGroup, ungroup_spectral_norm
 from .nn.legacy_hook import SpectralNorm as _LegacyHook
 from .nn.registered import is_sn_ext, spectral_norms
@@ -114,7 +115,20 @@ def convert_spectral_norm(model: nn.Module, grouped: bool = False, *, backend: s
 def restore_torch_spectral_norm(model: nn.Module) -> nn.Module:
     """The inverse of convert_spectral_norm: replaces, in place, every spectral norm of sn_ext's in `model` by
     torch's same version with the same settings, keeping the Parameter objects, u, v and the state_dict, so that
-    the model runs (and pickles) without sn_ext. Grouped models are ungrouped first. Returns `model`."""
+    the model runs (and pickles) without sn_ext. Grouped models are ungrouped first. Returns `model`.
+
+    Raises ValueError naming each layer with sn_ext.conv_spectral_norm, which torch has no equivalent of, before
+    changing anything (remove_parametrizations(layer, "weight") bakes its W / sigma into a plain weight)."""
+    failures = [
+        f"{swap.where(found)}: sn_ext.conv_spectral_norm has no torch equivalent"
+        for found in spectral_norms(model, (ConvSpectralNorm,), ())
+    ]
+    _report(
+        failures,
+        "restore_torch_spectral_norm",
+        "cannot be swapped, so nothing was changed (torch.nn.utils.parametrize.remove_parametrizations(layer, "
+        "'weight') bakes a normalized weight in)",
+    )
     swaps = [swap.to_torch(found) for found in spectral_norms(model, (SpectralNorm,), (_LegacyHook,))]
     for module in model.modules():
         if hasattr(module, "_sn_ext_group"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
-from helpers import assert_rel, numpy_matrix, small_backend_net
+from helpers import assert_rel, linear_map_matrix, numpy_matrix, small_backend_net
 from torch import nn
 from torch.nn.utils import parametrizations as torch_param
 from torch.nn.utils import parametrize
@@ -241,13 +241,8 @@ def _dense_operator_norm(layer: nn.Module, in_shape: tuple) -> float:
     layer = copy.deepcopy(layer).eval()
     with torch.no_grad():
         zero = layer(torch.zeros(in_shape, dtype=torch.float64))
-        n = int(torch.tensor(in_shape).prod())
-        columns = []
-        for i in range(n):
-            e = torch.zeros(n, dtype=torch.float64)
-            e[i] = 1
-            columns.append((layer(e.reshape(in_shape)) - zero).flatten())
-    return float(torch.linalg.svdvals(torch.stack(columns, 1))[0])
+        matrix = linear_map_matrix(lambda x: layer(x) - zero, in_shape)
+    return float(torch.linalg.svdvals(matrix)[0])
 
 
 CONVS = [

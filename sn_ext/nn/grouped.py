@@ -43,6 +43,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNor
 
 from .. import ops
 from . import swap
+from .conv_parametrization import has_conv_spectral_norm
 from .legacy_hook import SpectralNorm as LegacyHook
 from .registered import Registered, is_sn_ext, registered_on
 from .spectral_norm import SpectralNorm, spectral_norm
@@ -170,13 +171,15 @@ def grouped_spectral_norm(
     `model`. The per-layer arguments (n_power_iterations, eps; dim as torch chooses it) are those of
     sn_ext.spectral_norm. A layer that already has a spectral norm keeps it, with its version and settings: sn_ext's
     as it is, torch's converted to sn_ext's first (as sn_ext.convert_spectral_norm does: same Parameter, u, v and
-    state dict). Every layer is checked before anything changes. Undo with ungroup_spectral_norm(model), which
-    keeps the per-layer spectral norms."""
+    state dict). Layers with sn_ext.conv_spectral_norm are left out: they keep it, computed per layer (its power
+    iteration runs through the convolution, not the grouped op's matrices). Every layer is checked before anything
+    changes. Undo with ungroup_spectral_norm(model), which keeps the per-layer spectral norms."""
     if hasattr(model, "_sn_ext_group"):
         raise RuntimeError(
             "grouped_spectral_norm: this model is already grouped (ungroup_spectral_norm(model) undoes it)"
         )
     chosen = list(layers) if layers is not None else [m for m in model.modules() if isinstance(m, types)]
+    chosen = [layer for layer in chosen if not has_conv_spectral_norm(layer, name)]
     qualnames = {id(module): qualname for qualname, module in model.named_modules()}
     swaps = [found for layer in chosen for found in _planned_swaps(layer, name, qualnames.get(id(layer)))]
     for found in swaps:

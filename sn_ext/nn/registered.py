@@ -9,10 +9,11 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
+from .conv_parametrization import ConvSpectralNorm
 from .legacy_hook import SpectralNorm as LegacyHook
 from .spectral_norm import SpectralNorm
 
-PARAMETRIZATIONS = (SpectralNorm, _TorchSpectralNorm)
+PARAMETRIZATIONS = (SpectralNorm, _TorchSpectralNorm, ConvSpectralNorm)
 HOOKS = (_TorchLegacySpectralNorm,)  # torch's legacy hook and its subclasses: sn_ext's (LegacyHook), DUE's, ...
 
 

@@ -23,6 +23,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNor
 from .. import _state_dict, backends, sharded
 from .._checks import check_weight_dtype
 from . import _kernels, _parametrize
+from .conv_parametrization import ConvSpectralNorm
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # The types a weight has outside tensor parallel: the forward's one type check before the plain path.
@@ -135,9 +136,9 @@ def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: floa
 
 
 def has_parametrization_spectral_norm(module: nn.Module, name: str) -> bool:
-    """Whether module.<name> has a spectral-norm parametrization (sn_ext's or torch's)."""
+    """Whether module.<name> has a spectral-norm parametrization (sn_ext's, of either kind, or torch's)."""
     return parametrize.is_parametrized(module, name) and any(
-        isinstance(p, (SpectralNorm, _TorchSpectralNorm)) for p in module.parametrizations[name]
+        isinstance(p, (SpectralNorm, _TorchSpectralNorm, ConvSpectralNorm)) for p in module.parametrizations[name]
     )
 
 
