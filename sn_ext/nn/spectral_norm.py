@@ -27,7 +27,7 @@ from .conv_parametrization import ConvSpectralNorm
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # The types a weight has outside tensor parallel: the forward's one type check before the plain path.
-_PLAIN_TENSORS = frozenset((Tensor, nn.Parameter))
+_PLAIN_TENSORS = (Tensor, nn.Parameter)  # a tuple: dynamo (torch 2.6) cannot trace `in` on a frozenset of types
 
 
 class SpectralNorm(nn.Module):
