@@ -44,9 +44,6 @@ from torch import nn
 import sn_ext
 from sn_ext import _schemas, backends
 
-if TRITON_LOADED:
-    from sn_ext.triton import _host as triton_plan
-
 needs_kernels = pytest.mark.skipif(not TRITON_RUNS, reason=f"the Triton kernels cannot run here: {TRITON_WHY_NOT}")
 needs_cuda = pytest.mark.skipif(not CUDA or not TRITON_LOADED, reason="needs a CUDA device and triton")
 
@@ -96,14 +93,27 @@ def test_triton_ops_have_the_backends_schema(op, schema):
         assert str(registered) == str(expected)
 
 
+def _count_launches(monkeypatch) -> list:
+    """Records the name of every kernel the ops' eager calls launch."""
+    from sn_ext.triton import _launch
+
+    launched = []
+    real = _launch.eager_launch
+    monkeypatch.setattr(
+        _launch, "eager_launch", lambda launch, *args: launched.append(launch.kernel.fn.__name__) or real(launch, *args)
+    )
+    return launched
+
+
 @needs_kernels
-@pytest.mark.parametrize("path,launches", [("fused_one_pass", (1, 1, 1)), ("split", (4 * 2 + 1, 3, 2))])
+@pytest.mark.parametrize(
+    "path,launches", [("fused_one_pass", (1, 1, 1)), ("split", (4 * 2 + 1, 3, 2)), ("gram", (3 * 2, 3, 2))]
+)
 def test_launch_count(path, launches, monkeypatch):
-    """Few launches: one program per op for small weights; 4n + 1 (n == 0: 3) and 2 on the grid."""
+    """Few launches: one program per op for small weights; on the grid 3n for u-first rounds reading W once, else
+    4n + 1 (n == 0: 3), and 2 for the backward."""
     use_triton_path(monkeypatch, path)
-    counted = []
-    real = triton_plan.eager_launch  # what the ops' eager kernels launch through
-    monkeypatch.setattr(triton_plan, "eager_launch", lambda kernel: counted.append(kernel) or real(kernel))
+    counted = _count_launches(monkeypatch)
     weight = randn(9, 11, seed=41, device=DEVICE)
     u, v = vectors(weight, 0, seed=20)
     for (op, args), expected in zip(
@@ -116,12 +126,11 @@ def test_launch_count(path, launches, monkeypatch):
     ):
         counted.clear()
         op(*args)
-        assert len(counted) == expected, [k.fn.__name__ for k in counted]
+        assert len(counted) == expected, counted
 
 
-# The grid's one-pass u-first round (gram_kernel) forced on small weights: the "split" path's tiny tiles and vector
-# blocks, parts of at least 4 rows (two 4-row blocks each for 37 rows, the last one partial) and no minimum part count.
-GRID_ONE_PASS = {"GRID_TILE_COLS": 16, "GRAM_ROWS_PER_PART": 4, "GRAM_MIN_PARTS": 1}
+# The grid's one-pass u-first round (_gram.py) on small weights, the "gram" path's tiny tiles: 37 rows make 19 row
+# blocks of 2 for 3 programs (partial rows added over 6-7 blocks, the last block partial).
 GRID_ONE_PASS_CASES = [
     ("37x53", lambda dt: randn(37, 53, dtype=dt, seed=51, device=DEVICE), 0),
     ("conv_5x3x3x3_dim0", lambda dt: randn(5, 3, 3, 3, dtype=dt, seed=52, device=DEVICE), 0),
@@ -137,17 +146,6 @@ GRID_ONE_PASS_CASES = [
 ]
 
 
-def _use_grid_one_pass(monkeypatch) -> list:
-    """Forces the grid's one-pass u-first round; returns the list of kernels each call launches."""
-    use_triton_path(monkeypatch, "split")
-    for name, value in GRID_ONE_PASS.items():
-        monkeypatch.setattr(triton_plan, name, value)
-    launched = []
-    real = triton_plan.eager_launch
-    monkeypatch.setattr(triton_plan, "eager_launch", lambda kernel: launched.append(kernel.fn.__name__) or real(kernel))
-    return launched
-
-
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n", [1, 2])
@@ -155,13 +153,14 @@ def _use_grid_one_pass(monkeypatch) -> list:
 def test_grid_one_pass_round_matches_reference(case, n, dtype, monkeypatch):
     """u = N(W v), v = N(W^T (W v) / max(|W v|, eps)) in one read of W per round, summed over fixed parts: the
     reference backend in the same dtype and the float64 oracle agree within the GPU tolerance."""
-    launched = _use_grid_one_pass(monkeypatch)
+    use_triton_path(monkeypatch, "gram")
+    launched = _count_launches(monkeypatch)
     _, make, dim = case
     weight = make(dtype)
     u, v = vectors(weight, dim, seed=60 + n)
     ours = forward("triton")(weight, u, v, dim, n, EPS, False)
-    assert launched.count("gram_kernel") == n and "matvec_kernel" not in launched, launched
-    assert launched.count("normalize_kernel") == 2 * n and len(launched) == 3 * n + 1, launched
+    assert launched.count("gram_kernel") == n and launched.count("gram_reduce_kernel") == n, launched
+    assert launched.count("normalize_kernel") == n - 1 and len(launched) == 3 * n, launched
     tol = BACKEND_TOL["triton"][dtype]
     names = ("W_sn", "sigma", "u", "v")
     for name, mine, theirs in zip(names, ours, reference_forward_f64(weight, u, v, dim, n, False)):
@@ -176,7 +175,8 @@ def test_grid_one_pass_round_matches_reference(case, n, dtype, monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("fill", ["zero", "nan"])
 def test_grid_one_pass_degenerate_weight_keeps_vectors(fill, monkeypatch):
-    launched = _use_grid_one_pass(monkeypatch)
+    use_triton_path(monkeypatch, "gram")
+    launched = _count_launches(monkeypatch)
     weight = randn(37, 53, seed=57, device=DEVICE)
     if fill == "zero":
         weight.zero_()
@@ -399,6 +399,9 @@ def test_interpreter_run():
         pytest.skip("triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_ENV: "1"})
     env.pop("SN_EXT_BACKEND", None)
+    # The child runs in tests/: the sn_ext beside it, not another checkout's that an editable install points to.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     result = subprocess.run(
         [
             sys.executable,

@@ -5,11 +5,12 @@ csrc/matrix_view.h's WeightShapedOutput), and tile sizes. Device-side helpers ar
 import dataclasses
 import functools
 import math
+import operator
 
 import torch
 
 # Launch plan knobs, read at every call (tests lower them to run every path on tiny weights). The values marked
-# "model" come from a bytes-and-latency model of an H100 (../shared/reference/triton_desk_review.md), not from a GPU
+# "model" come from a bytes-and-latency model of an H100 (../shared/reference/triton_desk_review_2.md), not from a GPU
 # run; docs/design.md lists what a GPU run must confirm.
 # One program (one launch per op) up to this size (model): its serial 16 KB tiles cost ~1 us each, a grid launch
 # ~3 us plus ~3 us per extra launch, so the grid wins past a few tiles per pass.
@@ -28,12 +29,24 @@ MAX_LAMBDA_PARTS = 256
 # at 128): each gets the most that compiles without spills on 3.6 and 3.8 (tests/triton_compile_check.py).
 FUSED_WARPS = 16
 FUSED_FORWARD_WARPS = 8
-# A u-first round on the grid reads W once (gram_kernel) when its weight gives at least GRAM_MIN_PARTS parts of at
-# least GRAM_ROWS_PER_PART rows: about one program per SM (model; fewer leave SMs idle, where the split path's two
-# passes have TARGET_PROGRAMS programs each), and a workspace of at most 1/GRAM_ROWS_PER_PART of W's elements.
-GRAM_ROWS_PER_PART = 16
-GRAM_MIN_PARTS = 128
+# u-first rounds on the grid read W once (gram_kernel, _gram.py) unless the weight has fewer than GRAM_MIN_BLOCKS row
+# blocks and more than GRAM_FEW_BLOCKS_MAX_NUMEL elements: a few programs then stream a large weight, where the
+# split passes' ~256 programs each read W twice faster (model: a program keeps STAGES tiles in flight, ~50 GB/s).
+# The gram tiles are at most GRAM_TILE_COLS wide (8 rows of a wide weight: the x and partial-row traffic per tile
+# stay an eighth of W's and a 512-row layer still gets 64 programs); GRAM_PROGRAMS programs at most, each adding its
+# row blocks' shares of W^T y into one partial row, so that the rows a program re-reads (its current block, ~150 KB)
+# are still in L2 whatever W's size.
+GRAM_TILE_COLS = 512
+GRAM_MIN_BLOCKS = 64
+GRAM_FEW_BLOCKS_MAX_NUMEL = 1 << 22
+GRAM_PROGRAMS = 256
 PIPELINE_STAGES = 3  # loads in flight per loop of the grid's streaming kernels (cp.async on sm_80+; model)
+
+# The grid forward's workspace, one tensor of the accumulation dtype per call (laid out by _helpers.workspace):
+# a header of WORKSPACE_HEADER elements (the round's flag, per-program partial sums of |y|^2 and |z|^2, at most
+# MAX_PARTS each), then y (the raw W v of a gram round, `rows` rounded up to 16), then the partial sums.
+WORKSPACE_HEADER = 1024
+MAX_PARTS = 256
 
 
 # Plain integer arithmetic for the launch plans: triton.cdiv and triton.next_power_of_2 are constexpr functions that
@@ -49,12 +62,6 @@ def pow2(n: int) -> int:
     return 1 << (max(1, int(n)) - 1).bit_length()
 
 
-def eager_launch(kernel):
-    """What wrap_triton(kernel) is for a launch on real tensors: the kernel itself (wrap_triton costs ~6 us a call, and
-    its wrapper only matters when torch.compile traces the op)."""
-    return kernel
-
-
 KNOBS = (
     "FUSED_MAX_NUMEL",
     "ONE_PASS_MAX",
@@ -67,10 +74,13 @@ KNOBS = (
     "MAX_LAMBDA_PARTS",
     "FUSED_WARPS",
     "FUSED_FORWARD_WARPS",
-    "GRAM_ROWS_PER_PART",
-    "GRAM_MIN_PARTS",
+    "GRAM_TILE_COLS",
+    "GRAM_MIN_BLOCKS",
+    "GRAM_FEW_BLOCKS_MAX_NUMEL",
+    "GRAM_PROGRAMS",
     "PIPELINE_STAGES",
 )
+_knob_values = operator.itemgetter(*KNOBS)
 
 
 def cached_plan(make):
@@ -86,13 +96,18 @@ def cached_plan(make):
             return make(*key)
 
     plan.cache_info = cache.cache_info
+    plan.cache_clear = cache.cache_clear
     return plan
 
 
 def knobs() -> tuple:
     """The knobs' current values: part of every launch plan's cache key, so a plan never outlives a knob's value."""
-    module = globals()
-    return tuple(module[name] for name in KNOBS)
+    return _knob_values(globals())
+
+
+def workspace_size(rows: int, parts: int) -> int:
+    """Elements of a grid forward's workspace (see WORKSPACE_HEADER) with `parts` partial-sum elements."""
+    return WORKSPACE_HEADER + cdiv(rows, 16) * 16 + parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,8 +218,10 @@ class Layout:
         return out
 
 
-def tile_shape(rows: int, cols: int, max_cols: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS) of about TILE elements, no wider than the matrix nor than `max_cols`: the one-program
-    kernels pass TILE (a 1 x 8192 weight gets [1, 4096] tiles, 16-byte loads, instead of [1, 128] scalar ones)."""
+def tile_shape(cols: int, max_cols: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS) of TILE elements, no wider than the matrix (rounded up to a power of 2) nor than
+    `max_cols`. The rows are not capped by the matrix's: a tile depends on the column count's power of 2 only, so
+    weights with the same one share compiled kernels (a short matrix masks the rows it lacks). The one-program
+    kernels pass TILE (a 1 x 8192 weight gets [1, 4096] tiles, 16-byte loads, instead of [32, 128] ones)."""
     block_cols = min(max_cols, TILE, pow2(cols))
-    return max(1, min(pow2(rows), TILE // block_cols)), block_cols
+    return max(1, TILE // block_cols), block_cols
