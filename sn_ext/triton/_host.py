@@ -40,6 +40,11 @@ GRAM_TILE_COLS = 512
 GRAM_MIN_BLOCKS = 64
 GRAM_FEW_BLOCKS_MAX_NUMEL = 1 << 22
 GRAM_PROGRAMS = 256
+GRAM_WARPS = 8  # at 4, a tile of 4096 float32 per 128 threads and the partial row's loads spilled on triton 3.8
+GRAM_PROGRAMS_PER_SM = 2  # registers for two programs per SM (GRAM_PROGRAMS is about two per SM of an H100)
+# backward_kernel's warps: at 4 (Triton's default), 32 IEEE divisions per thread made ptxas keep one on the stack in
+# bfloat16 (tests/triton_compile_check.py); 8 halve them at no cost to an elementwise kernel.
+BACKWARD_WARPS = 8
 PIPELINE_STAGES = 3  # loads in flight per loop of the grid's streaming kernels (cp.async on sm_80+; model)
 
 # The grid forward's workspace, one tensor of the accumulation dtype per call (laid out by _helpers.workspace):
@@ -78,6 +83,9 @@ KNOBS = (
     "GRAM_MIN_BLOCKS",
     "GRAM_FEW_BLOCKS_MAX_NUMEL",
     "GRAM_PROGRAMS",
+    "GRAM_WARPS",
+    "GRAM_PROGRAMS_PER_SM",
+    "BACKWARD_WARPS",
     "PIPELINE_STAGES",
 )
 _knob_values = operator.itemgetter(*KNOBS)
@@ -103,6 +111,13 @@ def cached_plan(make):
 def knobs() -> tuple:
     """The knobs' current values: part of every launch plan's cache key, so a plan never outlives a knob's value."""
     return _knob_values(globals())
+
+
+def warps_and_registers(warps: int, programs_per_sm: int = 1) -> dict:
+    """Launch options: `warps` warps and the registers an SM has for `programs_per_sm` such programs (.maxnreg). A
+    one-program kernel, alone on its SM, loses nothing to them; without the bound ptxas kept 8- and 16-warp programs
+    to 128 and 64 registers (80 for gram_kernel on triton 3.6) and spilled (tests/triton_compile_check.py)."""
+    return dict(num_warps=warps, maxnreg=min(255, 65536 // (32 * warps * programs_per_sm)))
 
 
 def workspace_size(rows: int, parts: int) -> int:
@@ -196,6 +211,11 @@ class Layout:
         except RuntimeError:
             return Layout(m, views, (m.rows * m.inner, m.inner, 1), True, True)
 
+    @property
+    def in_place(self) -> bool:
+        """Whether the kernels take every tensor as it is: no copy of an input, no scratch output."""
+        return not (self.reshape or self.scratch)
+
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """The tensor the kernels index for input t: t itself, or (outer, rows, inner) as torch reshapes it."""
         if not self.reshape:
@@ -218,10 +238,17 @@ class Layout:
         return out
 
 
-def tile_shape(cols: int, max_cols: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS) of TILE elements, no wider than the matrix (rounded up to a power of 2) nor than
-    `max_cols`. The rows are not capped by the matrix's: a tile depends on the column count's power of 2 only, so
-    weights with the same one share compiled kernels (a short matrix masks the rows it lacks). The one-program
-    kernels pass TILE (a 1 x 8192 weight gets [1, 4096] tiles, 16-byte loads, instead of [32, 128] ones)."""
-    block_cols = min(max_cols, TILE, pow2(cols))
-    return max(1, TILE // block_cols), block_cols
+def tile_shape(cols: int, max_cols: int, elements: int | None = None) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS) of `elements` (default TILE) elements, no wider than the matrix (rounded up to a power
+    of 2) nor than `max_cols`. The rows are not capped by the matrix's: a tile depends on the column count's power of
+    2 only, so weights with the same one share compiled kernels (a short matrix masks the rows it lacks). The
+    one-program kernels pass TILE (a 1 x 8192 weight gets [1, 4096] tiles, 16-byte loads, instead of [32, 128])."""
+    elements = elements or TILE
+    block_cols = min(max_cols, elements, pow2(cols))
+    return max(1, elements // block_cols), block_cols
+
+
+def grid_tile(dtype: torch.dtype) -> int:
+    """Elements per tile of the grid's kernels (4 warps): TILE, halved for float64, whose sums and loaded values take
+    two registers each (a whole tile spilled hundreds of bytes: tests/triton_compile_check.py)."""
+    return TILE // 2 if dtype == torch.float64 else TILE

@@ -19,15 +19,23 @@ from __future__ import annotations
 import torch
 
 
-def _launch_hooks_getter():
-    """A function returning Triton's launch-enter hook (set by profilers), or None where the fast path must not run
-    (an older Triton without `triton.knobs`)."""
+def _hooks_check():
+    """A function telling whether a launch hook is set (a profiler's: Triton's launches then compute its metadata,
+    so these go through JITFunction.run), or None where the direct path must not run (an older Triton without
+    `triton.knobs`)."""
     try:
         from triton import knobs
     except ImportError:  # pragma: no cover - triton < 3.4
         return None
     runtime = knobs.runtime
-    return lambda: runtime.launch_enter_hook
+
+    def hooked() -> bool:  # triton 3.6 and 3.8: HookChains, empty unless hooks were added
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        return bool(
+            enter is not None and getattr(enter, "calls", True) or leave is not None and getattr(leave, "calls", True)
+        )
+
+    return hooked
 
 
 def current_stream(index: int) -> int:
@@ -38,7 +46,7 @@ def current_stream(index: int) -> int:
 class Launch:
     """One launch of a plan: the kernel, its grid, and its constexprs and options (`meta`)."""
 
-    __slots__ = ("kernel", "grid", "meta", "constexprs", "tensors", "compiled")
+    __slots__ = ("kernel", "grid", "meta", "constexprs", "compiled")
 
     def __init__(self, kernel, grid: tuple[int, ...], **meta):
         self.kernel = kernel
@@ -50,32 +58,33 @@ class Launch:
             assert constexprs == sorted(constexprs), f"{kernel}: the launcher takes the constexprs last"
         # The constexprs' values, after the other arguments (Triton's launcher takes them all and skips these).
         self.constexprs = tuple(meta[p.name] for p in params or () if p.is_constexpr)
-        self.tensors: tuple[int, ...] | None = None  # positions of the tensor arguments, from the first call
-        self.compiled: dict = {}  # (device index, each tensor 16-byte aligned) -> the compiled kernel
+        self.compiled: dict = {}  # call_key() -> the compiled kernel
 
     def __repr__(self) -> str:
         return f"Launch({getattr(self.kernel, '__name__', self.kernel)}, grid={self.grid})"
 
 
-_hook = _launch_hooks_getter()
+def call_key(device: int | None, *inputs: torch.Tensor) -> tuple:
+    """What, besides its plan, selects the compiled variant of every launch of an op's call: the device (its index;
+    None for CPU tensors, the interpreter and the dry run) and whether each of the caller's tensors is 16-byte
+    aligned (Triton specializes pointers on it, for vector loads). The op's own new tensors are always aligned."""
+    return (device, *[t.data_ptr() % 16 == 0 for t in inputs])
 
 
-def eager_launch(launch: Launch, device: int | None, *args) -> None:
-    """Launches `launch` on real tensors on device `device` (its index; None for CPU tensors: the interpreter and
-    the dry run): Triton's launcher directly where it can (see the module docstring), else JITFunction.run."""
-    # Triton specializes a variant on each tensor's 16-byte alignment (for vector loads), the rest of the key is the
-    # plan's.
-    tensors = launch.tensors
-    if tensors is None:
-        tensors = launch.tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-    key = (device, *[args[i].data_ptr() % 16 == 0 for i in tensors])
+_hooked = _hooks_check()
+
+
+def eager_launch(launch: Launch, key: tuple, *args) -> None:
+    """Launches `launch` on real tensors, `key` its op call's call_key(): Triton's launcher directly where it can (see
+    the module docstring), else JITFunction.run."""
     compiled = launch.compiled.get(key)
-    if compiled is None or _hook is None or _hook() is not None:
+    if compiled is None or _hooked is None or _hooked():
         result = launch.kernel[launch.grid](*args, **launch.meta)
-        if compiled is None and _hook is not None and hasattr(result, "packed_metadata"):
+        if compiled is None and _hooked is not None and hasattr(result, "packed_metadata"):
             launch.compiled[key] = result
         return
     grid = launch.grid
+    device = key[0]
     compiled.run(
         grid[0],
         grid[1],
@@ -91,7 +100,7 @@ def eager_launch(launch: Launch, device: int | None, *args) -> None:
     )
 
 
-def traced_launch(launch: Launch, device: int | None, *args) -> None:
+def traced_launch(launch: Launch, key: tuple, *args) -> None:
     """What torch.compile traces: the launch through torch.library.wrap_triton."""
     torch.library.wrap_triton(launch.kernel)[launch.grid](*args, **launch.meta)
 

@@ -104,7 +104,10 @@ def fused_forward_kernel(
     sigma_ptr,  # () accumulation dtype
     u_new_ptr,  # (rows,) contiguous, weight dtype: u after n rounds (the input u if a round was degenerate)
     v_new_ptr,  # (cols,) contiguous, weight dtype: v after n rounds (likewise)
-    scratch_ptr,  # (rows + cols,) accumulation dtype: y, the raw W v of a round, then z, the raw W^T u
+    # (rows + cols,) accumulation dtype: y, the raw W v of a round, then z, the raw W^T u. May be out's memory (the
+    # host passes out where it is large enough: one allocation less): every read of it precedes the barrier that ends
+    # the last round, before out is written.
+    scratch_ptr,
     rows,
     cols,
     inner,
@@ -127,10 +130,10 @@ def fused_forward_kernel(
     FULL: tl.constexpr,
     STRIP: tl.constexpr,
 ):
-    acc_dtype = scratch_ptr.dtype.element_ty
+    acc_dtype = sigma_ptr.dtype.element_ty
     eps = tl.full([], eps, acc_dtype)
-    y_ptr = scratch_ptr
-    z_ptr = scratch_ptr + rows
+    y_ptr = scratch_ptr.to(tl.pointer_type(acc_dtype))
+    z_ptr = y_ptr + rows
     _copy(u_ptr, u_stride, u_new_ptr, rows, BLOCK_VEC)
     _copy(v_ptr, v_stride, v_new_ptr, cols, BLOCK_VEC)
     tl.debug_barrier()
@@ -232,16 +235,24 @@ def fused_forward_kernel(
                 last = norm_v
             tl.debug_barrier()
     if N_ZERO:
-        # sigma = u^T W v for the input vectors (already copied to u_new, v_new).
-        _matvec(w_ptr, v_new_ptr, y_ptr, rows, cols, inner, s_outer, s_row, s_inner, BLOCK_ROWS, BLOCK_COLS)
-        tl.debug_barrier()
-        total = tl.zeros([BLOCK_VEC], acc_dtype)
-        for start in range(0, rows, BLOCK_VEC):
-            idx = start + tl.arange(0, BLOCK_VEC)
-            mask = idx < rows
-            total += tl.load(u_new_ptr + idx, mask=mask, other=0.0).to(acc_dtype) * tl.load(
-                y_ptr + idx, mask=mask, other=0.0
-            )
+        # sigma = u^T W v for the input vectors (already copied to u_new, v_new), a row block at a time: W v is
+        # never stored (storing it and summing u_i y_i after a barrier made ptxas spill).
+        total = tl.zeros([BLOCK_ROWS], acc_dtype)
+        for row_start in range(0, rows, BLOCK_ROWS):
+            row_idx = row_start + tl.arange(0, BLOCK_ROWS)
+            row_mask = row_idx < rows
+            acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], acc_dtype)
+            for col_start in range(0, cols, BLOCK_COLS):
+                col_idx = col_start + tl.arange(0, BLOCK_COLS)
+                col_mask = col_idx < cols
+                w = tl.load(
+                    w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner),
+                    mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0,
+                ).to(acc_dtype)
+                acc += w * tl.load(v_new_ptr + col_idx, mask=col_mask, other=0.0).to(acc_dtype)[None, :]
+            u = tl.load(u_new_ptr + row_idx, mask=row_mask, other=0.0).to(acc_dtype)
+            total += u * tl.sum(acc, axis=1)
         sigma = tl.sum(total, axis=0)
     else:
         sigma = precise_div(last * last, clamp_min_eps(last, eps))

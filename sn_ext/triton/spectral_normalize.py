@@ -36,11 +36,16 @@ FORWARD = "sn_ext::triton_spectral_normalize_"
 @dataclasses.dataclass(frozen=True)
 class _Split:
     """A split matvec (W v over the columns) or rmatvec (W^T u over the rows): `splits` partial sums of the vector
-    (`chunk` of the summed dimension each) and its launch."""
+    (`chunk` of the summed dimension each) and its launches: `first` on the caller's vector, `later` on the op's
+    own (each Launch keeps the compiled variants for one set of tensor alignments: _launch.call_key)."""
 
     splits: int
     chunk: int
-    launch: Launch
+    first: Launch
+    later: Launch
+
+    def launch(self, caller_vector: bool) -> Launch:
+        return self.first if caller_vector else self.later
 
 
 def _splits(length: int, block: int, other_blocks: int, min_per_split: int) -> tuple[int, int]:
@@ -50,63 +55,69 @@ def _splits(length: int, block: int, other_blocks: int, min_per_split: int) -> t
     return _host.cdiv(length, chunk), chunk
 
 
-def _plan_matvec(m: _host.Matrix) -> _Split:
-    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRID_TILE_COLS)
+def _plan_matvec(m: _host.Matrix, tile: int) -> _Split:
+    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRID_TILE_COLS, tile)
     blocks = _host.cdiv(m.rows, block_rows)
     splits, chunk = _splits(m.cols, block_cols, blocks, _host.MIN_COLS_PER_SPLIT)
     tile = dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, STAGES=_host.PIPELINE_STAGES)
-    return _Split(splits, chunk, Launch(_grid.matvec_kernel, (blocks, splits), **tile))
+    return _Split(splits, chunk, *(Launch(_grid.matvec_kernel, (blocks, splits), **tile) for _ in range(2)))
 
 
-def _plan_rmatvec(m: _host.Matrix) -> _Split:
-    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRID_TILE_COLS)
+def _plan_rmatvec(m: _host.Matrix, tile: int) -> _Split:
+    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRID_TILE_COLS, tile)
     blocks = _host.cdiv(m.cols, block_cols)
     splits, chunk = _splits(m.rows, block_rows, blocks, _host.MIN_ROWS_PER_SPLIT)
     tile = dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, STAGES=_host.PIPELINE_STAGES)
-    return _Split(splits, chunk, Launch(_grid.rmatvec_kernel, (blocks, splits), **tile))
+    return _Split(splits, chunk, *(Launch(_grid.rmatvec_kernel, (blocks, splits), **tile) for _ in range(2)))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Gram:
-    """A one-pass u-first round: gram_kernel's `programs` over `row_blocks`, gram_reduce_kernel's `reducers` over
-    `col_blocks` of the partial rows."""
+    """A one-pass u-first round: gram_kernel's `programs` over `row_blocks` (its launches on the caller's v and on
+    the op's own, as _Split's), gram_reduce_kernel's `reducers` over `col_blocks` of the partial rows."""
 
     row_blocks: int
     programs: int
     col_blocks: int
     reducers: int
-    gram: Launch
+    first: Launch
+    later: Launch
     reduce: Launch
+
+    def launch(self, caller_vector: bool) -> Launch:
+        return self.first if caller_vector else self.later
 
 
 REDUCE_COLS = 32  # columns per gram_reduce tile: each row of the tile is one 128-byte line of float32 partial sums
 
 
-def _plan_gram(m: _host.Matrix) -> _Gram | None:
+def _plan_gram(m: _host.Matrix, dtype: torch.dtype) -> _Gram | None:
     """gram_kernel's and gram_reduce_kernel's launches, or None where the split passes win (see _host)."""
-    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRAM_TILE_COLS)
+    tile = _host.grid_tile(dtype)
+    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRAM_TILE_COLS, tile)
     row_blocks = _host.cdiv(m.rows, block_rows)
     if row_blocks < _host.GRAM_MIN_BLOCKS and m.rows * m.cols > _host.GRAM_FEW_BLOCKS_MAX_NUMEL:
         return None
     programs = min(row_blocks, _host.GRAM_PROGRAMS, _host.MAX_PARTS)
     col_blocks = _host.cdiv(m.cols, REDUCE_COLS)
     reducers = min(col_blocks, _host.MAX_PARTS)
-    gram = Launch(
-        _gram.gram_kernel,
-        (programs,),
+    meta = dict(
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
         STAGES=_host.PIPELINE_STAGES,
+        # float64's values take two registers each: one program per SM's registers (it spilled with two's)
+        **_host.warps_and_registers(_host.GRAM_WARPS, 1 if dtype == torch.float64 else _host.GRAM_PROGRAMS_PER_SM),
     )
+    first, later = (Launch(_gram.gram_kernel, (programs,), **meta) for _ in range(2))
     reduce = Launch(
         _gram.gram_reduce_kernel,
         (reducers,),
-        BLOCK_PARTS=max(1, _host.TILE // REDUCE_COLS),
+        BLOCK_PARTS=max(1, tile // REDUCE_COLS),
         BLOCK_COLS=REDUCE_COLS,
         BLOCK=_host.VECTOR_BLOCK,
         STAGES=_host.PIPELINE_STAGES,
     )
-    return _Gram(row_blocks, programs, col_blocks, reducers, gram, reduce)
+    return _Gram(row_blocks, programs, col_blocks, reducers, first, later, reduce)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +130,7 @@ class _Plan:
     matrix_args: tuple  # rows, cols, inner and W's view strides
     fused: Launch | None = None
     fused_args: tuple = ()  # fused_forward_kernel's integer arguments after the matrix's
+    scratch_fits: bool = False  # its scratch vectors fit in the output's memory
     mv: _Split | None = None
     rmv: _Split | None = None
     gram: _Gram | None = None  # u-first rounds read W once (_gram.py), else the split matvec and rmatvec
@@ -152,18 +164,20 @@ def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _
             BLOCK_VEC=_host.VECTOR_BLOCK,
             FULL=full,
             STRIP=max(1, _host.TILE // full) if one_pass else 1,
-            num_warps=_host.FUSED_FORWARD_WARPS,
+            **_host.warps_and_registers(_host.FUSED_FORWARD_WARPS),
         )
-        return _Plan(layout, acc, matrix_args, fused, (*layout.out_strides, u_stride, v_stride, n))
-    gram = None if v_first or n == 0 else _plan_gram(m)
-    mv = _plan_matvec(m) if gram is None or n == 0 else None
-    rmv = _plan_rmatvec(m) if gram is None and n > 0 else None
+        fits = m.rows * m.cols * dtype.itemsize >= (m.rows + m.cols) * acc.itemsize
+        return _Plan(layout, acc, matrix_args, fused, (*layout.out_strides, u_stride, v_stride, n), fits)
+    tile = _host.grid_tile(dtype)
+    gram = None if v_first or n == 0 else _plan_gram(m, dtype)
+    mv = _plan_matvec(m, tile) if gram is None or n == 0 else None
+    rmv = _plan_rmatvec(m, tile) if gram is None and n > 0 else None
     parts = max(
         mv.splits * m.rows if mv else 0, rmv.splits * m.cols if rmv else 0, gram.programs * m.cols if gram else 0
     )
-    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRID_TILE_COLS)
+    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRID_TILE_COLS, tile)
     col_blocks = _host.cdiv(m.cols, block_cols)
-    vector = dict(BLOCK=_host.VECTOR_BLOCK, num_warps=_host.FUSED_WARPS)
+    vector = dict(BLOCK=_host.VECTOR_BLOCK, **_host.warps_and_registers(_host.FUSED_WARPS))
     return _Plan(
         layout,
         acc,
@@ -190,21 +204,21 @@ def forget_plans() -> None:
     _plan.cache_clear()
 
 
-def _forward_fused(launch, plan, device, w3, u, v, out3, sigma, u_new, v_new, eps):
+def _forward_fused(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, scratch_in_out):
     m = plan.layout.matrix
-    scratch = torch.empty(m.rows + m.cols, dtype=plan.acc, device=w3.device)
-    launch(plan.fused, device, w3, u, v, out3, sigma, u_new, v_new, scratch, *plan.matrix_args, *plan.fused_args, eps)
+    scratch = out3 if scratch_in_out and plan.scratch_fits else sigma.new_empty(m.rows + m.cols)
+    launch(plan.fused, key, w3, u, v, out3, sigma, u_new, v_new, scratch, *plan.matrix_args, *plan.fused_args, eps)
 
 
-def _forward_grid(launch, plan, device, w3, u, v, out3, sigma, u_new, v_new, eps, n, v_first):
+def _forward_grid(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, n, v_first):
     m = plan.layout.matrix
-    ws = torch.empty(plan.workspace, dtype=plan.acc, device=w3.device)
+    ws = sigma.new_empty(plan.workspace)
     u_stride, v_stride = u.stride(0), v.stride(0)
 
     def normalize(length, splits, out, out_in, other, other_in, first, last):
         launch(
             plan.normalize,
-            device,
+            key,
             ws,
             out,
             out_in,
@@ -224,31 +238,31 @@ def _forward_grid(launch, plan, device, w3, u, v, out3, sigma, u_new, v_new, eps
 
     mv, rmv, gram = plan.mv, plan.rmv, plan.gram
     if n == 0:
-        launch(mv.launch, device, w3, v, ws, *plan.matrix_args, v_stride, mv.chunk)
-        launch(plan.sigma_dot, device, ws, u, v, u_new, v_new, sigma, m.rows, m.cols, mv.splits, u_stride, v_stride)
+        launch(mv.first, key, w3, v, ws, *plan.matrix_args, v_stride, mv.chunk)
+        launch(plan.sigma_dot, key, ws, u, v, u_new, v_new, sigma, m.rows, m.cols, mv.splits, u_stride, v_stride)
     for k in range(n):
         first, last = k == 0, k == n - 1
         if gram:
             x, x_stride = (v, v_stride) if first else (v_new, 1)
-            launch(gram.gram, device, w3, x, ws, *plan.matrix_args, x_stride, gram.row_blocks)
-            launch(gram.reduce, device, ws, u_new, m.rows, m.cols, gram.programs, gram.col_blocks, eps, int(first))
+            launch(gram.launch(first), key, w3, x, ws, *plan.matrix_args, x_stride, gram.row_blocks)
+            launch(gram.reduce, key, ws, u_new, m.rows, m.cols, gram.programs, gram.col_blocks, eps, int(first))
             if not last:  # the last round's v half-step is divide_kernel's (FINISH)
                 normalize(m.cols, 1, v_new, v, u_new, u, False, False)
         elif v_first:
             y, y_stride = (u, u_stride) if first else (u_new, 1)
-            launch(rmv.launch, device, w3, y, ws, *plan.matrix_args, y_stride, rmv.chunk)
+            launch(rmv.launch(first), key, w3, y, ws, *plan.matrix_args, y_stride, rmv.chunk)
             normalize(m.cols, rmv.splits, v_new, v, u_new, u, first, False)
-            launch(mv.launch, device, w3, v_new, ws, *plan.matrix_args, 1, mv.chunk)
+            launch(mv.later, key, w3, v_new, ws, *plan.matrix_args, 1, mv.chunk)
             normalize(m.rows, mv.splits, u_new, u, v_new, v, False, last)
         else:
             x, x_stride = (v, v_stride) if first else (v_new, 1)
-            launch(mv.launch, device, w3, x, ws, *plan.matrix_args, x_stride, mv.chunk)
+            launch(mv.launch(first), key, w3, x, ws, *plan.matrix_args, x_stride, mv.chunk)
             normalize(m.rows, mv.splits, u_new, u, v_new, v, first, False)
-            launch(rmv.launch, device, w3, u_new, ws, *plan.matrix_args, 1, rmv.chunk)
+            launch(rmv.later, key, w3, u_new, ws, *plan.matrix_args, 1, rmv.chunk)
             normalize(m.cols, rmv.splits, v_new, v, u_new, u, False, last)
     launch(
         plan.divide,
-        device,
+        key,
         w3,
         out3,
         sigma,
@@ -279,7 +293,7 @@ def triton_spectral_normalize_(
     v_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What torch.compile traces: every launch through wrap_triton. Eager calls take eager() instead."""
-    return _forward(_launch.traced_launch, weight, u, v, dim, n_power_iterations, eps, v_first)
+    return _forward(_launch.traced_launch, weight, u, v, dim, n_power_iterations, eps, v_first, eager=False)
 
 
 def eager(weight, u, v, dim, n_power_iterations, eps, v_first=False):
@@ -292,7 +306,9 @@ def eager(weight, u, v, dim, n_power_iterations, eps, v_first=False):
         return _forward(_launch.eager_launch, weight, u, v, dim, n_power_iterations, eps, v_first)
 
 
-def _forward(launch, weight, u, v, dim, n_power_iterations, eps, v_first):
+def _forward(launch, weight, u, v, dim, n_power_iterations, eps, v_first, eager=True):
+    """The forward, its launches through `launch`; `eager`: on real tensors (not traced by torch.compile, where
+    the one-program kernel gets scratch of its own rather than its output's memory)."""
     _checks.check_forward_args(FORWARD, weight, u, v, dim, n_power_iterations, eps)
     plan = _plan(
         weight.shape,
@@ -305,14 +321,19 @@ def _forward(launch, weight, u, v, dim, n_power_iterations, eps, v_first):
         v_first,
         _host.knobs(),
     )
-    w3 = plan.layout.view(weight)
-    out, out3 = plan.layout.output(weight)
-    sigma = weight.new_empty((), dtype=plan.acc)
-    u_new = torch.empty_like(u, memory_format=torch.contiguous_format)
-    v_new = torch.empty_like(v, memory_format=torch.contiguous_format)
-    device = weight.device.index
-    if plan.fused:
-        _forward_fused(launch, plan, device, w3, u, v, out3, sigma, u_new, v_new, eps)
+    layout = plan.layout
+    if layout.in_place:  # the kernels index W and a new output as they are (the common case, checked first)
+        w3, out = weight, torch.empty_like(weight)
+        out3 = out
     else:
-        _forward_grid(launch, plan, device, w3, u, v, out3, sigma, u_new, v_new, eps, n_power_iterations, v_first)
-    return plan.layout.finish(out, out3), sigma, u_new, v_new
+        w3 = layout.view(weight)
+        out, out3 = layout.output(weight)
+    sigma = weight.new_empty((), dtype=plan.acc)
+    u_new = torch.empty_like(u)  # contiguous: a 1-D tensor with gaps is not dense, so empty_like does not keep them
+    v_new = torch.empty_like(v)
+    key = _launch.call_key(weight.device.index, w3, u, v)
+    if plan.fused:
+        _forward_fused(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, eager)
+    else:
+        _forward_grid(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, n_power_iterations, v_first)
+    return layout.finish(out, out3), sigma, u_new, v_new

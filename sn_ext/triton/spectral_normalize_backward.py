@@ -190,10 +190,14 @@ def _plan(shape, g_stride, s_stride, dtype, dim, knobs) -> _Plan:
     if m.rows * m.cols <= _host.FUSED_MAX_NUMEL:
         block_rows, block_cols = _host.tile_shape(m.cols, _host.TILE)
         fused = Launch(
-            fused_backward_kernel, (1,), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=_host.FUSED_WARPS
+            fused_backward_kernel,
+            (1,),
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+            **_host.warps_and_registers(_host.FUSED_WARPS),
         )
         return _Plan(layout, acc, fused)
-    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRID_TILE_COLS)
+    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRID_TILE_COLS, _host.grid_tile(dtype))
     col_blocks = _host.cdiv(m.cols, block_cols)
     tiles = _host.cdiv(m.rows, block_rows) * col_blocks
     tile = dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
@@ -203,7 +207,13 @@ def _plan(shape, g_stride, s_stride, dtype, dim, knobs) -> _Plan:
         acc,
         lambda_partial=Launch(lambda_partial_kernel, (parts,), **tile, STAGES=_host.PIPELINE_STAGES),
         # BLOCK_PARTS from the knob, not from `parts`: one compiled variant of backward_kernel for every weight size.
-        backward=Launch(backward_kernel, (tiles,), **tile, BLOCK_PARTS=_host.pow2(_host.MAX_LAMBDA_PARTS)),
+        backward=Launch(
+            backward_kernel,
+            (tiles,),
+            **tile,
+            BLOCK_PARTS=_host.pow2(_host.MAX_LAMBDA_PARTS),
+            num_warps=_host.BACKWARD_WARPS,
+        ),
         grid_args=(col_blocks, tiles, parts),
     )
 
@@ -237,17 +247,23 @@ def _backward(launch, grad, weight_sn, u, v, sigma, dim):
     )
     layout = plan.layout
     m = layout.matrix
-    device = weight_sn.device.index
     matrix_args = (m.rows, m.cols, m.inner)
-    # The kernels read sigma from the device, in the accumulation dtype (a no-op for the forward's own sigma).
-    sig = sigma.to(device=weight_sn.device, dtype=plan.acc).reshape(())
-    g3, s3 = layout.view(grad), layout.view(weight_sn)
-    out, out3 = layout.output(weight_sn)
+    # The kernels read sigma from the device, in the accumulation dtype: the forward's own sigma is that already.
+    sig = sigma
+    if sigma.dtype != plan.acc or sigma.dim() != 0 or sigma.device != weight_sn.device:
+        sig = sigma.to(device=weight_sn.device, dtype=plan.acc).reshape(())
+    if layout.in_place:  # the kernels index both inputs and a new output as they are (the common case)
+        g3, s3, out = grad, weight_sn, torch.empty_like(weight_sn)
+        out3 = out
+    else:
+        g3, s3 = layout.view(grad), layout.view(weight_sn)
+        out, out3 = layout.output(weight_sn)
+    key = _launch.call_key(weight_sn.device.index, g3, s3, u, v, sig)
     g_strides, s_strides = layout.strides[1], layout.strides[0]
     if plan.fused:
         launch(
             plan.fused,
-            device,
+            key,
             g3,
             s3,
             out3,
@@ -263,11 +279,11 @@ def _backward(launch, grad, weight_sn, u, v, sigma, dim):
         )
     else:
         col_blocks, tiles, parts = plan.grid_args
-        part = torch.empty(parts, dtype=plan.acc, device=weight_sn.device)
-        launch(plan.lambda_partial, device, g3, s3, part, *matrix_args, *g_strides, *s_strides, col_blocks, tiles)
+        part = sig.new_empty(parts)
+        launch(plan.lambda_partial, key, g3, s3, part, *matrix_args, *g_strides, *s_strides, col_blocks, tiles)
         launch(
             plan.backward,
-            device,
+            key,
             g3,
             out3,
             u,
