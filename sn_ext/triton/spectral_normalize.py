@@ -116,6 +116,7 @@ def _plan_gram(m: _host.Matrix, dtype: torch.dtype) -> _Gram | None:
         BLOCK_COLS=REDUCE_COLS,
         BLOCK=_host.VECTOR_BLOCK,
         STAGES=_host.PIPELINE_STAGES,
+        num_warps=_host.GRAM_WARPS,  # at 4, unaligned partial rows took all 255 registers
     )
     return _Gram(row_blocks, programs, col_blocks, reducers, first, later, reduce)
 
