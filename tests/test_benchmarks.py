@@ -374,6 +374,42 @@ def test_cuda_plan_uses_the_kernels_constants():
     assert cuda_plan.REDUCE_COLUMNS == constant("kReduceColumns")
     assert cuda_plan.Y_CHUNK == constant("kYChunk")
     assert cuda_plan.SPLIT_UNROLL == constant("kSplitUnroll")
+    assert cuda_plan.MAX_GRID_Y == constant("kMaxGridY") and cuda_plan.GROUP_LAYERS == constant("kGroupLayers")
+    assert cuda_plan.REDUCE_GROUPS == cuda_plan.THREADS // constant("kReduceColumns")
+    assert "kReduceGroups = kThreads / kReduceColumns;" in header
+    # The device-time model's loop shapes (benchmarks/device_model.py turns them into chains).
+    (wide,) = re.findall(
+        r"kWideYUnroll = sizeof\(scalar_t\) == 4 \? (\d+) : (\d+), kWideZUnroll = "
+        r"sizeof\(scalar_t\) == 4 \? (\d+) : (\d+);",
+        header,
+    )
+    assert [*cuda_plan.wide_unroll(4), *cuda_plan.wide_unroll(2)] == [int(wide[i]) for i in (0, 2, 1, 3)]
+    (fused,) = re.findall(
+        r"kFusedElements = \(kPacked \? (\d+) : (\d+)\) / static_cast<int>\(sizeof\(acc_t\)\)", header
+    )
+    assert [cuda_plan.FUSED_BYTES_PER_THREAD[k] for k in (True, False)] == [int(x) for x in fused]
+    assert re.findall(r"multiprocessor_count\(\) \* \((\d+) / kThreads\)", header) == [
+        str(cuda_plan.ELEMENTWISE_THREADS_PER_SM)
+    ]
+    assert re.findall(r"for \(; k \+ stride < packs; k \+= (\d+) \* stride\) body\(k, k \+ stride\);", header) == [
+        str(cuda_plan.PACKS_PER_STEP)
+    ]
+    (reduce_unroll,) = re.findall(
+        r"#pragma unroll (\d+)\n\s+for \(int64_t b = group; b < blocks; b \+= kReduceGroups\)", header
+    )
+    (rmatvec_unroll,) = re.findall(r"#pragma unroll (\d+)\n\s+for \(int64_t i = i_begin \+ ty;", header)
+    assert (cuda_plan.REDUCE_UNROLL, cuda_plan.RMATVEC_SCALAR_UNROLL) == (int(reduce_unroll), int(rmatvec_unroll))
+    forward_cu = (ROOT / "csrc" / "cuda" / "spectral_normalize_cuda.cu").read_text()
+    (steps,) = re.findall(r"return n == 0 \? (\d+) : \(fused \? (\d+) : (\d+)\) \* n;", forward_cu)
+    gpu = cuda_plan.dm.GPUS["h100"]
+    w = cuda_plan.Weight.of((512, 512, 3, 3), 4)
+    phases = [
+        len(cuda_plan.forward([w], gpu, n, mode).phases) - 1 for n, mode in ((0, "fused"), (1, "fused"), (1, "split"))
+    ]
+    assert phases == [int(x) for x in steps]  # round_steps, W / sigma aside
+    backward_cu = (ROOT / "csrc" / "cuda" / "spectral_normalize_backward_cuda.cu").read_text()
+    (backward_steps,) = re.findall(r"constexpr int64_t kBackwardSteps = (\d+);", backward_cu)
+    assert len(cuda_plan.backward([w], gpu).phases) == int(backward_steps)
     small, large = cuda_plan.plan((64, 3, 3, 3), 4, 132), cuda_plan.plan((4096, 4096), 4, 132)
     assert [r["grid barriers"] for r in small] == [0, 0] and [r["grid barriers"] for r in large] == [3, 2]
     assert sum(r["minimum passes"] for r in large) == 7 and large[0]["blocks"] == "396"
