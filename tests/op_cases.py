@@ -90,7 +90,7 @@ _TINY_GRID = {
 TRITON_PATHS = {
     "fused_one_pass": {"FUSED_MAX_NUMEL": 1 << 40},
     "fused_two_pass": {"FUSED_MAX_NUMEL": 1 << 40, "ONE_PASS_MAX": 0},
-    "split": {**_TINY_GRID, "GRAM_MIN_BLOCKS": 1 << 40, "GRAM_FEW_BLOCKS_MAX_NUMEL": 0},
+    "split": {**_TINY_GRID, "GRAM_ROUNDS": False},
     "gram": {**_TINY_GRID, "GRID_TILE_COLS": 16, "GRAM_TILE_COLS": 16, "GRAM_MIN_BLOCKS": 1, "GRAM_PROGRAMS": 3},
 }
 # SN_EXT_TEST_GRID=reduced: on a GPU, the Triton cases the interpreter runs (every path and dtype, not every pair) and

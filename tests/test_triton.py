@@ -381,8 +381,7 @@ DIRECT_LAUNCH_SCRIPT = textwrap.dedent("""
     backward = torch.ops.sn_ext.triton_spectral_normalize_backward.default
     def vector(n, offset, dtype):
         return torch.randn(n + offset)[offset:].to(dtype) if offset == 0 else torch.randn(n + 4)[1 : n + 1].to(dtype)
-    paths = [{}, {"FUSED_MAX_NUMEL": 0}, {"FUSED_MAX_NUMEL": 0, "GRAM_MIN_BLOCKS": 1 << 40,
-             "GRAM_FEW_BLOCKS_MAX_NUMEL": 0}]
+    paths = [{}, {"FUSED_MAX_NUMEL": 0}, {"FUSED_MAX_NUMEL": 0, "GRAM_ROUNDS": False}]
     launches = 0
     with _dry_run.dry_run(verify=True) as variants:
         for knobs in paths:

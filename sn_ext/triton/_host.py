@@ -30,15 +30,17 @@ MAX_LAMBDA_PARTS = 256
 FUSED_WARPS = 16
 FUSED_FORWARD_WARPS = 8
 # u-first rounds on the grid read W once (gram_kernel, _gram.py) unless the weight has fewer than GRAM_MIN_BLOCKS row
-# blocks and more than GRAM_FEW_BLOCKS_MAX_NUMEL elements: a few programs then stream a large weight, where the
-# split passes' ~256 programs each read W twice faster (model: a program keeps STAGES tiles in flight, ~50 GB/s).
-# The gram tiles are at most GRAM_TILE_COLS wide (8 rows of a wide weight: the x and partial-row traffic per tile
-# stay an eighth of W's and a 512-row layer still gets 64 programs); GRAM_PROGRAMS programs at most, each adding its
-# row blocks' shares of W^T y into one partial row, so that the rows a program re-reads (its current block, ~150 KB)
-# are still in L2 whatever W's size.
+# blocks and more than twice as many column tiles: a few programs would then each stream long rows tile by tile,
+# where the split passes spread the columns over ~256 programs. The device-time model (benchmarks/triton_model.py,
+# an H100) puts the crossover there: 1x18432, 16x16384, 128x32768 and 32x1048576 take 10-60% less time split, 4x8192
+# and 256x16384 tie, 32x4096 and every sngan layer but 1x18432 take 10-30% less with the one read.
+# The gram tiles are at most GRAM_TILE_COLS wide (8 rows of a wide weight: the x and partial-row traffic per tile stay
+# an eighth of W's and a 512-row layer still gets 64 programs); GRAM_PROGRAMS programs at most, each adding its row
+# blocks' shares of W^T y into one partial row, so that the rows a program re-reads (its current block, ~150 KB) are
+# still in L2 whatever W's size.
 GRAM_TILE_COLS = 512
 GRAM_MIN_BLOCKS = 64
-GRAM_FEW_BLOCKS_MAX_NUMEL = 1 << 22
+GRAM_ROUNDS = True  # False: every grid round takes the split passes (tests)
 GRAM_PROGRAMS = 256
 GRAM_WARPS = 8  # at 4, a tile of 4096 float32 per 128 threads and the partial row's loads spilled on triton 3.8
 GRAM_PROGRAMS_PER_SM = 2  # registers for two programs per SM (GRAM_PROGRAMS is about two per SM of an H100)
@@ -81,7 +83,7 @@ KNOBS = (
     "FUSED_FORWARD_WARPS",
     "GRAM_TILE_COLS",
     "GRAM_MIN_BLOCKS",
-    "GRAM_FEW_BLOCKS_MAX_NUMEL",
+    "GRAM_ROUNDS",
     "GRAM_PROGRAMS",
     "GRAM_WARPS",
     "GRAM_PROGRAMS_PER_SM",

@@ -9,8 +9,8 @@ registered as the op's kernel for real tensors, which launches the same kernels 
 Launches (all asynchronous: sigma and the "degenerate round" flag stay on the device, nothing is read back):
 - weights with at most _host.FUSED_MAX_NUMEL elements: one program does everything (fused_forward_kernel);
 - larger, u-first rounds (n >= 1): 3n, one pass over W per round (gram_kernel, gram_reduce_kernel, then for the
-  last round divide_kernel with the v half-step in it, for an earlier one normalize_kernel), unless the weight is
-  large with few rows (_host.GRAM_MIN_BLOCKS), then the split passes;
+  last round divide_kernel with the v half-step in it, for an earlier one normalize_kernel), unless a few programs
+  would stream long rows (_host.GRAM_MIN_BLOCKS), then the split passes;
 - the split passes, v-first rounds: 4n + 1 (per half-step a split matvec over the grid, then a one-program
   normalize; then W / sigma); n == 0: 3 (matvec, sigma_dot, divide).
 Sums are split by the shape only (never by timing or device), so results are deterministic.
@@ -96,7 +96,8 @@ def _plan_gram(m: _host.Matrix, dtype: torch.dtype) -> _Gram | None:
     tile = _host.grid_tile(dtype)
     block_rows, block_cols = _host.tile_shape(m.cols, _host.GRAM_TILE_COLS, tile)
     row_blocks = _host.cdiv(m.rows, block_rows)
-    if row_blocks < _host.GRAM_MIN_BLOCKS and m.rows * m.cols > _host.GRAM_FEW_BLOCKS_MAX_NUMEL:
+    col_tiles = _host.cdiv(m.cols, block_cols)
+    if not _host.GRAM_ROUNDS or row_blocks < _host.GRAM_MIN_BLOCKS and col_tiles > 2 * row_blocks:
         return None
     programs = min(row_blocks, _host.GRAM_PROGRAMS, _host.MAX_PARTS)
     col_blocks = _host.cdiv(m.cols, REDUCE_COLS)
