@@ -39,7 +39,7 @@ def _hooks_check():
 
 
 def current_stream(index: int) -> int:
-    """The raw current CUDA stream of device `index` (what Triton's launches use). The dry run replaces it."""
+    """The raw current CUDA stream of device `index` (what Triton's launches use; not asked for CPU tensors)."""
     return torch._C._cuda_getCurrentRawStream(index)
 
 

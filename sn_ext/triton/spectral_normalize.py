@@ -333,7 +333,7 @@ def _forward(launch, weight, u, v, dim, n_power_iterations, eps, v_first, eager=
     sigma = weight.new_empty((), dtype=plan.acc)
     u_new = torch.empty_like(u)  # contiguous: a 1-D tensor with gaps is not dense, so empty_like does not keep them
     v_new = torch.empty_like(v)
-    key = _launch.call_key(weight.device.index, w3, u, v)
+    key = _launch.call_key(weight.device.index, w3, u, v) if eager else None  # fake tensors have no data
     if plan.fused:
         _forward_fused(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, eager)
     else:

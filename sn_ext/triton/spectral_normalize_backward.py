@@ -228,7 +228,7 @@ def triton_spectral_normalize_backward(
     grad: torch.Tensor, weight_sn: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int
 ) -> torch.Tensor:
     """What torch.compile traces: every launch through wrap_triton. Eager calls take eager() instead."""
-    return _backward(_launch.traced_launch, grad, weight_sn, u, v, sigma, dim)
+    return _backward(_launch.traced_launch, grad, weight_sn, u, v, sigma, dim, eager=False)
 
 
 def eager(grad, weight_sn, u, v, sigma, dim):
@@ -240,7 +240,8 @@ def eager(grad, weight_sn, u, v, sigma, dim):
         return _backward(_launch.eager_launch, grad, weight_sn, u, v, sigma, dim)
 
 
-def _backward(launch, grad, weight_sn, u, v, sigma, dim):
+def _backward(launch, grad, weight_sn, u, v, sigma, dim, eager=True):
+    """The backward, its launches through `launch`; `eager`: on real tensors (not traced by torch.compile)."""
     _checks.check_backward_args(BACKWARD, grad, weight_sn, u, v, sigma, dim)
     plan = _plan(
         weight_sn.shape, grad.stride(), weight_sn.stride(), weight_sn.dtype, dim % weight_sn.dim(), _host.knobs()
@@ -258,7 +259,7 @@ def _backward(launch, grad, weight_sn, u, v, sigma, dim):
     else:
         g3, s3 = layout.view(grad), layout.view(weight_sn)
         out, out3 = layout.output(weight_sn)
-    key = _launch.call_key(weight_sn.device.index, g3, s3, u, v, sig)
+    key = _launch.call_key(weight_sn.device.index, g3, s3, u, v, sig) if eager else None  # fakes have no data
     g_strides, s_strides = layout.strides[1], layout.strides[0]
     if plan.fused:
         launch(
