@@ -104,9 +104,9 @@ def fused_forward_kernel(
     sigma_ptr,  # () accumulation dtype
     u_new_ptr,  # (rows,) contiguous, weight dtype: u after n rounds (the input u if a round was degenerate)
     v_new_ptr,  # (cols,) contiguous, weight dtype: v after n rounds (likewise)
-    # (rows + cols,) accumulation dtype: y, the raw W v of a round, then z, the raw W^T u. May be out's memory (the
-    # host passes out where it is large enough: one allocation less): every read of it precedes the barrier that ends
-    # the last round, before out is written.
+    # weight dtype, read as (rows + cols,) of the accumulation dtype: y, the raw W v of a round, then z, the raw W^T u.
+    # May be out's memory (the host passes out where it is large enough: one allocation less): every read of it
+    # precedes the barrier that ends the last round, before out is written.
     scratch_ptr,
     rows,
     cols,

@@ -132,7 +132,10 @@ class _Plan:
     matrix_args: tuple  # rows, cols, inner and W's view strides
     fused: Launch | None = None
     fused_args: tuple = ()  # fused_forward_kernel's integer arguments after the matrix's
-    scratch_fits: bool = False  # its scratch vectors fit in the output's memory
+    # Its scratch vectors (rows + cols of the accumulation dtype) fit in the output's memory; else the scratch's size
+    # in the weight's dtype (the kernel's scratch pointer has the output's type either way: one variant, not two).
+    scratch_fits: bool = False
+    scratch_size: int = 0
     mv: _Split | None = None
     rmv: _Split | None = None
     gram: _Gram | None = None  # u-first rounds read W once (_gram.py), else the split matvec and rmatvec
@@ -168,8 +171,9 @@ def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _
             STRIP=max(1, _host.TILE // full) if one_pass else 1,
             **_host.warps_and_registers(_host.FUSED_FORWARD_WARPS),
         )
-        fits = m.rows * m.cols * dtype.itemsize >= (m.rows + m.cols) * acc.itemsize
-        return _Plan(layout, acc, matrix_args, fused, (*layout.out_strides, u_stride, v_stride, n), fits)
+        scratch = _host.cdiv((m.rows + m.cols) * acc.itemsize, dtype.itemsize)
+        fits = m.rows * m.cols >= scratch
+        return _Plan(layout, acc, matrix_args, fused, (*layout.out_strides, u_stride, v_stride, n), fits, scratch)
     tile = _host.grid_tile(dtype)
     gram = None if v_first or n == 0 else _plan_gram(m, dtype)
     mv = _plan_matvec(m, tile) if gram is None or n == 0 else None
@@ -207,8 +211,7 @@ def forget_plans() -> None:
 
 
 def _forward_fused(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, scratch_in_out):
-    m = plan.layout.matrix
-    scratch = out3 if scratch_in_out and plan.scratch_fits else sigma.new_empty(m.rows + m.cols)
+    scratch = out3 if scratch_in_out and plan.scratch_fits else out3.new_empty(plan.scratch_size)
     launch(plan.fused, key, w3, u, v, out3, sigma, u_new, v_new, scratch, *plan.matrix_args, *plan.fused_args, eps)
 
 
