@@ -10,8 +10,8 @@ forward, backward, train = both, eval; benchmarks/layer.py), "layers" (all the s
 per layer vs grouped; benchmarks/spectral_normalize_grouped.py), "ops" (each op called directly per backend against
 a floor; benchmarks/ops.py and a file per op), "gan" (SN-GAN D step, G step and iteration; benchmarks/gan_step.py),
 "bandwidth" (a 4096x4096 weight's forward + backward against the device's copy bandwidth; benchmarks/bandwidth.py),
-"host" (the Triton ops' host time per op, path and autograd next to plain `W * 1.0`, on the CPU with the launches
-bound but not run, GPU or not; benchmarks/host_overhead.py).
+"host" (the Triton backend's host time per train step through a module, and per op, on each launch path, timed side
+by side with plain `W * 1.0`, on the CPU with the launches stubbed, GPU or not; benchmarks/host_overhead.py).
 
 Writes <section>.csv (one row per measurement, with device, versions, threads, commit and date), <section>.json
 (the settings), PNG plots and report.md into --out (default benchmarks/results/<device>/), replacing what a

@@ -300,21 +300,15 @@ def cuda_tests(run: Runner) -> None:
     run.command("test_cuda.log", [*pytest_args(run, 8), "-k", select, *files], 75)
 
 
-# The reduced Triton grid's layer shapes (tests: SN_EXT_TEST_GRID=reduced), compiled in parallel processes before
-# the tests so that the tests find Triton's cache warm.
-TRITON_WARM_SHAPES = ["64x3x3x3", "128x128x3x3", "512x512x3x3", "1x8192", "4096x4096"]
-
-
 def triton(run: Runner) -> None:
-    """Triton: its kernels compiled in parallel (sn_ext.triton.warm_up, where it exists), then its tests on the
-    reduced grid, then its layer timings."""
-    if (ROOT / "sn_ext" / "triton" / "warm_up.py").exists():  # a file test: importing sn_ext here would import torch
-        shapes = [arg for shape in TRITON_WARM_SHAPES for arg in ("--shape", shape)]
-        args = ["python3", "-m", "sn_ext.triton.warm_up", *shapes, "--dtype", "float32", "--dtype", "bfloat16"]
-        run.command("triton_warm_up.log", [*args, "--processes", "16"], 20)
+    """Triton: the variants the reduced test grid launches (SN_EXT_TEST_GRID=reduced) compiled into Triton's cache
+    in parallel processes (sn_ext.triton.warm_up replaying tests/triton_warm_up.py's launches), then the tests on
+    that grid, which find the cache warm, then the layer timings."""
+    env = {"SN_EXT_TEST_GRID": "reduced"}
+    warm_up = ["python3", "-m", "sn_ext.triton.warm_up", "--processes", "16"]
+    run.command("triton_warm_up.log", [*warm_up, "--calls", "tests/triton_warm_up.py:grid_launches"], 20, env)
     files = [*OP_TESTS, "tests/test_triton.py", "tests/test_backends.py"]
     select = "triton or test_backends.py"
-    env = {"SN_EXT_TEST_GRID": "reduced"}
     run.command("test_triton.log", [*pytest_args(run, 8), "-k", select, *files], 25, env)
     run.command("triton_timings.log", smoke(run, "time_triton", name="triton_timings"), 10)
 

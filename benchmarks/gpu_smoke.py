@@ -10,7 +10,8 @@ Checks (correctness: they decide the exit status):
 - check_ops: every op (spectral_normalize_ u-first and v-first with n = 0, 1, 3; power_iteration_;
   spectral_normalize_backward) on a few shapes and dtypes against the CPU (normwise relative error), cooperative
   and phased launches (SN_EXT_CUDA_LAUNCH) bit for bit;
-- check_grouped: the grouped ops on a 13-layer group, each layer's bits equal to its per-layer launch's;
+- check_grouped: the grouped ops on a 13-layer group, all u-first and mixed orders (u-first and v-first layers, one
+  forward launch per order), each layer's bits equal to its per-layer launch's;
 - check_graphs: a forward + backward captured in a CUDA graph replays to the eager result, in each launch mode.
 
 Timings (each record's "ok" says whether it meets its goal, issue #29; see the constants below):
@@ -320,30 +321,39 @@ def check_grouped(results: Results) -> None:
     layers = [inputs((16 + 8 * (i % 5), 3 + i % 4, 3, 3), torch.float32, seed=i) for i in range(count)]
     ws, us, vs, gs = (list(t) for t in zip(*layers))
     dims = [0] * count
-    cpu_sn = ops.spectral_normalize_grouped_(ws, [u.clone() for u in us], [v.clone() for v in vs], dims, 1, EPS)[0]
-    for mode in forced_launch_modes(results, f"grouped, {count} layers"):
-        with launch_mode(mode):
-            w, u, v, g = ([t.clone().cuda() for t in ts] for ts in (ws, us, vs, gs))
-            w_sn, sigmas, u_used, v_used = ops.spectral_normalize_grouped_(w, u, v, dims, 1, EPS)
-            grads = ops.spectral_normalize_grouped_backward(g, w_sn, u_used, v_used, sigmas, dims)
-            same = True
-            for i in range(count):  # each layer's bits equal its per-layer launch's
-                w_sn_i, sigma_i, u_i, v_i = ops.spectral_normalize_(w[i], us[i].cuda(), vs[i].cuda(), 0, 1, EPS)
-                grad_i = ops.spectral_normalize_backward(g[i], w_sn_i, u_i, v_i, sigma_i, 0)
-                same &= (
-                    torch.equal(w_sn_i, w_sn[i]) and torch.equal(sigma_i, sigmas[i]) and torch.equal(grad_i, grads[i])
-                )
-        err = max(_rel(a, b) for a, b in zip(w_sn, cpu_sn))
-        results.add(
-            "checks",
-            {
-                "check": f"grouped, {count} layers",
-                "mode": mode,
-                "max_rel_err": err,
-                "layers_equal_per_layer": same,
-                "ok": same and err <= DTYPES[torch.float32],
-            },
-        )
+    # All u-first (the parametrization), and mixed with v-first layers (legacy ones): one forward launch per order.
+    for what, orders in (("u-first", [False] * count), ("mixed orders", [i % 3 == 0 for i in range(count)])):
+        check = f"grouped, {count} layers, {what}"
+        cpu_sn = ops.spectral_normalize_grouped_(
+            ws, [u.clone() for u in us], [v.clone() for v in vs], dims, 1, EPS, orders
+        )[0]
+        for mode in forced_launch_modes(results, check):
+            with launch_mode(mode):
+                w, u, v, g = ([t.clone().cuda() for t in ts] for ts in (ws, us, vs, gs))
+                w_sn, sigmas, u_used, v_used = ops.spectral_normalize_grouped_(w, u, v, dims, 1, EPS, orders)
+                grads = ops.spectral_normalize_grouped_backward(g, w_sn, u_used, v_used, sigmas, dims)
+                same = True
+                for i in range(count):  # each layer's bits equal its per-layer launch's
+                    w_sn_i, sigma_i, u_i, v_i = ops.spectral_normalize_(
+                        w[i], us[i].cuda(), vs[i].cuda(), 0, 1, EPS, orders[i]
+                    )
+                    grad_i = ops.spectral_normalize_backward(g[i], w_sn_i, u_i, v_i, sigma_i, 0)
+                    same &= (
+                        torch.equal(w_sn_i, w_sn[i])
+                        and torch.equal(sigma_i, sigmas[i])
+                        and torch.equal(grad_i, grads[i])
+                    )
+            err = max(_rel(a, b) for a, b in zip(w_sn, cpu_sn))
+            results.add(
+                "checks",
+                {
+                    "check": check,
+                    "mode": mode,
+                    "max_rel_err": err,
+                    "layers_equal_per_layer": same,
+                    "ok": same and err <= DTYPES[torch.float32],
+                },
+            )
 
 
 def captured(step):
@@ -392,9 +402,22 @@ def graph_replay_us(steps: list[Step], device: torch.device) -> float:
     return measure([Step(graph.replay) for graph in graphs], device, budget_s=0.1)["median_us"]
 
 
+def modelled_us(backend: str, shape: str, device: torch.device) -> list[float] | str:
+    """The device-time model's (low, high) µs for one train step of `shape` in float32 on `backend`, on this GPU
+    (benchmarks/device_model.py), beside what the step measured; why not, where the model has no such GPU."""
+    from . import device_model
+    from .layer import parse_shape
+
+    try:
+        gpu = device_model.gpu_key(torch.cuda.get_device_name(device))
+        return list(device_model.modelled_step_us(backend, parse_shape(shape), torch.float32, gpu))
+    except Exception as error:  # another GPU than the model's (an H100 PCIe, ...), or a CPU stand-in
+        return f"not modelled: {error}"[:200]
+
+
 def _layer_record(shape: str, params: int, providers: list[str], weights, grads, device) -> dict:
     """The providers' eager train steps side by side (median µs per step, wall time on the GPU's timeline), and
-    each one's device time from CUDA-graph replay."""
+    each one's device time from CUDA-graph replay, beside the model's."""
     steps, record, graph = {}, {"kind": "layer", "shape": shape, "params": params}, {}
     for provider in providers:
         try:
@@ -420,6 +443,7 @@ def time_layers(results: Results) -> None:
     for shape in TIMED_SHAPES:
         params, weights, grads = weights_and_grads(shape, torch.float32, device, quick=False)
         record = _layer_record(shape, params, ["plain", "torch", "sn_ext cuda"], weights, grads, device)
+        record["modelled_us"] = {"sn_ext cuda": modelled_us("cuda", shape, device)}
         ours, plain = record.get("sn_ext cuda"), record.get("plain")
         if isinstance(ours, float) and isinstance(plain, float):
             record["cuda_over_plain"] = round(ours / plain, 3)
@@ -443,6 +467,7 @@ def time_triton(results: Results) -> None:
         record = _layer_record(shape, params, ["plain", "sn_ext triton"], weights, grads, device)
         ours, plain = record.get("sn_ext triton"), record.pop("plain")
         record["graph_us"] = {"sn_ext triton": record["graph_us"].get("sn_ext triton")}
+        record["modelled_us"] = {"sn_ext triton": modelled_us("triton", shape, device)}
         if isinstance(ours, float) and isinstance(plain, float):
             record["triton_over_plain"] = round(ours / plain, 3)
         results.add("timings", record)

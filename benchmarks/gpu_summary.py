@@ -93,6 +93,11 @@ def _us(value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else "failed" if value else ""
 
 
+def _range(value) -> str:
+    """A modelled (low, high) as "low-high"; what the model said instead, shortened."""
+    return f"{value[0]:.0f}-{value[1]:.0f}" if isinstance(value, list) else "n/a" if value else ""
+
+
 def _round(record: dict) -> str:
     return record["round"] + (f" ({record['why']})" if "why" in record else "")
 
@@ -103,6 +108,7 @@ def table(summary: dict) -> str:
             t["shape"],
             *(_us(t.get(p)) for p in PROVIDERS),
             _us(t.get("graph_us", {}).get("sn_ext cuda")),
+            _range(t.get("modelled_us", {}).get("sn_ext cuda")),
             _us(t.get("graph_us", {}).get("plain")),
             t.get("cuda_over_plain", ""),
             t.get("cuda_over_3.5_copies", ""),
@@ -115,13 +121,14 @@ def table(summary: dict) -> str:
         f"{summary['device']} (`benchmarks/gpu_check.sh`; smoke checks {summary['checks_passed']}/"
         f"{summary['checks']} passed; round mode {_round(summary['round'])}; {tests or 'no test logs'}). Eager: "
         f"wall time per step as a training loop sees it; graph: the same step replayed from a CUDA graph (device "
-        f"time):",
+        f"time), beside the device-time model's (benchmarks/device_model.py, low-high):",
         "",
         markdown_table(
             [
                 "weight",
                 *(f"{p} µs" for p in PROVIDERS),
                 "sn_ext cuda graph µs",
+                "sn_ext cuda modelled µs",
                 "plain graph µs",
                 "cuda / plain (eager)",
                 "cuda / 3.5 copies of W",

@@ -1,35 +1,42 @@
-"""Section "host": the host time of sn_ext's Triton ops per op, launch path and autograd, next to plain `W * 1.0`
-forward + backward, measured on the CPU with the launches stubbed (sn_ext/triton/_dry_run.py: Triton's binder runs,
-nothing is compiled or launched), so it is measured on any machine, GPU or not.
+"""Section "host": the host time of sn_ext's Triton backend per train step and per op, on each launch path, next to
+plain `W * 1.0` forward + backward, measured on the CPU with the launches stubbed (sn_ext/triton/_dry_run.py: the
+ops run up to Triton's launcher, nothing is compiled or launched), so it is measured on any machine, GPU or not.
 
 On a GPU, eager Triton on a discriminator-sized layer is host-bound: the kernels take a few microseconds, the
-Python around them (launch plans, allocations, binder, dispatch, autograd) tens to hundreds. These rows follow that
-host time; `vs plain` is the ratio to plain's train step (the goal: a train step at most 2x plain's).
+Python around them (module, launch plans, allocations, launches, dispatch, autograd) tens. These rows follow that
+host time; the goal: a module's train step at most 2x plain's.
 
-Rows: op "forward" (one power iteration), "backward" (the backward op called directly) and "train" (both); path
-"one program" or "grid" (the weight is small either way: the grid path is forced by the launch-plan knob, so both
-paths time the same weight and plain's compute is negligible); autograd "no" (the ops called on tensors that do not
-require grad) or "yes" (the forward recorded by autograd, and for "train" its backward through autograd).
+Rows (`call`): "module train" (the goal: `module.weight` through sn_ext's parametrization, train mode, and its
+backward by autograd.grad, as plain's: the eager path from the module to the launches); "ops train" (the forward op
+recorded by autograd and its backward run by autograd.grad), "forward op", "backward op" (the ops alone, no
+autograd). Path "one program" or "grid" (the weight is small either way: the grid path is forced by the launch-plan
+knob, so both paths time the same weight and plain's compute is negligible). Every row is timed side by side with
+plain, the two interleaved call by call over several blocks (benchmarks/timing.py); `plain_us` is plain's median in
+the same run, `vs_plain` the ratio of the medians, `ratio_spread` how much the blocks' ratios differ (max / min - 1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+import sn_ext
 from sn_ext import backends
 from sn_ext.triton._dry_run import dry_run, why_not
 
+from .layer import WeightHolder
 from .records import log, rounded, timing_columns
-from .timing import Step, measure
+from .timing import Step, sample_side_by_side, summarize
 
 SHAPE = (64, 3, 3, 3)  # the first conv of an SN-GAN discriminator: one-program sized
 PATHS = {"one program": {}, "grid": {"FUSED_MAX_NUMEL": 0}}
-CASES = [("forward", "no"), ("forward", "yes"), ("backward", "no"), ("train", "no"), ("train", "yes")]
-COLUMNS = timing_columns(["provider", "op", "path", "autograd", "shape"], ["vs_plain"])
+CALLS = ["module train", "ops train", "forward op", "backward op"]
+COLUMNS = timing_columns(["provider", "call", "path", "shape"], ["plain_us", "vs_plain", "ratio_spread"])
+REPEATS = 7  # blocks per row: enough that a row's ratio moves by a few percent between runs on a busy 2-core VM
 
 
 @contextlib.contextmanager
@@ -61,48 +68,72 @@ def plain_step(seed: int = 0) -> Callable[[], object]:
     return lambda: torch.autograd.grad(weight * 1.0, weight, grad)
 
 
-def triton_step(op: str, autograd: str, seed: int = 0) -> Callable[[], object]:
-    """One call of `op` (see the module docstring) on the Triton ops, launches stubbed by the caller."""
-    # The forward as modules call it (sn_ext.backends.Backend.forward: the op, u and v updated in place by its kernels).
-    forward = backends.get("triton").forward
+def triton_module(weight: torch.Tensor) -> torch.nn.Module:
+    """A layer holding `weight` with sn_ext's spectral norm on the Triton backend, on the CPU: built with the
+    reference backend (the Triton one needs a GPU to be chosen), then given the Triton kernels, which the dry run
+    lets run on CPU tensors."""
+    module = sn_ext.spectral_norm(WeightHolder(weight), backend="reference")
+    norm = module.parametrizations.weight[0]
+    norm._kernels = backends.Kernels("triton", backends.get("triton"), weight.device, weight.dtype)
+    return module
+
+
+def triton_step(call: str, seed: int = 0) -> Callable[[], object]:
+    """One `call` (see the module docstring) on the Triton backend, launches stubbed by the caller."""
+    forward = backends.get("triton").forward  # the op through torch.ops, as modules call it
     backward = torch.ops.sn_ext.triton_spectral_normalize_backward.default
     weight, u, v, grad = _inputs(seed)
+    if call == "module train":
+        module = triton_module(weight.clone())
+        original = module.parametrizations.weight.original
+        return lambda: torch.autograd.grad(module.weight, original, grad)
     weight_sn, sigma, u_new, v_new = forward(weight, u, v, 0, 1, 1e-12, False)
-    if autograd == "yes":
-        weight.requires_grad_()
-    if op == "forward":
+    if call == "forward op":
         return lambda: forward(weight, u, v, 0, 1, 1e-12, False)
-    if op == "backward":
+    if call == "backward op":
         return lambda: backward(grad, weight_sn, u_new, v_new, sigma, 0)
-    if autograd == "yes":
-        return lambda: torch.autograd.grad(forward(weight, u, v, 0, 1, 1e-12, False)[0], weight, grad)
+    weight.requires_grad_()
+    return lambda: torch.autograd.grad(forward(weight, u, v, 0, 1, 1e-12, False)[0], weight, grad)
 
-    def train() -> torch.Tensor:
-        out, s, un, vn = forward(weight, u, v, 0, 1, 1e-12, False)
-        return backward(grad, out, un, vn, s, 0)
 
-    return train
+def measure_row(call: str, budget_s: float, repeats: int = REPEATS) -> dict:
+    """One row: `call` and plain, interleaved; sn_ext's summary with plain's median, the ratio and its spread."""
+    sampled = sample_side_by_side(
+        {"plain": [Step(plain_step())], "sn_ext": [Step(triton_step(call))]},
+        torch.device("cpu"),
+        budget_s=budget_s,
+        repeats=repeats,
+        warmup=50,
+    )
+    ours, plain = summarize(sampled["sn_ext"], rotation=1), summarize(sampled["plain"], rotation=1)
+    ratios = [
+        statistics.median(a) / statistics.median(b) for a, b in zip(sampled["sn_ext"].blocks, sampled["plain"].blocks)
+    ]
+    return {
+        **ours,
+        "plain_us": plain["median_us"],
+        "vs_plain": f"{ours['median_us'] / plain['median_us']:.2f}",
+        "ratio_spread": f"{max(ratios) / min(ratios) - 1:.2f}",
+    }
 
 
 def run(*, quick: bool, write: Callable[[dict], None]) -> None:
-    budget = 0.05 if quick else 0.5
+    budget = 0.05 if quick else 0.4
     shape = "x".join(map(str, SHAPE))
-    plain = measure([Step(plain_step())], torch.device("cpu"), budget_s=budget)
-    row = {"provider": "plain", "op": "train", "path": "-", "autograd": "yes", "shape": shape}
-    write({**row, **rounded(plain), "vs_plain": "1.00", "status": "ok"})
-    log(f"  host plain W * 1.0 train {plain['median_us']:8.1f} us")
     reason = why_not()
     for path, knobs in PATHS.items():
-        for op, autograd in CASES:
-            row = {"provider": "sn_ext triton", "op": op, "path": path, "autograd": autograd, "shape": shape}
+        for call in CALLS:
+            row = {"provider": "sn_ext triton", "call": call, "path": path, "shape": shape}
             if reason:
                 write({**row, "status": "skipped", "note": reason})
                 continue
             with _knobs(knobs), dry_run():
-                t = measure([Step(triton_step(op, autograd))], torch.device("cpu"), budget_s=budget)
-            ratio = t["median_us"] / plain["median_us"]
-            write({**row, **rounded(t), "vs_plain": f"{ratio:.2f}", "status": "ok"})
-            log(f"  host triton {path:11} {op:8} autograd={autograd:3} {t['median_us']:8.1f} us ({ratio:.1f}x plain)")
+                measured = measure_row(call, budget, repeats=3 if quick else REPEATS)
+            write({**row, **rounded(measured), "status": "ok"})
+            log(
+                f"  host triton {path:11} {call:12} {measured['median_us']:7.1f} us, plain {measured['plain_us']:6.1f}"
+                f" ({measured['vs_plain']}x, ratio spread {measured['ratio_spread']})"
+            )
 
 
 def main() -> None:

@@ -109,22 +109,22 @@ def layer_part(rows: list[dict], settings: dict, out: Path) -> str:
 
 def host_part(rows: list[dict], settings: dict, out: Path) -> str:
     table = [
-        [r["provider"], r["op"], r["path"], r["autograd"], _f(float(r["median_us"])), r["vs_plain"]]
+        [r["call"], r["path"], _f(float(r["median_us"])), _f(float(r["plain_us"])), r["vs_plain"], r["ratio_spread"]]
         for r in rows
         if r["status"] == "ok"
     ]
     return (
         "\n".join(
             [
-                "## One layer: host overhead of the Triton ops\n",
+                "## One layer: host overhead of the Triton backend\n",
                 _header(rows, settings),
                 f"\nHost µs per call on the CPU for a {settings.get('shape', '')} float32 weight, the Triton launches "
-                "bound by Triton's binder but not run (sn_ext/triton/_dry_run.py): what eager Triton costs the host "
-                "before any GPU time, on any machine. forward: one power iteration; backward: the backward op; "
-                "train: both; autograd yes: the forward recorded and, for train, its backward run by autograd. "
-                "grid: the multi-launch path forced on the same weight. Goal: a train step at most 2x plain's "
-                "(`W * 1.0` forward + backward).\n",
-                markdown_table(["provider", "op", "path", "autograd", "µs", "vs plain"], table),
+                "stubbed (sn_ext/triton/_dry_run.py): what eager Triton costs the host before any GPU time, on any "
+                "machine. module train: `module.weight` (one power iteration) and its backward by autograd; ops "
+                "train: the ops under autograd; forward op, backward op: alone. grid: the multi-launch path forced "
+                "on the same weight. Each row timed interleaved with plain (`W * 1.0` forward + backward); ratio "
+                "spread: how much the blocks' ratios differ. Goal: module train at most 2x plain.\n",
+                markdown_table(["call", "path", "µs", "plain µs", "vs plain", "ratio spread"], table),
                 *_not_measured(rows),
             ]
         )

@@ -6,9 +6,11 @@ its waves) and its bytes, turned into device time by benchmarks/device_model.py.
     python -m benchmarks.triton_model --shape 4096x4096 --gpu h100     # per launch: chain, bytes, modelled us
 
 Paths (sn_ext/triton/spectral_normalize.py's module docstring): "one program" (weights up to
-_host.FUSED_MAX_NUMEL elements: one launch per op), "grid" (4n + 1 forward launches: matvec | normalize | rmatvec |
-normalize, then W / sigma) and "gram" (u-first rounds on weights with enough rows: gram_kernel reads W once per
-round, 3n + 1 launches); the backward is one program or 2 launches (lambda's partial sums | the correction).
+_host.FUSED_MAX_NUMEL elements: one launch per op), "gram" (u-first rounds on the grid: gram_kernel reads W once per
+round, gram_reduce_kernel sums its partial rows, and divide_kernel takes the last round's v half-step: 3n launches)
+and "grid" (v-first rounds, n = 0, and large weights with few row blocks: 4n + 1 forward launches, matvec |
+normalize | rmatvec | normalize, then W / sigma); the backward is one program or 2 launches (lambda's partial sums |
+the correction).
 
 Each tile load of a loop without pipelining is one round trip; the grid's streaming loops (tl.range with
 num_stages) keep PIPELINE_STAGES tiles in flight; loops that only load and add (normalize's sum over partial sums)
@@ -62,8 +64,9 @@ def _launch(name: str, chains, resident: int, nbytes: float, passes: float) -> d
 
 def _one_program_forward(plan, rows: int, cols: int, itemsize: int, acc: int, n: int) -> dm.Phase:
     """fused_forward_kernel: the vectors copied, n rounds (one pass: a strip's tile, two tl.sums; else matvec and
-    rmatvec tile by tile), the norms, _finish, then W / sigma tile by tile (a load and a store each)."""
-    meta = plan.fused_meta
+    rmatvec tile by tile), the norms, finish, then W / sigma tile by tile (a load and a store each); n = 0: sigma =
+    u^T W v row block by row block."""
+    meta = plan.fused.meta
     br, bc, bv = meta["BLOCK_ROWS"], meta["BLOCK_COLS"], meta["BLOCK_VEC"]
     read = dm.ONE_BLOCK_FIRST_READ
     chain = T(l2=ceil_div(rows, bv) + ceil_div(cols, bv), sync=1)
@@ -81,7 +84,7 @@ def _one_program_forward(plan, rows: int, cols: int, itemsize: int, acc: int, n:
             chain = chain + matvec + rmatvec + normalize + T(sync=4)
             passes += 2
     if meta["N_ZERO"]:
-        chain = chain + matvec + T(sync=1, block_sum=1, l2=dm.round_trips(ceil_div(rows, bv), dm.COMPILER_UNROLL))
+        chain = chain + matvec
         passes += 1
     else:
         chain = chain + T(l2=ceil_div(rows, bv) + ceil_div(cols, bv))
@@ -90,12 +93,12 @@ def _one_program_forward(plan, rows: int, cols: int, itemsize: int, acc: int, n:
     return _launch("fused_forward_kernel", [chain], 1, nbytes, passes)
 
 
-def _normalize(name, length, splits, other, block, scaled, last, acc, itemsize) -> dm.Phase:
+def _normalize(name, length, splits, other, block, last, acc, itemsize) -> dm.Phase:
     """normalize_kernel, one program: the partial sums added twice (for the norm, then to normalize), a tl.sum
     between; the last half-step also finishes the other vector."""
     steps = ceil_div(length, block)
     sums = steps * dm.round_trips(splits, dm.COMPILER_UNROLL)
-    chain = T(l2=2 * sums + (1 if scaled else 0) + (ceil_div(other, block) if last else 0), block_sum=1)
+    chain = T(l2=2 * sums + (ceil_div(other, block) if last else 0), block_sum=1)
     nbytes = 2 * acc * splits * length + 2 * itemsize * length + (2 * itemsize * other if last else 0)
     return _launch(name, [chain], 1, nbytes, 0)
 
@@ -116,59 +119,76 @@ def forward(shape: tuple[int, ...], dtype: str, gpu: dm.Gpu, n: int = 1, v_first
     elementwise = dm.TRITON_ELEMENTWISE_PROGRAMS_PER_SM * gpu.sms
     again = "l2" if w <= gpu.l2_bytes else "dram"
     mv, rmv, gram = plan.mv, plan.rmv, plan.gram
+    vector_block = (plan.normalize or plan.sigma_dot).meta["BLOCK"]
 
-    def product(kernel, split, reduced, tile, length, read):
+    def product(kernel, split, reduced, length, read):
         """matvec_kernel (reduced: the columns, length: the rows) or rmatvec_kernel: per program, its split's
         tiles, STAGES in flight, then a tl.sum."""
+        launch = split.first
+        blocks = launch.grid[0]
+        tile = launch.meta["BLOCK_COLS"] if kernel == "matvec_kernel" else launch.meta["BLOCK_ROWS"]
         chains = []
         for s in range(split.splits):
             tiles = ceil_div(cuda_plan._rows_of(reduced, split.chunk, s), tile)
-            chains += [T(**{read: dm.round_trips(tiles, stages)}) + T(block_sum=1)] * split.blocks
+            chains += [T(**{read: dm.round_trips(tiles, stages)}) + T(block_sum=1)] * blocks
         return _launch(kernel, chains, pipelined, w + acc * split.splits * length, 1)
 
     def matvec(read):
-        return product("matvec_kernel", mv, cols, mv.block_cols, rows, read)
+        return product("matvec_kernel", mv, cols, rows, read)
 
     def rmatvec(read):
-        return product("rmatvec_kernel", rmv, rows, rmv.block_rows, cols, read)
+        return product("rmatvec_kernel", rmv, rows, cols, read)
 
-    def normalize(into_u, splits, last, scaled=False):
+    def normalize(into_u, splits, last):
         length, other = (rows, cols) if into_u else (cols, rows)
         name = "normalize_kernel (u)" if into_u else "normalize_kernel (v)"
-        return _normalize(name, length, splits, other, plan.vector_block, scaled, last, acc, itemsize)
+        return _normalize(name, length, splits, other, vector_block, last, acc, itemsize)
+
+    def gram_round(read) -> list[dm.Phase]:
+        """gram_kernel: each program's row blocks in turn, a block's y pass (its tiles, STAGES in flight, a tl.sum)
+        and then its second pass (the same tiles again, a tl.sum per tile for its share of W^T y, added to the
+        program's partial row), from L2 when the blocks the programs are on fit there; gram_reduce_kernel: per
+        program, the |y|^2 partial sums, its share of u, and per 32-column block the partial rows in
+        BLOCK_PARTS-row steps, STAGES in flight."""
+        launch, reduce = gram.first, gram.reduce
+        br, bc = launch.meta["BLOCK_ROWS"], launch.meta["BLOCK_COLS"]
+        tiles = ceil_div(cols, bc)
+        in_flight = gram.programs * br * cols * itemsize  # the blocks the programs are on: what a re-read finds
+        second = "l2" if in_flight <= gpu.l2_bytes else "dram"
+        block = T(**{read: dm.round_trips(tiles, stages)}) + T(block_sum=1, sync=1)
+        block = block + T(**{second: dm.round_trips(tiles, stages)}) + T(block_sum=tiles)
+        chains = [block * ceil_div(gram.row_blocks - p, gram.programs) for p in range(gram.programs)]
+        parts = acc * gram.programs * cols
+        reads = 1 if second == "l2" else 2  # weight-sized passes from DRAM
+        gram_bytes = reads * w + acc * rows + parts * (2 if gram.row_blocks > gram.programs else 1)
+        steps = dm.round_trips(ceil_div(gram.programs, reduce.meta["BLOCK_PARTS"]), stages)
+        reduce_chain = T(l2=1 + ceil_div(rows, gram.reducers * reduce.meta["BLOCK"]), block_sum=1)
+        reduce_chain = reduce_chain + ceil_div(gram.col_blocks, gram.reducers) * T(l2=steps, block_sum=1)
+        reduce_bytes = parts + acc * cols + (acc + itemsize) * rows
+        return [
+            _launch("gram_kernel", chains, host.GRAM_PROGRAMS_PER_SM * gpu.sms, gram_bytes, reads),
+            _launch("gram_reduce_kernel", [reduce_chain] * gram.reducers, pipelined, reduce_bytes, 0),
+        ]
 
     phases = []
     if n == 0:
         phases.append(matvec("dram"))
-        steps = ceil_div(rows, plan.vector_block)
-        chain = T(l2=steps * dm.round_trips(mv.splits, dm.COMPILER_UNROLL) + ceil_div(cols, plan.vector_block))
+        steps = ceil_div(rows, vector_block)
+        chain = T(l2=steps * dm.round_trips(mv.splits, dm.COMPILER_UNROLL) + ceil_div(cols, vector_block))
         nbytes = acc * mv.splits * rows + 2 * itemsize * (rows + cols)
         phases.append(_launch("sigma_dot_kernel", [chain + T(block_sum=1)], 1, nbytes, 0))
     for r in range(n):
         read, last = ("dram" if r == 0 else again), r == n - 1
-        if v_first:
+        if gram:
+            phases += gram_round(read)
+            if not last:  # the last round's v half-step is in divide_kernel
+                phases.append(normalize(False, 1, False))
+        elif v_first:
             phases += [
                 rmatvec(read),
                 normalize(False, rmv.splits, False),
                 matvec(again),
                 normalize(True, mv.splits, last),
-            ]
-        elif gram:
-            chains = []
-            for p in range(gram.blocks):
-                mine = cuda_plan._rows_of(rows, gram.chunk, p)
-                y = ceil_div(mine, gram.block_rows) * (
-                    T(**{read: dm.round_trips(ceil_div(cols, gram.block_cols), stages)}) + T(block_sum=1)
-                )
-                z = ceil_div(cols, gram.block_cols) * (
-                    T(**{again: dm.round_trips(ceil_div(mine, gram.block_rows), stages)}) + T(block_sum=1)
-                )
-                chains.append(y + T(sync=1) + z)
-            nbytes = 2 * w + acc * (rows + gram.blocks * cols)
-            phases += [
-                _launch("gram_kernel", chains, pipelined, nbytes, 2),
-                normalize(True, 1, False),
-                normalize(False, gram.blocks, last, scaled=True),
             ]
         else:
             phases += [
@@ -178,7 +198,11 @@ def forward(shape: tuple[int, ...], dtype: str, gpu: dm.Gpu, n: int = 1, v_first
                 normalize(False, rmv.splits, last),
             ]
     divide_read = "l2" if 2 * w <= gpu.l2_bytes else "dram"
-    phases.append(_launch("divide_kernel", [T(**{divide_read: 1})] * plan.divide_grid, elementwise, 2 * w, 2))
+    divide = T(**{divide_read: 1})
+    if gram:  # FINISH: every program adds the |z|^2 partial sums (a tl.sum); the first row and column of tiles
+        # also write v or finish u (one more round trip)
+        divide = divide + T(l2=2, block_sum=1)
+    phases.append(_launch("divide_kernel", [divide] * plan.divide.grid[0], elementwise, 2 * w, 2))
     grid = max(p.virtual_blocks for p in phases)
     return dm.Op("triton_spectral_normalize_", "triton", grid, phases, launches=len(phases))
 
@@ -191,29 +215,28 @@ def backward(shape: tuple[int, ...], dtype: str, gpu: dm.Gpu, dim: int = 0) -> d
     itemsize = dm.ITEMSIZE[dtype]
     acc = 8 if itemsize == 8 else 4
     w = rows * cols * itemsize
-    br, bc = plan.tile["BLOCK_ROWS"], plan.tile["BLOCK_COLS"]
     op = "triton_spectral_normalize_backward"
     if plan.fused:
+        br, bc = plan.fused.meta["BLOCK_ROWS"], plan.fused.meta["BLOCK_COLS"]
         tiles = ceil_div(rows, br) * ceil_div(cols, bc)
         chain = T(**{dm.ONE_BLOCK_FIRST_READ: tiles}) + T(block_sum=1, l2=tiles)
         nbytes = 4 * w + itemsize * (rows + cols)
         return dm.Op(op, "triton", 1, [_launch("fused_backward_kernel", [chain], 1, nbytes, 4)], launches=1)
+    _, tiles, parts = plan.grid_args
     stages = host.PIPELINE_STAGES
     again = "l2" if 3 * w <= gpu.l2_bytes else "dram"
-    lam = [T(dram=dm.round_trips(ceil_div(plan.tiles - p, plan.parts), stages), block_sum=1) for p in range(plan.parts)]
+    lam = [T(dram=dm.round_trips(ceil_div(tiles - p, parts), stages), block_sum=1) for p in range(parts)]
     phases = [
-        _launch(
-            "lambda_partial_kernel", lam, dm.TRITON_PIPELINED_PROGRAMS_PER_SM * gpu.sms, 2 * w + acc * plan.parts, 2
-        ),
+        _launch("lambda_partial_kernel", lam, dm.TRITON_PIPELINED_PROGRAMS_PER_SM * gpu.sms, 2 * w + acc * parts, 2),
         _launch(
             "backward_kernel",
-            [T(**{again: 1}) + T(block_sum=1)] * plan.tiles,
+            [T(**{again: 1}) + T(block_sum=1)] * tiles,
             dm.TRITON_ELEMENTWISE_PROGRAMS_PER_SM * gpu.sms,
-            2 * w + acc * plan.parts * plan.tiles + itemsize * (rows + cols),
+            2 * w + acc * parts * tiles + itemsize * (rows + cols),
             2,
         ),
     ]
-    return dm.Op(op, "triton", plan.tiles, phases, launches=2)
+    return dm.Op(op, "triton", tiles, phases, launches=2)
 
 
 def train_step(shape, dtype: str, gpu: dm.Gpu, n: int = 1, v_first: bool = False, dim: int = 0) -> list[dm.Op]:

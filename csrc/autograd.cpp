@@ -27,6 +27,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "matrix_view.h"
+
 namespace sn_ext {
 namespace {
 
@@ -274,7 +276,7 @@ auto backward_kernel(const OpPair* ops) {
 
 using GroupedForwardSignature =
     std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
-        at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, int64_t, double);
+        at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, int64_t, double, const LayerOrders&);
 using GroupedBackwardSignature = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                                          const at::Tensor&, at::IntArrayRef);
 
@@ -282,14 +284,14 @@ using GroupedBackwardSignature = std::vector<at::Tensor>(at::TensorList, at::Ten
 class SpectralNormalizeGrouped : public torch::autograd::Function<SpectralNormalizeGrouped> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList weights, at::TensorList us, at::TensorList vs,
-                               std::vector<int64_t> dims, int64_t n, double eps) {
+                               std::vector<int64_t> dims, int64_t n, double eps, const LayerOrders& v_first) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("sn_ext::spectral_normalize_grouped_", "")
                                .typed<GroupedForwardSignature>();
     std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> result;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      result = op.call(weights, us, vs, dims, n, eps);
+      result = op.call(weights, us, vs, dims, n, eps, v_first);
     }
     bump_versions(us);
     bump_versions(vs);
@@ -342,16 +344,16 @@ class SpectralNormalizeGrouped : public torch::autograd::Function<SpectralNormal
       }
     }
     variable_list out(grads_weight.begin(), grads_weight.end());
-    out.resize(3 * layers + 3);  // nothing for us, vs, dims, n, eps
+    out.resize(3 * layers + 4);  // nothing for us, vs, dims, n, eps, v_first
     return out;
   }
 };
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 spectral_normalize_grouped_autograd(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
-                                    int64_t n, double eps) {
+                                    int64_t n, double eps, const LayerOrders& v_first) {
   const size_t layers = weights.size();
-  const auto out = SpectralNormalizeGrouped::apply(weights, us, vs, dims.vec(), n, eps);
+  const auto out = SpectralNormalizeGrouped::apply(weights, us, vs, dims.vec(), n, eps, v_first);
   return {std::vector<at::Tensor>(out.begin(), out.begin() + layers), out[layers],
           std::vector<at::Tensor>(out.begin() + layers + 1, out.begin() + 2 * layers + 1),
           std::vector<at::Tensor>(out.begin() + 2 * layers + 1, out.end())};

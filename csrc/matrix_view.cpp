@@ -103,8 +103,10 @@ void check_dims_count(const char* op, at::IntArrayRef dims, at::TensorList weigh
 
 std::vector<MatrixShape> check_grouped_forward_args(const char* op, at::TensorList weights, at::TensorList us,
                                                     at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
-                                                    double eps) {
+                                                    double eps, const LayerOrders& v_first) {
   check_dims_count(op, dims, weights);
+  TORCH_CHECK_VALUE(!v_first.has_value() || v_first->size() == weights.size(), op,
+                    ": v_first must hold one value per weight (", weights.size(), "), got ", v_first->size());
   for (const auto& [name, list] : {std::pair<const char*, at::TensorList>{"weights", weights}, {"us", us}, {"vs", vs}})
     check_list(op, name, list, weights);
   std::vector<MatrixShape> shapes;

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <vector>
 
 namespace sn_ext {
@@ -35,12 +36,19 @@ MatrixShape check_forward_args(const char* op, const at::Tensor& weight, const a
 MatrixShape check_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& weight_sn,
                                 const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma, int64_t dim);
 
-// The checks of the grouped ops: lists of one length, one dtype and one device for every tensor, and each layer's
-// own checks (their errors name the layer: "sn_ext::spectral_normalize_grouped_ (layer 2): u must ..."). Returns
-// the layers' matrix shapes.
+// The grouped forward's power-iteration order of each layer (its `bool[]? v_first`): none means every layer
+// u-first.
+using LayerOrders = std::optional<c10::List<bool>>;
+inline bool layer_v_first(const LayerOrders& v_first, size_t layer) {
+  return v_first.has_value() && v_first->get(layer);
+}
+
+// The checks of the grouped ops: lists of one length (v_first too, when given), one dtype and one device for every
+// tensor, and each layer's own checks (their errors name the layer: "sn_ext::spectral_normalize_grouped_ (layer 2):
+// u must ..."). Returns the layers' matrix shapes.
 std::vector<MatrixShape> check_grouped_forward_args(const char* op, at::TensorList weights, at::TensorList us,
                                                     at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
-                                                    double eps);
+                                                    double eps, const LayerOrders& v_first);
 std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorList grads, at::TensorList weights_sn,
                                                      at::TensorList us, at::TensorList vs, const at::Tensor& sigmas,
                                                      at::IntArrayRef dims);

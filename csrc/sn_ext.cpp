@@ -19,13 +19,14 @@ TORCH_LIBRARY(sn_ext, m) {
   m.def(
       "spectral_normalize_backward(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, int dim) "
       "-> Tensor");
-  // Grouped mode (sn_ext.grouped_spectral_norm): the forward of many layers in one call (one launch on a GPU).
-  // u-first rounds as spectral_normalize_ for every layer, us and vs updated in place and the vectors used
-  // returned as spectral_normalize_ does. sigmas holds one value per layer. All weights share one dtype and device.
+  // Grouped mode (sn_ext.grouped_spectral_norm): the forward of many layers in one call (one launch on a GPU per
+  // power-iteration order). Each layer as spectral_normalize_ with its own v_first (None: every layer u-first),
+  // us and vs updated in place and the vectors used returned as spectral_normalize_ does. sigmas holds one value
+  // per layer. All weights share one dtype and device.
   m.def(
       "spectral_normalize_grouped_(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, "
-      "int n_power_iterations, float eps) -> (Tensor[] weights_sn, Tensor sigmas, Tensor[] us_used, "
-      "Tensor[] vs_used)");
+      "int n_power_iterations, float eps, bool[]? v_first=None) -> (Tensor[] weights_sn, Tensor sigmas, "
+      "Tensor[] us_used, Tensor[] vs_used)");
   // Its backward, every layer in one call: grads[i] -> (grads[i] - <grads[i], weights_sn[i]> u_i v_i^T) / sigma_i.
   m.def(
       "spectral_normalize_grouped_backward(Tensor[] grads, Tensor[] weights_sn, Tensor[] us, Tensor[] vs, "

@@ -6,6 +6,7 @@ Usage::
     layer = sn_ext.spectral_norm(torch.nn.Linear(20, 40))  # as torch.nn.utils.parametrizations.spectral_norm
     layer = sn_ext.legacy.spectral_norm(torch.nn.Linear(20, 40))  # as torch.nn.utils.spectral_norm
     model = sn_ext.grouped_spectral_norm(model)  # every layer's W / sigma in one op per forward of the model
+    conv = sn_ext.conv_spectral_norm(torch.nn.Conv2d(3, 64, 3), input_shape=(3, 32, 32))  # the operator's norm
     model = sn_ext.convert_spectral_norm(model)  # a built model's torch spectral norms -> sn_ext's, in place
     sn_ext.sigmas(model); print(sn_ext.spectral_report(model, x))  # each sigma; exact sigmas, operator norms
 """
@@ -16,7 +17,9 @@ from ._version import __version__
 from .convert import convert_spectral_norm, restore_torch_spectral_norm
 from .diagnostics import SpectralReport, sigmas, spectral_report
 from .nn import (
+    ConvSpectralNorm,
     SpectralNorm,
+    conv_spectral_norm,
     grouped_spectral_norm,
     renormalize_buffers_,
     spectral_norm,
@@ -26,9 +29,11 @@ from .patch import patch_torch
 
 __all__ = [
     "__version__",
+    "ConvSpectralNorm",
     "SpectralNorm",
     "SpectralReport",
     "backends",
+    "conv_spectral_norm",
     "convert_spectral_norm",
     "grouped_spectral_norm",
     "info",

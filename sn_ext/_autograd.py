@@ -100,11 +100,11 @@ def _forward_kernel(forward: str, backward: str):
 
 class _Grouped(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dims, n_power_iterations, eps, layers, *tensors):
+    def forward(ctx, dims, n_power_iterations, eps, v_first, layers, *tensors):
         weights, us, vs = tensors[:layers], tensors[layers : 2 * layers], tensors[2 * layers :]
         with torch._C._AutoDispatchBelowAutograd():
             weights_sn, sigmas, us_used, vs_used = _ops.spectral_normalize_grouped_.default(
-                list(weights), list(us), list(vs), dims, n_power_iterations, eps
+                list(weights), list(us), list(vs), dims, n_power_iterations, eps, v_first
             )
         torch.autograd.graph.increment_version((*us, *vs))
         ctx.mark_non_differentiable(*us_used, *vs_used)
@@ -135,14 +135,16 @@ class _Grouped(torch.autograd.Function):
             for i, (s, u, v, d) in enumerate(zip(weights_sn, us, vs, ctx.dims)):
                 from_sigma = (grads[layers][i] * rank_one(u.to(sigmas.dtype), v.to(sigmas.dtype), s, d)).to(s.dtype)
                 grads_weight[i] = from_sigma if grads_weight[i] is None else grads_weight[i] + from_sigma
-        return (None, None, None, None, *grads_weight, *([None] * 2 * layers))
+        return (None, None, None, None, None, *grads_weight, *([None] * 2 * layers))
 
 
-def _grouped_autograd(weights, us, vs, dims, n_power_iterations, eps):
+def _grouped_autograd(weights, us, vs, dims, n_power_iterations, eps, v_first=None):
     # Checked before the lists are flattened: unequal lengths would otherwise be split wrongly.
-    check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n_power_iterations, eps)
+    check_grouped_forward_args(
+        "sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n_power_iterations, eps, v_first
+    )
     layers = len(weights)
-    out = _Grouped.apply(dims, n_power_iterations, eps, layers, *weights, *us, *vs)
+    out = _Grouped.apply(dims, n_power_iterations, eps, v_first, layers, *weights, *us, *vs)
     return list(out[:layers]), out[layers], list(out[layers + 1 : 2 * layers + 1]), list(out[2 * layers + 1 :])
 
 

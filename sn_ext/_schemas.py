@@ -20,8 +20,8 @@ SCHEMAS = {
         "(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor"
     ),
     "spectral_normalize_grouped_": (
-        "(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, int n_power_iterations, float eps) "
-        "-> (Tensor[] weights_sn, Tensor sigmas, Tensor[] us_used, Tensor[] vs_used)"
+        "(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, int n_power_iterations, float eps, "
+        "bool[]? v_first=None) -> (Tensor[] weights_sn, Tensor sigmas, Tensor[] us_used, Tensor[] vs_used)"
     ),
     "spectral_normalize_grouped_backward": (
         "(Tensor[] grads, Tensor[] weights_sn, Tensor[] us, Tensor[] vs, Tensor sigmas, int[] dims) -> Tensor[]"

@@ -27,10 +27,11 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._matrix import to_matrix
+from .nn.conv_operator import ConvLayer, ConvOperator
+from .nn.conv_parametrization import ConvSpectralNorm, operator_sigma
 from .nn.registered import spectral_norms
 
 # The operator-norm power iteration stops when its relative residual is below TOL, or after MAX_ITERS rounds
@@ -38,11 +39,6 @@ from .nn.registered import spectral_norms
 TOL = 1e-3
 MAX_ITERS = 1000
 
-_CONV_TRANSPOSE = (
-    (nn.ConvTranspose1d, F.conv_transpose1d),
-    (nn.ConvTranspose2d, F.conv_transpose2d),
-    (nn.ConvTranspose3d, F.conv_transpose3d),
-)
 _MISSING = object()
 _MATRIX_LAYERS = (nn.Linear, nn.Embedding)  # operator norm = ||W_sn||_2 (an Embedding: on one-hot inputs)
 
@@ -58,7 +54,7 @@ class _Norm:
     weight: Tensor  # the unnormalized weight
     u: Tensor | None
     v: Tensor | None
-    dim: int
+    dim: int  # the matrix view's (a ConvSpectralNorm has none: 0)
 
 
 def _norms(model: nn.Module) -> list[_Norm]:
@@ -73,7 +69,7 @@ def _norms(model: nn.Module) -> list[_Norm]:
             u, v = getattr(norm, "_u", None), getattr(norm, "_v", None)
         else:
             continue
-        found.append(_Norm(name, module, tensor_name, norm, weight, u, v, norm.dim))
+        found.append(_Norm(name, module, tensor_name, norm, weight, u, v, getattr(norm, "dim", 0)))
     return found
 
 
@@ -86,11 +82,14 @@ def _kept_sigma(norm: object) -> Tensor | None:
 
 
 @torch.no_grad()
-def _sigma(entry: _Norm) -> Tensor:
+def _sigma(entry: _Norm) -> Tensor | None:
+    """The sigma in use; None for a conv_spectral_norm that has not seen an input yet (no operator, no u, v)."""
     kept = _kept_sigma(entry.norm)
     if kept is not None:
         return kept
     weight = entry.weight.detach()
+    if isinstance(entry.norm, ConvSpectralNorm):
+        return None if entry.u is None else operator_sigma(entry.norm.operator, weight, entry.u, entry.v)
     if entry.u is None or weight.dim() == 1:
         return torch.linalg.vector_norm(weight)
     return torch.vdot(entry.u, torch.mv(to_matrix(weight, entry.dim), entry.v))  # as torch computes it
@@ -99,8 +98,11 @@ def _sigma(entry: _Norm) -> Tensor:
 def sigmas(model: nn.Module) -> dict[str, Tensor]:
     """``{"<module path>.<tensor name>": sigma}`` (0-d tensors, no grad) for every spectral norm in `model`:
     sn_ext's (the sigma of its last computation, kept at no cost) and torch's (``u^T W v`` from its buffers, as
-    its forward computes it; also sn_ext's before their first computation)."""
-    return {entry.name: _sigma(entry) for entry in _norms(model)}
+    its forward computes it; also sn_ext's before their first computation). A conv_spectral_norm's sigma is its
+    estimate of the convolution operator's norm (``<u, conv(v)>``); one that has not seen an input yet (no
+    input_shape, no forward) has none and is left out."""
+    found = {entry.name: _sigma(entry) for entry in _norms(model)}
+    return {name: sigma for name, sigma in found.items() if sigma is not None}
 
 
 @dataclasses.dataclass
@@ -151,6 +153,12 @@ def spectral_report(
       after `max_iters` rounds (``iterations``, ``converged`` say which); None without `example_input`, for a layer
       the forward did not reach, and for other layer types.
 
+    A convolution with ``sn_ext.conv_spectral_norm`` estimates the operator norm itself, on the input shape it was
+    built for: its ``sigma`` is that estimate, ``sigma_exact`` the operator norm of W on that shape by the power
+    iteration above (`tol`, `max_iters`; no `example_input` needed), and ``operator_norm`` the normalized layer's,
+    ``sigma_exact / sigma`` (``/ max(1, sigma / coeff)`` with a coeff). One that has not seen an input yet has no
+    sigma (None; its ``sigma_exact`` is measured on the shape the forward of `example_input` gave it).
+
     ``report.lipschitz_bound`` is the product of the operator norms (None if one is missing): an upper bound on the
     Lipschitz constant (2-norm) of a sequential network of these layers with 1-Lipschitz activations (ReLU,
     LeakyReLU, tanh; not of one with normalization layers, residual sums counted once, or attention).
@@ -160,15 +168,18 @@ def spectral_report(
     buffers (u, v), kept sigmas, train/eval modes and the global random state are as before.
     """
     entries = _norms(model)
-    sigma = {entry.name: _float(_sigma(entry)) for entry in entries}
+    sigma = {entry.name: _sigma(entry) for entry in entries}
     shapes = _input_shapes(model, entries, example_input) if example_input is not None else {}
     rows = []
     generator = torch.Generator().manual_seed(seed)
     for entry in entries:
+        s = None if sigma[entry.name] is None else _float(sigma[entry.name])
+        if isinstance(entry.norm, ConvSpectralNorm):
+            rows.append(_conv_spectral_norm_row(entry, s, shapes, tol, max_iters, generator))
+            continue
         with torch.no_grad():
             weight = entry.weight.detach()
             exact = _float(torch.linalg.matrix_norm(_exact_dtype(to_matrix(weight, entry.dim)), ord=2))
-        s = sigma[entry.name]
         row = {
             "name": entry.name,
             "sigma": s,
@@ -182,16 +193,37 @@ def spectral_report(
                 row["operator_norm"] = exact / s if s else float("inf")
             elif isinstance(module, nn.modules.conv._ConvNd) and id(module) in shapes:
                 in_shape, out_shape = shapes[id(module)]
-                weight_sn = _at_least_float32(weight) / s
-                fn = _conv_map(module, weight_sn, in_shape, out_shape)
-                norm, iterations, converged = operator_norm(
-                    fn, in_shape, weight_sn.dtype, weight_sn.device, tol, max_iters, generator
+                layer = ConvLayer.of(module)
+                output_padding = layer.output_padding_for(in_shape[1:], out_shape[1:])  # output_size= may set it
+                operator = layer.operator(weight.shape, in_shape[1:], output_padding)
+                norm, iterations, converged = _norm_of(
+                    operator, _at_least_float32(weight) / s, tol, max_iters, generator
                 )
                 row.update(operator_norm=norm, iterations=iterations, converged=converged)
         rows.append(row)
     norms = [r["operator_norm"] for r in rows]
     bound = math.prod(norms) if rows and all(n is not None for n in norms) else None
     return SpectralReport(rows, bound, tol, max_iters)
+
+
+def _conv_spectral_norm_row(entry: _Norm, s: float | None, shapes: dict, tol, max_iters, generator) -> dict:
+    """A conv_spectral_norm's row: its sigma estimates the operator norm that sigma_exact measures."""
+    norm = entry.norm
+    row = {"name": entry.name, "sigma": s, "sigma_exact": None, "rel_gap": None, "operator_norm": None}
+    weight = entry.weight.detach()
+    operator = norm.operator
+    if operator is None and id(entry.module) in shapes:  # not built: the shape the report's forward gave it
+        in_shape, out_shape = shapes[id(entry.module)]
+        output_padding = norm.layer.output_padding_for(in_shape[1:], out_shape[1:])
+        operator = norm.layer.operator(weight.shape, in_shape[1:], output_padding)
+    if operator is None:
+        return row
+    exact, iterations, converged = _norm_of(operator, _at_least_float32(weight), tol, max_iters, generator)
+    row.update(sigma_exact=exact, iterations=iterations, converged=converged)
+    if s is not None:
+        factor = s if norm.coeff is None else max(1.0, s / norm.coeff)
+        row.update(rel_gap=(exact - s) / exact if exact else float("nan"), operator_norm=exact / factor)
+    return row
 
 
 def _float(t: Tensor) -> float:
@@ -210,10 +242,17 @@ def _at_least_float32(t: Tensor) -> Tensor:
 
 
 def operator_norm(
-    fn, shape, dtype=torch.float64, device="cpu", tol: float = TOL, max_iters: int = MAX_ITERS, generator=None
+    forward,
+    adjoint,
+    shape,
+    dtype=torch.float64,
+    device="cpu",
+    tol: float = TOL,
+    max_iters: int = MAX_ITERS,
+    generator=None,
 ) -> tuple[float, int, bool]:
-    """The operator norm (2-norm) of the linear map `fn` on tensors of `shape`, by power iteration on A^T A (A = fn,
-    its transpose by torch.func.vjp) on `dtype` tensors from a random start drawn from `generator` (a CPU
+    """The operator norm (2-norm) of the linear map A = `forward` on tensors of `shape`, `adjoint` its transpose,
+    by power iteration on A^T A on `dtype` tensors from a random start drawn from `generator` (a CPU
     torch.Generator; the global random state is not used). The estimate s = ||A x|| (x a unit vector; s is a lower
     bound) stops when the relative residual ||A^T A x - s^2 x|| / s^2 is below `tol`, or after `max_iters` rounds.
     Returns (s, rounds, converged). With the default tol = 1e-3, s was within 2e-3 (relative, usually far less) of
@@ -221,11 +260,10 @@ def operator_norm(
     discriminator's; it converges slowly where other singular values nearly equal the largest."""
     x = torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     x = x / torch.linalg.vector_norm(x)
-    _, transpose = torch.func.vjp(fn, torch.zeros_like(x))  # fn is linear: its vjp is fn^T, wherever taken
     with torch.no_grad():
         for iteration in range(1, max_iters + 1):
-            y = fn(x)
-            (z,) = transpose(y)
+            y = forward(x)
+            z = adjoint(y)
             estimate = float(torch.linalg.vector_norm(y))
             if estimate == 0.0 or not math.isfinite(estimate):
                 return estimate, iteration, True
@@ -236,19 +274,18 @@ def operator_norm(
     return estimate, max_iters, False
 
 
-def _conv_map(module: nn.Module, weight_sn: Tensor, in_shape, out_shape):
-    """The layer without bias, with weight `weight_sn`, as a function of its input."""
-    transposed = next((f for t, f in _CONV_TRANSPOSE if isinstance(module, t)), None)
-    if transposed is None:
-        return lambda x: module._conv_forward(x, weight_sn, None)
-    # The output_padding this forward used (output_size= may have set it): from the recorded output shape.
-    kernel = weight_sn.shape[2:]
-    output_padding = tuple(
-        o - ((i - 1) * s - 2 * p + d * (k - 1) + 1)
-        for o, i, s, p, d, k in zip(out_shape[2:], in_shape[2:], module.stride, module.padding, module.dilation, kernel)
+def _norm_of(operator: ConvOperator, weight: Tensor, tol, max_iters, generator) -> tuple[float, int, bool]:
+    """operator_norm of a convolution's operator with `weight`, on one sample of its input shape."""
+    return operator_norm(
+        lambda x: operator.forward(x, weight),
+        lambda y: operator.adjoint(y, weight),
+        (1, *operator.input_shape),
+        weight.dtype,
+        weight.device,
+        tol,
+        max_iters,
+        generator,
     )
-    args = (module.stride, module.padding, output_padding, module.groups, module.dilation)
-    return lambda x: transposed(x, weight_sn, None, *args)
 
 
 def _input_shapes(model: nn.Module, entries: list[_Norm], example_input) -> dict[int, tuple]:
@@ -284,6 +321,7 @@ def _unchanged(model: nn.Module, entries: list[_Norm], args):
     kept = [(e.norm, {a: e.norm.__dict__.get(a, _MISSING) for a in ("_sigma", "_sigma_index")}) for e in entries]
     legacy = [(e.module, e.tensor_name, e.module.__dict__.get(e.tensor_name)) for e in entries]
     devices = sorted({t.device.index or 0 for t in args if isinstance(t, Tensor) and t.device.type == "cuda"})
+    unbuilt = [e.norm for e in entries if isinstance(e.norm, ConvSpectralNorm) and not e.norm.built]
     try:
         with torch.random.fork_rng(devices=devices):
             yield
@@ -302,3 +340,5 @@ def _unchanged(model: nn.Module, entries: list[_Norm], args):
         for module, tensor_name, weight in legacy:
             if weight is not None:
                 module.__dict__[tensor_name] = weight
+        for norm in unbuilt:  # the forward built them (the input shape, u, v): not seen an input yet again
+            norm._unbuild()

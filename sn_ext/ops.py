@@ -11,8 +11,9 @@ Importing this module loads the kernels (see _library.py). The ops, all on W's m
   before the first one's backward may update u and v again. n == 0 changes nothing; a degenerate round (a
   non-finite or zero vector) leaves u and v as they were.
 - ``spectral_normalize_backward(grad, W_sn, u, v, sigma, dim) -> grad_W``: ``(grad - <grad, W_sn> u v^T) / sigma``.
-- ``spectral_normalize_grouped_(Ws, us, vs, dims, n, eps) -> (W_sns, sigmas, us_used, vs_used)``: the forward of
-  many layers in one call (one launch on a GPU), u-first, as spectral_normalize_ per layer; ``sigmas`` is a vector.
+- ``spectral_normalize_grouped_(Ws, us, vs, dims, n, eps, v_first=None) -> (W_sns, sigmas, us_used, vs_used)``: the
+  forward of many layers in one call (one launch on a GPU per power-iteration order), as spectral_normalize_ per
+  layer with that layer's ``v_first[i]`` (None: all u-first); ``sigmas`` is a vector.
 - ``spectral_normalize_grouped_backward(grads, W_sns, us, vs, sigmas, dims) -> grads_W``: their backward.
 
 The other backends' pairs (sn_ext.backends) have the same schemas and share the fake kernels and autograd formulas
@@ -50,9 +51,15 @@ def spectral_normalize_backward(
 
 
 def spectral_normalize_grouped_(
-    weights: list[Tensor], us: list[Tensor], vs: list[Tensor], dims: list[int], n_power_iterations: int, eps: float
+    weights: list[Tensor],
+    us: list[Tensor],
+    vs: list[Tensor],
+    dims: list[int],
+    n_power_iterations: int,
+    eps: float,
+    v_first: list[bool] | None = None,
 ) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor]]:
-    return _ops.spectral_normalize_grouped_.default(weights, us, vs, dims, n_power_iterations, eps)
+    return _ops.spectral_normalize_grouped_.default(weights, us, vs, dims, n_power_iterations, eps, v_first)
 
 
 def spectral_normalize_grouped_backward(
@@ -139,7 +146,7 @@ def _contiguous_like(t: Tensor) -> Tensor:
 
 
 @torch.library.register_fake("sn_ext::spectral_normalize_grouped_")
-def _(weights, us, vs, dims, n_power_iterations, eps):
+def _(weights, us, vs, dims, n_power_iterations, eps, v_first=None):
     sigmas = weights[0].new_empty(len(weights), dtype=accumulate_dtype(weights[0].dtype))
     return (
         [torch.empty_like(w) for w in weights],

@@ -17,17 +17,14 @@ import types
 
 import torch.nn.utils
 import torch.nn.utils.parametrizations
-from torch import nn
 
 from . import legacy
-from .nn.legacy_hook import SpectralNorm as _LegacyHook
 from .nn.spectral_norm import spectral_norm
 
 # torch's functions, as torch defines them (kept in a dict: a module attribute would be patched by the scan).
 _TORCH = {
     "parametrizations.spectral_norm": torch.nn.utils.parametrizations.spectral_norm,
     "spectral_norm": sys.modules["torch.nn.utils.spectral_norm"].spectral_norm,
-    "remove_spectral_norm": sys.modules["torch.nn.utils.spectral_norm"].remove_spectral_norm,
 }
 _active: TorchPatch | None = None
 
@@ -43,18 +40,7 @@ def _replacements(backend: str | None) -> dict[str, object]:
     def legacy_spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None):
         return legacy.spectral_norm(module, name, n_power_iterations, eps, dim, backend=backend)
 
-    @functools.wraps(_TORCH["remove_spectral_norm"])
-    def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
-        # sn_ext's hook (made while patched) or torch's (made before): each removed by its own function.
-        if any(isinstance(hook, _LegacyHook) and hook.name == name for hook in module._forward_pre_hooks.values()):
-            return legacy.remove_spectral_norm(module, name)
-        return _TORCH["remove_spectral_norm"](module, name)
-
-    return {
-        "parametrizations.spectral_norm": parametrizations_spectral_norm,
-        "spectral_norm": legacy_spectral_norm,
-        "remove_spectral_norm": remove_spectral_norm,
-    }
+    return {"parametrizations.spectral_norm": parametrizations_spectral_norm, "spectral_norm": legacy_spectral_norm}
 
 
 def _rebind(mapping: dict[int, tuple[object, object]]) -> int:
@@ -111,11 +97,12 @@ class TorchPatch:
 def patch_torch(backend: str | None = None) -> TorchPatch:
     """Makes torch's spectral-norm functions create sn_ext's, from this call until the returned handle's undo() (or
     the end of its `with` block): torch.nn.utils.parametrizations.spectral_norm creates sn_ext.spectral_norm,
-    torch.nn.utils.spectral_norm creates sn_ext.legacy.spectral_norm (both with torch's arguments, and `backend`),
-    and torch.nn.utils.remove_spectral_norm removes either's legacy hook.
+    torch.nn.utils.spectral_norm creates sn_ext.legacy.spectral_norm (both with torch's arguments, and `backend`).
+    torch.nn.utils.remove_spectral_norm needs no patch: sn_ext's legacy hook is a subclass of torch's, which it
+    removes as its own.
 
     What is patched: every module-level name, in every module in sys.modules when the patch starts, that holds one
-    of torch's three functions. That covers calls through the torch namespaces (``torch.nn.utils.spectral_norm``,
+    of torch's two functions. That covers calls through the torch namespaces (``torch.nn.utils.spectral_norm``,
     ``torch.nn.utils.parametrizations.spectral_norm``, ``nn.utils.spectral_norm``, the submodule
     ``torch.nn.utils.spectral_norm.spectral_norm``), modules imported while the patch is active, and
     ``from torch.nn.utils import spectral_norm`` (with or without ``as``) already executed at the top level of an

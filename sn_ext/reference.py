@@ -36,17 +36,28 @@ def _iterate(
     dim = dim % weight.dim()
     acc = accumulate_dtype(weight.dtype)
     matrix = to_matrix(weight, dim).to(acc)
-    uu, vv = u.to(acc), v.to(acc)
     if n_power_iterations == 0:
-        return torch.vdot(uu, matrix @ vv), u.clone(), v.clone()
-    ok = torch.ones((), dtype=torch.bool, device=weight.device)
+        return torch.vdot(u.to(acc), matrix @ v.to(acc)), u.clone(), v.clone()
+    return power_rounds(matrix.__matmul__, matrix.mH.__matmul__, u, v, n_power_iterations, eps, v_first)
+
+
+def power_rounds(
+    matvec, rmatvec, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, v_first: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """n >= 1 rounds on (u, v), however W x (`matvec`) and W^H x (`rmatvec`) are computed: here from the whole
+    matrix, in sn_ext/sharded.py from each rank's shard and a collective. Both take and return whole vectors in the
+    accumulation dtype; u and v have the weight's dtype. Returns (sigma, u_new, v_new) as _iterate."""
+    dtype = u.dtype
+    acc = accumulate_dtype(dtype)
+    uu, vv = u.to(acc), v.to(acc)
+    ok = torch.ones((), dtype=torch.bool, device=u.device)
     for _ in range(n_power_iterations):
         if v_first:
-            vv, first = _normalized(matrix.mH @ uu, eps, weight.dtype)
-            uu, last = _normalized(matrix @ vv, eps, weight.dtype)
+            vv, first = _normalized(rmatvec(uu), eps, dtype)
+            uu, last = _normalized(matvec(vv), eps, dtype)
         else:
-            uu, first = _normalized(matrix @ vv, eps, weight.dtype)
-            vv, last = _normalized(matrix.mH @ uu, eps, weight.dtype)
+            uu, first = _normalized(matvec(vv), eps, dtype)
+            vv, last = _normalized(rmatvec(uu), eps, dtype)
         ok = ok & _usable(first) & _usable(last)
     sigma = (last * last / last.clamp_min(eps)).to(acc)
     return sigma, torch.where(ok, uu.to(u.dtype), u), torch.where(ok, vv.to(v.dtype), v)
@@ -149,12 +160,21 @@ def reference_spectral_normalize_backward(
 
 
 def spectral_normalize_grouped_(
-    weights: list[Tensor], us: list[Tensor], vs: list[Tensor], dims: list[int], n_power_iterations: int, eps: float
+    weights: list[Tensor],
+    us: list[Tensor],
+    vs: list[Tensor],
+    dims: list[int],
+    n_power_iterations: int,
+    eps: float,
+    v_first: list[bool] | None = None,
 ) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor]]:
-    check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n_power_iterations, eps)
+    check_grouped_forward_args(
+        "sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n_power_iterations, eps, v_first
+    )
+    orders = v_first if v_first is not None else [False] * len(weights)
     weights_sn, sigmas, us_used, vs_used = [], [], [], []
-    for weight, u, v, dim in zip(weights, us, vs, dims):
-        weight_sn, sigma, u_new, v_new = spectral_normalize_(weight, u, v, dim, n_power_iterations, eps)
+    for weight, u, v, dim, order in zip(weights, us, vs, dims, orders):
+        weight_sn, sigma, u_new, v_new = spectral_normalize_(weight, u, v, dim, n_power_iterations, eps, order)
         weights_sn.append(weight_sn)
         sigmas.append(sigma)
         us_used.append(u_new)

@@ -6,6 +6,7 @@ The installed torch is the oracle. Every comparison is normwise: ``max|ours - re
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -311,3 +312,11 @@ def make_net_pair(
         if torch.nn.utils.parametrize.is_parametrized(lt, "weight"):
             copy_vectors(lo, lt)
     return theirs, ours
+
+
+def linear_map_matrix(fn: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple) -> torch.Tensor:
+    """The dense matrix of the linear map `fn` on inputs of `in_shape` (batch of 1 first), built column by column
+    from the basis inputs (all of them in one batch): column i = fn(e_i), flattened."""
+    n = math.prod(in_shape[1:])
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape[1:])
+    return fn(basis).reshape(n, -1).T

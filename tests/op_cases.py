@@ -54,11 +54,11 @@ TRITON_LOADED, TRITON_LOAD_REASON = _load_triton()
 if TRITON_LOADED:
     import sn_ext.triton as sn_triton
     from sn_ext.triton import _host as triton_plan
-    from sn_ext.triton import spectral_normalize as triton_forward
+    from sn_ext.triton import _one_program as triton_one_program
 
     TRITON_INTERPRETED = sn_triton.interpreted()
     try:  # older torch's wrap_triton rejects interpreted kernels
-        _WRAPS = torch.library.wrap_triton(triton_forward.fused_forward_kernel) is not None
+        _WRAPS = torch.library.wrap_triton(triton_one_program.fused_forward_kernel) is not None
     except RuntimeError:
         _WRAPS = False
 else:
@@ -75,23 +75,29 @@ TRITON_WHY_NOT = (
 )
 TRITON_RUNS = TRITON_LOADED and (CUDA or TRITON_INTERPRETED) and _WRAPS
 
-# Launch paths, as launch-plan knob settings. "split" on tiny weights needs tiny tiles and splits.
+# Launch paths, as launch-plan knob settings. The grid paths on tiny weights need tiny tiles and splits: "split" reads
+# W twice per round (matvec and rmatvec), "gram" once (gram_kernel, forced: several row blocks per program, partial
+# rows added across blocks, the parts summed in several steps).
+_TINY_GRID = {
+    "FUSED_MAX_NUMEL": 0,
+    "TARGET_PROGRAMS": 8,
+    "MIN_COLS_PER_SPLIT": 4,
+    "MIN_ROWS_PER_SPLIT": 4,
+    "TILE": 64,
+    "VECTOR_BLOCK": 16,
+    "MAX_LAMBDA_PARTS": 3,
+}
 TRITON_PATHS = {
     "fused_one_pass": {"FUSED_MAX_NUMEL": 1 << 40},
     "fused_two_pass": {"FUSED_MAX_NUMEL": 1 << 40, "ONE_PASS_MAX": 0},
-    "split": {
-        "FUSED_MAX_NUMEL": 0,
-        "TARGET_PROGRAMS": 8,
-        "MIN_COLS_PER_SPLIT": 4,
-        "MIN_ROWS_PER_SPLIT": 4,
-        "TILE": 64,
-        "VECTOR_BLOCK": 16,
-        "MAX_LAMBDA_PARTS": 3,
-    },
+    "split": {**_TINY_GRID, "GRAM_ROUNDS": False},
+    "gram": {**_TINY_GRID, "GRID_TILE_COLS": 16, "GRAM_TILE_COLS": 16, "GRAM_MIN_BLOCKS": 1, "GRAM_PROGRAMS": 3},
 }
-if CUDA:
-    TRITON_GRID = [(p, dt) for p in TRITON_PATHS for dt in DTYPES]
-else:  # the interpreter: every path and dtype, not every pair
+# SN_EXT_TEST_GRID=reduced: on a GPU, the Triton cases the interpreter runs (every path and dtype, not every pair) and
+# fewer real layer sizes, so that the GPU check's Triton step compiles few kernel variants (the full grid: every
+# pair). The interpreter always runs the reduced grid.
+REDUCED_GRID = os.environ.get("SN_EXT_TEST_GRID", "full") == "reduced" or not CUDA
+if REDUCED_GRID:
     TRITON_GRID = [
         ("fused_one_pass", torch.float32),
         ("fused_one_pass", torch.bfloat16),
@@ -99,7 +105,11 @@ else:  # the interpreter: every path and dtype, not every pair
         ("fused_two_pass", torch.float16),
         ("split", torch.float32),
         ("split", torch.bfloat16),
+        ("gram", torch.float32),
+        ("gram", torch.float64),
     ]
+else:
+    TRITON_GRID = [(p, dt) for p in TRITON_PATHS for dt in DTYPES]
 
 
 def use_triton_path(monkeypatch, path: str | None) -> None:
@@ -354,7 +364,9 @@ TRITON_CASES = [
     WeightCase("Nx1", plain(41, 1, seed=7), 0),
     WeightCase("vector", plain(9, seed=8), 0),
 ]
-# Real layer sizes, on the GPU only, with the default launch plan (one program up to FUSED_MAX_NUMEL, else the grid).
+# Real layer sizes, on the GPU only, with the default launch plan (one program up to FUSED_MAX_NUMEL, else the grid;
+# every u-first round on them reads W once). The reduced grid runs them in float32 and bfloat16 only.
+TRITON_BIG_DTYPES = [torch.float32, torch.bfloat16] if REDUCED_GRID else DTYPES
 TRITON_BIG = [
     WeightCase("conv_64x3x3x3", plain(64, 3, 3, 3, seed=11), 0),
     WeightCase("linear_1000x2048", plain(1000, 2048, seed=12), 0),
@@ -363,6 +375,7 @@ TRITON_BIG = [
     WeightCase("embedding_30011x128", plain(30011, 128, seed=13), 0),
     WeightCase("linear_1x8192", plain(1, 8192, seed=15), 0),  # one program, [1, 4096] tiles
     WeightCase("conv_channels_last_256x128x3x3", channels_last(256, 128, 3, 3, seed=16), 0),  # the grid, (C, H*W)
+    WeightCase("conv_512x512x3x3", plain(512, 512, 3, 3, seed=17), 0),  # gram rounds on a GAN's widest layer
 ]
 
 

@@ -93,17 +93,20 @@ def test_layer_rows(quick_run):
 
 
 def test_host_rows(quick_run):
-    """The host-overhead table: plain, then every op, path and autograd case of the Triton ops, measured (launches
-    bound, not run) wherever triton imports, else skipped saying why."""
+    """The host-overhead table: every call and path of the Triton backend, each timed side by side with plain
+    (launches stubbed, not run) wherever triton imports, else skipped saying why."""
     out, _ = quick_run
     rows = _rows(out / "host.csv")
     assert list(rows[0]) == host_overhead.COLUMNS + records.META_COLUMNS
-    assert rows[0]["provider"] == "plain" and rows[0]["status"] == "ok"
-    cases = {(r["path"], r["op"], r["autograd"]) for r in rows[1:]}
-    assert cases == {(p, op, a) for p in host_overhead.PATHS for op, a in host_overhead.CASES}
-    for r in rows[1:]:
-        assert r["status"] == "ok" and float(r["median_us"]) > 0 or r["status"] == "skipped" and r["note"]
-    assert "## One layer: host overhead of the Triton ops" in (out / "report.md").read_text()
+    cases = {(r["path"], r["call"]) for r in rows}
+    assert cases == {(p, call) for p in host_overhead.PATHS for call in host_overhead.CALLS}
+    for r in rows:
+        if r["status"] == "ok":
+            assert float(r["median_us"]) > 0 and float(r["plain_us"]) > 0 and float(r["ratio_spread"]) >= 0
+            assert abs(float(r["vs_plain"]) - float(r["median_us"]) / float(r["plain_us"])) < 0.01
+        else:
+            assert r["status"] == "skipped" and r["note"]
+    assert "## One layer: host overhead of the Triton backend" in (out / "report.md").read_text()
 
 
 def test_layers_rows(quick_run):
@@ -501,3 +504,28 @@ print(median_faults_per_call())
     assert system_faults >= 16384, system_faults
     assert "freed memory kept" in setting, setting
     assert kept_faults < 100, kept_faults
+
+
+def test_sharded_rows(tmp_path):
+    """python -m benchmarks.sharded on a small weight: both providers (their gradients checked equal inside), rows
+    and columns sharded, with the numbers each step sends (sn_ext: rows + cols + 1; gathering W: 2 rows x cols)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sharded", "--shape", "12x10", "--reps", "2", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "sharded.csv")
+    assert [(r["sharded"], r["provider"]) for r in rows] == [
+        ("rows", "sn_ext"),
+        ("rows", "gather + torch"),
+        ("cols", "sn_ext"),
+        ("cols", "gather + torch"),
+    ]
+    for row in rows:
+        expected = 12 + 10 + 1 if row["provider"] == "sn_ext" else 2 * 12 * 10
+        assert int(row["numbers_per_step"]) == expected, row
+        assert float(row["median_ms"]) > 0
+    assert "| 12x10 | rows | sn_ext |" in (tmp_path / "sharded.md").read_text()

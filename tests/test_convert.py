@@ -273,14 +273,121 @@ def test_grouped_conversion_matches_torch():
     assert len(calls) == 6  # the grouped op ran on every forward of the model
 
 
-def test_grouped_conversion_of_legacy_layers_raises_before_changing_anything():
-    model = _build("studiogan_legacy")
-    before, hooks = _snapshot(model), _norm_types(model)
-    with pytest.raises(ValueError, match=r"'conv1' \(Conv2d\), tensor 'weight': a legacy spectral norm") as info:
+class MixedD(ProjectionD):
+    """ProjectionD with torch's parametrization version on conv2 and linear: both power-iteration orders in one
+    model."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__(classes)
+        self.conv2 = TORCH["param"](nn.Conv2d(6, 8, 4, stride=2, padding=1))
+        self.linear = TORCH["param"](nn.Linear(8, 1))
+
+
+GROUPED_MODELS = {"studiogan_legacy": ProjectionD, "mixed": MixedD}
+
+
+@pytest.mark.parametrize("kind", GROUPED_MODELS)
+def test_grouped_conversion_of_legacy_layers_matches_per_layer_and_torch(kind):
+    """A StudioGAN / mimicry-style discriminator (torch's legacy spectral_norm on Conv2d, ConvTranspose2d, Embedding
+    and Linear; "mixed": two of them with the parametrization version), grouped: bit for bit sn_ext's per-layer
+    conversion and, to rounding, torch, over Adam steps (two calls of D before each backward) and in eval."""
+    torch.manual_seed(0)
+    torch_model = GROUPED_MODELS[kind]()
+    _warm(torch_model)
+    per_layer = sn_ext.convert_spectral_norm(copy.deepcopy(torch_model))
+    grouped = copy.deepcopy(torch_model)
+    params, before = [id(p) for p in grouped.parameters()], _snapshot(grouped)
+    metadata = copy.deepcopy(grouped.state_dict()._metadata)
+    sn_ext.convert_spectral_norm(grouped, grouped=True)
+    assert [id(p) for p in grouped.parameters()] == params
+    _assert_state_identical(_snapshot(grouped), before)
+    assert grouped.state_dict()._metadata == metadata
+    members = grouped._sn_ext_group.members
+    assert [member.layer for member in members] == [
+        grouped.conv1,
+        grouped.up,
+        grouped.conv2,
+        grouped.linear,
+        grouped.embedding,
+    ]
+    legacy = {"conv1", "up", "embedding"} | ({"conv2", "linear"} if kind == "studiogan_legacy" else set())
+    assert [member.v_first for member in members] == [
+        name in legacy for name in ("conv1", "up", "conv2", "linear", "embedding")
+    ]
+    models = (torch_model, per_layer, grouped)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.0, 0.9)) for m in models]
+    for step in range(4):
+        for model, opt in zip(models, opts):
+            _d_step(model, opt, step)
+        _assert_state_identical(_snapshot(grouped), _snapshot(per_layer))
+        for key, value in torch_model.state_dict().items():
+            assert_rel(grouped.state_dict()[key], value, STEP_TOL, f"step {step}: {key}")
+    for model in models:
+        model.eval()
+    x, y = _batch(9)
+    assert torch.equal(grouped(x, y), per_layer(x, y))
+    assert_rel(grouped(x, y), torch_model(x, y), STEP_TOL, "eval output")
+    _assert_state_identical(_snapshot(grouped), _snapshot(per_layer))  # eval: no power iteration
+
+
+def _parametrization_twin(model: nn.Module) -> nn.Module:
+    """`model` with torch's parametrization version in place of each legacy spectral norm: the same weights, u, v,
+    dim and eps (a checkpoint of the other layout)."""
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, TorchLegacySpectralNorm)]
+        for hook in hooks:
+            weight, u, v = (getattr(module, "weight" + s).detach().clone() for s in ("_orig", "_u", "_v"))
+            TORCH["remove"](module)
+            with torch.no_grad():
+                module.weight.copy_(weight)
+            TORCH["param"](module, n_power_iterations=hook.n_power_iterations, eps=hook.eps, dim=hook.dim)
+            with torch.no_grad():
+                module.parametrizations.weight[0]._u.copy_(u)
+                module.parametrizations.weight[0]._v.copy_(v)
+    return twin
+
+
+def test_a_grouped_legacy_model_loads_checkpoints_of_both_layouts():
+    grouped = sn_ext.convert_spectral_norm(_build("studiogan_legacy"), grouped=True)
+    source = _build("studiogan_legacy", seed=3)
+    _warm(source)
+    source.eval()
+    x, y = _batch(7)
+    for checkpoint in (source, _parametrization_twin(source)):
+        other = _build("studiogan_legacy", seed=4)  # other weights and vectors in between
+        grouped.load_state_dict(other.state_dict())
+        grouped.load_state_dict(checkpoint.state_dict())  # strict
+        _assert_state_identical(_snapshot(grouped), _snapshot(source))
+        grouped.eval()
+        assert_rel(grouped(x, y), source(x, y), STEP_TOL, "eval output after loading")
+
+
+def test_grouped_conversion_names_what_cannot_be_grouped_and_changes_nothing():
+    """Spectral norms that convert but cannot be grouped: the error says so (not "cannot be converted"), names each
+    with its qualified name and says what to do instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        TORCH["legacy"](nn.Linear(4, 4)),
+        nn.Sequential(TORCH["param"](nn.Linear(4, 3))),
+        TORCH["param"](nn.Linear(3, 2, dtype=torch.complex64)),
+    )
+    parametrize.register_parametrization(model[1][0], "weight", _Identity())  # after the spectral norm
+    before, types = _snapshot(model), _norm_types(model)
+    with pytest.raises(ValueError) as info:
         sn_ext.convert_spectral_norm(model, grouped=True)
-    assert "'embedding' (Embedding)" in str(info.value)
-    assert _norm_types(model) == hooks and not hasattr(model, "_sn_ext_group")
+    message = str(info.value)
+    assert message.startswith(
+        "convert_spectral_norm(grouped=True): 2 spectral norm(s) can be converted but not grouped, so nothing was "
+        "changed (grouped=False converts every one, per layer):"
+    )
+    assert "'1.0' (Linear), tensor 'weight': 2 stacked parametrizations" in message
+    assert "'2' (Linear), tensor 'weight': torch.complex64 (complex weights run on the reference backend" in message
+    assert "'0'" not in message and "cannot" not in message
+    assert _norm_types(model) == types and not hasattr(model, "_sn_ext_group")
     _assert_state_identical(_snapshot(model), before)
+    with pytest.raises(ValueError, match=r"already grouped, nothing was changed \(sn_ext.ungroup_spectral_norm"):
+        sn_ext.convert_spectral_norm(sn_ext.convert_spectral_norm(_build("studiogan_legacy"), grouped=True), True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,29 +403,43 @@ class _Identity(nn.Module):
         return x
 
 
+class CoefficientSpectralNorm(TorchLegacySpectralNorm):
+    """As DUE's SpectralNorm: a subclass of torch's legacy hook that normalizes to a coefficient instead of 1."""
+
+    coeff: float
+
+
 def _bad_models():
     torch.manual_seed(0)
     subclass = nn.Sequential(TORCH["param"](nn.Linear(4, 4)), nn.Linear(4, 3))
     parametrize.register_parametrization(subclass[1], "weight", _MySpectralNorm(subclass[1].weight))
+    legacy_subclass = nn.Sequential(TORCH["param"](nn.Linear(4, 4)), nn.Linear(4, 3))
+    hook = TorchLegacySpectralNorm.apply(legacy_subclass[1], "weight", 1, 0, 1e-12)
+    hook.__class__, hook.coeff = CoefficientSpectralNorm, 0.95
     stacked = nn.Sequential(TORCH["legacy"](nn.Linear(4, 4)), nn.Linear(4, 3))
     parametrize.register_parametrization(stacked[1], "weight", _Identity())
     TORCH["param"](stacked[1])
     complex_legacy = nn.Sequential(TORCH["param"](nn.Linear(4, 4)), nn.Linear(4, 3, dtype=torch.complex64))
     TORCH["legacy"](complex_legacy[1])
     return {
-        "subclass": (subclass, "subclass of torch's"),
+        "subclass": (subclass, "test_convert._MySpectralNorm, a subclass of torch's _SpectralNorm"),
+        "legacy_subclass": (
+            legacy_subclass,
+            "test_convert.CoefficientSpectralNorm, a subclass of torch's SpectralNorm",
+        ),
         "stacked": (stacked, "comes after 1 other parametrization"),
         "complex_legacy": (complex_legacy, "complex64"),
     }
 
 
-@pytest.mark.parametrize("case", ["subclass", "stacked", "complex_legacy"])
+@pytest.mark.parametrize("case", ["subclass", "legacy_subclass", "stacked", "complex_legacy"])
 def test_a_layer_that_cannot_be_converted_raises_naming_it_and_nothing_changes(case):
     model, reason = _bad_models()[case]
     before, types = _snapshot(model), _norm_types(model)
     hooks = [(dict(m._forward_pre_hooks), dict(m._state_dict_hooks), dict(m._load_state_dict_pre_hooks)) for m in model]
-    with pytest.raises(ValueError, match=r"'1' \(Linear\), tensor 'weight': .*" + reason):
+    with pytest.raises(ValueError, match=r"'1' \(Linear\), tensor 'weight': .*" + reason) as info:
         sn_ext.convert_spectral_norm(model)
+    assert "1 spectral norm(s) cannot be converted, so nothing was changed (remove them first" in str(info.value)
     assert _norm_types(model) == types
     assert TorchSpectralNorm in types or TorchLegacySpectralNorm in types  # layer 0 was convertible, still torch's
     now = [(dict(m._forward_pre_hooks), dict(m._state_dict_hooks), dict(m._load_state_dict_pre_hooks)) for m in model]
@@ -326,11 +447,16 @@ def test_a_layer_that_cannot_be_converted_raises_naming_it_and_nothing_changes(c
     _assert_state_identical(_snapshot(model), before)
 
 
-def test_a_model_without_torch_spectral_norm_warns():
-    model = sn_ext.spectral_norm(nn.Linear(3, 4))
-    with pytest.warns(UserWarning, match="no spectral norm of torch's"):
-        sn_ext.convert_spectral_norm(model)
-    assert type(model.parametrizations.weight[0]) is sn_ext.SpectralNorm
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_model_without_torch_spectral_norm_warns(grouped):
+    """sn_ext's own spectral norms (its legacy hook is an instance of torch's class too) are left as they are."""
+    model = nn.Sequential(sn_ext.spectral_norm(nn.Linear(3, 4)), sn_ext.legacy.spectral_norm(nn.Linear(4, 2)))
+    hooks = dict(model[1]._forward_pre_hooks)
+    hint = r", nor grouped \(sn_ext.grouped_spectral_norm\(model\) groups sn_ext's own\)" if grouped else "$"
+    with pytest.warns(UserWarning, match="no spectral norm of torch's: nothing was converted" + hint):
+        sn_ext.convert_spectral_norm(model, grouped)
+    assert type(model[0].parametrizations.weight[0]) is sn_ext.SpectralNorm
+    assert dict(model[1]._forward_pre_hooks) == hooks and not hasattr(model, "_sn_ext_group")
 
 
 # ---------------------------------------------------------------------------------------------------------------

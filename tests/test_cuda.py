@@ -176,11 +176,31 @@ def test_grouped_one_launch_forward_and_one_backward():
     assert "forward_kernel" in kernels[0] and "backward_kernel" in kernels[1], kernels
 
 
-def test_grouped_no_host_synchronisation_and_cuda_graph_replay():
+MIXED_ORDERS = [True, False, False, True]  # legacy (v-first) and parametrization (u-first) layers in one call
+
+
+def test_grouped_mixed_orders_one_forward_launch_per_order():
+    """The forward kernel runs one power-iteration order per launch: a mixed group costs two forward launches and
+    one copy kernel (the sigmas back in the layers' order); the backward, which has no order, still one."""
+    weights, us, vs, dims = grouped_layers(torch.float32, "cuda")
+    weights = [w.detach().requires_grad_() for w in weights]
+    grads = [torch.randn_like(w) for w in weights]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        weights_sn, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS, MIXED_ORDERS)
+        torch.autograd.backward(weights_sn, grads)
+        torch.cuda.synchronize()
+    kernels = _kernel_names(prof)
+    assert len(kernels) == 4, kernels
+    assert sum("forward_kernel" in k for k in kernels) == 2 and "backward_kernel" in kernels[-1], kernels
+
+
+@pytest.mark.parametrize("v_first", [None, MIXED_ORDERS], ids=["u_first", "mixed_orders"])
+def test_grouped_no_host_synchronisation_and_cuda_graph_replay(v_first):
     weights, us, vs, dims = grouped_layers(torch.float32, "cuda")
     us_start, vs_start = [u.clone() for u in us], [v.clone() for v in vs]
     grads = [torch.randn_like(w) for w in weights]
-    expected, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
+    expected, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS, v_first)
     expected_grads = ops.spectral_normalize_grouped_backward(
         grads, expected, us, vs, torch.ones(len(weights), device="cuda"), dims
     )
@@ -193,11 +213,13 @@ def test_grouped_no_host_synchronisation_and_cuda_graph_replay():
     try:
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graph asks
-            ops.spectral_normalize_grouped_(weights, [u.clone() for u in us], [v.clone() for v in vs], dims, 1, EPS)
+            ops.spectral_normalize_grouped_(
+                weights, [u.clone() for u in us], [v.clone() for v in vs], dims, 1, EPS, v_first
+            )
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            got, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS)
+            got, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS, v_first)
             got_grads = ops.spectral_normalize_grouped_backward(
                 grads, got, us, vs, torch.ones(len(weights), device="cuda"), dims
             )

@@ -205,18 +205,26 @@ def _has_triton() -> bool:
 
 def test_triton_model_follows_the_ops_plans():
     triton_model = _triton()
-    for shape, path, launches in [((64, 3, 3, 3), "one program", 2), ((512, 512, 3, 3), "grid", 5 + 2)]:
+    for shape, path, launches in [
+        ((64, 3, 3, 3), "one program", 2),
+        ((512, 512, 3, 3), "gram", 3 + 2),
+        ((1, 18432), "grid", 5 + 2),  # one row: the split passes spread its columns (sn_ext/triton/_host.py)
+    ]:
         ops = triton_model.train_step(shape, "float32", H100)
         assert triton_model.path(triton_model.plans(shape, "float32", 1, False)[0]) == path
         assert sum(op.launches for op in ops) == launches
     ops = triton_model.train_step((4096, 4096), "float32", H100)
-    assert [p.name for p in ops[0].phases] == [
+    assert [p.name for p in ops[0].phases] == ["gram_kernel", "gram_reduce_kernel", "divide_kernel"]
+    # gram reads W once from DRAM: the blocks its 256 programs re-read (32 MB) fit in L2
+    assert [p.weight_passes for op in ops for p in op.phases] == [1, 0, 2, 2, 2]
+    # n = 2: an earlier round's v half-step is normalize_kernel's
+    two_rounds = triton_model.train_step((4096, 4096), "float32", H100, n=2)[0]
+    assert [p.name for p in two_rounds.phases][:4] == [
         "gram_kernel",
-        "normalize_kernel (u)",
+        "gram_reduce_kernel",
         "normalize_kernel (v)",
-        "divide_kernel",
+        "gram_kernel",
     ]
-    assert [p.weight_passes for op in ops for p in op.phases] == [2, 0, 0, 2, 2, 2]  # gram reads W twice
     # v-first rounds keep the split passes: 4n + 1 launches.
     assert len(triton_model.train_step((4096, 4096), "float32", H100, v_first=True)[0].phases) == 5
     for op in ops:

@@ -135,7 +135,8 @@ def test_the_summary_and_the_readme_table(tmp_path):
             "checks": [],
             "timings": [
                 {"kind": "layer", "shape": "64x3x3x3", "plain": 10.0, "torch": 120.0, "sn_ext cuda": 12.5,
-                 "graph_us": {"sn_ext cuda": 6.5, "plain": 3.0}, "cuda_over_plain": 1.25},
+                 "graph_us": {"sn_ext cuda": 6.5, "plain": 3.0}, "modelled_us": {"sn_ext cuda": [4.2, 7.9]},
+                 "cuda_over_plain": 1.25},
                 {"kind": "layer", "shape": "4096x4096", "plain": 300.0, "sn_ext cuda": 700.0,
                  "graph_us": {"sn_ext cuda": "failed: RuntimeError: x"}, "cuda_over_3.5_copies": 1.1},
                 {"kind": "grouped", "model": "sngan cnn D (32x32)", "layers": 8, "plain": 20.0, "per layer": 90.0,
@@ -158,25 +159,27 @@ def test_the_summary_and_the_readme_table(tmp_path):
     text = readme.read_text()
     assert "not measured yet" not in text and text.endswith("after\n") and "NVIDIA H200" in text
     assert "round mode split (the first that passed its check; failed: fused" in text
-    assert "| 64x3x3x3 | 10.0 | 120.0 | 12.5 |  | 6.5 | 3.0 | 1.25 |  |" in text
-    assert "| 4096x4096 | 300.0 |  | 700.0 |  | failed |  |  | 1.1 |" in text
+    assert "| 64x3x3x3 | 10.0 | 120.0 | 12.5 |  | 6.5 | 4-8 | 3.0 | 1.25 |  |" in text
+    assert "| 4096x4096 | 300.0 |  | 700.0 |  | failed |  |  |  | 1.1 |" in text
     assert "| 4096x4096 | v-first | 80.0 | 95.5 |" in text and "| sngan cnn D (32x32) | 8 | 20.0 (16) |" in text
     gpu_summary.main(["--out", str(tmp_path), "--readme", str(readme)])  # idempotent: one table
     assert readme.read_text().count(gpu_summary.START) == 1
 
 
 def test_the_timing_parts_on_the_cpu(tmp_path, monkeypatch):
-    """gpu_smoke's timing parts run here with the CPU standing in for the GPU (sn_ext's cpu backend for its cuda and
+    """gpu_smoke's timing parts run here with the CPU standing in for the GPU (sn_ext's CPU backend for its cuda and
     triton ones, eager timing for CUDA-graph replay, small shapes): every record has its fields, ratios and goals."""
     import torch
 
+    import sn_ext
     from benchmarks import gpu_smoke, spectral_normalize_grouped, timing
 
     cpu = torch.device("cpu")
     on_cpu = gpu_smoke.make_layer
+    ours = sn_ext.backends.auto_backend(cpu, torch.float32).name  # cpu, or reference on the fallback run
 
     def make_layer(provider, weight):
-        return on_cpu(provider.replace("cuda", "cpu").replace("triton", "cpu"), weight)
+        return on_cpu(provider.replace("cuda", ours).replace("triton", ours), weight)
 
     monkeypatch.setattr(gpu_smoke, "make_layer", make_layer)
     monkeypatch.setattr(spectral_normalize_grouped, "make_layer", make_layer)
@@ -205,8 +208,21 @@ def test_the_timing_parts_on_the_cpu(tmp_path, monkeypatch):
     assert list(small_triton["graph_us"]) == ["sn_ext triton"]
     u_first, v_first = data["round_timings"]
     assert (u_first["order"], v_first["order"]) == ("u-first", "v-first") and "over_u_first" in v_first
+    assert small["modelled_us"]["sn_ext cuda"].startswith("not modelled")  # the CPU is no GPU of the model
     cnn, resnet = (t for t in data["timings"] if t["kind"] == "grouped")
     assert cnn["layers"] == len(gpu_smoke.discriminator_weights("cnn")) >= 8 and resnet["layers"] > cnn["layers"]
     for record in (cnn, resnet):  # on the CPU, the profiler counts dispatched ops: grouped makes fewer
         assert record["grouped kernels"] < record["per layer kernels"], record
         assert all(isinstance(record[p], float) for p in ("plain", "per layer", "grouped"))
+
+
+@pytest.mark.parametrize("name,gpu", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200")])
+def test_the_model_is_put_beside_the_measurement(monkeypatch, name, gpu):
+    """On an H100 or H200, each timed layer carries the device-time model's (low, high) for the same step."""
+    import torch
+
+    from benchmarks import device_model, gpu_smoke
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    low, high = gpu_smoke.modelled_us("cuda", "512x512x3x3", torch.device("cuda"))
+    assert (low, high) == device_model.modelled_step_us("cuda", (512, 512, 3, 3), torch.float32, gpu) and low < high

@@ -3,21 +3,16 @@ GAN step D(real), D(fake), one backward. No in-place error (pytorch issues 66363
 sets broadcast_buffers=False to dodge them), the same u, v and weights on both ranks after every run, and the same
 numbers as torch's own spectral norm under the same DDP run.
 
-The workers run in spawned processes (the compiled kernels or, with SN_EXT_DISABLE_EXT=1, the fallback: the
-environment is inherited), on a free port chosen at run time, and are killed if they outlive the time limit.
+The workers run in spawned processes (tests/spawned.py; the compiled kernels or, with SN_EXT_DISABLE_EXT=1, the
+fallback: the environment is inherited).
 """
 
-import datetime
 import inspect
 import os
-import socket
-import time
-import traceback
 
 import pytest
+import spawned
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import TOL, assert_rel
 from torch import nn
@@ -61,21 +56,10 @@ def _sync_buffers_kwargs() -> dict:
     return {"forward_sync_buffers": True} if "forward_sync_buffers" in params else {"broadcast_buffers": True}
 
 
-def _worker(rank: int, port: int, out_dir: str, build=_discriminator, kinds=tuple(KINDS)) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, build=_discriminator, kinds=tuple(KINDS)) -> None:
     """Trains build(kind) under DDP for each of `kinds` and saves its state dict (tests/test_convert.py passes its
     own `build`: a module-level function, which spawn pickles by name)."""
-    # Native messages (gloo, an abort) go to a file the test reports, as Python tracebacks do.
-    stderr = os.open(os.path.join(out_dir, f"rank{rank}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(stderr, 2)
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=60),
-        )
+    with spawned.worker_process(rank, world, port, out_dir):
         for kind in kinds:
             D = build(kind)
             ddp = nn.parallel.DistributedDataParallel(D, **_sync_buffers_kwargs())
@@ -95,52 +79,11 @@ def _worker(rank: int, port: int, out_dir: str, build=_discriminator, kinds=tupl
                 {k: v.detach().clone() for k, v in D.state_dict().items()},
                 os.path.join(out_dir, f"{kind}_rank{rank}.pt"),
             )
-        # A rank that leaves while the other still talks to it (rank 0 also hosts the store) can abort the other:
-        # meet, shut down, and let rank 0 leave last.
-        dist.barrier()
-        dist.destroy_process_group()
-        open(os.path.join(out_dir, f"rank{rank}.done"), "w").close()
-        if rank == 0:
-            deadline = time.monotonic() + 30
-            while not all(os.path.exists(os.path.join(out_dir, f"rank{r}.done")) for r in range(WORLD)):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ddp(out_dir: str, build=_discriminator, kinds=tuple(KINDS)) -> dict:
     """Runs _worker on WORLD spawned processes: {(kind, rank): state dict after the steps}."""
-    context = mp.start_processes(
-        _worker, args=(_free_port(), out_dir, build, kinds), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIME_LIMIT_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP workers did not finish within {TIME_LIMIT_S} s")
-    except mp.ProcessRaisedException:
-        pass  # the worker wrote its traceback; reported below
-    except mp.ProcessExitedException as exited:  # killed by a signal: what it printed says why
-        stderr = [
-            open(os.path.join(out_dir, f)).read()[-3000:] for f in sorted(os.listdir(out_dir)) if f.endswith(".stderr")
-        ]
-        pytest.fail(f"{exited}\n" + "\n".join(stderr))
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
-    assert not errors, errors[0]
+    spawned.run(_worker, (build, kinds), WORLD, out_dir, TIME_LIMIT_S)
     return {
         (kind, rank): torch.load(os.path.join(out_dir, f"{kind}_rank{rank}.pt"), weights_only=True)
         for kind in kinds

@@ -28,11 +28,14 @@ from op_cases import (
     DTYPES,
     EPS,
     GPU_TOL,
+    REDUCED_GRID,
     TORCH_CUDA_TOL,
     TRITON_BIG,
+    TRITON_BIG_DTYPES,
     TRITON_CASES,
     TRITON_GRID,
     TRITON_INTERPRETED,
+    TRITON_PATHS,
     VF,
     WeightCase,
     cpu_case,
@@ -75,7 +78,7 @@ def _matches_reference_params():
         for dt in DTYPES
     ]
     # triton: every launch path; real layer sizes on a GPU only
-    rounds = [(0, False), (1, False), (2, True)] + ([(3, False), (1, True)] if CUDA else [])
+    rounds = [(0, False), (1, False), (2, True)] + ([] if REDUCED_GRID else [(3, False), (1, True)])
     params += [
         param("triton", c, 20, dt, n, vf, path, id=f"{c.id}-{path}-{dtype_id(dt)}-{n}-{VF[vf]}")
         for c in TRITON_CASES
@@ -85,7 +88,7 @@ def _matches_reference_params():
     params += [
         param("triton", c, 20, dt, n, vf, None, id=f"{c.id}-default_plan-{dtype_id(dt)}-{n}-{VF[vf]}", gpu_only=True)
         for c in TRITON_BIG
-        for dt in DTYPES
+        for dt in TRITON_BIG_DTYPES
         for n, vf in [(1, False), (1, True), (0, False)]
     ]
     return params
@@ -200,7 +203,7 @@ def _degenerate_params():
                             "cuda", dtype, fill, [(n, v_first)], None, id=f"{dtype_id(dtype)}-{fill}-{n}-{VF[v_first]}"
                         )
                     )
-    for path in ("fused_one_pass", "fused_two_pass", "split"):  # one degenerate entry, or all zero
+    for path in TRITON_PATHS:  # one degenerate entry, or all zero
         for fill in ("zero", "nan", "inf"):
             params.append(param("triton", torch.float32, fill, [(1, False), (2, True)], path, id=f"{fill}-{path}"))
     return params

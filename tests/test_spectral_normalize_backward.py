@@ -46,7 +46,7 @@ def _params():
     params += [
         cases.param("triton", c, dt, "same", None, id=f"{c.id}-default_plan-{cases.dtype_id(dt)}", gpu_only=True)
         for c in cases.TRITON_BIG
-        for dt in cases.DTYPES
+        for dt in cases.TRITON_BIG_DTYPES
     ]
     return params
 

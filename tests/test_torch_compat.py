@@ -3,6 +3,7 @@ stacked on a tensor, complex weights, and removal of the legacy version leaving 
 with the installed torch (the oracle) on every backend that runs here, on fresh random inputs and odd sizes."""
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -14,9 +15,11 @@ from torch.nn.utils import parametrizations as torch_param
 from torch.nn.utils import parametrize
 from torch.nn.utils import remove_spectral_norm as torch_remove_legacy
 from torch.nn.utils import spectral_norm as torch_legacy
+from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook
 
 import sn_ext
 from sn_ext import backends
+from sn_ext.nn.legacy_hook import SpectralNorm as LegacyHook
 
 # The Triton kernels run in their own tests (the triton cases of test_<op>.py, in the interpreter child of
 # test_triton.py); every other usable backend here.
@@ -114,7 +117,9 @@ def test_grouped_mode_refuses_a_stacked_layer_before_any_change():
         warnings.simplefilter("ignore")
         sn_ext.spectral_norm(sn_ext.spectral_norm(model[1]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match=r"'weight' of .*Linear has 2 stacked parametrizations"):
+    with pytest.raises(
+        RuntimeError, match=r"'1' \(Linear\), tensor 'weight' has 2 parametrization\(s\) \(SpectralNorm, SpectralNorm\)"
+    ):
         sn_ext.grouped_spectral_norm(model)
     assert not hasattr(model, "_sn_ext_group") and not parametrize.is_parametrized(model[0])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -196,7 +201,10 @@ def _hook_kinds(module: nn.Module) -> dict[str, int]:
     }
 
 
-def test_legacy_removal_leaves_what_torchs_leaves():
+@pytest.mark.parametrize("remove", ["torch", "sn_ext"])
+def test_legacy_removal_leaves_what_torchs_leaves(remove):
+    """Either function (sn_ext.legacy.remove_spectral_norm is torch's) on sn_ext's hook, against torch's on its own."""
+    remove_ours = torch_remove_legacy if remove == "torch" else sn_ext.legacy.remove_spectral_norm
     theirs, ours = _pair(LAYERS["conv_transpose_dim1"], torch.float32, seed=8)
     for _ in range(3):  # register/remove cycles must not pile anything up
         torch.manual_seed(9)
@@ -207,13 +215,116 @@ def test_legacy_removal_leaves_what_torchs_leaves():
         theirs(x), ours(x)
         assert ours.state_dict()._metadata[""] == theirs.state_dict()._metadata[""]
         torch_remove_legacy(theirs)
-        sn_ext.legacy.remove_spectral_norm(ours)
-        # torch leaves its load_state_dict pre-hook behind (its isinstance check misses the _WrappedHook that
-        # torch wraps it in), one more per cycle; sn_ext leaves nothing, and every other kind of hook as torch.
-        assert _hook_kinds(ours) == {k: 0 for k in _hook_kinds(ours)}
-        assert {k: n for k, n in _hook_kinds(theirs).items() if k != "_load_state_dict_pre_hooks"} == {
-            k: 0 for k in _hook_kinds(theirs) if k != "_load_state_dict_pre_hooks"
-        }
-        state_t, state_o = theirs.state_dict(), ours.state_dict()
-        assert list(state_o) == list(state_t) and state_o._metadata == state_t._metadata
-        _close(state_o["weight"], state_t["weight"], torch.float32, "baked weight")
+        remove_ours(ours)
+        _assert_removed_as_torchs(ours, theirs)
+
+
+# sn_ext's legacy spectral norm on a layer, made each way a user makes it; in a model (nn.Sequential) that is
+# grouped in the "grouped" case.
+def _converted(make):
+    return sn_ext.convert_spectral_norm(nn.Sequential(torch_legacy(make())))
+
+
+def _grouped(make):
+    return sn_ext.convert_spectral_norm(nn.Sequential(torch_legacy(make())), grouped=True)
+
+
+def _patched(make):
+    with sn_ext.patch_torch():
+        return nn.Sequential(torch.nn.utils.spectral_norm(make()))  # torch's name, patched
+
+
+SN_EXT_LEGACY = {
+    "sn_ext.legacy": lambda make: nn.Sequential(sn_ext.legacy.spectral_norm(make())),
+    "converted": _converted,
+    "grouped": _grouped,
+    "patched": _patched,
+}
+
+
+def _hooks(module: nn.Module) -> dict[str, list]:
+    return {name: list(getattr(module, name).values()) for name in _hook_kinds(module)}
+
+
+def _assert_removed_as_torchs(ours: nn.Module, theirs: nn.Module) -> None:
+    """The same attributes, parameters, buffers, hooks and state dict as torch's removal of torch's hook left; and
+    no object of sn_ext's anywhere on the module."""
+    assert type(ours) is type(theirs) and sorted(vars(ours)) == sorted(vars(theirs))
+    assert [(n, type(p)) for n, p in ours.named_parameters()] == [(n, type(p)) for n, p in theirs.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()] == []
+    for (name, p_ours), (_, p_theirs) in zip(ours.named_parameters(), theirs.named_parameters()):
+        _close(p_ours, p_theirs, torch.float32, name)
+    hooks_ours, hooks_theirs = _hooks(ours), _hooks(theirs)
+    # torch leaves its load_state_dict pre-hook behind (its isinstance check misses the _WrappedHook that torch
+    # wraps it in; it then makes a strict load of the module's own state dict fail): sn_ext leaves none.
+    stale = [
+        h for h in hooks_theirs["_load_state_dict_pre_hooks"] if isinstance(h.hook, SpectralNormLoadStateDictPreHook)
+    ]
+    hooks_theirs["_load_state_dict_pre_hooks"] = [
+        h for h in hooks_theirs["_load_state_dict_pre_hooks"] if h not in stale
+    ]
+    assert hooks_ours == hooks_theirs == {name: [] for name in hooks_ours}
+    state_ours, state_theirs = ours.state_dict(), theirs.state_dict()
+    assert list(state_ours) == list(state_theirs) and state_ours._metadata == state_theirs._metadata
+    ours.load_state_dict(state_theirs)  # strict
+
+
+@pytest.mark.parametrize("made", list(SN_EXT_LEGACY))
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_torchs_remove_spectral_norm_on_sn_ext_legacy_layers(layer, made):
+    """torch.nn.utils.remove_spectral_norm itself, as packages call it from their export code: on sn_ext's hook,
+    however it was made, it leaves what it leaves of torch's hook, and nothing of sn_ext's."""
+    torch.manual_seed(10)
+    theirs = torch_legacy(LAYERS[layer]())
+    torch.manual_seed(10)
+    model = SN_EXT_LEGACY[made](LAYERS[layer])
+    ours = model[0]
+    assert any(isinstance(h, LegacyHook) for h in ours._forward_pre_hooks.values())
+    assert hasattr(model, "_sn_ext_group") == (made == "grouped")
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(2):  # train steps: u and v move
+        x = torch.randn(INPUTS[layer], generator=gen)
+        _close(model(x), theirs(x), torch.float32, "train output")
+    torch_remove_legacy(theirs)
+    torch_remove_legacy(ours)
+    _assert_removed_as_torchs(ours, theirs)
+    x = torch.randn(INPUTS[layer], generator=gen)
+    _close(model(x), theirs(x), torch.float32, "output after removal")
+    with pytest.raises(ValueError, match="spectral_norm of 'weight' not found in"):
+        torch_remove_legacy(ours)  # a second removal, as torch's
+
+
+def test_torch_functions_see_sn_ext_legacy_layers_as_torchs():
+    """What else of torch finds spectral norms by type or attribute gives the same answers for sn_ext's legacy layers:
+    parametrize's functions, registering a second hook, copy.deepcopy and pickling of the whole module."""
+    torch.manual_seed(12)
+    theirs = torch_legacy(nn.Linear(13, 7))
+    torch.manual_seed(12)
+    ours = sn_ext.legacy.spectral_norm(nn.Linear(13, 7))
+    for module in (theirs, ours):
+        assert not parametrize.is_parametrized(module) and not parametrize.is_parametrized(module, "weight")
+        assert parametrize.type_before_parametrizations(module) is nn.Linear
+    errors = []
+    for module in (theirs, ours):
+        with pytest.raises(ValueError) as info:
+            parametrize.remove_parametrizations(module, "weight")
+        errors.append(str(info.value))
+        with pytest.raises(RuntimeError, match="Cannot register two spectral_norm hooks on the same parameter weight"):
+            torch_legacy(module)  # torch's own check finds sn_ext's hook
+    assert errors[0] == errors[1]
+    x = torch.randn(3, 13)
+    with torch.no_grad():  # a legacy layer's weight with autograd history cannot be deep-copied (torch's too)
+        theirs(x), ours(x)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(ours), torch.load(buffer, weights_only=False)):
+        hook = next(iter(twin._forward_pre_hooks.values()))
+        assert type(hook) is LegacyHook and hook is not next(iter(ours._forward_pre_hooks.values()))
+        twin.eval(), ours.eval()
+        assert torch.equal(twin(x), ours(x))
+        twin.train()
+        twin(x)
+        assert not torch.equal(twin.weight_u, ours.weight_u)  # its own buffers
+        torch_remove_legacy(twin)
+        assert not twin._forward_pre_hooks and not twin._state_dict_hooks and not twin._load_state_dict_pre_hooks

@@ -1,24 +1,34 @@
 """Compiles sn_ext's Triton kernels for an NVIDIA GPU (sm_90) on a machine without one, as the GPU would: every
-launch the ops make for a set of weights (every path, dtype and kernel variant) is recorded instead of run, then
-handed to triton.compile with a CUDA target (Triton bundles ptxas: no driver needed). Catches what the CPU
-interpreter cannot: code that does not lower to CUDA. Prints "COMPILED <n>" or "SKIP <why>".
+launch the ops make for a set of weights is recorded instead of run (sn_ext/triton/_dry_run.py), then handed to
+triton.compile with a CUDA target (Triton bundles ptxas: no driver needed). Catches what the CPU interpreter cannot:
+code that does not lower to CUDA, and spills. Prints "COMPILED <n>" or "SKIP <why>".
 
     python tests/triton_compile_check.py [--all] [--facts]    # run by tests/test_triton.py in a fresh process
 
-Fails on a kernel that spills registers. --facts also lists every variant's registers, spills, shared memory and
-global loads (128-bit, all, cp.async) for FACT_SHAPES in float32.
+The weights:
+- a GAN run's (benchmarks/triton_variants.py: every layer of sngan's CNN and ResNet discriminators at 32x32 and
+  48x48) in float32 and bfloat16, each through its whole run (sn_ext.triton.warm_up.layer_launches: 15 power
+  iterations at creation, the training forward and backward, the eval forward): the variants a GAN compiles;
+- every launch path and round order (one program in one or two passes, the split passes, the one-read gram round;
+  u-first and v-first; n = 0, 1, 2) on a small conv weight with dim 0 and dim 1 and a grid-sized one, in bfloat16
+  and float64 (--all: every dtype), and the widest one-pass rows in float64.
+
+Fails on a kernel that spills registers (local memory or stack). --facts lists every variant's registers, spills,
+shared memory and global loads (128-bit, all, cp.async): docs/design.md's compile facts come from it.
 """
 
+import functools
+import os
 import sys
 
 import torch
-import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(all_variants: bool, facts: bool) -> None:
     try:
         import triton
-        from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
     except ImportError as error:
         print(f"SKIP triton's compiler API is not available: {error}")
@@ -37,75 +47,83 @@ def main(all_variants: bool, facts: bool) -> None:
     if not loaded or sn_triton.interpreted():
         print(f"SKIP the kernels are not loaded for a GPU: {reason}")
         return
-    from sn_ext.triton import _dry_run, _host
-    from sn_ext.triton import spectral_normalize as forward_module
-    from sn_ext.triton import spectral_normalize_backward as backward_module
+    sys.path.insert(0, ROOT)
+    from benchmarks.triton_variants import gan_layers
+    from sn_ext.triton import _host, warm_up
 
-    def record(shape, dim, dtype, n, v_first, **knobs):
-        saved = {name: getattr(_host, name) for name in knobs}
-        for name, value in knobs.items():
-            setattr(_host, name, value)
-        try:
-            weight = torch.randn(shape).to(dtype)
-            h = weight.shape[dim]
-            u = F.normalize(torch.randn(h), dim=0).to(dtype)
-            v = F.normalize(torch.randn(weight.numel() // h), dim=0).to(dtype)
-            forward_module.triton_spectral_normalize_(weight, u, v, dim, n, 1e-12, v_first)
-            backward_module.triton_spectral_normalize_backward(weight, weight, u, v, torch.ones(()), dim)
-        finally:
-            for name, value in saved.items():
-                setattr(_host, name, value)
-        for key in variants.keys() - first_seen.keys():
-            first_seen[key] = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
-
-    # The launches are bound as on an sm_90 GPU (sn_ext/triton/_dry_run.py): the variants compiled below are those a
-    # GPU would compile, with Triton's specializations (equal to 1, divisible by 16) and constexprs.
     first_seen = {}  # variant -> the weight that first launched it
-    with _dry_run.dry_run() as variants:
-        # Every kernel variant in bfloat16 (a low-precision dtype: conversions); float64 (its own division and
-        # square root) for the one-program kernels at their widest; --all: every dtype.
-        dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16] if all_variants else [torch.bfloat16]
-        for dtype in dtypes:
-            for n, v_first in [(0, False), (1, False), (2, True)]:
-                record((64, 3, 3, 3), 0, dtype, n, v_first)  # one program, one pass per round
-                record((64, 3, 3, 3), 1, dtype, n, v_first, ONE_PASS_MAX=0)  # one program, two passes
-                record((300, 200, 3, 3), 1, dtype, n, v_first)  # the grid
-            for n in (1, 2):  # the grid, u-first rounds in one pass (gram_kernel)
-                record((300, 200, 3, 3), 1, dtype, n, False, GRAM_MIN_PARTS=1)
-        record((32, 2048), 0, torch.float64, 1, False, FUSED_MAX_NUMEL=1 << 16)  # the widest one-pass rows
-        record((2048, 32), 0, torch.float64, 1, True, FUSED_MAX_NUMEL=1 << 16)
-        for shape in FACT_SHAPES if facts else ():
-            record(shape, 0, torch.float32, 1, False)
-    failed = []
-    lines = []
-    for key, variant in variants.items():
+
+    def record(what: str, calls) -> None:
+        for key, variant in warm_up.variants(calls).items():
+            first_seen.setdefault(key, (what, variant))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, dim, v_first in gan_layers():
+            name = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} (GAN)"
+            record(name, functools.partial(warm_up.layer_launches, shape, dim, dtype, v_first=v_first))
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16] if all_variants else [torch.bfloat16]
+    for dtype in dtypes + ([] if all_variants else [torch.float64]):
+        for shape, dim, knobs in PATH_CASES:
+            name = f"{'x'.join(map(str, shape))} dim={dim} {str(dtype).removeprefix('torch.')} {knobs or ''}"
+            record(name, functools.partial(_path_launches, _host, shape, dim, dtype, knobs))
+    for shape, v_first in (((32, 2048), False), ((2048, 32), True)):  # the widest one-pass rows
+        knobs = {"FUSED_MAX_NUMEL": 1 << 16}
+        record(
+            f"{shape} float64 widest one pass",
+            functools.partial(_path_launches, _host, shape, 0, torch.float64, knobs, v_first),
+        )
+    failed, lines = [], []
+    for key, (what, variant) in first_seen.items():
         name = key[0]
         try:
-            compiled = triton.compile(
-                ASTSource(
-                    fn=variant.kernel, signature=variant.signature, constexprs=variant.constexprs, attrs=variant.attrs
-                ),
-                target=GPUTarget(*_dry_run.TARGET),
-                options=variant.options,
-            )
+            compiled = warm_up.compile_variant(variant)
         except Exception as error:
-            print(f"FAILED {name} {variant.constexprs} {variant.signature}\n{error}")
+            print(f"FAILED {name} ({what}) {variant.constexprs} {variant.signature}\n{error}")
             sys.exit(1)
         usage = _resources(compiled.asm["cubin"])
+        line = f"{name} ({what}) {_constexprs(variant)} warps={variant.options['num_warps']} {usage}"
         if usage["spills"]:
-            failed.append(f"{name} {variant.constexprs}: {usage}")
-        lines.append(f"{name} ({first_seen[key]}) {_constexprs(variant)} warps={variant.options['num_warps']} {usage}")
+            failed.append(line)
+        lines.append(line)
     if failed:
         print("SPILLS\n" + "\n".join(failed))
         sys.exit(1)
-    print(f"COMPILED {len(variants)}")
+    print(f"COMPILED {len(first_seen)} (triton {triton.__version__})")
     if facts:
         print("\n".join(sorted(lines)))
 
 
-# Weights whose fp32 variants --facts lists (registers, spills, load widths): a discriminator's first conv, a wide
-# Linear, a discriminator's largest conv, a large square weight.
-FACT_SHAPES = [(64, 3, 3, 3), (1, 8192), (128, 128, 3, 3), (512, 512, 3, 3), (4096, 4096)]
+# (shape, dim, knobs): the one-program paths on a first conv layer (dim 0: contiguous rows of 27; dim 1: inner 9),
+# the grid on a wider weight, with the one-read gram round, and without it (the split passes).
+PATH_CASES = [
+    ((64, 3, 3, 3), 0, None),
+    ((64, 3, 3, 3), 1, {"ONE_PASS_MAX": 0}),
+    ((300, 200, 3, 3), 1, None),
+    ((300, 200, 3, 3), 1, {"GRAM_ROUNDS": False}),
+]
+
+
+def _path_launches(host, shape, dim, dtype, knobs, v_first=None) -> None:
+    """The launches of n = 0, 1 (u-first), 2 (v-first) and 2 (u-first) forwards and a backward on one weight."""
+    import torch.nn.functional as F
+
+    saved = {name: getattr(host, name) for name in knobs or {}}
+    for name, value in (knobs or {}).items():
+        setattr(host, name, value)
+    try:
+        forward = torch.ops.sn_ext.triton_spectral_normalize_.default
+        backward = torch.ops.sn_ext.triton_spectral_normalize_backward.default
+        weight = torch.randn(shape).to(dtype)
+        rows = weight.shape[dim]
+        u = F.normalize(torch.randn(rows), dim=0).to(dtype)
+        v = F.normalize(torch.randn(weight.numel() // rows), dim=0).to(dtype)
+        rounds = [(1, v_first)] if v_first is not None else [(0, False), (1, False), (2, True), (2, False)]
+        for n, first_v in rounds:
+            forward(weight, u, v, dim, n, 1e-12, first_v)
+        backward(weight, weight, u, v, torch.ones(()), dim)
+    finally:
+        for name, value in saved.items():
+            setattr(host, name, value)
 
 
 def _constexprs(variant) -> str:
@@ -118,7 +136,6 @@ def _constexprs(variant) -> str:
 def _resources(cubin: bytes) -> dict:
     """Registers, spills (local memory or stack) and global load widths of a compiled kernel, read with the
     cuobjdump that Triton bundles."""
-    import os
     import re
     import subprocess
     import tempfile

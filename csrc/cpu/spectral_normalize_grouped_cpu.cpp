@@ -19,15 +19,15 @@ using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tens
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 spectral_normalize_grouped_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
-                               int64_t n, double eps) {
-  check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n, eps);
+                               int64_t n, double eps, const LayerOrders& v_first) {
+  check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n, eps, v_first);
   static const auto forward =
       c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize_", "").typed<Forward>();
   std::vector<at::Tensor> weights_sn, sigmas, us_used, vs_used;
   for (size_t i = 0; i < weights.size(); ++i) {
     at::Tensor u = us[i], v = vs[i];  // handles on the caller's buffers, which the op updates in place
-    auto [weight_sn, sigma, u_used, v_used] =
-        forward.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), weights[i], u, v, dims[i], n, eps, false);
+    auto [weight_sn, sigma, u_used, v_used] = forward.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), weights[i],
+                                                                 u, v, dims[i], n, eps, layer_v_first(v_first, i));
     weights_sn.push_back(weight_sn);
     sigmas.push_back(sigma);
     us_used.push_back(u_used);

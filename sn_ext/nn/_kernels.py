@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from .. import backends, ops
+from .. import backends, ops, sharded
 from ..backends import Kernels
 
 
@@ -36,7 +36,9 @@ def prepare(
     kernels = backends.initial_kernels(requested, weight)
     warm_up = kernels if kernels.backend is not None else backends.select("auto", weight.device, weight.dtype)
     with torch.no_grad():
-        if warm_up.backend.forward_op == "spectral_normalize_":  # compiled kernels: the rounds without W / sigma
+        if sharded.is_dtensor(weight):  # tensor parallel: rounds on each rank's shard
+            sharded.power_iteration_(weight, u, v, dim, n_power_iterations, eps, v_first)
+        elif warm_up.backend.forward_op == "spectral_normalize_":  # compiled kernels: the rounds without W / sigma
             ops.power_iteration_(weight, u, v, dim, n_power_iterations, eps, v_first)
         else:
             warm_up.forward(weight, u, v, dim, n_power_iterations, eps, v_first)

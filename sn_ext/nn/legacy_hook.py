@@ -1,27 +1,47 @@
-"""The legacy spectral norm's forward pre-hook (sn_ext.legacy.spectral_norm registers it): the state and attributes of
-torch's legacy SpectralNorm, computed with sn_ext's kernels. Kept apart from sn_ext.legacy's registration functions
-so that nn/spectral_norm.py can recognise it without importing sn_ext.legacy (which imports nn/)."""
+"""sn_ext's legacy spectral norm (sn_ext.legacy.spectral_norm registers it): the forward pre-hook and its state-dict
+hook, subclasses of torch's legacy SpectralNorm and SpectralNormStateDictHook, with their state and attributes,
+computing W / sigma with sn_ext's kernels.
+
+Subclasses, so that torch's code finds them as its own: torch.nn.utils.remove_spectral_norm removes sn_ext's hook
+exactly as torch's (it calls remove() below, which also takes sn_ext's load_state_dict pre-hook away, then deletes
+the state-dict hook), and so does every isinstance check of other libraries. sn_ext tells its hooks from torch's
+by their exact type (nn/registered.py)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm as TorchLegacySpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNormStateDictHook as TorchStateDictHook
 
-from .. import backends
+from .. import _state_dict, backends, sharded
+from .._matrix import to_matrix
 from . import _kernels
+from .spectral_norm import check_arguments, has_spectral_norm
 
 
-class SpectralNorm:
-    """The forward pre-hook; the attributes of torch's legacy SpectralNorm."""
+class _StateDictVersion(TorchStateDictHook):
+    """Writes the metadata torch's legacy spectral norm writes, so torch's hook reads our checkpoints as its own; a
+    subclass of torch's, so that torch's remove_spectral_norm deletes it."""
 
-    _version = 1
+    def __call__(self, module, state_dict, prefix, local_metadata) -> None:
+        local_metadata.setdefault("spectral_norm", {})[self.fn.name + ".version"] = self.fn._version
+
+
+class SpectralNorm(TorchLegacySpectralNorm):
+    """The forward pre-hook: torch's, with compute_weight on sn_ext's fused op (u and v updated in place, v-first
+    rounds in train mode, none in eval) and the result of a grouped computation taken when there is one."""
+
+    # W / sigma computed with the other layers of a grouped model (nn/grouped.py), for this hook's next call.
+    _grouped_result: torch.Tensor | None = None
+    # The sigma of the last computation (sn_ext.sigmas), and its index in a grouped computation's vector of sigmas,
+    # as the parametrization keeps them (nn/spectral_norm.py).
+    _sigma: torch.Tensor | None = None
+    _sigma_index: int = 0
 
     def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
-        self.name = name
-        self.dim = dim
-        self.n_power_iterations = n_power_iterations
-        self.eps = eps
-        self.backend = "auto"  # the name asked for; sn_ext.legacy.spectral_norm sets it and the kernels
+        super().__init__(name, n_power_iterations, dim, eps)
+        self.backend = "auto"  # the name asked for; make_hook sets it and the kernels
         self._kernels = backends.unresolved(self.backend)
-        self._sigma = None  # the sigma of the last computation (sn_ext.sigmas)
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         weight = getattr(module, self.name + "_orig")
@@ -37,23 +57,65 @@ class SpectralNorm:
         return weight_sn
 
     def remove(self, module: nn.Module) -> None:
-        with torch.no_grad():
-            weight = self.compute_weight(module, do_power_iteration=False)
-        delattr(module, self.name)
-        delattr(module, self.name + "_u")
-        delattr(module, self.name + "_v")
-        delattr(module, self.name + "_orig")
-        module.register_parameter(self.name, nn.Parameter(weight.detach()))
+        """torch's (W / sigma baked into a plain Parameter), and sn_ext's load_state_dict pre-hook of this tensor
+        removed with it: torch's remove_spectral_norm, which calls this, looks for its own class among the module's
+        load_state_dict pre-hooks but never finds one there (nn.Module keeps them wrapped)."""
+        super().remove(module)
+        _state_dict.remove_layout_hooks(module, self.name)
 
     def __call__(self, module: nn.Module, inputs) -> None:
-        setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
+        weight = self._grouped_result
+        if weight is None:
+            weight = self.compute_weight(module, do_power_iteration=module.training)
+        else:
+            self._grouped_result = None
+        setattr(module, self.name, weight)
+
+    @staticmethod
+    def apply(
+        module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float, backend: str | None = None
+    ) -> "SpectralNorm":
+        """Registers sn_ext's hook on `module.<name>` as torch's SpectralNorm.apply registers torch's: parameter
+        `<name>_orig`, buffers `<name>_u`, `<name>_v` (torch's random draws), `<name>` a plain attribute; plus a
+        load_state_dict pre-hook that takes either torch layout."""
+        if has_spectral_norm(module, name):  # sn_ext's or torch's, either version
+            raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+        weight = module._parameters.get(name)
+        if weight is None:
+            raise ValueError(f"Module '{type(module).__name__}' has no parameter with name '{name}'")
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                "The module passed to `SpectralNorm` can't have uninitialized parameters. "
+                "Make sure to run the dummy forward before applying spectral normalization"
+            )
+        fn = make_hook(weight, name, n_power_iterations, dim, eps, backend)
+        with torch.no_grad():
+            h, w = to_matrix(weight, fn.dim).shape
+            u = F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
+            v = F.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=fn.eps)
+        delattr(module, fn.name)
+        module.register_parameter(fn.name + "_orig", weight)
+        setattr(module, fn.name, weight.data)
+        module.register_buffer(fn.name + "_u", u)
+        module.register_buffer(fn.name + "_v", v)
+        module.register_forward_pre_hook(fn)
+        module._register_state_dict_hook(_StateDictVersion(fn))
+        _state_dict.accept_both_layouts(module, name, legacy=True, dim=fn.dim)
+        return fn
 
 
-class _StateDictVersion:
-    """Writes the metadata torch's legacy spectral norm writes, so torch's hook reads our checkpoints as its own."""
-
-    def __init__(self, fn: SpectralNorm):
-        self.fn = fn
-
-    def __call__(self, module, state_dict, prefix, local_metadata) -> None:
-        local_metadata.setdefault("spectral_norm", {})[self.fn.name + ".version"] = self.fn._version
+def make_hook(
+    weight: torch.Tensor, name: str, n_power_iterations: int, dim: int, eps: float, backend: str | None = None
+) -> SpectralNorm:
+    """The forward pre-hook for `weight` (`<name>_orig`), its arguments checked and its kernels chosen; registers
+    nothing (SpectralNorm.apply does, and sn_ext.convert_spectral_norm puts it in place of torch's)."""
+    check_arguments(weight, n_power_iterations, dim, eps, complex_ok=False)
+    if sharded.is_dtensor(weight):  # before anything changes (convert and registration both come here first)
+        raise NotImplementedError(
+            f"the legacy spectral norm does not run on a DTensor (tensor-parallel) '{name}': use "
+            f"sn_ext.spectral_norm (the parametrization), which runs on sharded weights (docs/distributed.md)"
+        )
+    fn = SpectralNorm(name, n_power_iterations, dim % weight.ndim, eps)
+    fn.backend = backends.requested_backend(backend)
+    fn._kernels = backends.initial_kernels(fn.backend, weight)
+    return fn

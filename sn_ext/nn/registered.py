@@ -9,11 +9,12 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
+from .conv_parametrization import ConvSpectralNorm
 from .legacy_hook import SpectralNorm as LegacyHook
 from .spectral_norm import SpectralNorm
 
-PARAMETRIZATIONS = (SpectralNorm, _TorchSpectralNorm)
-HOOKS = (LegacyHook, _TorchLegacySpectralNorm)
+PARAMETRIZATIONS = (SpectralNorm, _TorchSpectralNorm, ConvSpectralNorm)
+HOOKS = (_TorchLegacySpectralNorm,)  # torch's legacy hook and its subclasses: sn_ext's (LegacyHook), DUE's, ...
 
 
 @dataclasses.dataclass
@@ -31,17 +32,30 @@ class Registered:
         return not isinstance(self.norm, nn.Module)
 
 
+def is_sn_ext(norm: object) -> bool:
+    """Whether a spectral norm is sn_ext's (its legacy hook is an instance of torch's class too)."""
+    return isinstance(norm, (SpectralNorm, LegacyHook))
+
+
+def registered_on(
+    module: nn.Module, qualname: str = "", parametrizations: tuple = PARAMETRIZATIONS, hooks: tuple = HOOKS
+) -> Iterator[Registered]:
+    """The spectral norms registered on `module` itself (not its children) that are instances of `parametrizations`
+    (at any place in a tensor's list) or `hooks`: its parametrizations, then its hooks. `qualname`: the module's
+    name in the model, for the entries."""
+    if parametrize.is_parametrized(module):
+        for tensor_name, plist in module.parametrizations.items():
+            for index, norm in enumerate(plist):
+                if isinstance(norm, parametrizations):
+                    yield Registered(qualname, module, tensor_name, norm, index)
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, hooks):
+            yield Registered(qualname, module, hook.name, hook, key)
+
+
 def spectral_norms(
     model: nn.Module, parametrizations: tuple = PARAMETRIZATIONS, hooks: tuple = HOOKS
 ) -> Iterator[Registered]:
-    """The spectral norms in `model` that are instances of `parametrizations` (at any place in a tensor's list) or
-    `hooks`, module by module (named_modules order), each module's parametrizations before its hooks."""
+    """registered_on every module of `model`, in named_modules order."""
     for qualname, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name, plist in module.parametrizations.items():
-                for index, norm in enumerate(plist):
-                    if isinstance(norm, parametrizations):
-                        yield Registered(qualname, module, tensor_name, norm, index)
-        for key, hook in module._forward_pre_hooks.items():
-            if isinstance(hook, hooks):
-                yield Registered(qualname, module, hook.name, hook, key)
+        yield from registered_on(module, qualname, parametrizations, hooks)

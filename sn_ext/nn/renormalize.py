@@ -20,24 +20,38 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
 from .. import _matrix, ops
-from .legacy_hook import SpectralNorm as LegacyHook
+from .conv_parametrization import ConvSpectralNorm
 from .spectral_norm import SpectralNorm
 
 
 def _spectral_norms(layer: nn.Module):
-    """(weight, u, v, dim, eps, v_first) for each spectral norm registered directly on `layer`, of any kind."""
+    """(u, v, eps, rounds) for each spectral norm registered directly on `layer`, of any kind: rounds(n) runs n
+    power-iteration rounds on u and v in place, with the norm's own order and operator."""
     if parametrize.is_parametrized(layer):
         for plist in layer.parametrizations.values():
             weight = plist.original
             for p in plist:
                 if isinstance(p, (SpectralNorm, _TorchSpectralNorm)) and hasattr(p, "_u"):
-                    yield weight, p._u, p._v, p.dim, p.eps, False
+                    yield (
+                        p._u,
+                        p._v,
+                        p.eps,
+                        lambda n, w=weight, p=p: ops.power_iteration_(w, p._u, p._v, p.dim, n, p.eps),
+                    )
+                    break
+                if isinstance(p, ConvSpectralNorm) and p.built:
+                    yield p._u, p._v, p.eps, lambda n, w=weight, p=p: p.power_iteration_(w, n)
                     break
                 weight = p(weight)  # the input of a spectral norm stacked after other parametrizations
     for hook in layer._forward_pre_hooks.values():
-        if isinstance(hook, (LegacyHook, _TorchLegacySpectralNorm)):
+        if isinstance(hook, _TorchLegacySpectralNorm):  # torch's, sn_ext's (a subclass) or another subclass
             orig, u, v = (getattr(layer, hook.name + suffix) for suffix in ("_orig", "_u", "_v"))
-            yield orig, u, v, hook.dim, hook.eps, True
+            yield (
+                u,
+                v,
+                hook.eps,
+                lambda n, w=orig, u=u, v=v, h=hook: ops.power_iteration_(w, u, v, h.dim, n, h.eps, True),
+            )
 
 
 def _unit_(vector: Tensor, eps: float) -> None:
@@ -52,7 +66,8 @@ def renormalize_buffers_(module: nn.Module, n_power_iterations: int = 0) -> nn.M
     """Rescales u and v of every spectral norm in `module` to unit length, in place, then runs `n_power_iterations`
     rounds of power iteration on the current weights (0: none, only the rescaling).
 
-    Works on sn_ext's spectral norms and on torch's, parametrization and legacy versions. The rescaling alone makes
+    Works on sn_ext's spectral norms (conv_spectral_norm's too: its rounds run through the convolution) and on
+    torch's, parametrization and legacy versions. The rescaling alone makes
     sigma = u^T W v an estimate of the weight's largest singular value again (from below, as for any unit u, v);
     a few power-iteration rounds also turn u and v towards the averaged weight's singular vectors (use them where
     the buffers were not averaged at all, e.g. AveragedModel(use_buffers=False) keeps the copies made when it was
@@ -61,9 +76,9 @@ def renormalize_buffers_(module: nn.Module, n_power_iterations: int = 0) -> nn.M
     if n_power_iterations < 0:
         raise ValueError(f"renormalize_buffers_: n_power_iterations must be >= 0, got {n_power_iterations}")
     for layer in module.modules():
-        for weight, u, v, dim, eps, v_first in list(_spectral_norms(layer)):
+        for u, v, eps, rounds in list(_spectral_norms(layer)):
             _unit_(u, eps)
             _unit_(v, eps)
             if n_power_iterations:
-                ops.power_iteration_(weight, u, v, dim, n_power_iterations, eps, v_first)
+                rounds(n_power_iterations)
     return module

@@ -13,19 +13,21 @@ v as they were (the output shows NaN/Inf).
 
 import warnings
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
-from .. import _state_dict, backends
+from .. import _state_dict, backends, sharded
 from .._checks import check_weight_dtype
-from .._matrix import to_matrix
 from . import _kernels, _parametrize
-from .legacy_hook import SpectralNorm as _LegacyHook
+from .conv_parametrization import ConvSpectralNorm
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# The types a weight has outside tensor parallel: the forward's one type check before the plain path.
+_PLAIN_TENSORS = (Tensor, nn.Parameter)  # a tuple: dynamo (torch 2.6) cannot trace `in` on a frozenset of types
 
 
 class SpectralNorm(nn.Module):
@@ -58,16 +60,20 @@ class SpectralNorm(nn.Module):
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
         if ndim > 1:
+            if sharded.is_dtensor(weight):  # tensor parallel: what it cannot take fails before any draw
+                sharded.check_weight(weight, self.dim)
             self.n_power_iterations = n_power_iterations
             if vectors is not None:
                 self.register_buffer("_u", vectors[0])
                 self.register_buffer("_v", vectors[1])
                 self._kernels = backends.initial_kernels(self.backend, weight)
                 return
-            h, w = to_matrix(weight, self.dim).shape
-            # torch's random draws, in torch's order, so that equal seeds give equal buffers.
-            u = weight.new_empty(h).normal_(0, 1)
-            v = weight.new_empty(w).normal_(0, 1)
+            h = weight.shape[self.dim]
+            w = weight.numel() // h
+            # torch's random draws, in torch's order, so that equal seeds give equal buffers; plain tensors, whole,
+            # for a DTensor weight too (sn_ext/sharded.py), so that every rank holds one process's draws.
+            u = torch.empty(h, dtype=weight.dtype, device=weight.device).normal_(0, 1)
+            v = torch.empty(w, dtype=weight.dtype, device=weight.device).normal_(0, 1)
             self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
             self._kernels = _kernels.prepare(self.backend, weight, self._u, self._v, self.dim, 15, self.eps)
@@ -88,6 +94,12 @@ class SpectralNorm(nn.Module):
         if kernels.device != weight.device or kernels.dtype != weight.dtype:  # moved or cast
             kernels = _kernels.kernels_for(self, weight)
         buffers = self._buffers
+        if type(weight) not in _PLAIN_TENSORS and sharded.is_dtensor(weight):  # tensor parallel: sn_ext/sharded.py
+            weight_sn, sigma = sharded.spectral_normalize(
+                weight, buffers["_u"], buffers["_v"], self.dim, n, self.eps, kernels
+            )
+            object.__setattr__(self, "_sigma", sigma)
+            return weight_sn
         # u and v are updated in place, in the op (one launch on a GPU); autograd saved the vectors used, not the
         # buffers, so calling the module twice before one backward works.
         weight_sn, sigma, _, _ = kernels.forward(weight, buffers["_u"], buffers["_v"], self.dim, n, self.eps)
@@ -124,17 +136,16 @@ def check_arguments(weight: Tensor, n_power_iterations: int, dim: int, eps: floa
 
 
 def has_parametrization_spectral_norm(module: nn.Module, name: str) -> bool:
-    """Whether module.<name> has a spectral-norm parametrization (sn_ext's or torch's)."""
+    """Whether module.<name> has a spectral-norm parametrization (sn_ext's, of either kind, or torch's)."""
     return parametrize.is_parametrized(module, name) and any(
-        isinstance(p, (SpectralNorm, _TorchSpectralNorm)) for p in module.parametrizations[name]
+        isinstance(p, (SpectralNorm, _TorchSpectralNorm, ConvSpectralNorm)) for p in module.parametrizations[name]
     )
 
 
 def has_legacy_spectral_norm(module: nn.Module, name: str) -> bool:
-    """Whether module.<name> has a legacy spectral-norm hook (sn_ext's or torch's)."""
+    """Whether module.<name> has a legacy spectral-norm hook: torch's, sn_ext's (a subclass) or any other subclass."""
     return any(
-        isinstance(hook, (_LegacyHook, _TorchLegacySpectralNorm)) and hook.name == name
-        for hook in module._forward_pre_hooks.values()
+        isinstance(hook, _TorchLegacySpectralNorm) and hook.name == name for hook in module._forward_pre_hooks.values()
     )
 
 

@@ -1,7 +1,8 @@
-"""sn_ext's Triton backend: the fused forward and rank-1 backward as Triton kernels, one file per op (its kernels,
-launch plan and op): spectral_normalize.py (sn_ext::triton_spectral_normalize_) and spectral_normalize_backward.py
-(sn_ext::triton_spectral_normalize_backward); _host.py holds the launch-plan knobs and host helpers both use,
-_helpers.py the device functions.
+"""sn_ext's Triton backend: the fused forward and rank-1 backward as Triton kernels, one file per op (its launch plan
+and op): spectral_normalize.py (sn_ext::triton_spectral_normalize_, its kernels in one module per launch path:
+_one_program.py, _grid.py, _gram.py) and spectral_normalize_backward.py (sn_ext::triton_spectral_normalize_backward,
+with its kernels); _host.py holds the launch-plan knobs and host helpers both use, _launch.py how they launch,
+_helpers.py the device functions; warm_up.py compiles a model's kernel variants ahead of a run.
 
 Nothing here imports triton until `load()` is called (sn_ext.backends calls it the first time the "triton" backend
 is chosen), so `import sn_ext` stays fast and works without triton. The kernels run on CUDA tensors; with
@@ -60,7 +61,7 @@ def load() -> tuple[bool, str]:
     try:  # defines the ops, then gives them the fake kernels and autograd formulas every backend shares (no
         # autocast exclusion: the kernels run in the inputs' dtype whatever autocast says)
         from .. import _library, ops
-        from . import spectral_normalize, spectral_normalize_backward
+        from . import _one_program, spectral_normalize, spectral_normalize_backward
 
         modules = {
             spectral_normalize.FORWARD: spectral_normalize,
@@ -77,7 +78,7 @@ def load() -> tuple[bool, str]:
         _status = (False, f"the Triton ops failed to register: {type(error).__name__}: {error}")
         return _status
     global _interpreted
-    _interpreted = type(spectral_normalize.fused_forward_kernel).__name__ == "InterpretedFunction"
+    _interpreted = type(_one_program.fused_forward_kernel).__name__ == "InterpretedFunction"
     mode = "interpreter (TRITON_INTERPRET=1), CPU tensors" if _interpreted else "CUDA tensors"
     _status = (True, f"triton {triton.__version__}, {mode}")
     return _status

@@ -1,12 +1,19 @@
 """Triton launches without a GPU, for tools: every launch of sn_ext's Triton kernels bound as for an sm_90 GPU, then
 not run.
 
-Inside `dry_run()` a launch does what Triton's JITFunction.run does on the host before the driver call: its binder
-(argument binding, specialization: equal to 1, divisible by 16) and the compiled-kernel cache key, for a CUDA
-target. No compile, no driver, no device: the ops run on CPU tensors. So on any machine one can time the host side
-of an op (launch plans, allocations, binder: benchmarks/host_overhead.py), count the kernel variants a model
-compiles (benchmarks/triton_variants.py) and compile exactly those for sm_90 (tests/triton_compile_check.py). Not
-counted: Triton's two driver calls per launch (current device and stream, ~1 us each) and the launch itself.
+Inside `dry_run()` a launch does what it does on a GPU host up to the driver: the first launch of a variant goes
+through JITFunction.run, whose binder (argument binding, specialization: equal to 1, divisible by 16) and
+compiled-kernel cache key run for a CUDA target, and returns a stand-in for the compiled kernel instead of compiling;
+later launches of that variant take the ops' direct path (sn_ext/triton/_launch.py) to the stand-in's launcher,
+which does nothing. No compile, no driver, no device: the ops run on CPU tensors. So on any machine one can time the
+host side of an op (launch plans, allocations, launches: benchmarks/host_overhead.py), count the kernel variants a
+model compiles (benchmarks/triton_variants.py) and compile exactly those for sm_90 (tests/triton_compile_check.py).
+Not counted: the current stream's lookup and Triton's C launcher (argument packing and cuLaunchKernelEx, a few us
+per launch), and on a JITFunction.run launch its two driver calls (current device and stream, ~1 us each).
+
+`dry_run(verify=True)` also binds every direct launch again and checks that it is the variant the stand-in stands
+for: the direct path's key (device and tensor alignments; the plan fixes the rest) must select the same variant as
+Triton's own key (tests/test_triton.py).
 """
 
 from __future__ import annotations
@@ -50,12 +57,12 @@ def why_not() -> str:
 
 
 def launched_kernels() -> list:
-    """The JIT functions the ops launch (made by _helpers.kernel), in both op modules."""
+    """The JIT functions the ops launch (made by _helpers.kernel), in the kernel modules."""
     from triton.runtime.jit import JITFunction
 
-    from . import spectral_normalize, spectral_normalize_backward
+    from . import _gram, _grid, _one_program, spectral_normalize_backward
 
-    modules = (spectral_normalize, spectral_normalize_backward)
+    modules = (_one_program, _grid, _gram, spectral_normalize_backward)
     return [
         value
         for module in modules
@@ -64,8 +71,38 @@ def launched_kernels() -> list:
     ]
 
 
+def _knob(group: str, name: str, default):
+    """triton.knobs.<group>.<name> where this triton has it, else `default`."""
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover - triton < 3.4
+        return default
+    return getattr(getattr(knobs, group, None), name, default)
+
+
+class _StandIn:
+    """What JITFunction.run returns in a dry run in place of a compiled kernel: the ops' direct launches call its
+    `run` as they would Triton's launcher (see _launch.eager_launch)."""
+
+    packed_metadata = None
+    function = None
+
+    def __init__(self, key, bind, arguments: int, kwargs: dict, verify: bool):
+        self.key = key
+        self._bind = bind
+        self._arguments = arguments  # how many of the launcher's arguments are not constexprs
+        self._kwargs = kwargs
+        self._verify = verify
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter, exit, *args) -> None:
+        if self._verify:
+            key = self._bind(*args[: self._arguments], **self._kwargs)
+            if key != self.key:
+                raise AssertionError(f"{self.key[0]}: a direct launch of one variant binds as another ({key})")
+
+
 @contextlib.contextmanager
-def dry_run() -> Iterator[dict]:
+def dry_run(verify: bool = False) -> Iterator[dict]:
     """Replaces every launch by Triton's binder and cache key (see the module docstring); yields a dict that fills
     with {(kernel name, cache key): Variant}, one entry per kernel variant a GPU would compile."""
     from triton.backends.compiler import GPUTarget
@@ -79,19 +116,30 @@ def dry_run() -> Iterator[dict]:
     def bind_only(kernel):
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         key_cache: dict = {}
+        arguments = sum(1 for p in kernel.params if not p.is_constexpr)
+
+        def bind(*args, **kwargs):
+            bound, specialization, options = binder(*args, **kwargs)
+            return (kernel.fn.__name__, compute_cache_key(key_cache, specialization, options))
 
         def run(*args, grid, warmup, **kwargs):
-            kwargs["debug"] = kernel.debug
-            bound, specialization, options = binder(*args, **kwargs)
-            key = (kernel.fn.__name__, compute_cache_key(key_cache, specialization, options))
+            # The options JITFunction.run adds (triton 3.6, 3.8): the same options, the same variant and cache key.
+            kwargs["debug"] = kwargs.get("debug", kernel.debug) or _knob("runtime", "debug", False)
+            mode = _knob("compilation", "instrumentation_mode", None)
+            if mode is not None:
+                kwargs["instrumentation_mode"] = mode
+            key = bind(*args, **kwargs)
             if key not in variants:  # as a compile: once per variant
+                bound, specialization, options = binder(*args, **kwargs)
                 options, signature, constexprs, attrs = kernel._pack_args(
                     backend, kwargs, bound, specialization, options
                 )
                 variants[key] = Variant(kernel, signature, constexprs, attrs, options.__dict__)
+            return _StandIn(key, bind, arguments, kwargs, verify)
 
         return run
 
+    _forget_direct_launches()
     for kernel in kernels:
         kernel.run = bind_only(kernel)  # an instance attribute: shadows JITFunction.run until deleted
     try:
@@ -99,3 +147,12 @@ def dry_run() -> Iterator[dict]:
     finally:
         for kernel in kernels:
             del kernel.run
+        _forget_direct_launches()  # no launch after the dry run may reach a stand-in
+
+
+def _forget_direct_launches() -> None:
+    """Clears the ops' launch plans, and with them the compiled kernels (or stand-ins) their launches hold."""
+    from . import spectral_normalize, spectral_normalize_backward
+
+    spectral_normalize.forget_plans()
+    spectral_normalize_backward.forget_plans()

@@ -1,6 +1,6 @@
-"""Triton device functions shared by the kernels: indexing a weight's matrix view, IEEE division and square root,
-and the "usable norm" test (inlined into every kernel that calls them); and `kernel`, how the launched kernels are
-jitted.
+"""Triton device functions shared by the kernels: indexing a weight's matrix view, the grid forward's workspace,
+IEEE division and square root, the "usable norm" test and the restoring of degenerate rounds (inlined into every
+kernel that calls them); and `kernel`, how the launched kernels are jitted.
 
 The matrix view (csrc/matrix_view.h): a weight W of any rank is seen, for `dim`, as a 3-D strided tensor
 W3 = (outer, rows, inner) with outer = prod(sizes[:dim]) and inner = prod(sizes[dim+1:]), and
@@ -14,6 +14,8 @@ import inspect
 
 import triton
 import triton.language as tl
+
+from . import _host
 
 # Integer arguments Triton would otherwise specialize on (equal to 1, divisible by 16): the matrix's row count and
 # the vectors' strides and lengths, which do not change how W is loaded. Specialized, each layer shape compiled
@@ -35,7 +37,11 @@ NOT_SPECIALIZED = (
     "col_blocks",
     "tiles",
     "parts",
-    "rows_per_part",
+    "row_blocks",
+    "programs",
+    "reducers",
+    "first",
+    "last",
 )
 
 
@@ -93,3 +99,49 @@ def clamp_min_eps(norm, eps):
 def usable(norm):
     """1 (int32) if the norm is finite and non-zero, else 0: a round that meets such a norm is degenerate."""
     return ((norm > 0) & (norm < float("inf"))).to(tl.int32)
+
+
+@triton.jit
+def finish_block(in_ptr, in_stride, new_ptr, idx, mask, ok):
+    """After a forward's rounds, for the elements idx of a vector: the caller's vector (in) <- the new one if every
+    round was usable (ok), else the new one <- the input (a degenerate round changes nothing)."""
+    in_offsets = idx.to(tl.int64) * in_stride
+    if ok != 0:  # a branch, not two masked copies: the one-program forward spilled with both (triton 3.8)
+        tl.store(in_ptr + in_offsets, tl.load(new_ptr + idx, mask=mask, other=0.0), mask=mask)
+    else:
+        tl.store(new_ptr + idx, tl.load(in_ptr + in_offsets, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def finish(in_ptr, in_stride, new_ptr, n, ok, BLOCK: tl.constexpr):
+    """finish_block over a whole vector of n elements. Each element is read and written by one thread."""
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        finish_block(in_ptr, in_stride, new_ptr, idx, idx < n, ok)
+
+
+# ---- the grid forward's workspace ----
+# One tensor of the accumulation dtype per grid forward (_host.workspace_size), so that a call allocates once:
+#   [0]                                  flag: 1 while every norm so far was usable (0 after a degenerate one)
+#   [16, 16 + MAX_PARTS)                 |y|^2, one partial sum per gram program
+#   [16 + MAX_PARTS, 16 + 2 MAX_PARTS)   |z|^2, one partial sum per gram_reduce program
+#   [HEADER, HEADER + rows)              y: the raw W v of a gram round
+#   from HEADER + rows rounded up to 16: the partial sums (matvec, rmatvec: splits x n; gram: parts x cols, whose
+#                                        row 0 gram_reduce overwrites with z, the summed and scaled W^T y)
+MAX_PARTS = tl.constexpr(_host.MAX_PARTS)
+HEADER = tl.constexpr(_host.WORKSPACE_HEADER)
+
+
+@triton.jit
+def workspace(ws_ptr, rows):
+    """(flag, |y|^2 partials, |z|^2 partials, y, partial sums) pointers into a grid forward's workspace."""
+    squares_ptr = ws_ptr + 16
+    y_ptr = ws_ptr + HEADER
+    return ws_ptr, squares_ptr, squares_ptr + MAX_PARTS, y_ptr, y_ptr + ((rows + 15) // 16) * 16
+
+
+@triton.jit
+def sum_partials(ptr, count):
+    """The sum of count (<= MAX_PARTS) partial sums, in one fixed order: every program that adds them gets the same."""
+    idx = tl.arange(0, MAX_PARTS)
+    return tl.sum(tl.load(ptr + idx, mask=idx < count, other=0.0), axis=0)

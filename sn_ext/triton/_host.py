@@ -5,11 +5,12 @@ csrc/matrix_view.h's WeightShapedOutput), and tile sizes. Device-side helpers ar
 import dataclasses
 import functools
 import math
+import operator
 
 import torch
 
 # Launch plan knobs, read at every call (tests lower them to run every path on tiny weights). The values marked
-# "model" come from a bytes-and-latency model of an H100 (../shared/reference/triton_desk_review.md), not from a GPU
+# "model" come from a bytes-and-latency model of an H100 (../shared/reference/triton_desk_review_2.md), not from a GPU
 # run; docs/design.md lists what a GPU run must confirm.
 # One program (one launch per op) up to this size (model): its serial 16 KB tiles cost ~1 us each, a grid launch
 # ~3 us plus ~3 us per extra launch, so the grid wins past a few tiles per pass.
@@ -28,12 +29,31 @@ MAX_LAMBDA_PARTS = 256
 # at 128): each gets the most that compiles without spills on 3.6 and 3.8 (tests/triton_compile_check.py).
 FUSED_WARPS = 16
 FUSED_FORWARD_WARPS = 8
-# A u-first round on the grid reads W once (gram_kernel) when its weight gives at least GRAM_MIN_PARTS parts of at
-# least GRAM_ROWS_PER_PART rows: about one program per SM (model; fewer leave SMs idle, where the split path's two
-# passes have TARGET_PROGRAMS programs each), and a workspace of at most 1/GRAM_ROWS_PER_PART of W's elements.
-GRAM_ROWS_PER_PART = 16
-GRAM_MIN_PARTS = 128
+# u-first rounds on the grid read W once (gram_kernel, _gram.py) unless the weight has fewer than GRAM_MIN_BLOCKS row
+# blocks and more than twice as many column tiles: a few programs would then each stream long rows tile by tile,
+# where the split passes spread the columns over ~256 programs. The device-time model (benchmarks/triton_model.py,
+# an H100) puts the crossover there: 1x18432, 16x16384, 128x32768 and 32x1048576 take 10-60% less time split, 4x8192
+# and 256x16384 tie, 32x4096 and every sngan layer but 1x18432 take 10-30% less with the one read.
+# The gram tiles are at most GRAM_TILE_COLS wide (8 rows of a wide weight: the x and partial-row traffic per tile stay
+# an eighth of W's and a 512-row layer still gets 64 programs); GRAM_PROGRAMS programs at most, each adding its row
+# blocks' shares of W^T y into one partial row, so that the rows a program re-reads (its current block, ~150 KB) are
+# still in L2 whatever W's size.
+GRAM_TILE_COLS = 512
+GRAM_MIN_BLOCKS = 64
+GRAM_ROUNDS = True  # False: every grid round takes the split passes (tests)
+GRAM_PROGRAMS = 256
+GRAM_WARPS = 8  # at 4, a tile of 4096 float32 per 128 threads and the partial row's loads spilled on triton 3.8
+GRAM_PROGRAMS_PER_SM = 2  # registers for two programs per SM (GRAM_PROGRAMS is about two per SM of an H100)
+# backward_kernel's warps: at 4 (Triton's default), 32 IEEE divisions per thread made ptxas keep one on the stack in
+# bfloat16 (tests/triton_compile_check.py); 8 halve them at no cost to an elementwise kernel.
+BACKWARD_WARPS = 8
 PIPELINE_STAGES = 3  # loads in flight per loop of the grid's streaming kernels (cp.async on sm_80+; model)
+
+# The grid forward's workspace, one tensor of the accumulation dtype per call (laid out by _helpers.workspace):
+# a header of WORKSPACE_HEADER elements (the round's flag, per-program partial sums of |y|^2 and |z|^2, at most
+# MAX_PARTS each), then y (the raw W v of a gram round, `rows` rounded up to 16), then the partial sums.
+WORKSPACE_HEADER = 1024
+MAX_PARTS = 256
 
 
 # Plain integer arithmetic for the launch plans: triton.cdiv and triton.next_power_of_2 are constexpr functions that
@@ -49,12 +69,6 @@ def pow2(n: int) -> int:
     return 1 << (max(1, int(n)) - 1).bit_length()
 
 
-def eager_launch(kernel):
-    """What wrap_triton(kernel) is for a launch on real tensors: the kernel itself (wrap_triton costs ~6 us a call, and
-    its wrapper only matters when torch.compile traces the op)."""
-    return kernel
-
-
 KNOBS = (
     "FUSED_MAX_NUMEL",
     "ONE_PASS_MAX",
@@ -67,10 +81,16 @@ KNOBS = (
     "MAX_LAMBDA_PARTS",
     "FUSED_WARPS",
     "FUSED_FORWARD_WARPS",
-    "GRAM_ROWS_PER_PART",
-    "GRAM_MIN_PARTS",
+    "GRAM_TILE_COLS",
+    "GRAM_MIN_BLOCKS",
+    "GRAM_ROUNDS",
+    "GRAM_PROGRAMS",
+    "GRAM_WARPS",
+    "GRAM_PROGRAMS_PER_SM",
+    "BACKWARD_WARPS",
     "PIPELINE_STAGES",
 )
+_knob_values = operator.itemgetter(*KNOBS)
 
 
 def cached_plan(make):
@@ -86,13 +106,25 @@ def cached_plan(make):
             return make(*key)
 
     plan.cache_info = cache.cache_info
+    plan.cache_clear = cache.cache_clear
     return plan
 
 
 def knobs() -> tuple:
     """The knobs' current values: part of every launch plan's cache key, so a plan never outlives a knob's value."""
-    module = globals()
-    return tuple(module[name] for name in KNOBS)
+    return _knob_values(globals())
+
+
+def warps_and_registers(warps: int, programs_per_sm: int = 1) -> dict:
+    """Launch options: `warps` warps and the registers an SM has for `programs_per_sm` such programs (.maxnreg). A
+    one-program kernel, alone on its SM, loses nothing to them; without the bound ptxas kept 8- and 16-warp programs
+    to 128 and 64 registers (80 for gram_kernel on triton 3.6) and spilled (tests/triton_compile_check.py)."""
+    return dict(num_warps=warps, maxnreg=min(255, 65536 // (32 * warps * programs_per_sm)))
+
+
+def workspace_size(rows: int, parts: int) -> int:
+    """Elements of a grid forward's workspace (see WORKSPACE_HEADER) with `parts` partial-sum elements."""
+    return WORKSPACE_HEADER + cdiv(rows, 16) * 16 + parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +213,11 @@ class Layout:
         except RuntimeError:
             return Layout(m, views, (m.rows * m.inner, m.inner, 1), True, True)
 
+    @property
+    def in_place(self) -> bool:
+        """Whether the kernels take every tensor as it is: no copy of an input, no scratch output."""
+        return not (self.reshape or self.scratch)
+
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """The tensor the kernels index for input t: t itself, or (outer, rows, inner) as torch reshapes it."""
         if not self.reshape:
@@ -203,8 +240,17 @@ class Layout:
         return out
 
 
-def tile_shape(rows: int, cols: int, max_cols: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS) of about TILE elements, no wider than the matrix nor than `max_cols`: the one-program
-    kernels pass TILE (a 1 x 8192 weight gets [1, 4096] tiles, 16-byte loads, instead of [1, 128] scalar ones)."""
-    block_cols = min(max_cols, TILE, pow2(cols))
-    return max(1, min(pow2(rows), TILE // block_cols)), block_cols
+def tile_shape(cols: int, max_cols: int, elements: int | None = None) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS) of `elements` (default TILE) elements, no wider than the matrix (rounded up to a power
+    of 2) nor than `max_cols`. The rows are not capped by the matrix's: a tile depends on the column count's power of
+    2 only, so weights with the same one share compiled kernels (a short matrix masks the rows it lacks). The
+    one-program kernels pass TILE (a 1 x 8192 weight gets [1, 4096] tiles, 16-byte loads, instead of [32, 128])."""
+    elements = elements or TILE
+    block_cols = min(max_cols, elements, pow2(cols))
+    return max(1, elements // block_cols), block_cols
+
+
+def grid_tile(dtype: torch.dtype) -> int:
+    """Elements per tile of the grid's kernels (4 warps): TILE, halved for float64, whose sums and loaded values take
+    two registers each (a whole tile spilled hundreds of bytes: tests/triton_compile_check.py)."""
+    return TILE // 2 if dtype == torch.float64 else TILE

@@ -10,11 +10,12 @@ import dataclasses
 
 import torch
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _checks, _matrix, _schemas
-from . import _host
+from . import _host, _launch
 from ._helpers import kernel, matrix_offsets, precise_div
+from ._launch import Launch
 
 BACKWARD = "sn_ext::triton_spectral_normalize_backward"
 
@@ -174,12 +175,10 @@ class _Plan:
 
     layout: _host.Layout  # of weight_sn (whose layout the output takes) and grad
     acc: torch.dtype
-    fused: bool
-    tile: dict  # BLOCK_ROWS, BLOCK_COLS
-    col_blocks: int = 0
-    tiles: int = 0
-    parts: int = 0
-    block_parts: int = 0
+    fused: Launch | None = None
+    lambda_partial: Launch | None = None
+    backward: Launch | None = None
+    grid_args: tuple = ()  # col_blocks, tiles; parts
 
 
 @_host.cached_plan
@@ -189,15 +188,39 @@ def _plan(shape, g_stride, s_stride, dtype, dim, knobs) -> _Plan:
     m = layout.matrix
     acc = _matrix.accumulate_dtype(dtype)
     if m.rows * m.cols <= _host.FUSED_MAX_NUMEL:
-        block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.TILE)
-        return _Plan(layout, acc, True, dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols))
-    block_rows, block_cols = _host.tile_shape(m.rows, m.cols, _host.GRID_TILE_COLS)
+        block_rows, block_cols = _host.tile_shape(m.cols, _host.TILE)
+        fused = Launch(
+            fused_backward_kernel,
+            (1,),
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+            **_host.warps_and_registers(_host.FUSED_WARPS),
+        )
+        return _Plan(layout, acc, fused)
+    block_rows, block_cols = _host.tile_shape(m.cols, _host.GRID_TILE_COLS, _host.grid_tile(dtype))
     col_blocks = _host.cdiv(m.cols, block_cols)
     tiles = _host.cdiv(m.rows, block_rows) * col_blocks
     tile = dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     parts = min(tiles, _host.MAX_LAMBDA_PARTS)
-    # block_parts from the knob, not from `parts`: one compiled variant of backward_kernel for every weight size.
-    return _Plan(layout, acc, False, tile, col_blocks, tiles, parts, _host.pow2(_host.MAX_LAMBDA_PARTS))
+    return _Plan(
+        layout,
+        acc,
+        lambda_partial=Launch(lambda_partial_kernel, (parts,), **tile, STAGES=_host.PIPELINE_STAGES),
+        # BLOCK_PARTS from the knob, not from `parts`: one compiled variant of backward_kernel for every weight size.
+        backward=Launch(
+            backward_kernel,
+            (tiles,),
+            **tile,
+            BLOCK_PARTS=_host.pow2(_host.MAX_LAMBDA_PARTS),
+            num_warps=_host.BACKWARD_WARPS,
+        ),
+        grid_args=(col_blocks, tiles, parts),
+    )
+
+
+def forget_plans() -> None:
+    """Empties the plan cache (see spectral_normalize.forget_plans)."""
+    _plan.cache_clear()
 
 
 @triton_op(BACKWARD, mutates_args=(), schema=_schemas.SCHEMAS["spectral_normalize_backward"])
@@ -205,28 +228,43 @@ def triton_spectral_normalize_backward(
     grad: torch.Tensor, weight_sn: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int
 ) -> torch.Tensor:
     """What torch.compile traces: every launch through wrap_triton. Eager calls take eager() instead."""
-    return _backward(wrap_triton, grad, weight_sn, u, v, sigma, dim)
+    return _backward(_launch.traced_launch, grad, weight_sn, u, v, sigma, dim, eager=False)
 
 
 def eager(grad, weight_sn, u, v, sigma, dim):
     """The op's kernel for real tensors (see spectral_normalize.eager)."""
-    return _backward(_host.eager_launch, grad, weight_sn, u, v, sigma, dim)
+    guard = _launch.device_guard(weight_sn.device)
+    if guard is None:
+        return _backward(_launch.eager_launch, grad, weight_sn, u, v, sigma, dim)
+    with guard:
+        return _backward(_launch.eager_launch, grad, weight_sn, u, v, sigma, dim)
 
 
-def _backward(launch, grad, weight_sn, u, v, sigma, dim):
-    op = BACKWARD
-    _checks.check_backward_args(op, grad, weight_sn, u, v, sigma, dim)
+def _backward(launch, grad, weight_sn, u, v, sigma, dim, eager=True):
+    """The backward, its launches through `launch`; `eager`: on real tensors (not traced by torch.compile)."""
+    _checks.check_backward_args(BACKWARD, grad, weight_sn, u, v, sigma, dim)
     plan = _plan(
         weight_sn.shape, grad.stride(), weight_sn.stride(), weight_sn.dtype, dim % weight_sn.dim(), _host.knobs()
     )
-    m = plan.layout.matrix
+    layout = plan.layout
+    m = layout.matrix
     matrix_args = (m.rows, m.cols, m.inner)
-    # The kernels read sigma from the device, in the accumulation dtype (a no-op for the forward's own sigma).
-    sig = sigma.to(device=weight_sn.device, dtype=plan.acc).reshape(())
-    g3, s3 = plan.layout.view(grad), plan.layout.view(weight_sn)
-    out, out3 = plan.layout.output(weight_sn)
+    # The kernels read sigma from the device, in the accumulation dtype: the forward's own sigma is that already.
+    sig = sigma
+    if sigma.dtype != plan.acc or sigma.dim() != 0 or sigma.device != weight_sn.device:
+        sig = sigma.to(device=weight_sn.device, dtype=plan.acc).reshape(())
+    if layout.in_place:  # the kernels index both inputs and a new output as they are (the common case)
+        g3, s3, out = grad, weight_sn, torch.empty_like(weight_sn)
+        out3 = out
+    else:
+        g3, s3 = layout.view(grad), layout.view(weight_sn)
+        out, out3 = layout.output(weight_sn)
+    key = _launch.call_key(weight_sn.device.index, g3, s3, u, v, sig) if eager else None  # fakes have no data
+    g_strides, s_strides = layout.strides[1], layout.strides[0]
     if plan.fused:
-        launch(fused_backward_kernel)[(1,)](
+        launch(
+            plan.fused,
+            key,
             g3,
             s3,
             out3,
@@ -234,29 +272,19 @@ def _backward(launch, grad, weight_sn, u, v, sigma, dim):
             v,
             sig,
             *matrix_args,
-            *plan.layout.strides[1],
-            *plan.layout.strides[0],
-            *plan.layout.out_strides,
+            *g_strides,
+            *s_strides,
+            *layout.out_strides,
             u.stride(0),
             v.stride(0),
-            **plan.tile,
-            num_warps=_host.FUSED_WARPS,
         )
     else:
-        part = torch.empty(plan.parts, dtype=plan.acc, device=weight_sn.device)
-        launch(lambda_partial_kernel)[(plan.parts,)](
-            g3,
-            s3,
-            part,
-            *matrix_args,
-            *plan.layout.strides[1],
-            *plan.layout.strides[0],
-            plan.col_blocks,
-            plan.tiles,
-            **plan.tile,
-            STAGES=_host.PIPELINE_STAGES,
-        )
-        launch(backward_kernel)[(plan.tiles,)](
+        col_blocks, tiles, parts = plan.grid_args
+        part = sig.new_empty(parts)
+        launch(plan.lambda_partial, key, g3, s3, part, *matrix_args, *g_strides, *s_strides, col_blocks, tiles)
+        launch(
+            plan.backward,
+            key,
             g3,
             out3,
             u,
@@ -264,13 +292,11 @@ def _backward(launch, grad, weight_sn, u, v, sigma, dim):
             part,
             sig,
             *matrix_args,
-            *plan.layout.strides[1],
-            *plan.layout.out_strides,
+            *g_strides,
+            *layout.out_strides,
             u.stride(0),
             v.stride(0),
-            plan.col_blocks,
-            plan.parts,
-            **plan.tile,
-            BLOCK_PARTS=plan.block_parts,
+            col_blocks,
+            parts,
         )
-    return plan.layout.finish(out, out3)
+    return layout.finish(out, out3)
