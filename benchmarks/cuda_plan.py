@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -387,6 +388,19 @@ def fused_step(s: int, n: int, v_first: bool, dense: bool) -> tuple[str, str]:
     return "pass", "z" if z_only else "fused"
 
 
+def layer_step(s: int, steps: int, n: int, v_first: bool, dense: bool) -> int:
+    """block_walk::layer_step: a layer's step in phase s of a fused launch of `steps` phases, or -1: spread layers'
+    schedules end with the launch's last phase, dense ones' start with its first."""
+    own = fused_steps(n, v_first, dense)
+    t = s if dense else s - (steps - own)
+    return t if 0 <= t < own else -1
+
+
+def _orders(v_first: bool | Sequence[bool], count: int) -> list[bool]:
+    """Each layer's power-iteration order: one for all, or one per layer."""
+    return [bool(v_first)] * count if isinstance(v_first, bool) else [bool(o) for o in v_first]
+
+
 def elementwise_blocks(numel: int, sms: int) -> int:
     return max(1, min(ceil_div(numel, THREADS), sms * (ELEMENTWISE_THREADS_PER_SM // THREADS)))
 
@@ -577,17 +591,22 @@ def forward(
     gpu: dm.Gpu,
     n: int = 1,
     round_mode: str = "fused",
-    v_first: bool = False,
+    v_first: bool | Sequence[bool] = False,
     launch: str = "cooperative",
 ) -> dm.Op:
-    """One launch of the forward kernel (run_forward) for up to GROUP_LAYERS layers: n rounds, then W / sigma."""
+    """One launch of the forward kernel (run_forward) for up to GROUP_LAYERS layers: n rounds, then W / sigma.
+    v_first: every layer's power-iteration order, or each one's (the fused round runs both in one launch; the split
+    round one order per launch: give it one)."""
     if round_mode not in ROUND_MODES:
         raise ValueError(f"unknown round mode {round_mode!r}: {', '.join(ROUND_MODES)}")
+    orders = _orders(v_first, len(weights))
     if round_mode != "fused":
-        return _split_forward(weights, gpu, n, round_mode == "split-scalar", v_first, launch)
+        if len(set(orders)) > 1:
+            raise ValueError("the split round runs one power-iteration order per launch")
+        return _split_forward(weights, gpu, n, round_mode == "split-scalar", orders[0], launch)
     plans = [fused_plan_of(w, w.fused_packable) for w in weights]
     spread = any(not p.dense for p in plans)
-    steps = fused_steps(n, v_first, not spread)
+    steps = max(fused_steps(n, o, p.dense) for o, p in zip(orders, plans))
     total = sum(w.nbytes for w in weights)
     # Where reads of W come from: a launch of dense layers only finds its (small) weights in L2, as a one-block one;
     # a grid reads them from DRAM first; passes after the first read W again (L2 if the launch's weights fit), W /
@@ -600,18 +619,19 @@ def forward(
     phases = []
     for s in range(steps):
         chains, setups, nbytes, passes, names = [], [], 0.0, 0, set()
-        for w, p in zip(weights, plans):
-            if s >= fused_steps(n, v_first, p.dense):
+        for w, p, o in zip(weights, plans, orders):
+            t = layer_step(s, steps, n, o, p.dense)
+            if t < 0:
                 chains.append(np.zeros((0, len(dm.TERMS))))
                 setups.append(None)
                 continue
-            phase, kind = fused_step(s, n, v_first, p.dense)
+            phase, kind = fused_step(t, n, o, p.dense)
             if phase == "pass":
-                read = first if s == 0 else again
+                read = first if t == 0 else again
                 chains.append(
                     [fused_pass_chain(p, _rows_of(w.rows, p.rows_per_block, b), read, kind) for b in range(p.blocks)]
                 )
-                setups.append(setup_chain(s, s > 0))
+                setups.append(setup_chain(t, t > 0))
                 reads = 2 if p.segments > 1 and kind == "fused" else 1
                 partial = w.cols if p.dense else p.blocks * w.cols
                 nbytes += reads * w.nbytes + w.acc * (w.rows + partial) + w.itemsize * w.cols
@@ -619,12 +639,12 @@ def forward(
                 names.add(_PASS_NAMES[kind])
             elif phase == "sums":
                 chains.append([column_sums_chain(p)] * p.reduce_blocks)
-                setups.append(setup_chain(s, kind == "fused"))
+                setups.append(setup_chain(t, kind == "fused"))
                 nbytes += w.acc * (p.blocks * w.cols + w.cols)
                 names.add("z summed")
             else:
                 chains.append([finish_chain(w, p, b, divide_read, True) for b in range(p.blocks)])
-                setups.append(setup_chain(s, True))
+                setups.append(setup_chain(t, True))
                 nbytes += 2 * w.nbytes + (w.rows + w.cols) * (w.acc + 2 * w.itemsize)
                 passes += 2
                 names.add("u, v, sigma, W / sigma")
@@ -751,13 +771,20 @@ def train_step(
     gpu: dm.Gpu,
     n: int = 1,
     round_mode: str = "fused",
-    v_first: bool = False,
+    v_first: bool | Sequence[bool] = False,
     launch: str = "cooperative",
 ) -> list[dm.Op]:
     """A train step's ops for a layer (one weight) or a grouped model (up to GROUP_LAYERS layers per launch):
-    the forward launches, then the backward ones."""
+    the forward launches (the split round: per order, u-first layers first, as run_forward), then the backward
+    ones."""
+    orders = _orders(v_first, len(weights))
+    ops = []
+    for launch_orders in [None] if round_mode == "fused" else [False, True]:
+        chosen = [i for i, o in enumerate(orders) if launch_orders is None or o == launch_orders]
+        for k in range(0, len(chosen), GROUP_LAYERS):
+            part = chosen[k : k + GROUP_LAYERS]
+            ops.append(forward([weights[i] for i in part], gpu, n, round_mode, [orders[i] for i in part], launch))
     groups = [weights[i : i + GROUP_LAYERS] for i in range(0, len(weights), GROUP_LAYERS)]
-    ops = [forward(g, gpu, n, round_mode, v_first, launch) for g in groups]
     return ops + [backward(g, gpu, launch) for g in groups]
 
 

@@ -10,8 +10,9 @@ Checks (correctness: they decide the exit status):
 - check_ops: every op (spectral_normalize_ u-first and v-first with n = 0, 1, 3; power_iteration_;
   spectral_normalize_backward) on a few shapes and dtypes against the CPU (normwise relative error), cooperative
   and phased launches (SN_EXT_CUDA_LAUNCH) bit for bit;
-- check_grouped: the grouped ops on a 13-layer group, all u-first and mixed orders (u-first and v-first layers, one
-  forward launch per order), each layer's bits equal to its per-layer launch's;
+- check_grouped: the grouped ops on a 13-layer group (small layers and two spread over the grid), all u-first and
+  mixed orders (u-first and v-first layers in one forward launch of the fused round), each layer's bits equal to its
+  per-layer launch's;
 - check_graphs: a forward + backward captured in a CUDA graph replays to the eager result, in each launch mode.
 
 Timings (each record's "ok" says whether it meets its goal, issue #29; see the constants below):
@@ -316,12 +317,21 @@ def _forward_in_mode(mode: str, w, u, v, v_first: bool):
     return forward
 
 
+def _grouped_shape(i: int) -> tuple[int, ...]:
+    """check_grouped's layer i: small ones (each in one block) and two spread over the grid (4: u-first, 6: v-first in
+    the mixed group), so that a launch runs both kinds and, mixed, both orders (block_walk::layer_step)."""
+    if i in (4, 6):
+        return (128 if i == 4 else 192, 64, 3, 3)
+    return (16 + 8 * (i % 5), 3 + i % 4, 3, 3)
+
+
 def check_grouped(results: Results) -> None:
     count = 13  # two grouped launches: 12 layers, then 1
-    layers = [inputs((16 + 8 * (i % 5), 3 + i % 4, 3, 3), torch.float32, seed=i) for i in range(count)]
+    layers = [inputs(_grouped_shape(i), torch.float32, seed=i) for i in range(count)]
     ws, us, vs, gs = (list(t) for t in zip(*layers))
     dims = [0] * count
-    # All u-first (the parametrization), and mixed with v-first layers (legacy ones): one forward launch per order.
+    # All u-first (the parametrization), and mixed with v-first layers (legacy ones): the fused round runs both
+    # orders in one forward launch, the split round one per order.
     for what, orders in (("u-first", [False] * count), ("mixed orders", [i % 3 == 0 for i in range(count)])):
         check = f"grouped, {count} layers, {what}"
         cpu_sn = ops.spectral_normalize_grouped_(

@@ -12,7 +12,7 @@ Importing this module loads the kernels (see _library.py). The ops, all on W's m
   non-finite or zero vector) leaves u and v as they were.
 - ``spectral_normalize_backward(grad, W_sn, u, v, sigma, dim) -> grad_W``: ``(grad - <grad, W_sn> u v^T) / sigma``.
 - ``spectral_normalize_grouped_(Ws, us, vs, dims, n, eps, v_first=None) -> (W_sns, sigmas, us_used, vs_used)``: the
-  forward of many layers in one call (one launch on a GPU per power-iteration order), as spectral_normalize_ per
+  forward of many layers in one call (one launch on a GPU, both power-iteration orders), as spectral_normalize_ per
   layer with that layer's ``v_first[i]`` (None: all u-first); ``sigmas`` is a vector.
 - ``spectral_normalize_grouped_backward(grads, W_sns, us, vs, sigmas, dims) -> grads_W``: their backward.
 

@@ -7,6 +7,8 @@ Skipped without a CUDA device.
 """
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from torch import nn
 
 import sn_ext
 from sn_ext import _library, ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import gpu_smoke  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -179,20 +184,23 @@ def test_grouped_one_launch_forward_and_one_backward():
 MIXED_ORDERS = [True, False, False, True]  # legacy (v-first) and parametrization (u-first) layers in one call
 
 
-def test_grouped_mixed_orders_one_forward_launch_per_order():
-    """The forward kernel runs one power-iteration order per launch: a mixed group costs two forward launches and
-    one copy kernel (the sigmas back in the layers' order); the backward, which has no order, still one."""
+@pytest.mark.parametrize("round_,forward_launches", [("fused", 1), ("split", 2)])
+def test_grouped_mixed_orders_forward_launches(round_, forward_launches):
+    """The fused round runs layers of both power-iteration orders in one forward launch (each on its own schedule),
+    the split round one per order; each writes its layers' sigmas in place (no gather); the backward, which has no
+    order, is one launch."""
     weights, us, vs, dims = grouped_layers(torch.float32, "cuda")
     weights = [w.detach().requires_grad_() for w in weights]
     grads = [torch.randn_like(w) for w in weights]
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        weights_sn, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS, MIXED_ORDERS)
-        torch.autograd.backward(weights_sn, grads)
-        torch.cuda.synchronize()
+    with gpu_smoke.round_mode(round_):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            weights_sn, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS, MIXED_ORDERS)
+            torch.autograd.backward(weights_sn, grads)
+            torch.cuda.synchronize()
     kernels = _kernel_names(prof)
-    assert len(kernels) == 4, kernels
-    assert sum("forward_kernel" in k for k in kernels) == 2 and "backward_kernel" in kernels[-1], kernels
+    assert len(kernels) == forward_launches + 1, kernels
+    assert sum("forward_kernel" in k for k in kernels) == forward_launches and "backward_kernel" in kernels[-1], kernels
 
 
 @pytest.mark.parametrize("v_first", [None, MIXED_ORDERS], ids=["u_first", "mixed_orders"])

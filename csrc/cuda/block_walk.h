@@ -347,6 +347,29 @@ SN_EXT_HOST_DEVICE inline FusedStep fused_step(int64_t s, int64_t n, bool v_firs
   return {FusedPhase::kPass, z_only ? Pass::kZ : Pass::kFused, round == 0, false, false, v_first};
 }
 
+// A layer's step in phase s of a fused launch of `steps` phases (the most any of its layers takes), or -1 where it
+// has none: a launch runs layers of both orders and of both kinds, each on its own schedule (so with the bits of a
+// launch of its own). A spread layer's schedule ends with the launch's last phase: every spread layer finishes
+// there, the finish walking back over the blocks for all of them; a dense layer's starts with the first (its pass
+// then shares a phase with the spread layers' first pass, not with their shorter sums).
+SN_EXT_HOST_DEVICE inline int64_t layer_step(int64_t s, int64_t steps, int64_t n, bool v_first, bool dense) {
+  const int64_t own = fused_steps(n, v_first, dense);
+  const int64_t t = dense ? s : s - (steps - own);
+  return t >= 0 && t < own ? t : -1;
+}
+
+// A layer's virtual blocks in phase s (its step t = layer_step(...), -1: none): the pass's and finish's row blocks,
+// the sums' column blocks; a dense layer one. `independent`: the launch's blocks work alone (dense layers only, no
+// grid-wide barrier between phases): a dense layer then keeps its virtual block in every phase, idle or not, so that
+// block l stays layer l's throughout (a layer whose schedule has ended would otherwise shift the next layers' blocks
+// onto other blocks, which nothing orders after their earlier steps).
+SN_EXT_HOST_DEVICE inline int64_t phase_blocks(const FusedPlan& p, int64_t t, int64_t n, bool v_first,
+                                               bool independent) {
+  if (p.dense()) return t >= 0 || independent ? 1 : 0;
+  if (t < 0) return 0;
+  return fused_step(t, n, v_first, false).phase == FusedPhase::kSums ? p.reduce_blocks : p.blocks;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The backward's plan: lambda = <G, W_sn> as partial sums over `blocks` pieces of the elements (kLambdaItemsPerThread
 // per thread or more, at most kMaxLambdaBlocks pieces), then the correction over the same pieces, each block finding

@@ -22,16 +22,18 @@ enum class Finish : int {
 
 // One layer of a forward launch, as tensors. u_in, v_in: the vectors to start from; u_work, v_work: where the
 // rounds write theirs (contiguous); `finish` says whether they are the outputs, scratch to commit into u_in, v_in,
-// or both. `out`: W_sn's (outer, rows, inner) view, undefined for no division.
+// or both. `out`: W_sn's (outer, rows, inner) view, undefined for no division. v_first: the layer's power-iteration
+// order.
 struct ForwardLayer {
   at::Tensor w3, out3, u_in, v_in, u_work, v_work;
   Finish finish;
+  bool v_first = false;
 };
 
 // Runs the forward of `layers` (one dtype and device): n rounds, then W / sigma; sigma[i] (a contiguous tensor
-// of one value per layer, of any shape) for layer i.
-void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, int64_t n, double eps,
-                 bool v_first);
+// of one value per layer, of any shape) for layer i. The fused round runs layers of both orders in one launch (per
+// kGroupLayers layers), the split round one order per launch.
+void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, int64_t n, double eps);
 
 // One layer of a backward launch: grad_W = (G - <G, W_sn> u v^T) / sigma, written through out3.
 struct BackwardLayer {

@@ -20,8 +20,8 @@ at::Tensor power_iteration_cuda(const at::Tensor& weight, at::Tensor& u, at::Ten
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
   // The rounds run on scratch vectors: u, v change only if no round was degenerate, decided on the device.
   run_forward({{as_matrix3d(weight, shape), at::Tensor(), u, v, at::empty({u.numel()}, u.options()),
-                at::empty({v.numel()}, v.options()), Finish::kCommit}},
-              sigma, n, eps, v_first);
+                at::empty({v.numel()}, v.options()), Finish::kCommit, v_first}},
+              sigma, n, eps);
   return sigma;
 }
 

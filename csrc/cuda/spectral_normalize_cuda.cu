@@ -72,6 +72,7 @@ struct LayerForward {
   View3d ov;
   Vectors<scalar_t> vec;
   Finish finish;       // what the last normalization does with the vectors (see Finish)
+  bool v_first;        // the layer's power-iteration order (the fused round: each layer its own; split: the launch's)
   bool divide_packed;  // W and W_sn contiguous and aligned (packable)
   // The round reads W's rows in 16-byte packs: fused, fused_packable; split, rows_packable (false under
   // SN_EXT_CUDA_ROUND=split-scalar, which runs the scalar loops).
@@ -101,7 +102,8 @@ struct ForwardLaunch {
   int count;
   int64_t n;
   acc_t eps;
-  bool v_first;
+  bool v_first;                    // the split round's order (one per launch)
+  int64_t steps;                   // the fused round's phases: the most its layers' schedules take (layer_step)
   int64_t first_step, step_count;  // the phases this launch runs (launch_steps)
   bool one_block;  // each block works alone (one block, or dense layers only): __syncthreads between phases
 };
@@ -202,24 +204,30 @@ __device__ __forceinline__ void fused_layer_step(const Launch& p, const typename
   if (local == 0 && threadIdx.x == 0) L.degenerate[s % 2] = setup.flag_in | (setup.bad ? 1 : 0);
 }
 
-// Phase s of a fused launch: every layer's step s of its schedule, the spread layers' over many blocks (the finish
-// walking back over the blocks the pass walked), a dense layer's in one block (its schedule is shorter: it has no
-// sums steps, and nothing to do once it is done).
+// Phase s of a fused launch: every layer's step of its own schedule (block_walk::layer_step: the spread layers'
+// finishes all in the last phase, walking back over the blocks the pass walked), a spread layer's over many blocks, a
+// dense layer's in one block (its schedule is shorter: it has no sums steps, and nothing to do once it is done).
+template <typename Launch>
+__device__ __forceinline__ int64_t step_in_phase(const Launch& p, const typename Launch::Layer& L, int s) {
+  return block_walk::layer_step(s, p.steps, p.n, L.v_first, L.fused.dense());
+}
+
 template <typename index_t, typename Launch>
 __device__ __forceinline__ void fused_phase(const Launch& p, int s) {
   using Layer = typename Launch::Layer;
-  const bool finish = fused_step(s, p.n, p.v_first, false).phase == FusedPhase::kFinish;
-  const auto blocks_of = [&](const Layer& L) -> int64_t {
-    const bool dense = L.fused.dense();
-    if (s >= fused_steps(p.n, p.v_first, dense)) return 0;
-    if (dense) return 1;
-    return fused_step(s, p.n, p.v_first, false).phase == FusedPhase::kSums ? L.fused.reduce_blocks : L.fused.blocks;
+  using acc_t = typename Launch::acc_type;
+  const auto blocks_of = [&](const Layer& L) {
+    return block_walk::phase_blocks(L.fused, step_in_phase(p, L, s), p.n, L.v_first, p.one_block);
   };
   for_each_virtual_block_of_layers(
-      p.layers, p.count, blocks_of, finish,
-      [&](const Layer& L) { return fused_setup(p, L, fused_step(s, p.n, p.v_first, L.fused.dense()), s); },
-      [&](const Layer& L, int64_t local, const StepSetup<typename Launch::acc_type>& setup) {
-        fused_layer_step<index_t>(p, L, fused_step(s, p.n, p.v_first, L.fused.dense()), s, setup, local);
+      p.layers, p.count, blocks_of, s == p.steps - 1,
+      [&](const Layer& L) {
+        const int64_t t = step_in_phase(p, L, s);
+        return t < 0 ? StepSetup<acc_t>{} : fused_setup(p, L, fused_step(t, p.n, L.v_first, L.fused.dense()), t);
+      },
+      [&](const Layer& L, int64_t local, const StepSetup<acc_t>& setup) {
+        const int64_t t = step_in_phase(p, L, s);
+        if (t >= 0) fused_layer_step<index_t>(p, L, fused_step(t, p.n, L.v_first, L.fused.dense()), t, setup, local);
       });
 }
 
@@ -376,8 +384,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
 }  // namespace
 
-void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, int64_t n, double eps,
-                 bool v_first) {
+void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, int64_t n, double eps) {
   const at::Tensor& w0 = layers[0].w3;
   const auto acc_options = w0.options().dtype(sigmas.scalar_type());
   // A launch's rounds are all fused or all split, so a layer's bits are the same alone or in a group.
@@ -410,15 +417,25 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
   at::Tensor workspace = at::empty({partial_offsets.back()}, acc_options);
   // No memset: each layer's first step writes its flag instead of adding to it. Two per layer (LayerForward).
   at::Tensor degenerate = at::empty({2 * static_cast<int64_t>(layers.size())}, w0.options().dtype(at::kInt));
+  // The layers in launch order: the fused round runs layers of both power-iteration orders in one launch (each its
+  // own schedule), the split round one order per launch (u-first layers first). Each layer keeps its own place in
+  // the workspace, flags and sigmas.
+  std::vector<size_t> order;
+  for (const bool v_first : {false, true})
+    for (size_t i = 0; i < layers.size(); ++i)
+      if (fused ? !v_first : layers[i].v_first == v_first) order.push_back(i);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w0.scalar_type(), "sn_ext_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_index_type(max_numel, [&](auto tag) {
       using index_t = decltype(tag);
       with_layer_capacity(layers.size(), [&](auto capacity) {
         constexpr int kLayers = decltype(capacity)::value;
-        for (size_t start = 0; start < layers.size(); start += kLayers) {
+        for (size_t start = 0, end = 0; start < order.size(); start = end) {
+          const bool v_first = layers[order[start]].v_first;
+          for (end = start; end < order.size() && end - start < kLayers; ++end)
+            if (!fused && layers[order[end]].v_first != v_first) break;
           ForwardLaunch<scalar_t, acc_t, kLayers> p{};
-          p.count = static_cast<int>(std::min<size_t>(kLayers, layers.size() - start));
+          p.count = static_cast<int>(end - start);
           p.n = n;
           p.eps = static_cast<acc_t>(eps);
           p.v_first = v_first;
@@ -426,7 +443,7 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
           int64_t numel = 0, pass_blocks = 0, sums_blocks = 0, mv_blocks = 0, rmv_blocks = 0, divide_blocks = 0;
           bool spread = false, divide = false;
           for (int l = 0; l < p.count; ++l) {
-            const size_t i = start + l;
+            const size_t i = order[start + l];
             const ForwardLayer& layer = layers[i];
             LayerForward<scalar_t, acc_t>& L = p.layers[l];
             const bool commits = layer.finish == Finish::kCommit || layer.finish == Finish::kBoth;
@@ -447,6 +464,7 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
                                       layer.u_in.numel(),
                                       layer.v_in.numel()};
             L.finish = layer.finish;
+            L.v_first = layer.v_first;
             L.partial = workspace.mutable_data_ptr<acc_t>() + partial_offsets[i];
             L.degenerate = degenerate.mutable_data_ptr<int>() + 2 * i;
             L.sigma = sigmas.mutable_data_ptr<acc_t>() + i;
@@ -458,6 +476,7 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
             if (fused) {
               L.fused = fused_plans[i];
               spread = spread || !L.fused.dense();
+              p.steps = std::max(p.steps, fused_steps(n, L.v_first, L.fused.dense()));
               pass_blocks += L.fused.blocks;
               sums_blocks += L.fused.reduce_blocks;
               continue;
@@ -479,8 +498,7 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
           if (fused) {
             // Dense layers only: a block per layer, each working alone (one ordinary launch).
             constexpr auto kernel = forward_kernel<scalar_t, acc_t, index_t, kLayers, true>;
-            const int64_t steps = fused_steps(n, v_first, !spread);
-            launch_steps<kernel>(p, steps, spread ? grid_blocks<kernel>(std::max(pass_blocks, sums_blocks)) : p.count,
+            launch_steps<kernel>(p, p.steps, spread ? grid_blocks<kernel>(std::max(pass_blocks, sums_blocks)) : p.count,
                                  !spread);
           } else {
             constexpr auto kernel = forward_kernel<scalar_t, acc_t, index_t, kLayers, false>;
@@ -507,9 +525,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cu
   at::Tensor u_used = at::empty_like(u, at::MemoryFormat::Contiguous);
   at::Tensor v_used = at::empty_like(v, at::MemoryFormat::Contiguous);
   // n == 0 reads and returns the buffers and changes nothing.
-  run_forward(
-      {{as_matrix3d(weight, shape), out.view3d, u, v, u_used, v_used, n == 0 ? Finish::kRestore : Finish::kBoth}},
-      sigma, n, eps, v_first);
+  run_forward({{as_matrix3d(weight, shape), out.view3d, u, v, u_used, v_used, n == 0 ? Finish::kRestore : Finish::kBoth,
+                v_first}},
+              sigma, n, eps);
   return {out.finish(), sigma, u_used, v_used};
 }
 

@@ -4,6 +4,7 @@
 // once, its row blocks each row, its column sums each column, its workspace parts do not overlap; its schedules run
 // the passes, sums and finish in the documented order; the dense choices take small layers and leave large ones to
 // the grid. Exits non-zero on the first failure.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -190,7 +191,48 @@ int check_schedules() {
         }
         if (!ok) return fail("schedule", n, v_first, dense);
       }
-  std::printf("ok   schedules: u-first (pass | sums) x n | finish; v-first z-pass .. y-pass | finish; n = 0\n");
+  // A launch of layers of both orders and kinds: each runs each of its steps once, in order, in consecutive phases;
+  // every spread layer finishes in the launch's last phase, every dense one starts in its first.
+  for (int64_t n = 0; n <= 4; ++n) {
+    int64_t steps = 0;
+    for (int kind = 0; kind < 4; ++kind) steps = std::max(steps, fused_steps(n, kind & 1, kind & 2));
+    for (int kind = 0; kind < 4; ++kind) {
+      const bool v_first = kind & 1, dense = kind & 2;
+      int64_t next = 0, last_phase = -1;
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t t = layer_step(s, steps, n, v_first, dense);
+        if (t < 0) continue;
+        if (t != next++ || (last_phase >= 0 && s != last_phase + 1)) return fail("layer step", n, kind, s, t);
+        if (t == 0 && dense && s != 0) return fail("dense start", n, kind, s);
+        last_phase = s;
+      }
+      if (next != fused_steps(n, v_first, dense)) return fail("layer steps", n, kind, next);
+      if (!dense && last_phase != steps - 1) return fail("spread finish", n, kind, last_phase);
+    }
+  }
+  // A launch of dense layers of both orders, its blocks working alone: block l does layer l's every step.
+  const FusedPlan dense = plan_fused(64, 27, 4, false);
+  if (!dense.dense()) return fail("dense plan");
+  struct DenseLayer {
+    bool v_first;
+  };
+  for (int64_t n = 0; n <= 3; ++n) {
+    const std::vector<DenseLayer> layers = {{false}, {true}, {false}, {true}, {true}};
+    const int64_t steps = fused_steps(n, true, true);
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t block = 0; block < static_cast<int64_t>(layers.size()); ++block) {
+        bool ok = true;
+        walk_virtual_blocks(
+            layers.data(), static_cast<int>(layers.size()),
+            [&](const DenseLayer& L) {
+              return phase_blocks(dense, layer_step(s, steps, n, L.v_first, true), n, L.v_first, true);
+            },
+            block, static_cast<int64_t>(layers.size()), s == steps - 1,
+            [&](const DenseLayer& L, int64_t local) { ok = ok && &L - layers.data() == block && local == 0; });
+        if (!ok) return fail("dense blocks keep their layers", n, s, block);
+      }
+  }
+  std::printf("ok   schedules: u-first (pass | sums) x n | finish; v-first z-pass .. y-pass | finish; n = 0; mixed\n");
   return 0;
 }
 
