@@ -6,6 +6,7 @@ test_spectral_normalize_backward.py, test_spectral_normalize_grouped.py: their "
 Skipped without a CUDA device.
 """
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -141,10 +142,17 @@ def _kernel_names(prof) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("shape", [(64, 3, 3, 3), (512, 512, 3, 3), (1, 100003)], ids=str)
-def test_one_launch_per_op(shape):
-    """Each op is one persistent kernel, whatever the shape or n (csrc/cuda/<op>_cuda.cu)."""
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((64, 3, 3, 3), None), ((512, 512, 3, 3), None), ((1, 100003), None), ((256, 128, 3, 3), torch.channels_last)],
+    ids=str,
+)
+def test_one_launch_per_op(shape, layout):
+    """Each op is one persistent kernel, whatever the shape or n (csrc/cuda/<op>_cuda.cu), and reads a channels_last
+    weight in place (no copy kernel)."""
     weight = randn(*shape, device=DEVICE)
+    if layout is not None:
+        weight = weight.to(memory_format=layout)
     u, v = unit(shape[0], seed=1, device=DEVICE), unit(weight[0].numel(), seed=2, device=DEVICE)
     u_buffer, v_buffer = u.clone(), v.clone()
     calls = {
@@ -154,14 +162,16 @@ def test_one_launch_per_op(shape):
             weight, weight, u, v, torch.tensor(1.5, device=DEVICE), 0
         ),
     }
-    for name, call in calls.items():
-        call()  # first-call work (occupancy query) outside the profile
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            call()
+    # The fused round reads a channels_last weight in place; the split rounds (the fallback) copy it.
+    with gpu_smoke.round_mode("fused") if layout is not None else contextlib.nullcontext():
+        for name, call in calls.items():
+            call()  # first-call work (occupancy query) outside the profile
             torch.cuda.synchronize()
-        kernels = _kernel_names(prof)
-        assert len(kernels) == 1, (name, kernels)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                call()
+                torch.cuda.synchronize()
+            kernels = _kernel_names(prof)
+            assert len(kernels) == 1, (name, kernels)
 
 
 # ---- grouped: one launch each way, CUDA graphs, no host synchronisation ----

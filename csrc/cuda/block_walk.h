@@ -41,6 +41,52 @@ SN_EXT_HOST_DEVICE inline int64_t max3(int64_t a, int64_t b, int64_t c) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Column orders. A weight seen through dim 0 whose memory holds dim 1 innermost (a channels_last convolution weight:
+// (O, kh, kw, I) in memory) has contiguous rows, each holding its columns in another order: torch's column
+// c = i * S + s (S = kh * kw) lies at memory column m = s * I + i. The kernels read such a weight as the contiguous
+// matrix of its memory order (no copy) and find v's element of memory column m at logical(m) = (m % I) * S + m / I.
+
+// The high 32 bits of a * b.
+SN_EXT_HOST_DEVICE inline uint32_t mul_high(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// n / d for 0 <= n < 2^31 by a multiply and a shift (d >= 1; the multiplier of Granlund and Montgomery's "Division
+// by invariant integers using multiplication", as CUTLASS's FastDivmod): an integer division costs tens of
+// instructions, and the fused pass takes one per element of x it reads.
+struct FastDivisor {
+  uint32_t d, mul, shr;
+  static FastDivisor of(uint32_t d) {
+    if (d == 1) return {1, 0, 0};
+    uint32_t log2 = 0;  // ceil(log2(d))
+    while ((uint64_t(1) << log2) < d) ++log2;
+    const uint32_t p = 31 + log2;
+    return {d, static_cast<uint32_t>(((uint64_t(1) << p) + d - 1) / d), p - 32};
+  }
+  SN_EXT_HOST_DEVICE uint32_t quotient(uint32_t n) const { return d == 1 ? n : mul_high(n, mul) >> shr; }
+};
+
+struct ColumnOrder {
+  FastDivisor groups;  // I; d == 0: the columns are in order
+  uint32_t per_group;  // S
+  // groups x per_group columns stored transposed; in order for groups == 0.
+  static ColumnOrder of(int64_t groups, int64_t per_group) {
+    if (groups == 0) return {{0, 0, 0}, 0};
+    return {FastDivisor::of(static_cast<uint32_t>(groups)), static_cast<uint32_t>(per_group)};
+  }
+  SN_EXT_HOST_DEVICE bool in_order() const { return groups.d == 0; }
+  SN_EXT_HOST_DEVICE int64_t logical(int64_t m) const {
+    if (in_order()) return m;
+    const uint32_t q = groups.quotient(static_cast<uint32_t>(m));
+    return static_cast<int64_t>(static_cast<uint32_t>(m) - q * groups.d) * per_group + q;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
 // Walks. A phase's virtual blocks are its layers' blocks one after another: layer l has blocks_of(layers[l]) of them
 // (0: none in this phase). Block `block` of a grid of `blocks` takes the virtual blocks b = block, block + blocks,
 // ... < total, and calls body(layer, local) for each, where local is b's index within its layer

@@ -130,17 +130,20 @@ __device__ acc_t lambda_range(const scalar_t* g, const View3d& gv, const scalar_
 }
 
 // grad_W = (G - lambda u v^T) / sigma over [begin, end), in the CPU kernel's operation order. `packed`: G's and the
-// output's views contiguous and aligned (packable). A pack's rows and columns: where a line (inner elements) is a
+// output's views contiguous and aligned (packable). v_order: where the views hold their columns out of torch's order
+// (block_walk::ColumnOrder), v's element of each. A pack's rows and columns: where a line (inner elements) is a
 // whole number of packs, one division per pack finds its row i and first column, and v's values are one 16-byte load
 // where v is contiguous and aligned; else each element's (a pack may span two lines). The packs of G are loaded
 // first; each pack's u and v values (vectors every block reads: L1) then wait for the pack before's store.
 template <bool kReversed, typename scalar_t, typename acc_t, typename index_t>
 __device__ void correction_range(const scalar_t* g, const View3d& gv, scalar_t* out, const View3d& ov,
-                                 const scalar_t* u, int64_t u_stride, const scalar_t* v, int64_t v_stride, acc_t lambda,
-                                 acc_t sigma, bool packed, int64_t begin, int64_t end) {
+                                 const scalar_t* u, int64_t u_stride, const scalar_t* v, int64_t v_stride,
+                                 const block_walk::ColumnOrder& v_order, acc_t lambda, acc_t sigma, bool packed,
+                                 int64_t begin, int64_t end) {
   const index_t rows = static_cast<index_t>(gv.rows), inner = static_cast<index_t>(gv.inner);
+  const auto v_at = [&](int64_t col) { return v[v_order.logical(col) * v_stride]; };
   const auto corrected = [&](scalar_t g_e, acc_t lambda_u, int64_t col) {
-    return static_cast<scalar_t>((static_cast<acc_t>(g_e) - lambda_u * static_cast<acc_t>(v[col * v_stride])) / sigma);
+    return static_cast<scalar_t>((static_cast<acc_t>(g_e) - lambda_u * static_cast<acc_t>(v_at(col))) / sigma);
   };
   if (packed) {
     using P = Pack<scalar_t>;
@@ -156,12 +159,12 @@ __device__ void correction_range(const scalar_t* g, const View3d& gv, scalar_t* 
     };
     // v's values for a pack in one line: one 16-byte load where v is contiguous and aligned (col0 is a whole number
     // of packs).
-    const bool v_packs = v_stride == 1 && reinterpret_cast<uintptr_t>(v) % sizeof(P) == 0;
+    const bool v_packs = v_stride == 1 && v_order.in_order() && reinterpret_cast<uintptr_t>(v) % sizeof(P) == 0;
     const auto v_pack = [&](int64_t col0) {
       if (v_packs) return *reinterpret_cast<const P*>(v + col0);
       P values;
 #pragma unroll
-      for (int j = 0; j < P::kSize; ++j) values.val[j] = v[(col0 + j) * v_stride];
+      for (int j = 0; j < P::kSize; ++j) values.val[j] = v_at(col0 + j);
       return values;
     };
     for_each_stream_step(range, [&](int64_t base) {

@@ -182,18 +182,20 @@ __device__ __forceinline__ PassShared<acc_t, kElements> pass_shared() {
   return {buffer, buffer + kElements * kThreads};
 }
 
-// What a pass reads besides W: x, the caller's vector (x_in, stride x_stride) or z / x_divisor rounded to the
-// weight's dtype (x_in == nullptr); and u (stride u_stride): kZ's row weights, or the dot's (n = 0); else nullptr.
+// What a pass reads besides W: x, the caller's vector (x_in, stride x_stride; x_order: its element of each of W's
+// columns, where the layer reads them in memory order) or z / x_divisor rounded to the weight's dtype (x_in ==
+// nullptr; z in W's column order); and u (stride u_stride): kZ's row weights, or the dot's (n = 0); else nullptr.
 template <typename scalar_t, typename acc_t>
 struct PassInput {
   const scalar_t* x_in;
   int64_t x_stride;
+  block_walk::ColumnOrder x_order;
   const acc_t* z;
   acc_t x_divisor;
   const scalar_t* u;
   int64_t u_stride;
   __device__ acc_t x(int64_t c) const {
-    return x_in != nullptr ? static_cast<acc_t>(x_in[c * x_stride])
+    return x_in != nullptr ? static_cast<acc_t>(x_in[x_order.logical(c) * x_stride])
                            : static_cast<acc_t>(static_cast<scalar_t>(z[c] / x_divisor));
   }
   __device__ acc_t u_at(int64_t i) const { return static_cast<acc_t>(u[i * u_stride]); }
@@ -448,25 +450,27 @@ __device__ void layer_square_sums(const Layer& L, bool with_y, bool with_z, acc_
 }
 
 // Elements [begin, end) of a vector the forward returns (work; the caller's `in` and, when committing, `commit`, the
-// same memory, at stride `stride`): value(j) (from the workspace), or the input after a degenerate round, also
-// committed. kVectorBatch elements per thread at a time (block_walk.h), all loaded before any is stored (the loads'
-// round trips overlap; one block finishes a 1 x 8192 weight's v in 4).
+// same memory, at stride `stride`): value(j) (from the workspace, in W's column order) at order.logical(j), or the
+// input after a degenerate round, also committed. kVectorBatch elements per thread at a time (block_walk.h), all loaded
+// before any is stored (the loads' round trips overlap; one block finishes a 1 x 8192 weight's v in 4).
 template <typename scalar_t, typename Value>
 __device__ __forceinline__ void finish_elements(scalar_t* work, const scalar_t* in, scalar_t* commit, int64_t stride,
-                                                int64_t begin, int64_t end, bool restore, const Value& value) {
+                                                block_walk::ColumnOrder order, int64_t begin, int64_t end, bool restore,
+                                                const Value& value) {
   for (int64_t base = begin + thread_x(); base < end; base += int64_t(block_walk::kVectorBatch) * kThreads) {
     scalar_t batch[block_walk::kVectorBatch];
 #pragma unroll
     for (int q = 0; q < block_walk::kVectorBatch; ++q) {
       const int64_t j = base + q * kThreads;
-      batch[q] = j < end ? (restore ? in[j * stride] : value(j)) : scalar_t(0);
+      batch[q] = j < end ? (restore ? in[order.logical(j) * stride] : value(j)) : scalar_t(0);
     }
 #pragma unroll
     for (int q = 0; q < block_walk::kVectorBatch; ++q) {
       const int64_t j = base + q * kThreads;
       if (j >= end) continue;
-      work[j] = batch[q];
-      if (commit != nullptr && !restore) commit[j * stride] = batch[q];
+      const int64_t at = order.logical(j);
+      work[at] = batch[q];
+      if (commit != nullptr && !restore) commit[at * stride] = batch[q];
     }
   }
 }
@@ -495,9 +499,9 @@ __device__ void finish_block(const Layer& L, const Finishing<acc_t>& f, int64_t 
   const int64_t r0 = b * p.rows_per_block, r1 = std::min(rows, r0 + p.rows_per_block);
   const int64_t share = ceil_div(cols, p.blocks), c0 = b * share, c1 = std::min(cols, c0 + share);
   if (f.normalize) {
-    finish_elements(vec.u_work, vec.u_in, u_commit, vec.u_stride, r0, r1, restore,
+    finish_elements(vec.u_work, vec.u_in, u_commit, vec.u_stride, block_walk::ColumnOrder{}, r0, r1, restore,
                     [&](int64_t i) { return static_cast<scalar_t>(ws[i] / f.u_divisor); });
-    finish_elements(vec.v_work, vec.v_in, v_commit, vec.v_stride, c0, c1, restore,
+    finish_elements(vec.v_work, vec.v_in, v_commit, vec.v_stride, L.v_order, c0, c1, restore,
                     [&](int64_t c) { return static_cast<scalar_t>(ws[rows + c] / f.v_divisor); });
   } else if (L.finish != Finish::kCommit) {  // n = 0: the inputs are the vectors used
     for (int64_t i = r0 + thread_x(); i < r1; i += kThreads) vec.u_work[i] = vec.u_in[i * vec.u_stride];

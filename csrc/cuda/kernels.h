@@ -23,21 +23,29 @@ enum class Finish : int {
 // One layer of a forward launch, as tensors. u_in, v_in: the vectors to start from; u_work, v_work: where the
 // rounds write theirs (contiguous); `finish` says whether they are the outputs, scratch to commit into u_in, v_in,
 // or both. `out`: W_sn's (outer, rows, inner) view, undefined for no division. v_first: the layer's power-iteration
-// order.
+// order. column_groups: 0, or w3 and out3 are the matrices of a channels_last weight's memory order (as_matrix3d's
+// column_groups: I; the fused round only, forward_column_groups).
 struct ForwardLayer {
   at::Tensor w3, out3, u_in, v_in, u_work, v_work;
   Finish finish;
   bool v_first = false;
+  int64_t column_groups = 0;
 };
+
+// The column order the forward reads `weight` (seen through `dim`) in: memory_column_groups under the fused round,
+// which reads a channels_last convolution weight in place; 0 (torch's order, copied) under the split rounds.
+int64_t forward_column_groups(const at::Tensor& weight, int64_t dim);
 
 // Runs the forward of `layers` (one dtype and device): n rounds, then W / sigma; sigma[i] (a contiguous tensor
 // of one value per layer, of any shape) for layer i. The fused round runs layers of both orders in one launch (per
 // kGroupLayers layers), the split round one order per launch.
 void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigmas, int64_t n, double eps);
 
-// One layer of a backward launch: grad_W = (G - <G, W_sn> u v^T) / sigma, written through out3.
+// One layer of a backward launch: grad_W = (G - <G, W_sn> u v^T) / sigma, written through out3. column_groups: as
+// ForwardLayer's (memory_column_groups of W_sn: every weight-shaped view in that order).
 struct BackwardLayer {
   at::Tensor g3, s3, out3, u, v;
+  int64_t column_groups = 0;
 };
 
 // grad_W of every layer, with sigma[i] (a contiguous tensor of one op-math value per layer) for layer i.

@@ -26,6 +26,7 @@ struct LayerBackward {
   int64_t u_stride;
   const scalar_t* v;
   int64_t v_stride;
+  block_walk::ColumnOrder v_order;  // the views' columns in memory order (a channels_last weight): v's of each
   const acc_t* sigma;
   acc_t* partial;  // lambda's partial sums, one per piece
   // The elements in `blocks` pieces of `chunk` (a whole number of packs): one virtual block each, in both phases.
@@ -55,8 +56,8 @@ __device__ acc_t lambda_share(const LayerBackward<scalar_t, acc_t>& L, const blo
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __device__ void correct(const LayerBackward<scalar_t, acc_t>& L, const block_walk::Range& piece, acc_t lambda) {
-  correction_range<true, scalar_t, acc_t, index_t>(L.g, L.gv, L.out, L.ov, L.u, L.u_stride, L.v, L.v_stride, lambda,
-                                                   *L.sigma, L.elementwise_packed, piece.begin, piece.end);
+  correction_range<true, scalar_t, acc_t, index_t>(L.g, L.gv, L.out, L.ov, L.u, L.u_stride, L.v, L.v_stride, L.v_order,
+                                                   lambda, *L.sigma, L.elementwise_packed, piece.begin, piece.end);
 }
 
 // Its phases as straight-line code, not a loop over steps: a loop let the compiler keep what one phase computes from
@@ -127,6 +128,8 @@ void run_backward(const std::vector<BackwardLayer>& layers, const at::Tensor& si
             L.u_stride = layer.u.stride(0);
             L.v = layer.v.const_data_ptr<scalar_t>();
             L.v_stride = layer.v.stride(0);
+            L.v_order = block_walk::ColumnOrder::of(layer.column_groups,
+                                                    layer.column_groups > 0 ? L.sv.cols() / layer.column_groups : 0);
             L.sigma = sigmas.const_data_ptr<acc_t>() + i;
             L.partial = workspace.mutable_data_ptr<acc_t>() + partial_offsets[i];
             L.numel = layer.s3.numel();
@@ -153,11 +156,13 @@ at::Tensor spectral_normalize_backward_cuda(const at::Tensor& grad, const at::Te
   const c10::cuda::CUDAGuard guard(weight_sn.device());
   const MatrixShape shape =
       check_backward_args("sn_ext::spectral_normalize_backward", grad, weight_sn, u, v, sigma, dim);
-  WeightShapedOutput out(weight_sn, shape);
+  const int64_t groups = memory_column_groups(weight_sn, dim);
+  WeightShapedOutput out(weight_sn, shape, groups);
   // sigma is read by the kernel: bring it to the device and op-math dtype (a no-op for the forward's own sigma;
   // the CPU kernel's sigma.item() would be a host synchronization here).
   const at::Tensor sig = sigma.to(weight_sn.options().dtype(sigma_dtype(weight_sn.scalar_type()))).contiguous();
-  run_backward({{as_matrix3d(grad, shape), as_matrix3d(weight_sn, shape), out.view3d, u, v}}, sig);
+  run_backward({{as_matrix3d(grad, shape, groups), as_matrix3d(weight_sn, shape, groups), out.view3d, u, v, groups}},
+               sig);
   return out.finish();
 }
 

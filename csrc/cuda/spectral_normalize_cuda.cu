@@ -64,6 +64,13 @@
 namespace sn_ext {
 namespace {
 
+// A layer's plans of the split round's phases (32-bit where the plan bounds them: kMaxGridY splits, int32 grid.x:
+// finish_split).
+struct SplitLayerPlan {
+  int mv_lanes, rmv_lanes, mv_splits, rmv_splits, mv_blocks_x, rmv_blocks_x;
+  int64_t mv_chunk, rmv_chunk, divide_blocks;
+};
+
 template <typename scalar_t, typename acc_t>
 struct LayerForward {
   const scalar_t* w;
@@ -71,8 +78,10 @@ struct LayerForward {
   scalar_t* out;  // W_sn through ov; nullptr for power_iteration_ (no division)
   View3d ov;
   Vectors<scalar_t> vec;
-  Finish finish;       // what the last normalization does with the vectors (see Finish)
-  bool v_first;        // the layer's power-iteration order (the fused round: each layer its own; split: the launch's)
+  Finish finish;  // what the last normalization does with the vectors (see Finish)
+  bool v_first;   // the layer's power-iteration order (the fused round: each layer its own; split: the launch's)
+  // The fused round: W's columns in memory order (a channels_last weight read in place), v's element of each.
+  block_walk::ColumnOrder v_order;
   bool divide_packed;  // W and W_sn contiguous and aligned (packable)
   // The round reads W's rows in 16-byte packs: fused, fused_packable; split, rows_packable (false under
   // SN_EXT_CUDA_ROUND=split-scalar, which runs the scalar loops).
@@ -84,12 +93,12 @@ struct LayerForward {
   int* degenerate;
   acc_t* sigma;
   int64_t numel;
-  // The split round's plans (32-bit where the plan bounds them: kMaxGridY splits, int32 grid.x: finish_split), so that
-  // kGroupLayers layers stay under kMaxParameterBytes.
-  int mv_lanes, rmv_lanes, mv_splits, rmv_splits, mv_blocks_x, rmv_blocks_x;
-  int64_t mv_chunk, rmv_chunk, divide_blocks;
-  // The fused round's plan (block_walk::plan_fused).
-  FusedPlan fused;
+  // The round's plan: the fused round's (block_walk::plan_fused) or the split round's (a launch runs one or the
+  // other: one in place of the other, so that kGroupLayers layers stay under kMaxParameterBytes).
+  union {
+    FusedPlan fused;
+    SplitLayerPlan split;
+  };
 };
 
 // A forward launch's parameter block: up to kLayers layers (1 for a per-layer op, kGroupLayers for a grouped one).
@@ -174,7 +183,7 @@ __device__ void fused_pass(const Launch& p, const typename Launch::Layer& L, con
   using acc_t = typename Launch::acc_type;
   const bool weights = step.pass == Pass::kZ || step.dot;
   const PassInput<scalar_t, acc_t> in{
-      step.from_input ? L.vec.v_in : nullptr, L.vec.v_stride, L.partial + L.wv.rows, setup.divisor,
+      step.from_input ? L.vec.v_in : nullptr, L.vec.v_stride, L.v_order, L.partial + L.wv.rows, setup.divisor,
       weights ? L.vec.u_in : nullptr,         L.vec.u_stride};
   if (L.rows_packed) {
     row_pass_block<true>(L, step.pass, in, step.dot, p.eps, local);
@@ -272,12 +281,17 @@ __device__ inline SplitStep split_step(int64_t s, int64_t n, bool v_first) {
 template <typename Launch>
 __device__ void matvec_phase(const Launch& p, bool from_input) {
   using Layer = typename Launch::Layer;
-  const auto blocks_of = [](const Layer& L) -> int64_t { return int64_t{L.mv_blocks_x} * L.mv_splits; };
+  const auto blocks_of = [](const Layer& L) -> int64_t { return int64_t{L.split.mv_blocks_x} * L.split.mv_splits; };
   for_each_virtual_block(p.layers, p.count, blocks_of, false, [&](const Layer& L, int64_t local) {
     const MatvecArgs<typename Launch::scalar_type, typename Launch::acc_type> args{
-        L.w,        L.wv,      from_input ? L.vec.v_in : L.vec.v_work, from_input ? L.vec.v_stride : 1, L.partial,
-        L.mv_lanes, L.mv_chunk};
-    matvec_block(args, L.rows_packed, local % L.mv_blocks_x, local / L.mv_blocks_x);
+        L.w,
+        L.wv,
+        from_input ? L.vec.v_in : L.vec.v_work,
+        from_input ? L.vec.v_stride : 1,
+        L.partial,
+        L.split.mv_lanes,
+        L.split.mv_chunk};
+    matvec_block(args, L.rows_packed, local % L.split.mv_blocks_x, local / L.split.mv_blocks_x);
     __syncthreads();  // the next virtual block reuses this one's shared memory
   });
 }
@@ -286,12 +300,17 @@ __device__ void matvec_phase(const Launch& p, bool from_input) {
 template <typename Launch>
 __device__ void rmatvec_phase(const Launch& p, bool from_input) {
   using Layer = typename Launch::Layer;
-  const auto blocks_of = [](const Layer& L) -> int64_t { return int64_t{L.rmv_blocks_x} * L.rmv_splits; };
+  const auto blocks_of = [](const Layer& L) -> int64_t { return int64_t{L.split.rmv_blocks_x} * L.split.rmv_splits; };
   for_each_virtual_block(p.layers, p.count, blocks_of, false, [&](const Layer& L, int64_t local) {
     const RmatvecArgs<typename Launch::scalar_type, typename Launch::acc_type> args{
-        L.w,         L.wv,       from_input ? L.vec.u_in : L.vec.u_work, from_input ? L.vec.u_stride : 1, L.partial,
-        L.rmv_lanes, L.rmv_chunk};
-    rmatvec_block(args, L.rows_packed, local % L.rmv_blocks_x, local / L.rmv_blocks_x);
+        L.w,
+        L.wv,
+        from_input ? L.vec.u_in : L.vec.u_work,
+        from_input ? L.vec.u_stride : 1,
+        L.partial,
+        L.split.rmv_lanes,
+        L.split.rmv_chunk};
+    rmatvec_block(args, L.rows_packed, local % L.split.rmv_blocks_x, local / L.split.rmv_blocks_x);
     __syncthreads();
   });
 }
@@ -304,7 +323,7 @@ __device__ void normalize_phase(const Launch& p, bool into_u, bool first, bool l
     const NormalizeArgs<typename Launch::scalar_type, typename Launch::acc_type> args{
         L.partial,
         into_u ? L.wv.rows : L.wv.cols(),
-        into_u ? L.mv_splits : L.rmv_splits,
+        into_u ? L.split.mv_splits : L.split.rmv_splits,
         into_u ? L.vec.u_work : L.vec.v_work,
         p.eps,
         L.degenerate,
@@ -322,7 +341,7 @@ template <typename Launch>
 __device__ void dot_phase(const Launch& p) {
   for (int l = blockIdx.x; l < p.count; l += gridDim.x) {
     const typename Launch::Layer& L = p.layers[l];
-    dot_block(L.partial, L.mv_splits, L.vec, L.sigma, L.finish != Finish::kCommit);
+    dot_block(L.partial, L.split.mv_splits, L.vec, L.sigma, L.finish != Finish::kCommit);
     __syncthreads();
   }
 }
@@ -332,11 +351,11 @@ template <typename index_t, typename Launch>
 __device__ void divide_phase(const Launch& p) {
   using Layer = typename Launch::Layer;
   using scalar_t = typename Launch::scalar_type;
-  const auto blocks_of = [](const Layer& L) -> int64_t { return L.out == nullptr ? 0 : L.divide_blocks; };
+  const auto blocks_of = [](const Layer& L) -> int64_t { return L.out == nullptr ? 0 : L.split.divide_blocks; };
   for_each_virtual_block(p.layers, p.count, blocks_of, false, [&](const Layer& L, int64_t local) {
     const int64_t unit = L.divide_packed ? Pack<scalar_t>::kSize : 1;
     const block_walk::Range piece =
-        block_walk::piece(L.numel, block_walk::piece_chunk(L.numel, L.divide_blocks, unit), local);
+        block_walk::piece(L.numel, block_walk::piece_chunk(L.numel, L.split.divide_blocks, unit), local);
     divide_range<false, scalar_t, typename Launch::acc_type, index_t>(L.w, L.wv, L.out, L.ov, *L.sigma, L.divide_packed,
                                                                       piece.begin, piece.end);
   });
@@ -465,6 +484,8 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
                                       layer.v_in.numel()};
             L.finish = layer.finish;
             L.v_first = layer.v_first;
+            L.v_order = block_walk::ColumnOrder::of(layer.column_groups,
+                                                    layer.column_groups > 0 ? L.wv.cols() / layer.column_groups : 0);
             L.partial = workspace.mutable_data_ptr<acc_t>() + partial_offsets[i];
             L.degenerate = degenerate.mutable_data_ptr<int>() + 2 * i;
             L.sigma = sigmas.mutable_data_ptr<acc_t>() + i;
@@ -482,18 +503,18 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
               continue;
             }
             const SplitPlan &mv = mv_plans[i], &rmv = rmv_plans[i];
-            L.mv_lanes = mv.lanes;
-            L.mv_chunk = mv.chunk;
-            L.mv_blocks_x = static_cast<int>(mv.grid.x);
-            L.mv_splits = static_cast<int>(mv.splits);
-            L.rmv_lanes = rmv.lanes;
-            L.rmv_chunk = rmv.chunk;
-            L.rmv_blocks_x = static_cast<int>(rmv.grid.x);
-            L.rmv_splits = static_cast<int>(rmv.splits);
-            L.divide_blocks = layer.out3.defined() ? elementwise_blocks(L.numel) : 0;
+            L.split.mv_lanes = mv.lanes;
+            L.split.mv_chunk = mv.chunk;
+            L.split.mv_blocks_x = static_cast<int>(mv.grid.x);
+            L.split.mv_splits = static_cast<int>(mv.splits);
+            L.split.rmv_lanes = rmv.lanes;
+            L.split.rmv_chunk = rmv.chunk;
+            L.split.rmv_blocks_x = static_cast<int>(rmv.grid.x);
+            L.split.rmv_splits = static_cast<int>(rmv.splits);
+            L.split.divide_blocks = layer.out3.defined() ? elementwise_blocks(L.numel) : 0;
             mv_blocks += int64_t{mv.grid.x} * mv.splits;
             rmv_blocks += n > 0 ? int64_t{rmv.grid.x} * rmv.splits : 0;
-            divide_blocks += L.divide_blocks;
+            divide_blocks += L.split.divide_blocks;
           }
           if (fused) {
             // Dense layers only: a block per layer, each working alone (one ordinary launch).
@@ -511,6 +532,10 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
   });
 }
 
+int64_t forward_column_groups(const at::Tensor& weight, int64_t dim) {
+  return round_mode() == RoundMode::kFused ? memory_column_groups(weight, dim) : 0;
+}
+
 namespace {
 
 // One launch: the rounds write the vectors used into fresh outputs and, on success, into u and v (Finish::kBoth).
@@ -520,13 +545,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cu
                                                                                    bool v_first) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize_", weight, u, v, dim, n, eps);
-  WeightShapedOutput out(weight, shape);
+  const int64_t groups = forward_column_groups(weight, dim);
+  WeightShapedOutput out(weight, shape, groups);
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
   at::Tensor u_used = at::empty_like(u, at::MemoryFormat::Contiguous);
   at::Tensor v_used = at::empty_like(v, at::MemoryFormat::Contiguous);
   // n == 0 reads and returns the buffers and changes nothing.
-  run_forward({{as_matrix3d(weight, shape), out.view3d, u, v, u_used, v_used, n == 0 ? Finish::kRestore : Finish::kBoth,
-                v_first}},
+  run_forward({{as_matrix3d(weight, shape, groups), out.view3d, u, v, u_used, v_used,
+                n == 0 ? Finish::kRestore : Finish::kBoth, v_first, groups}},
               sigma, n, eps);
   return {out.finish(), sigma, u_used, v_used};
 }

@@ -26,12 +26,13 @@ spectral_normalize_grouped_cuda(at::TensorList weights, at::TensorList us, at::T
   // layers of both orders share a launch, the split round's take one per order (run_forward).
   std::vector<ForwardLayer> layers;
   for (size_t i = 0; i < weights.size(); ++i) {
-    outs.emplace_back(weights[i], shapes[i]);
+    const int64_t groups = forward_column_groups(weights[i], dims[i]);
+    outs.emplace_back(weights[i], shapes[i], groups);
     us_used.push_back(at::empty_like(us[i], at::MemoryFormat::Contiguous));
     vs_used.push_back(at::empty_like(vs[i], at::MemoryFormat::Contiguous));
     // n == 0 reads and returns the buffers and changes nothing; otherwise the result goes to both.
-    layers.push_back({as_matrix3d(weights[i], shapes[i]), outs[i].view3d, us[i], vs[i], us_used[i], vs_used[i],
-                      n == 0 ? Finish::kRestore : Finish::kBoth, layer_v_first(v_first, i)});
+    layers.push_back({as_matrix3d(weights[i], shapes[i], groups), outs[i].view3d, us[i], vs[i], us_used[i], vs_used[i],
+                      n == 0 ? Finish::kRestore : Finish::kBoth, layer_v_first(v_first, i), groups});
   }
   at::Tensor sigmas = at::empty({static_cast<int64_t>(weights.size())},
                                 weights[0].options().dtype(sigma_dtype(weights[0].scalar_type())));
@@ -50,9 +51,10 @@ std::vector<at::Tensor> spectral_normalize_grouped_backward_cuda(at::TensorList 
   std::vector<WeightShapedOutput> outs;
   std::vector<BackwardLayer> layers;
   for (size_t i = 0; i < weights_sn.size(); ++i) {
-    outs.emplace_back(weights_sn[i], shapes[i]);
-    layers.push_back(
-        {as_matrix3d(grads[i], shapes[i]), as_matrix3d(weights_sn[i], shapes[i]), outs[i].view3d, us[i], vs[i]});
+    const int64_t groups = memory_column_groups(weights_sn[i], dims[i]);
+    outs.emplace_back(weights_sn[i], shapes[i], groups);
+    layers.push_back({as_matrix3d(grads[i], shapes[i], groups), as_matrix3d(weights_sn[i], shapes[i], groups),
+                      outs[i].view3d, us[i], vs[i], groups});
   }
   run_backward(layers, sigmas.contiguous());
   std::vector<at::Tensor> grads_weight;

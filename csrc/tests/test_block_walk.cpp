@@ -11,6 +11,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../cuda/block_walk.h"
@@ -236,6 +237,42 @@ int check_schedules() {
   return 0;
 }
 
+int check_column_orders(std::mt19937_64& rng) {
+  // The division by a multiply: every divisor's quotients at the edges and at random numerators below 2^31.
+  std::uniform_int_distribution<uint32_t> any_n(0, (uint32_t(1) << 31) - 1);
+  std::vector<uint32_t> divisors;
+  for (uint32_t d = 1; d <= 4096; ++d) divisors.push_back(d);
+  for (int k = 0; k < 2000; ++k)
+    divisors.push_back(std::uniform_int_distribution<uint32_t>(1, (uint32_t(1) << 31) - 1)(rng));
+  for (int b = 12; b <= 31; ++b)
+    divisors.insert(divisors.end(), {(uint32_t(1) << b) - 1, uint32_t(1) << b, (uint32_t(1) << b) + 1});
+  for (const uint32_t d : divisors) {
+    if (d >= (uint32_t(1) << 31)) continue;
+    const FastDivisor f = FastDivisor::of(d);
+    std::vector<uint32_t> ns = {0, 1, d - 1, d, d + 1, 2 * d - 1, (uint32_t(1) << 31) - 1, (uint32_t(1) << 31) - d};
+    for (int k = 0; k < 200; ++k) ns.push_back(any_n(rng));
+    for (const uint32_t n : ns)
+      if (n < (uint32_t(1) << 31) && f.quotient(n) != n / d) return fail("fast division", n, d, f.quotient(n));
+  }
+  // A transposed column order is a permutation: memory column m of a channels_last (O, I, kh, kw) weight holds
+  // torch's column (m % I) * S + m / I.
+  for (const auto& [groups, per_group] : std::vector<std::pair<int64_t, int64_t>>{
+           {3, 9}, {64, 9}, {512, 9}, {1, 16}, {7, 1}, {128, 16}, {3, 27}, {1000, 49}}) {
+    const ColumnOrder order = ColumnOrder::of(groups, per_group);
+    std::vector<int> seen(groups * per_group, 0);
+    for (int64_t m = 0; m < groups * per_group; ++m) {
+      const int64_t c = order.logical(m);
+      if (c != (m % groups) * per_group + m / groups) return fail("column order", groups, per_group, m, c);
+      ++seen[c];
+    }
+    for (const int count : seen)
+      if (count != 1) return fail("column order permutation", groups, per_group);
+  }
+  if (!ColumnOrder::of(0, 0).in_order() || ColumnOrder::of(0, 0).logical(12345) != 12345) return fail("in order");
+  std::printf("ok   column orders: the division by a multiply, transposed columns a permutation\n");
+  return 0;
+}
+
 int check_dense_choices() {
   struct Case {
     int64_t rows, cols;
@@ -277,5 +314,6 @@ int print_plans() {
 int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "--plans") return print_plans();
   std::mt19937_64 rng(20261128);
-  return check_walks(rng) | check_splits(rng) | check_fused_plans(rng) | check_schedules() | check_dense_choices();
+  return check_walks(rng) | check_splits(rng) | check_fused_plans(rng) | check_schedules() | check_column_orders(rng) |
+         check_dense_choices();
 }
