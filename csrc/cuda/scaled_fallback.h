@@ -1,0 +1,26 @@
+// The scaled forms (bounded spectral norm, sigma-reparam: docs/variants.md) on CUDA weights, until the CUDA kernels
+// take them (scaled_fallback.cu): the ops' CUDA kernels hand a scaled call here.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../matrix_view.h"
+
+namespace sn_ext {
+
+// sn_ext::spectral_normalize_ with coeff or gamma, its arguments checked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scaled_forward_cuda(const at::Tensor& weight, at::Tensor& u,
+                                                                               at::Tensor& v, int64_t dim, int64_t n,
+                                                                               double eps, bool v_first,
+                                                                               const Scaling& scaling);
+
+// sn_ext::spectral_normalize_grouped_ with coeffs or gammas: the layers one by one through scaled_forward_cuda (or
+// the CUDA forward kernel for a layer without either), its arguments checked.
+std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+scaled_grouped_forward_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
+                            int64_t n, double eps, const LayerOrders& v_first, const LayerScalings& scalings);
+
+}  // namespace sn_ext
