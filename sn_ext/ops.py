@@ -166,9 +166,11 @@ def _(weight, u, v, dim, n_power_iterations, eps, v_first=False):
     return _sigma_like(weight)
 
 
-def _check_gamma(gamma: Tensor | None) -> None:
+def _check_gamma(weight: Tensor, gamma: Tensor | None) -> None:
+    """The kernels' checks of gamma that its metadata decides (a meta gamma dispatches here: the device too)."""
     if gamma is not None:
         torch._check(gamma.numel() == 1, lambda: "gamma must hold one value")
+        torch._check(gamma.device == weight.device, lambda: f"gamma must be on the weight's device {weight.device}")
 
 
 # Shared by every backend's forward (see register_backend_ops); functionalization handles the update of u and v
@@ -176,7 +178,7 @@ def _check_gamma(gamma: Tensor | None) -> None:
 @torch.library.register_fake("sn_ext::spectral_normalize_")
 def _fake_forward(weight, u, v, dim, n_power_iterations, eps, v_first=False, coeff=None, gamma=None, sigma_grad=True):
     _check_vector_sizes(weight, u, v, dim)
-    _check_gamma(gamma)
+    _check_gamma(weight, gamma)
     return (
         torch.empty_like(weight),
         _sigma_like(weight),
@@ -200,7 +202,7 @@ def _contiguous_like(t: Tensor) -> Tensor:
 def _fake_scaled_backward(grad, weight, u, v, sigma, dim, coeff=None, gamma=None, sigma_grad=True):
     torch._check(grad.shape == weight.shape, lambda: "grad must have weight's shape")
     _check_vector_sizes(weight, u, v, dim)
-    _check_gamma(gamma)
+    _check_gamma(weight, gamma)
     return torch.empty_like(weight), _sigma_like(weight) if gamma is None else _contiguous_like(gamma)
 
 
