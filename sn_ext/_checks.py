@@ -3,6 +3,7 @@ Python backend (the reference, the Triton ops) and the fallback without the comp
 runs the same bad calls through both and expects the same exception types and messages."""
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -20,6 +21,13 @@ def check_weight_dtype(what: str, dtype: torch.dtype, complex_ok: bool, hint: st
             else ("float16, bfloat16, float32 or float64")
         )
         raise TypeError(f"{what} must be {kinds}, got {dtype}{hint}")
+
+
+def check_coeff(what: str, coeff) -> None:
+    """ValueError "<what>: coeff must be a positive finite number or None" (a module's argument; a bool is none)."""
+    number = isinstance(coeff, numbers.Real) and not isinstance(coeff, bool)
+    if coeff is not None and not (number and 0 < coeff < math.inf):
+        raise ValueError(f"{what}: coeff must be a positive finite number or None, got coeff={coeff!r}")
 
 
 def _check(op: str, weight: Tensor, n_power_iterations: int, eps: float, complex_ok: bool) -> None:
