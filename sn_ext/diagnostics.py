@@ -233,7 +233,7 @@ def _divisor(norm: object, sigma: float) -> float:
     coeff = getattr(norm, "coeff", None)
     divisor = sigma if coeff is None else max(sigma, coeff) / coeff
     gain = norm._parameters.get("gain") if isinstance(norm, nn.Module) else None
-    return divisor if gain is None else divisor / float(gain)
+    return divisor if gain is None else divisor / float(gain.detach())
 
 
 def _float(t: Tensor) -> float:
