@@ -100,9 +100,9 @@ std::tuple<at::Tensor, at::Tensor> spectral_normalize_scaled_backward_cpu(
   const at::ScalarType acc = sigma_dtype(weight.scalar_type());
   at::Tensor grad_gamma = gamma.has_value() ? at::empty_like(*gamma, at::MemoryFormat::Contiguous)
                                             : at::empty({}, weight.options().dtype(acc));
-  const double sig = sigma.item<double>();
+  const double sig = scalar_value(sigma);
   const double divisor = scaling.divisor(sig);
-  const double numerator = scaling.coeff_or_one() * (gamma.has_value() ? gamma->item<double>() : 1.0);
+  const double numerator = scaling.coeff_or_one() * (gamma.has_value() ? scalar_value(*gamma) : 1.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_normalize_scaled_backward", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> spectral_normalize_scaled_backward_cpu(
         const acc_t mu = inner_product(G, W) / divisor;
         const opmath_t lambda = scaling.counts(sig, sigma_grad) ? static_cast<opmath_t>(mu) : opmath_t(0);
         correct(G, Matrix3d<scalar_t>(grad_weight.view3d), u, v, lambda, static_cast<opmath_t>(numerator / divisor));
-        grad_gamma.fill_(mu * scaling.coeff_or_one());
+        set_scalar_value(grad_gamma, mu * scaling.coeff_or_one());
       });
   return {grad_weight.finish(), grad_gamma};
 }

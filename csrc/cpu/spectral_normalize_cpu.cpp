@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cp
   const Scaling scaling{coeff, gamma};
   check_scaling(op, weight, scaling);
   // g = gamma coeff, read before the rounds (a CPU tensor: no synchronization).
-  const double numerator = scaling.coeff_or_one() * (gamma.has_value() ? gamma->item<double>() : 1.0);
+  const double numerator = scaling.coeff_or_one() * (gamma.has_value() ? scalar_value(*gamma) : 1.0);
   const at::Tensor w3 = as_matrix3d(weight, shape);
   WeightShapedOutput out(weight, shape);
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
