@@ -153,7 +153,7 @@ NodePtr make_node(Args&&... args) {
 // torch::autograd::Function: Function::apply and its CppNode fill a context (a string-keyed map of IValues for dim
 // and the set, VariableInfo for every input and output, a non-differentiable set) and check it all again in the
 // backward, ~4 us of a small layer's CPU train step (benchmarks/module_overhead.py). Its edges are W's, u's and v's
-// (and gamma's, for a scaled form), as Function::apply's were (a u that requires grad gives W_sn a grad_fn, with no
+// (and gamma's, where given), as Function::apply's were (a u that requires grad gives W_sn a grad_fn, with no
 // gradient for u). Autograd saves the vectors used (fresh tensors), not the buffers u and v, so that a second call
 // before this one's backward may update the buffers again.
 struct SpectralNormalizeNode : public torch::autograd::Node {
@@ -339,10 +339,10 @@ auto forward_kernel(const OpSet* ops) {
     auto result = call_forward(*ops, weight, u, v, dim, n, eps, v_first, coeff, gamma, sigma_grad);
     const auto& [weight_sn, sigma, u_used, v_used] = result;
     const ScaledForm form{coeff, gamma.has_value(), sigma_grad};
-    auto node = make_node<SpectralNormalizeNode>(
-        ops, wrapped(dim, weight), form,
-        form.scaled() ? torch::autograd::collect_next_edges(weight, u, v, gamma.value_or(at::Tensor()))
-                      : torch::autograd::collect_next_edges(weight, u, v));
+    auto node =
+        make_node<SpectralNormalizeNode>(ops, wrapped(dim, weight), form,
+                                         gamma.has_value() ? torch::autograd::collect_next_edges(weight, u, v, *gamma)
+                                                           : torch::autograd::collect_next_edges(weight, u, v));
     torch::autograd::set_history(weight_sn, node);  // the node's input 0
     torch::autograd::set_history(sigma, node);      // input 1
     static_cast<SpectralNormalizeNode*>(node.get())->save(weight, gamma, weight_sn, sigma, u_used, v_used);
