@@ -14,6 +14,7 @@ shape, dtype and mode are timed side by side, their calls interleaved.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -24,9 +25,8 @@ from torch.nn.utils.parametrizations import _SpectralNorm as TorchSpectralNorm
 import sn_ext
 from sn_ext import backends
 
-from .layer import WeightHolder, make_steps, weights_and_grads
-from .records import failure, log, rounded, timing_columns
-from .timing import measure_side_by_side
+from .layer import WeightHolder, make_steps, time_side_by_side, weights_and_grads
+from .records import timing_columns
 
 SHAPES = ["64x3x3x3", "256x256x3x3", "512x512x3x3", "1024x1024", "4096x4096"]
 QUICK_SHAPES = SHAPES[:2]
@@ -39,37 +39,33 @@ PROVIDERS = [f"{v}: {impl}" for v in VARIANTS for impl in ("torch", *(f"sn_ext {
 COLUMNS = timing_columns(["shape", "params", "dtype", "mode", "provider"])
 
 
-class TorchBounded(TorchSpectralNorm):
-    """torch's parametrization, W / max(1, sigma / c) in place of W / sigma."""
+class _TorchVariant(TorchSpectralNorm):
+    """torch's parametrization, with its last line, W / sigma, the variant's (`scaled`)."""
 
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        weight_mat = self._reshape_weight_to_matrix(weight)
+        if self.training:
+            self._power_method(weight_mat, self.n_power_iterations)
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        return self.scaled(weight, torch.vdot(u, torch.mv(weight_mat, v)))
+
+
+class TorchBounded(_TorchVariant):
     def __init__(self, weight: torch.Tensor, coeff: float):
         super().__init__(weight)
         self.coeff = coeff
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        weight_mat = self._reshape_weight_to_matrix(weight)
-        if self.training:
-            self._power_method(weight_mat, self.n_power_iterations)
-        u = self._u.clone(memory_format=torch.contiguous_format)
-        v = self._v.clone(memory_format=torch.contiguous_format)
-        sigma = torch.vdot(u, torch.mv(weight_mat, v))
+    def scaled(self, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return weight / torch.clamp(sigma / self.coeff, min=1.0)
 
 
-class TorchSigmaReparam(TorchSpectralNorm):
-    """torch's parametrization, gamma / sigma * W in place of W / sigma, gamma a Parameter."""
-
+class TorchSigmaReparam(_TorchVariant):
     def __init__(self, weight: torch.Tensor):
         super().__init__(weight)
         self.gamma = nn.Parameter(torch.ones((), dtype=weight.dtype, device=weight.device))
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        weight_mat = self._reshape_weight_to_matrix(weight)
-        if self.training:
-            self._power_method(weight_mat, self.n_power_iterations)
-        u = self._u.clone(memory_format=torch.contiguous_format)
-        v = self._v.clone(memory_format=torch.contiguous_format)
-        sigma = torch.vdot(u, torch.mv(weight_mat, v))
+    def scaled(self, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.gamma / sigma * weight
 
 
@@ -119,19 +115,5 @@ def run(
                     continue
                 runnable[provider] = [make_layer(provider, w.clone()) for w in weights]
             for mode in modes:
-                steps_by_provider = {}
-                for provider, modules in runnable.items():
-                    try:
-                        steps = make_steps(modules, grads, mode)
-                        if steps[0].reset:
-                            steps[0].reset()
-                        steps[0].run()
-                    except Exception as error:
-                        write({**base, "provider": provider, "mode": mode, "status": "failed", "note": failure(error)})
-                        log(f"  variants {dtype_name} {shape_text} {mode} {provider}: failed ({failure(error)})")
-                        continue
-                    steps_by_provider[provider] = steps
-                timings = measure_side_by_side(steps_by_provider, device, budget_s=budget)
-                for provider, t in timings.items():
-                    write({**base, "provider": provider, "mode": mode, **rounded(t), "status": "ok"})
-                    log(f"  variants {dtype_name} {shape_text} {mode:5} {provider:28} {t['median_us']:10.1f} us")
+                steps = {p: functools.partial(make_steps, modules, grads, mode) for p, modules in runnable.items()}
+                time_side_by_side(steps, {**base, "mode": mode}, device, budget, write, "variants")

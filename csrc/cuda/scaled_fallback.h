@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
-#include <vector>
 
 #include "../matrix_view.h"
 
@@ -16,11 +15,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scaled_forward_cuda(c
                                                                                at::Tensor& v, int64_t dim, int64_t n,
                                                                                double eps, bool v_first,
                                                                                const Scaling& scaling);
-
-// sn_ext::spectral_normalize_grouped_ with coeffs or gammas: the layers one by one through scaled_forward_cuda (or
-// the CUDA forward kernel for a layer without either), its arguments checked.
-std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
-scaled_grouped_forward_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
-                            int64_t n, double eps, const LayerOrders& v_first, const LayerScalings& scalings);
 
 }  // namespace sn_ext

@@ -18,7 +18,6 @@ rounds left sigma 4e-4 low on a 768 x 768 layer) and costs a fraction of an SVD 
 
 import math
 import numbers
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -28,8 +27,8 @@ from torch.nn.utils import parametrize
 from .. import sharded
 from .._matrix import to_matrix
 from .spectral_norm import (
-    STACKING_WARNING,
     SpectralNorm,
+    checked_weight,
     default_dim,
     has_legacy_spectral_norm,
     has_parametrization_spectral_norm,
@@ -171,7 +170,7 @@ def sigma_reparam(
     State: torch's spectral-norm keys (``parametrizations.<name>.original``, ``.0._u``, ``.0._v``) and
     ``parametrizations.<name>.0.gain`` (gamma; see the module docstring for the name).
     """
-    weight = checked_weight(module, name)
+    weight = checked_weight(module, name, "sigma_reparam")
     if dim is None:
         dim = default_dim(module)
     stacked = parametrize.is_parametrized(module, name)
@@ -187,27 +186,6 @@ def sigma_reparam(
     )
     register(module, name, weight, norm, stacked)
     return module
-
-
-def checked_weight(module: nn.Module, name: str) -> Tensor:
-    """module.<name>, read once (a parametrized weight runs a round in train mode), after the errors and warning of
-    sn_ext.spectral_norm: a legacy spectral norm there, no such tensor, a lazy one; a stacked one warns."""
-    if has_legacy_spectral_norm(module, name):
-        raise RuntimeError(
-            f"sigma_reparam: '{name}' of {type(module).__name__} already has a legacy spectral norm "
-            f"(torch.nn.utils.spectral_norm or sn_ext.legacy): remove it first"
-        )
-    if has_parametrization_spectral_norm(module, name):
-        warnings.warn(STACKING_WARNING.format(name=name, module=type(module).__name__), UserWarning, stacklevel=3)
-    weight = getattr(module, name, None)
-    if not isinstance(weight, Tensor):
-        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(
-            f"sigma_reparam: '{name}' of {type(module).__name__} is an uninitialized (lazy) parameter: "
-            f"run a dummy forward before applying it"
-        )
-    return weight
 
 
 def sigma_reparam_model(

@@ -236,28 +236,35 @@ def spectral_norm(
     i-ResNet, Residual Flows, DUE, DDU, SNGP). `sigma_grad=False` stops the gradient through sigma: W /
     stop_gradient(sigma), or W / stop_gradient(max(1, sigma / c)) (edward2's SNGP). docs/variants.md.
     """
-    # Checked before getattr: reading a parametrized weight in train mode runs a power iteration.
-    if has_legacy_spectral_norm(module, name):  # torch fails here too, less clearly (no parameter named so)
-        raise RuntimeError(
-            f"spectral_norm: '{name}' of {type(module).__name__} already has a legacy spectral norm "
-            f"(torch.nn.utils.spectral_norm or sn_ext.legacy): remove it first"
-        )
-    if has_parametrization_spectral_norm(module, name):
-        warnings.warn(STACKING_WARNING.format(name=name, module=type(module).__name__), UserWarning, stacklevel=2)
-    weight = getattr(module, name, None)
-    if not isinstance(weight, Tensor):
-        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(
-            f"spectral_norm: '{name}' of {type(module).__name__} is an uninitialized (lazy) parameter: "
-            f"run a dummy forward before applying spectral normalization"
-        )
+    weight = checked_weight(module, name, "spectral_norm")
     if dim is None:
         dim = default_dim(module)
     stacked = parametrize.is_parametrized(module, name)
     sn = SpectralNorm(weight, n_power_iterations, dim, eps, backend, coeff=coeff, sigma_grad=sigma_grad)
     register(module, name, weight, sn, stacked)
     return module
+
+
+def checked_weight(module: nn.Module, name: str, what: str) -> Tensor:
+    """module.<name>, read once, after the checks of registering a parametrization on it (`what`: the function, for
+    messages): a legacy spectral norm there raises, a parametrized spectral norm warns (a second is stacked), and it
+    must be an initialized tensor. Checked before reading it: a parametrized weight runs a round in train mode."""
+    if has_legacy_spectral_norm(module, name):  # torch fails here too, less clearly (no parameter named so)
+        raise RuntimeError(
+            f"{what}: '{name}' of {type(module).__name__} already has a legacy spectral norm "
+            f"(torch.nn.utils.spectral_norm or sn_ext.legacy): remove it first"
+        )
+    if has_parametrization_spectral_norm(module, name):
+        warnings.warn(STACKING_WARNING.format(name=name, module=type(module).__name__), UserWarning, stacklevel=3)
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"{what}: '{name}' of {type(module).__name__} is an uninitialized (lazy) parameter: "
+            f"run a dummy forward before applying spectral normalization"
+        )
+    return weight
 
 
 def register(module: nn.Module, name: str, weight: Tensor, sn: SpectralNorm, stacked: bool) -> None:
