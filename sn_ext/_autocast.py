@@ -16,7 +16,9 @@ _AUTOCAST_KEYS = {"AutocastCPU": "cpu", "AutocastCUDA": "cuda"}
 
 
 def autocast_off(device_type: str):
-    if torch.amp.is_autocast_available(device_type):
+    """Autocast off for `device_type` within the block (nothing where autocast does not exist). CPU and CUDA, which
+    always have it, skip the availability query: torch 2.11's dynamo cannot trace it (torch.compile of a layer)."""
+    if device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type):  # a tuple: 2.6's dynamo
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

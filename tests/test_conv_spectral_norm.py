@@ -460,9 +460,13 @@ def test_torch_compile_fullgraph_matches_eager():
             assert_rel(_norm(compiled_layer)._u, _norm(eager)._u, 1e-6, "u")
             original = [layer.parametrizations.weight.original.grad for layer in (compiled_layer, eager)]
             assert_rel(*original, 1e-5, "weight gradient")
-        # another input size: the error (wrapped by dynamo under fullgraph) carries the message
-        with pytest.raises(RuntimeError, match=r"conv_spectral_norm: Conv2d.*on inputs of shape \(2, 7, 7\)"):
+        # another input size: the error (wrapped by dynamo under fullgraph) carries the message, whole (torch 2.14)
+        # or as the pieces of its f-string (torch 2.11); torch 2.6's dynamo says only "Observed exception"
+        with pytest.raises(RuntimeError) as raised:
             compiled(torch.randn(2, 2, 9, 9))
+        if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 11):
+            for piece in ("conv_spectral_norm: ", "normalizes by its operator norm on inputs of shape ", "(2, 7, 7)"):
+                assert piece in str(raised.value), str(raised.value)
     finally:
         torch._dynamo.reset()
 

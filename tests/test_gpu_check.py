@@ -167,17 +167,19 @@ def test_the_summary_and_the_readme_table(tmp_path):
 
 
 def test_the_timing_parts_on_the_cpu(tmp_path, monkeypatch):
-    """gpu_smoke's timing parts run here with the CPU standing in for the GPU (sn_ext's cpu backend for its cuda and
+    """gpu_smoke's timing parts run here with the CPU standing in for the GPU (sn_ext's CPU backend for its cuda and
     triton ones, eager timing for CUDA-graph replay, small shapes): every record has its fields, ratios and goals."""
     import torch
 
+    import sn_ext
     from benchmarks import gpu_smoke, spectral_normalize_grouped, timing
 
     cpu = torch.device("cpu")
     on_cpu = gpu_smoke.make_layer
+    ours = sn_ext.backends.auto_backend(cpu, torch.float32).name  # cpu, or reference on the fallback run
 
     def make_layer(provider, weight):
-        return on_cpu(provider.replace("cuda", "cpu").replace("triton", "cpu"), weight)
+        return on_cpu(provider.replace("cuda", ours).replace("triton", ours), weight)
 
     monkeypatch.setattr(gpu_smoke, "make_layer", make_layer)
     monkeypatch.setattr(spectral_normalize_grouped, "make_layer", make_layer)

@@ -99,6 +99,10 @@ class ConvLayer:
         except RuntimeError as error:
             raise ValueError(f"input_shape {input_shape} does not fit {self.description}: {error}") from None
         output_shape = tuple(out.shape[1:])
+        if min(output_shape[1:]) < 1:  # torch 2.6's meta kernels return an empty output instead of raising
+            raise ValueError(
+                f"input_shape {input_shape} does not fit {self.description}: its output would be {output_shape}"
+            )
         padding, adjoint_output_padding = _adjoint_paddings(self, weight_shape, input_shape, output_shape)
         return dataclasses.replace(
             shaped, output_shape=output_shape, adjoint_padding=padding, adjoint_output_padding=adjoint_output_padding
