@@ -82,11 +82,11 @@ def _register_reference() -> None:
     _libraries.append(lib)
 
 
-# The reference again under its own names, with the same schemas: the "reference" backend (sn_ext.backends) calls
-# these, so that it can be chosen on a device whose sn_ext::spectral_normalize_ runs compiled kernels.
 # The ops of a backend's set (sn_ext.backends), as the compiled library names them; every other backend's have the
 # same schemas under its own prefix.
 BACKEND_SCHEMAS = ("spectral_normalize_", "spectral_normalize_backward", "spectral_normalize_scaled_backward")
+# The reference again under its own names, with the same schemas: the "reference" backend (sn_ext.backends) calls
+# these, so that it can be chosen on a device whose sn_ext::spectral_normalize_ runs compiled kernels.
 REFERENCE_OPS = tuple(f"reference_{name}" for name in BACKEND_SCHEMAS)
 
 
