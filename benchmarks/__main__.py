@@ -11,7 +11,9 @@ per layer vs grouped; benchmarks/spectral_normalize_grouped.py), "ops" (each op 
 a floor; benchmarks/ops.py and a file per op), "gan" (SN-GAN D step, G step and iteration; benchmarks/gan_step.py),
 "bandwidth" (a 4096x4096 weight's forward + backward against the device's copy bandwidth; benchmarks/bandwidth.py),
 "host" (the Triton backend's host time per train step through a module, and per op, on each launch path, timed side
-by side with plain `W * 1.0`, on the CPU with the launches stubbed, GPU or not; benchmarks/host_overhead.py).
+by side with plain `W * 1.0`, on the CPU with the launches stubbed, GPU or not; benchmarks/host_overhead.py),
+"variants" (bounded spectral norm and sigma-reparam against their hand-written PyTorch equivalents and plain spectral
+norm; benchmarks/variants.py).
 
 Writes <section>.csv (one row per measurement, with device, versions, threads, commit and date), <section>.json
 (the settings), PNG plots and report.md into --out (default benchmarks/results/<device>/), replacing what a
@@ -29,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from . import allocator, bandwidth, gan_step, host_overhead, layer, ops, report, spectral_normalize_grouped
+from . import allocator, bandwidth, gan_step, host_overhead, layer, ops, report, spectral_normalize_grouped, variants
 from .records import RESULTS_DIR, RowWriter, device_slug, log, run_metadata
 
-SECTIONS = ("layer", "host", "layers", "ops", "gan", "bandwidth")
+SECTIONS = ("layer", "host", "layers", "ops", "gan", "bandwidth", "variants")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -169,6 +171,14 @@ def run_sections(args, device: torch.device, out: Path) -> None:
             bandwidth.COLUMNS,
             {"shapes": bandwidth.QUICK_SHAPES if args.quick else bandwidth.SHAPES},
             lambda s, w: bandwidth.run(s["shapes"], dtypes[0], device, quick=args.quick, write=w),
+        ),
+        "variants": (
+            variants.COLUMNS,
+            {
+                "shapes": variants.QUICK_SHAPES if args.quick else variants.SHAPES,
+                "modes": list(variants.QUICK_MODES if args.quick else variants.MODES),
+            },
+            lambda s, w: variants.run(s["shapes"], dtypes, device, quick=args.quick, write=w, modes=tuple(s["modes"])),
         ),
     }
     for section in args.only or SECTIONS:

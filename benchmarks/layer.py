@@ -19,6 +19,7 @@ The providers of one shape, dtype and mode are timed side by side, their calls i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -188,22 +189,40 @@ def run(
                 modules = [make_layer(provider, copies[0])] if compiled else [make_layer(provider, w) for w in copies]
                 runnable[provider] = (modules, torch.compile(_call) if compiled else _call, copies)
             for mode in modes:
-                steps_by_provider = {}
-                for provider, (modules, call, copies) in runnable.items():
-                    try:  # one call first: a provider that fails (torch.compile without a compiler) is left out
-                        if provider == "torch compiled":
-                            steps = weight_swapping_steps(modules[0], copies, grads, mode, call)
-                        else:
-                            steps = make_steps(modules, grads, mode, call)
-                        if steps[0].reset:
-                            steps[0].reset()
-                        steps[0].run()
-                    except Exception as error:
-                        write({**base, "provider": provider, "mode": mode, "status": "failed", "note": failure(error)})
-                        log(f"  layer {dtype_name} {shape_text} {mode} {provider}: failed ({failure(error)})")
-                        continue
-                    steps_by_provider[provider] = steps
-                timings = measure_side_by_side(steps_by_provider, device, budget_s=budget)
-                for provider, t in timings.items():
-                    write({**base, "provider": provider, "mode": mode, **rounded(t), "status": "ok"})
-                    log(f"  layer {dtype_name} {shape_text} {mode:5} {provider:16} {t['median_us']:10.1f} us")
+                steps = {
+                    provider: functools.partial(weight_swapping_steps, modules[0], copies, grads, mode, call)
+                    if provider == "torch compiled"
+                    else functools.partial(make_steps, modules, grads, mode, call)
+                    for provider, (modules, call, copies) in runnable.items()
+                }
+                time_side_by_side(steps, {**base, "mode": mode}, device, budget, write, "layer")
+
+
+def time_side_by_side(
+    make_steps_of: dict[str, Callable[[], list[Step]]],
+    base: dict,
+    device: torch.device,
+    budget: float,
+    write: Callable[[dict], None],
+    section: str,
+) -> None:
+    """Times the providers' steps (make_steps_of[provider]() makes them) side by side and writes a row per provider
+    (`base` its other columns). Each provider's first step runs once first: one that fails (torch.compile without a
+    compiler) is left out, its row saying why."""
+    steps_by_provider = {}
+    what = f"{base['dtype']} {base['shape']} {base['mode']}"
+    for provider, make in make_steps_of.items():
+        try:
+            steps = make()
+            if steps[0].reset:
+                steps[0].reset()
+            steps[0].run()
+        except Exception as error:
+            write({**base, "provider": provider, "status": "failed", "note": failure(error)})
+            log(f"  {section} {what} {provider}: failed ({failure(error)})")
+            continue
+        steps_by_provider[provider] = steps
+    timings = measure_side_by_side(steps_by_provider, device, budget_s=budget)
+    for provider, t in timings.items():
+        write({**base, "provider": provider, **rounded(t), "status": "ok"})
+        log(f"  {section} {what:5} {provider:28} {t['median_us']:10.1f} us")

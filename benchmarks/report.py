@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sn_ext.backends import AUTO_ORDER
 
-from . import allocator, gan_step, layer, memory, op_count, ops, plots, spectral_normalize_grouped
+from . import allocator, gan_step, layer, memory, op_count, ops, plots, spectral_normalize_grouped, variants
 from .records import read_rows
 from .tables import markdown_table
 
@@ -293,6 +293,53 @@ def bandwidth_part(rows: list[dict], settings: dict, out: Path) -> str:
     )
 
 
+def variants_part(rows: list[dict], settings: dict, out: Path) -> str:
+    """Per dtype and mode: µs per shape and provider; the cost of each variant over plain spectral norm in sn_ext
+    (the backend "auto" picks) and the hand-written PyTorch equivalent's time over sn_ext's."""
+    parts = [
+        "## Variants: bounded spectral norm and sigma-reparam\n",
+        _header(rows, settings),
+        f"\nMedian µs per call, the modes of the layer section; bounded: coeff {variants.COEFF}; torch: the variant "
+        "written on torch's parametrization (benchmarks/variants.py). The ratio columns use sn_ext's backend that "
+        '"auto" picks here.\n',
+    ]
+    device_type = settings.get("device_type", "cpu")
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for mode in variants.MODES:
+            sub = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode and r["status"] == "ok"]
+            if not sub:
+                continue
+            backend = next(
+                (b for b in AUTO_ORDER.get(device_type, ()) if any(r["provider"] == f"plain: sn_ext {b}" for r in sub)),
+                None,
+            )
+            ran = [p for p in variants.PROVIDERS if any(r["provider"] == p for r in sub)]
+            cell = {(r["shape"], r["provider"]): _median(r) for r in sub}
+            ratios = []
+            if backend:
+                ours = {v: f"{v}: sn_ext {backend}" for v in variants.VARIANTS}
+                ratios = [
+                    (f"bounded / plain ({backend})", ours["bounded"], ours["plain"]),
+                    (f"sigma-reparam / plain ({backend})", ours["sigma-reparam"], ours["plain"]),
+                    ("bounded: torch / sn_ext", "bounded: torch", ours["bounded"]),
+                    ("sigma-reparam: torch / sn_ext", "sigma-reparam: torch", ours["sigma-reparam"]),
+                ]
+            table = []
+            for shape in dict.fromkeys(r["shape"] for r in sub):
+                times = [cell.get((shape, p)) for p in ran]
+                table.append(
+                    [
+                        shape,
+                        *(_f(t) if t else "" for t in times),
+                        *(_ratio(cell.get((shape, a)), cell.get((shape, b))) for _, a, b in ratios),
+                    ]
+                )
+            header = ["weight", *[f"{p} µs" for p in ran], *[name for name, _, _ in ratios]]
+            parts += [f"\n### {mode}, {dtype}\n", markdown_table(header, table)]
+    parts += _not_measured(rows)
+    return "\n".join(parts) + "\n"
+
+
 PARTS = {
     "layer": layer_part,
     "host": host_part,
@@ -300,6 +347,7 @@ PARTS = {
     "ops": ops_part,
     "gan": gan_part,
     "bandwidth": bandwidth_part,
+    "variants": variants_part,
 }
 
 

@@ -45,8 +45,8 @@ def plans(shape: tuple[int, ...], dtype: str, n: int, v_first: bool, dim: int = 
     torch_dtype = getattr(torch, dtype)
     dim %= len(shape)
     knobs = _host.knobs()
-    forward = spectral_normalize._plan(tuple(shape), stride, torch_dtype, dim, 1, 1, n, v_first, knobs)
-    backward = spectral_normalize_backward._plan(tuple(shape), stride, stride, torch_dtype, dim, knobs)
+    forward = spectral_normalize._plan(tuple(shape), stride, torch_dtype, dim, 1, 1, n, v_first, False, knobs)
+    backward = spectral_normalize_backward._plan(tuple(shape), stride, stride, torch_dtype, dim, False, knobs)
     return forward, backward, _host
 
 

@@ -19,14 +19,15 @@ void call_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* sta
 
 }  // namespace
 
-#define SN_EXT_WITHOUT_AUTOCAST(key)                                                                            \
-  TORCH_LIBRARY_IMPL(sn_ext, key, m) {                                                                          \
-    m.impl("power_iteration_", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());            \
-    m.impl("spectral_normalize_", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());         \
-    m.impl("spectral_normalize_backward", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>()); \
-    m.impl("spectral_normalize_grouped_", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>()); \
-    m.impl("spectral_normalize_grouped_backward",                                                               \
-           torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());                                \
+#define SN_EXT_WITHOUT_AUTOCAST(key)                                                                                   \
+  TORCH_LIBRARY_IMPL(sn_ext, key, m) {                                                                                 \
+    m.impl("power_iteration_", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());                   \
+    m.impl("spectral_normalize_", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());                \
+    m.impl("spectral_normalize_backward", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());        \
+    m.impl("spectral_normalize_scaled_backward", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>()); \
+    m.impl("spectral_normalize_grouped_", torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());        \
+    m.impl("spectral_normalize_grouped_backward",                                                                      \
+           torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());                                       \
   }
 
 SN_EXT_WITHOUT_AUTOCAST(AutocastCPU)

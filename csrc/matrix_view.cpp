@@ -100,6 +100,29 @@ MatrixShape check_backward_args(const char* op, const at::Tensor& grad, const at
   return shape;
 }
 
+void check_scaling(const char* op, const at::Tensor& weight, const Scaling& scaling) {
+  if (scaling.coeff.has_value())
+    TORCH_CHECK_VALUE(*scaling.coeff > 0 && *scaling.coeff < std::numeric_limits<double>::infinity(), op,
+                      ": coeff must be a positive finite number, got ", *scaling.coeff);
+  if (scaling.gamma.has_value()) {
+    const at::Tensor& gamma = *scaling.gamma;
+    TORCH_CHECK_VALUE(gamma.numel() == 1, op, ": gamma must hold one value, got shape ", gamma.sizes());
+    const auto dtype = gamma.scalar_type();
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                     ": gamma must be float16, bfloat16, float32 or float64, got ", dtype);
+    TORCH_CHECK(gamma.device() == weight.device(), op, ": gamma must be on the weight's device ", weight.device(),
+                ", got ", gamma.device());
+  }
+}
+
+MatrixShape check_scaled_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& weight,
+                                       const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma, int64_t dim,
+                                       const Scaling& scaling) {
+  const MatrixShape shape = check_backward_args(op, grad, weight, u, v, sigma, dim);
+  check_scaling(op, weight, scaling);
+  return shape;
+}
+
 namespace {
 
 std::string layer_op(const char* op, size_t layer) {
@@ -130,16 +153,26 @@ void check_dims_count(const char* op, at::IntArrayRef dims, at::TensorList weigh
 
 std::vector<MatrixShape> check_grouped_forward_args(const char* op, at::TensorList weights, at::TensorList us,
                                                     at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
-                                                    double eps, const LayerOrders& v_first) {
+                                                    double eps, const LayerOrders& v_first,
+                                                    const LayerScalings& scalings) {
   check_dims_count(op, dims, weights);
-  TORCH_CHECK_VALUE(!v_first.has_value() || v_first->size() == weights.size(), op,
-                    ": v_first must hold one value per weight (", weights.size(), "), got ", v_first->size());
+  const auto check_count = [&](const char* name, bool given, size_t size) {
+    TORCH_CHECK_VALUE(!given || size == weights.size(), op, ": ", name, " must hold one value per weight (",
+                      weights.size(), "), got ", size);
+  };
+  check_count("v_first", v_first.has_value(), v_first.has_value() ? v_first->size() : 0);
+  check_count("coeffs", scalings.coeffs.has_value(), scalings.coeffs.has_value() ? scalings.coeffs->size() : 0);
+  check_count("gammas", scalings.gammas.has_value(), scalings.gammas.has_value() ? scalings.gammas->size() : 0);
+  check_count("sigma_grad", scalings.sigma_grad.has_value(),
+              scalings.sigma_grad.has_value() ? scalings.sigma_grad->size() : 0);
   for (const auto& [name, list] : {std::pair<const char*, at::TensorList>{"weights", weights}, {"us", us}, {"vs", vs}})
     check_list(op, name, list, weights);
   std::vector<MatrixShape> shapes;
-  for (size_t i = 0; i < weights.size(); ++i)
-    shapes.push_back(
-        check_forward_args(layer_op(op, i).c_str(), weights[i], us[i], vs[i], dims[i], n_power_iterations, eps));
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const std::string layer = layer_op(op, i);
+    shapes.push_back(check_forward_args(layer.c_str(), weights[i], us[i], vs[i], dims[i], n_power_iterations, eps));
+    check_scaling(layer.c_str(), weights[i], scalings.of(i));
+  }
   return shapes;
 }
 
@@ -174,6 +207,31 @@ WeightShapedOutput::WeightShapedOutput(const at::Tensor& like, const MatrixShape
 at::Tensor WeightShapedOutput::finish() {
   if (!view3d.is_alias_of(tensor)) tensor.copy_(view3d.view(tensor.sizes()));
   return tensor;
+}
+
+namespace {
+
+std::vector<int64_t> dim_first_order(int64_t ndim, int64_t dim) {
+  std::vector<int64_t> order{dim};
+  for (int64_t d = 0; d < ndim; ++d)
+    if (d != dim) order.push_back(d);
+  return order;
+}
+
+}  // namespace
+
+at::Tensor to_matrix(const at::Tensor& t, int64_t dim) {
+  return t.permute(dim_first_order(t.dim(), dim)).reshape({t.size(dim), -1});
+}
+
+at::Tensor rank_one(const at::Tensor& u, const at::Tensor& v, const at::Tensor& like, int64_t dim) {
+  const auto order = dim_first_order(like.dim(), dim);
+  std::vector<int64_t> permuted_sizes, inverse(order.size());
+  for (size_t k = 0; k < order.size(); ++k) {
+    permuted_sizes.push_back(like.size(order[k]));
+    inverse[order[k]] = static_cast<int64_t>(k);
+  }
+  return at::outer(u, v).reshape(permuted_sizes).permute(inverse);
 }
 
 at::ScalarType sigma_dtype(at::ScalarType weight_dtype) {

@@ -45,6 +45,28 @@ MatrixShape check_forward_args(const char* op, const at::Tensor& weight, const a
 MatrixShape check_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& weight_sn,
                                 const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma, int64_t dim);
 
+// The scaled forms of the forward (bounded spectral norm, sigma-reparam: docs/variants.md), W_hat = W s with
+// s = g / max(sigma, f): coeff = c gives g = f = c, gamma multiplies g (the kernels read it where they run).
+struct Scaling {
+  std::optional<double> coeff;
+  std::optional<at::Tensor> gamma;
+  bool scaled() const { return coeff.has_value() || gamma.has_value(); }
+  // max(sigma, coeff) (a NaN sigma stays NaN), or sigma without a coeff.
+  double divisor(double sigma) const { return coeff.has_value() && sigma < *coeff ? *coeff : sigma; }
+  // g without gamma's factor: coeff, or 1.
+  double coeff_or_one() const { return coeff.value_or(1.0); }
+  // Whether the backward's correction counts: sigma_grad and, with a coeff, sigma > coeff.
+  bool counts(double sigma, bool sigma_grad) const { return sigma_grad && (!coeff.has_value() || sigma > *coeff); }
+};
+
+// coeff a positive finite number, gamma a one-element float tensor on the weight's device.
+void check_scaling(const char* op, const at::Tensor& weight, const Scaling& scaling);
+// All the checks of spectral_normalize_scaled_backward (spectral_normalize_backward's on the weight, and
+// check_scaling's); returns the matrix shape.
+MatrixShape check_scaled_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& weight,
+                                       const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma, int64_t dim,
+                                       const Scaling& scaling);
+
 // The grouped forward's power-iteration order of each layer (its `bool[]? v_first`): none means every layer
 // u-first.
 using LayerOrders = std::optional<c10::List<bool>>;
@@ -55,9 +77,25 @@ inline bool layer_v_first(const LayerOrders& v_first, size_t layer) {
 // The checks of the grouped ops: lists of one length (v_first too, when given), one dtype and one device for every
 // tensor, and each layer's own checks (their errors name the layer: "sn_ext::spectral_normalize_grouped_ (layer 2):
 // u must ..."). Returns the layers' matrix shapes.
+// The grouped forward's per-layer scaled forms (its coeffs, gammas and sigma_grad; none: no layer scaled).
+using LayerCoeffs = std::optional<at::ArrayRef<double>>;
+using LayerGammas = std::optional<at::TensorList>;
+using LayerSigmaGrads = std::optional<c10::List<bool>>;
+struct LayerScalings {
+  const LayerCoeffs& coeffs;
+  const LayerGammas& gammas;
+  const LayerSigmaGrads& sigma_grad;
+  Scaling of(size_t layer) const {
+    return {coeffs.has_value() ? std::optional<double>((*coeffs)[layer]) : std::nullopt,
+            gammas.has_value() ? std::optional<at::Tensor>((*gammas)[layer]) : std::nullopt};
+  }
+  bool layer_sigma_grad(size_t layer) const { return !sigma_grad.has_value() || sigma_grad->get(layer); }
+};
+
 std::vector<MatrixShape> check_grouped_forward_args(const char* op, at::TensorList weights, at::TensorList us,
                                                     at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
-                                                    double eps, const LayerOrders& v_first);
+                                                    double eps, const LayerOrders& v_first,
+                                                    const LayerScalings& scalings);
 std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorList grads, at::TensorList weights_sn,
                                                      at::TensorList us, at::TensorList vs, const at::Tensor& sigmas,
                                                      at::IntArrayRef dims);
@@ -75,5 +113,11 @@ struct WeightShapedOutput {
 
 // sigma's dtype: float32 for float16/bfloat16/float32 weights, float64 for float64.
 at::ScalarType sigma_dtype(at::ScalarType weight_dtype);
+
+// torch's matrix view of a weight-shaped tensor, as ATen ops (a copy when dim != 0; autograd's double backward and
+// the CUDA scaled forms' fallback use it, never the kernels).
+at::Tensor to_matrix(const at::Tensor& t, int64_t dim);
+// u v^T in the layout of `like` (a view of the outer product): the gradient of sigma = u^T W v.
+at::Tensor rank_one(const at::Tensor& u, const at::Tensor& v, const at::Tensor& like, int64_t dim);
 
 }  // namespace sn_ext

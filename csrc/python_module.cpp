@@ -7,6 +7,7 @@
 
 #include <exception>
 #include <initializer_list>
+#include <optional>
 #include <tuple>
 
 #include "autograd.h"
@@ -43,12 +44,13 @@ static PyObject* cuda_launch(PyObject*, PyObject* arg) {
 
 #endif
 
-// register_autograd(forward, backward): the C++ autograd formulas for a backend's pair of ops (autograd.h).
+// register_autograd(forward, backward, scaled_backward): the C++ autograd formulas for a backend's set of ops
+// (autograd.h).
 static PyObject* register_autograd(PyObject*, PyObject* args) {
-  const char *forward = nullptr, *backward = nullptr;
-  if (!PyArg_ParseTuple(args, "ss", &forward, &backward)) return nullptr;
+  const char *forward = nullptr, *backward = nullptr, *scaled_backward = nullptr;
+  if (!PyArg_ParseTuple(args, "sss", &forward, &backward, &scaled_backward)) return nullptr;
   try {
-    sn_ext::register_autograd(forward, backward);
+    sn_ext::register_autograd(forward, backward, scaled_backward);
   } catch (const std::exception& error) {
     PyErr_SetString(PyExc_RuntimeError, error.what());
     return nullptr;
@@ -56,27 +58,40 @@ static PyObject* register_autograd(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// spectral_normalize_(weight, u, v, dim, n, eps, v_first) -> (W_sn, sigma, u_used, v_used): sn_ext::spectral_normalize_
-// called through the dispatcher unboxed, as torch's generated bindings call aten ops, instead of torch.ops' boxed
-// call (which parses the arguments against the schema into a stack of IValues, and wraps its kernels in boxing
-// adapters: 1.3-2.2 us more per call for aten ops of 1-3 arguments, more for 7 arguments and 4 outputs). Every
-// dispatch key still sees the call (autograd, autocast, tracing, functorch, fake and meta tensors, dispatch modes).
-// It takes exact types only (three tensors, two ints, a float, a bool) and returns NotImplemented for anything
-// else, for torch.ops to convert or refuse with its own messages. It does not look for __torch_function__ or
-// torch.compile: sn_ext/ops.py's eager_spectral_normalize_ does, before calling it.
+// spectral_normalize_(weight, u, v, dim, n, eps, v_first[, coeff, gamma, sigma_grad]) -> (W_sn, sigma, u_used,
+// v_used): sn_ext::spectral_normalize_ called through the dispatcher unboxed, as torch's generated bindings call aten
+// ops, instead of torch.ops' boxed call (which parses the arguments against the schema into a stack of IValues, and
+// wraps its kernels in boxing adapters: 1.3-2.2 us more per call for aten ops of 1-3 arguments, more for 7-10
+// arguments and 4 outputs). Every dispatch key still sees the call (autograd, autocast, tracing, functorch, fake and
+// meta tensors, dispatch modes). It takes exact types only (three tensors, two ints, a float, a bool; then None or a
+// float, None or a tensor, a bool) and returns NotImplemented for anything else, for torch.ops to convert or refuse
+// with its own messages. It does not look for __torch_function__ or torch.compile: sn_ext/ops.py's
+// eager_spectral_normalize_ does, before calling it.
 static PyObject* spectral_normalize_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 7 || !THPVariable_Check(args[0]) || !THPVariable_Check(args[1]) || !THPVariable_Check(args[2]) ||
-      !PyLong_CheckExact(args[3]) || !PyLong_CheckExact(args[4]) || !PyFloat_CheckExact(args[5]) ||
-      !PyBool_Check(args[6]))
+  if ((nargs != 7 && nargs != 10) || !THPVariable_Check(args[0]) || !THPVariable_Check(args[1]) ||
+      !THPVariable_Check(args[2]) || !PyLong_CheckExact(args[3]) || !PyLong_CheckExact(args[4]) ||
+      !PyFloat_CheckExact(args[5]) || !PyBool_Check(args[6]))
     Py_RETURN_NOTIMPLEMENTED;
+  std::optional<double> coeff;
+  std::optional<at::Tensor> gamma;
+  bool sigma_grad = true;
+  if (nargs == 10) {
+    if ((args[7] != Py_None && !PyFloat_CheckExact(args[7])) || (args[8] != Py_None && !THPVariable_Check(args[8])) ||
+        !PyBool_Check(args[9]))
+      Py_RETURN_NOTIMPLEMENTED;
+    if (args[7] != Py_None) coeff = PyFloat_AS_DOUBLE(args[7]);
+    if (args[8] != Py_None) gamma = THPVariable_Unpack(args[8]);
+    sigma_grad = args[9] == Py_True;
+  }
   const int64_t dim = PyLong_AsLongLong(args[3]), n = PyLong_AsLongLong(args[4]);
   if (PyErr_Occurred()) {  // out of int64's range: torch.ops says so
     PyErr_Clear();
     Py_RETURN_NOTIMPLEMENTED;
   }
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t, double, bool);
+      const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t, double, bool, std::optional<double>,
+      const std::optional<at::Tensor>&, bool);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("sn_ext::spectral_normalize_", "").typed<Signature>();
   const at::Tensor& weight = THPVariable_Unpack(args[0]);
@@ -84,7 +99,7 @@ static PyObject* spectral_normalize_direct(PyObject*, PyObject* const* args, Py_
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   {
     pybind11::gil_scoped_release no_gil;  // as torch.ops' call: other threads run while the kernels do
-    result = op.call(weight, u, v, dim, n, PyFloat_AS_DOUBLE(args[5]), args[6] == Py_True);
+    result = op.call(weight, u, v, dim, n, PyFloat_AS_DOUBLE(args[5]), args[6] == Py_True, coeff, gamma, sigma_grad);
   }
   auto& [weight_sn, sigma, u_used, v_used] = result;
   PyObject* out = PyTuple_New(4);
@@ -109,8 +124,8 @@ static PyMethodDef methods[] = {
     {"spectral_normalize_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(spectral_normalize_direct)),
      METH_FASTCALL, "sn_ext::spectral_normalize_ called unboxed; NotImplemented for arguments of other types."},
     {"register_autograd", register_autograd, METH_VARARGS,
-     "register_autograd(forward, backward): sn_ext's C++ autograd formulas as the Autograd kernels of a backend's "
-     "pair of ops (names in the sn_ext namespace)."},
+     "register_autograd(forward, backward, scaled_backward): sn_ext's C++ autograd formulas as the Autograd kernels "
+     "of a backend's set of ops (names in the sn_ext namespace)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sn_ext compiled kernels", -1, methods};

@@ -47,6 +47,7 @@ def register() -> None:
             "power_iteration_",
             "spectral_normalize_",
             "spectral_normalize_backward",
+            "spectral_normalize_scaled_backward",
             "spectral_normalize_grouped_",
             "spectral_normalize_grouped_backward",
         )

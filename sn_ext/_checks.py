@@ -2,6 +2,9 @@
 Python backend (the reference, the Triton ops) and the fallback without the compiled library. tests/test_errors.py
 runs the same bad calls through both and expects the same exception types and messages."""
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -18,6 +21,13 @@ def check_weight_dtype(what: str, dtype: torch.dtype, complex_ok: bool, hint: st
             else ("float16, bfloat16, float32 or float64")
         )
         raise TypeError(f"{what} must be {kinds}, got {dtype}{hint}")
+
+
+def check_coeff(what: str, coeff) -> None:
+    """ValueError "<what>: coeff must be a positive finite number or None" (a module's argument; a bool is none)."""
+    number = isinstance(coeff, numbers.Real) and not isinstance(coeff, bool)
+    if coeff is not None and not (number and 0 < coeff < math.inf):
+        raise ValueError(f"{what}: coeff must be a positive finite number or None, got coeff={coeff!r}")
 
 
 def _check(op: str, weight: Tensor, n_power_iterations: int, eps: float, complex_ok: bool) -> None:
@@ -88,6 +98,24 @@ def check_forward_args(
     _check_vectors(op, weight, u, v, dim)
 
 
+def check_scaling(op: str, weight: Tensor, coeff, gamma) -> None:
+    """The scaled forms' arguments, as csrc/matrix_view.cpp's check_scaling: coeff a positive finite number, gamma
+    a one-element real floating tensor on the weight's device; neither for a complex weight."""
+    if coeff is None and gamma is None:
+        return
+    if weight.dtype in COMPLEX_DTYPES:
+        raise TypeError(f"{op}: coeff and gamma take real weights, got {weight.dtype}")
+    if coeff is not None and not 0 < coeff < math.inf:  # NaN too
+        raise ValueError(f"{op}: coeff must be a positive finite number, got {coeff}")
+    if gamma is not None:
+        if gamma.numel() != 1:
+            raise ValueError(f"{op}: gamma must hold one value, got shape {list(gamma.shape)}")
+        if gamma.dtype not in REAL_DTYPES:
+            raise TypeError(f"{op}: gamma must be float16, bfloat16, float32 or float64, got {gamma.dtype}")
+        if gamma.device != weight.device:
+            raise RuntimeError(f"{op}: gamma must be on the weight's device {weight.device}, got {gamma.device}")
+
+
 def check_backward_args(
     op: str, grad: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int, complex_ok: bool = False
 ) -> None:
@@ -111,6 +139,15 @@ def check_backward_args(
     if sigma.numel() != 1:
         raise ValueError(f"{op}: sigma must hold one value, got shape {list(sigma.shape)}")
     _check_vectors(op, weight_sn, u, v, dim)
+
+
+def check_scaled_backward_args(
+    op: str, grad: Tensor, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int, coeff, gamma
+) -> None:
+    """All the checks of spectral_normalize_scaled_backward, as csrc/matrix_view.cpp's: spectral_normalize_backward's
+    (on the weight, whose role weight_sn has there) and the scaled forms'."""
+    check_backward_args(op, grad, weight, u, v, sigma, dim)
+    check_scaling(op, weight, coeff, gamma)
 
 
 def _check_grouped_lists(op: str, weights: list[Tensor], dims: list[int], lists: dict[str, list[Tensor]]) -> None:
@@ -145,13 +182,19 @@ def check_grouped_forward_args(
     n_power_iterations: int,
     eps: float,
     v_first: list[bool] | None = None,
+    coeffs: list[float] | None = None,
+    gammas: list[Tensor] | None = None,
+    sigma_grad: list[bool] | None = None,
 ) -> None:
     """All the checks of spectral_normalize_grouped_, as csrc/matrix_view.cpp's check_grouped_forward_args."""
     _check_grouped_lists(op, weights, dims, {"weights": weights, "us": us, "vs": vs})
-    if v_first is not None and len(v_first) != len(weights):
-        raise ValueError(f"{op}: v_first must hold one value per weight ({len(weights)}), got {len(v_first)}")
+    for name, values in (("v_first", v_first), ("coeffs", coeffs), ("gammas", gammas), ("sigma_grad", sigma_grad)):
+        if values is not None and len(values) != len(weights):
+            raise ValueError(f"{op}: {name} must hold one value per weight ({len(weights)}), got {len(values)}")
     for i, (weight, u, v, dim) in enumerate(zip(weights, us, vs, dims)):
-        check_forward_args(f"{op} (layer {i})", weight, u, v, dim, n_power_iterations, eps)
+        layer = f"{op} (layer {i})"
+        check_forward_args(layer, weight, u, v, dim, n_power_iterations, eps)
+        check_scaling(layer, weight, None if coeffs is None else coeffs[i], None if gammas is None else gammas[i])
 
 
 def check_grouped_backward_args(

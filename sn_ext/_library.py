@@ -5,7 +5,8 @@ After `load()`, every sn_ext op exists with the same schema whatever happened:
 - without it (not built, failed to load, or SN_EXT_DISABLE_EXT=1) the schemas come from _schemas.py;
 - the pure-PyTorch reference is registered as the CompositeExplicitAutograd kernel, so it serves every device
   that has no compiled kernel (a CUDA tensor with a CPU-only build, MPS, ...): compiled kernels always win;
-- the reference is also defined as sn_ext::reference_spectral_normalize_(_backward), for the "reference" backend.
+- the reference is also defined as sn_ext::reference_spectral_normalize_(_backward, _scaled_backward), for the
+  "reference" backend.
 """
 
 import dataclasses
@@ -81,14 +82,17 @@ def _register_reference() -> None:
     _libraries.append(lib)
 
 
+# The ops of a backend's set (sn_ext.backends), as the compiled library names them; every other backend's have the
+# same schemas under its own prefix.
+BACKEND_SCHEMAS = ("spectral_normalize_", "spectral_normalize_backward", "spectral_normalize_scaled_backward")
 # The reference again under its own names, with the same schemas: the "reference" backend (sn_ext.backends) calls
 # these, so that it can be chosen on a device whose sn_ext::spectral_normalize_ runs compiled kernels.
-REFERENCE_OPS = ("reference_spectral_normalize_", "reference_spectral_normalize_backward")
+REFERENCE_OPS = tuple(f"reference_{name}" for name in BACKEND_SCHEMAS)
 
 
 def _define_reference_ops() -> None:
     lib = torch.library.Library(_schemas.NAMESPACE, "FRAGMENT")
-    schemas = (_schemas.SCHEMAS["spectral_normalize_"], _schemas.SCHEMAS["spectral_normalize_backward"])
+    schemas = [_schemas.SCHEMAS[name] for name in BACKEND_SCHEMAS]
     for name, schema in zip(REFERENCE_OPS, schemas):
         lib.define(name + schema)
         lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")

@@ -53,24 +53,45 @@ def _rename_keys(
     name: str,
     to_legacy: bool,
     dim: int = 0,
+    logged_sigma: bool = False,
 ):
-    """A load_state_dict pre-hook: rewrites the other layout's keys under `prefix` into this module's layout."""
+    """A load_state_dict pre-hook: rewrites the other layout's keys under `prefix` into this module's layout.
+
+    The bounded legacy layout of DUE and i-ResNet (`logged_sigma`) also holds `<name>_sigma`, the last sigma (a log):
+    loaded from the parametrization layout, which has none, it becomes u^T W v of the loaded tensors (what an eval
+    forward logs); a parametrization drops it."""
     upgrade_legacy_version_0(state_dict, prefix, local_metadata, name, dim)
     source, target = legacy_keys(name), parametrization_keys(name)
     if to_legacy:
         source, target = target, source
+    renamed = False
     for old, new in zip(source, target):
         if prefix + old in state_dict and prefix + new not in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
+            renamed = True
+    sigma_key = f"{prefix}{name}_sigma"
+    if renamed and not to_legacy:
+        state_dict.pop(sigma_key, None)
+    elif renamed and logged_sigma and sigma_key not in state_dict:
+        orig, u, v = (state_dict.get(prefix + key) for key in legacy_keys(name))
+        if orig is not None and u is not None and v is not None:
+            with torch.no_grad():
+                sigma = torch.dot(u.double(), torch.mv(to_matrix(orig.double(), dim % orig.dim()), v.double()))
+            state_dict[sigma_key] = sigma.float().reshape(1)
 
 
-def accept_both_layouts(module: nn.Module, name: str, *, legacy: bool, dim: int = 0) -> None:
+def accept_both_layouts(
+    module: nn.Module, name: str, *, legacy: bool, dim: int = 0, logged_sigma: bool = False
+) -> None:
     """Lets `module` (with spectral norm on `name`, over `dim`) load checkpoints saved in either torch layout,
-    including legacy ones from before torch's version 1.
+    including legacy ones from before torch's version 1; `logged_sigma`: the legacy module keeps DUE's `<name>_sigma`
+    (see _rename_keys).
 
     The hook holds only the name and dim, no module, so copy.deepcopy and pickling of the module keep working.
     """
-    module._register_load_state_dict_pre_hook(functools.partial(_rename_keys, name=name, to_legacy=legacy, dim=dim))
+    module._register_load_state_dict_pre_hook(
+        functools.partial(_rename_keys, name=name, to_legacy=legacy, dim=dim, logged_sigma=logged_sigma)
+    )
 
 
 def remove_layout_hooks(module: nn.Module, name: str) -> None:

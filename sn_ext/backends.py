@@ -1,7 +1,8 @@
 """Which kernels run a spectral norm: the backends, why each can or cannot take an input, and the automatic choice.
 
-Every backend is a pair of ops with the schemas of sn_ext::spectral_normalize_ (u and v updated in place) and
-sn_ext::spectral_normalize_backward, sharing the fake kernels and autograd formulas (sn_ext/ops.py):
+Every backend is a set of ops with the schemas of sn_ext::spectral_normalize_ (u and v updated in place),
+sn_ext::spectral_normalize_backward and sn_ext::spectral_normalize_scaled_backward, sharing the fake kernels and
+autograd formulas (sn_ext/ops.py):
 
 =============  ==========================================  ====================================================
 backend        ops                                         takes
@@ -55,6 +56,7 @@ class Backend:
     description: str
     forward_op: str  # names in the sn_ext namespace
     backward_op: str
+    scaled_backward_op: str
 
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run on this machine at all (empty when it can)."""
@@ -93,13 +95,17 @@ class Backend:
 
     @property
     def forward(self):
-        """(W, u, v, dim, n, eps, v_first=False) -> (W_sn, sigma, u_used, v_used), u and v updated in place:
-        sn_ext::spectral_normalize_'s schema, whichever backend."""
+        """(W, u, v, dim, n, eps, v_first=False, coeff=None, gamma=None, sigma_grad=True) -> (W_sn, sigma, u_used,
+        v_used), u and v updated in place: sn_ext::spectral_normalize_'s schema, whichever backend."""
         return getattr(torch.ops.sn_ext, self.forward_op).default
 
     @property
     def backward(self):
         return getattr(torch.ops.sn_ext, self.backward_op).default
+
+    @property
+    def scaled_backward(self):
+        return getattr(torch.ops.sn_ext, self.scaled_backward_op).default
 
     def __reduce__(self):  # pickles by name (ops do not pickle)
         return get, (self.name,)
@@ -157,10 +163,12 @@ def _no_reasons():
 _MACHINE_REASONS = {"cpu": _cpu_reasons, "cuda": _cuda_reasons, "triton": _triton_reasons, "reference": _no_reasons}
 
 _BACKENDS = {
-    "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", "spectral_normalize_", "spectral_normalize_backward"),
-    "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", "spectral_normalize_", "spectral_normalize_backward"),
+    "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", *_library.BACKEND_SCHEMAS),
+    "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", *_library.BACKEND_SCHEMAS),
     "triton": Backend(
-        "triton", "Triton kernels (sn_ext/triton)", "triton_spectral_normalize_", "triton_spectral_normalize_backward"
+        "triton",
+        "Triton kernels (sn_ext/triton)",
+        *(f"triton_{name}" for name in _library.BACKEND_SCHEMAS),
     ),
     "reference": Backend("reference", "pure PyTorch (sn_ext/reference.py)", *_library.REFERENCE_OPS),
 }

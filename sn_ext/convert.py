@@ -77,8 +77,12 @@ def convert_spectral_norm(model: nn.Module, grouped: bool = False, *, backend: s
     `model`), legacy and parametrization alike, each with its own power-iteration order; a tensor with stacked
     parametrizations or a complex weight cannot be grouped. `backend` as sn_ext.spectral_norm's.
 
-    Raises ValueError naming every spectral norm that cannot be converted (a subclass of torch's, one stacked after
-    another parametrization, a dtype sn_ext does not compute in, a complex legacy weight, u or v of the wrong
+    The bounded spectral norm of DUE, i-ResNet, DDU and lightning-uq-box (their spectral_norm_fc: a subclass of torch's
+    legacy hook named SpectralNormFC) converts too, to sn_ext.legacy.spectral_norm with its coeff, in its layout
+    (`<name>_sigma` kept).
+
+    Raises ValueError naming every spectral norm that cannot be converted (any other subclass of torch's, one stacked
+    after another parametrization, a dtype sn_ext does not compute in, a complex legacy weight, u or v of the wrong
     shape, ...) or grouped, before changing anything. Warns if `model` has no spectral norm of torch's. Returns
     `model`.
     """
@@ -117,11 +121,17 @@ def restore_torch_spectral_norm(model: nn.Module) -> nn.Module:
     torch's same version with the same settings, keeping the Parameter objects, u, v and the state_dict, so that
     the model runs (and pickles) without sn_ext. Grouped models are ungrouped first. Returns `model`.
 
-    Raises ValueError naming each layer with sn_ext.conv_spectral_norm, which torch has no equivalent of, before
-    changing anything (remove_parametrizations(layer, "weight") bakes its W / sigma into a plain weight)."""
+    Raises ValueError naming each layer with a spectral norm torch has no equivalent of (sn_ext.conv_spectral_norm,
+    a coeff, sigma-reparam, sigma_grad=False) before changing anything (remove_parametrizations(layer, "weight") bakes
+    its normalized weight into a plain weight)."""
     failures = [
         f"{swap.where(found)}: sn_ext.conv_spectral_norm has no torch equivalent"
         for found in spectral_norms(model, (ConvSpectralNorm,), ())
+    ]
+    failures += [
+        f"{swap.where(found)}: its {swap.describe_form(found.norm)} has no torch equivalent"
+        for found in spectral_norms(model, (SpectralNorm,), (_LegacyHook,))
+        if not found.norm.plain
     ]
     _report(
         failures,

@@ -145,8 +145,9 @@ def spectral_report(
     - ``sigma``: the estimate in use (``sigmas(model)``), ``sigma_exact``: the largest singular value of the
       weight's matrix view (``torch.linalg.matrix_norm(..., ord=2)``), ``rel_gap``: ``(sigma_exact - sigma) /
       sigma_exact`` (> 0: the estimate is low, so ``W / sigma`` has norm ``1 + ...`` above 1);
-    - ``operator_norm``: the operator norm of the normalized layer (``W / sigma``, no bias) as a linear map: for a
-      Linear (and an Embedding, on one-hot inputs) ``||W / sigma||_2 = sigma_exact / sigma``; for a convolution
+    - ``operator_norm``: the operator norm of the normalized layer (``W / sigma``, no bias; ``W / max(1, sigma /
+      coeff)`` bounded, ``gamma W / sigma`` for sigma-reparam) as a linear map: for a Linear (and an Embedding, on
+      one-hot inputs) ``||W / sigma||_2 = sigma_exact / sigma``; for a convolution
       (1-3 d, transposed too, any stride, padding, dilation, groups) as the map on inputs of the shape it got in one
       forward of `example_input` (one sample of it), by power iteration through the convolution and its transpose
       from a seeded random start, stopped when its relative residual is below `tol` (see ``operator_norm``) or
@@ -190,14 +191,15 @@ def spectral_report(
         module = entry.module
         if entry.tensor_name == "weight" and weight.dim() >= 2:
             if isinstance(module, _MATRIX_LAYERS):
-                row["operator_norm"] = exact / s if s else float("inf")
+                divisor = _divisor(entry.norm, s)
+                row["operator_norm"] = exact / divisor if divisor else float("inf")
             elif isinstance(module, nn.modules.conv._ConvNd) and id(module) in shapes:
                 in_shape, out_shape = shapes[id(module)]
                 layer = ConvLayer.of(module)
                 output_padding = layer.output_padding_for(in_shape[1:], out_shape[1:])  # output_size= may set it
                 operator = layer.operator(weight.shape, in_shape[1:], output_padding)
                 norm, iterations, converged = _norm_of(
-                    operator, _at_least_float32(weight) / s, tol, max_iters, generator
+                    operator, _at_least_float32(weight) / _divisor(entry.norm, s), tol, max_iters, generator
                 )
                 row.update(operator_norm=norm, iterations=iterations, converged=converged)
         rows.append(row)
@@ -221,9 +223,17 @@ def _conv_spectral_norm_row(entry: _Norm, s: float | None, shapes: dict, tol, ma
     exact, iterations, converged = _norm_of(operator, _at_least_float32(weight), tol, max_iters, generator)
     row.update(sigma_exact=exact, iterations=iterations, converged=converged)
     if s is not None:
-        factor = s if norm.coeff is None else max(1.0, s / norm.coeff)
-        row.update(rel_gap=(exact - s) / exact if exact else float("nan"), operator_norm=exact / factor)
+        row.update(rel_gap=(exact - s) / exact if exact else float("nan"), operator_norm=exact / _divisor(norm, s))
     return row
+
+
+def _divisor(norm: object, sigma: float) -> float:
+    """What a spectral norm divides W by, given its sigma: sigma; max(sigma, coeff) / coeff with a coeff (bounded:
+    sn_ext's, conv_spectral_norm's, DUE's and i-ResNet's hooks); that over gamma for sigma-reparam."""
+    coeff = getattr(norm, "coeff", None)
+    divisor = sigma if coeff is None else max(sigma, coeff) / coeff
+    gain = norm._parameters.get("gain") if isinstance(norm, nn.Module) else None
+    return divisor if gain is None else divisor / float(gain.detach())
 
 
 def _float(t: Tensor) -> float:

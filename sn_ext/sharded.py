@@ -25,7 +25,7 @@ one process's to rounding). The fused power_iteration_ serves eval's local u_r^T
 rank holds whole (every placement Replicate) runs the module's own kernels.
 
 The power iteration (power_iteration, power_iteration_) is apart from the division by sigma (spectral_normalize), so
-that other functions of sigma (bounded spectral norm, sigma-reparam) can reuse it on sharded weights.
+that the other functions of sigma (bounded spectral norm, sigma-reparam: _ScaleBySigma) reuse it on sharded weights.
 
 Why not sharding strategies for sn_ext's ops (torch.distributed.tensor.experimental.register_sharding, in torch
 2.6-2.14): a strategy declares the placements an op runs on and the op then runs on local tensors, with any
@@ -249,19 +249,63 @@ class _DivideBySigma(torch.autograd.Function):
         return grad_local.to(grad.dtype), None, None, None, None, None
 
 
+class _ScaleBySigma(torch.autograd.Function):
+    """A scaled form's W_r g / max(sigma, f) on this rank's shard (sn_ext/reference.py's formula); the backward
+    s (G_r - k mu u v^T restricted to the shard) with mu = <G, W> / max(sigma, f), <G, W> the sum of every rank's share
+    (the one number the backward sends), and gamma's gradient mu c."""
+
+    @staticmethod
+    def forward(ctx, local, sigma, u_part, v_part, gamma, dim: int, split: Split, coeff, sigma_grad: bool):
+        acc = sigma.dtype
+        divisor = reference.scaled_divisor(sigma, coeff)
+        scale = reference.scaled_numerator(coeff, gamma, acc) / divisor
+        ctx.save_for_backward(local, sigma, u_part, v_part, gamma)
+        ctx.dim, ctx.split, ctx.coeff, ctx.sigma_grad = dim, split, coeff, sigma_grad
+        return (local.to(acc) * scale).to(local.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        local, sigma, u_part, v_part, gamma = ctx.saved_tensors
+        coeff, acc = ctx.coeff, sigma.dtype
+        g = grad.to(acc)
+        divisor = reference.scaled_divisor(sigma, coeff)
+        mu = ctx.split.all_reduce(torch.sum(local.to(acc) * g)) / divisor
+        scale = reference.scaled_numerator(coeff, gamma, acc) / divisor
+        counts = reference.sigma_counts(sigma, coeff, ctx.sigma_grad)
+        correction = torch.where(torch.as_tensor(counts, device=mu.device), mu, torch.zeros_like(mu))
+        grad_local = (g - rank_one(correction * u_part.to(acc), v_part.to(acc), grad, ctx.dim)) * scale
+        grad_gamma = None
+        if gamma is not None:
+            grad_gamma = (mu * (1.0 if coeff is None else coeff)).to(gamma.dtype).reshape(gamma.shape)
+        return grad_local.to(grad.dtype), None, None, None, grad_gamma, None, None, None, None
+
+
 def spectral_normalize(
-    weight, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, kernels
+    weight,
+    u: Tensor,
+    v: Tensor,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    kernels,
+    coeff: float | None = None,
+    gamma: Tensor | None = None,
+    sigma_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The forward of sn_ext.spectral_norm on a DTensor weight: (W_sn, sigma), W_sn a DTensor placed as `weight`
-    and differentiable in it, sigma a plain scalar (the same on every rank); u and v updated in place after n rounds.
-    `kernels`: the module's (sn_ext.backends.Kernels), which run a weight that every rank holds whole."""
+    and differentiable in it (and in gamma), sigma a plain scalar (the same on every rank); u and v updated in place
+    after n rounds. `kernels`: the module's (sn_ext.backends.Kernels), which run a weight that every rank holds
+    whole. coeff, gamma, sigma_grad: the scaled forms (sn_ext/ops.py); gamma a plain tensor on each rank."""
     from torch.distributed.tensor import DTensor
 
     dim %= weight.ndim
     split = split_of(weight, dim)
     local = weight.to_local()
+    scaled = reference.is_scaled(coeff, gamma) or not sigma_grad
     if split.group is None:
-        local_sn, sigma, _, _ = kernels.forward(local, u, v, dim, n_power_iterations, eps)
+        scaling = (False, coeff, gamma, sigma_grad) if scaled else ()
+        local_sn, sigma, _, _ = kernels.forward(local, u, v, dim, n_power_iterations, eps, *scaling)
     else:
         _check_vectors(weight, u, v, dim)
         sigma, u_new, v_new = _power_iteration(local, split, u, v, dim, n_power_iterations, eps, False)
@@ -272,7 +316,10 @@ def spectral_normalize(
         # The backward reads the vectors this call used (u_new, v_new: fresh tensors), not the buffers, so a module
         # called twice before one backward works, as with the fused ops.
         u_part, v_part = (split.local_part(u_new), v_new) if split.rows else (u_new, split.local_part(v_new))
-        local_sn = _DivideBySigma.apply(local, sigma, u_part, v_part, dim, split)
+        if scaled:
+            local_sn = _ScaleBySigma.apply(local, sigma, u_part, v_part, gamma, dim, split, coeff, sigma_grad)
+        else:
+            local_sn = _DivideBySigma.apply(local, sigma, u_part, v_part, dim, split)
     weight_sn = DTensor.from_local(
         local_sn, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape, stride=weight.stride()
     )

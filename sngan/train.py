@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, explicit = parse(argv)
     try:
         train(cfg, explicit)
+        if dist.is_initialized():
+            # Every rank tears its process group down together: rank 0 computes the metrics alone, and a gloo
+            # rank that destroys its group while a peer is still working aborts ("terminate called").
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

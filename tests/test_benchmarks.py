@@ -16,7 +16,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bandwidth, gan_step, host_overhead, layer, ops, records, spectral_normalize_grouped  # noqa: E402
+import sn_ext  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bandwidth,
+    gan_step,
+    host_overhead,
+    layer,
+    ops,
+    records,
+    spectral_normalize_grouped,
+    variants,
+)
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("SN_EXT_DISABLE_EXT") == "1", reason="runs once per CI run, with the compiled kernels"
@@ -53,6 +63,7 @@ def test_every_file_is_written(quick_run):
         "layers.csv",
         "ops.csv",
         "gan.csv",
+        "variants.csv",
         "layer.json",
         "layers.json",
         "ops.json",
@@ -180,6 +191,20 @@ def test_bandwidth_rows(quick_run):
     assert float(rows[0]["of_copy"]) == 1.0  # the copy is the yardstick
 
 
+def test_variants_rows(quick_run):
+    """Every variant and its hand-written PyTorch equivalent, side by side, on each quick shape; sn_ext's compiled
+    backends that cannot run here are skipped, saying why."""
+    out, _ = quick_run
+    rows = _rows(out / "variants.csv")
+    assert list(rows[0]) == variants.COLUMNS + records.META_COLUMNS
+    ran = {(r["shape"], r["provider"]) for r in rows if r["status"] == "ok"}
+    expected = ["plain: torch", "bounded: torch", "sigma-reparam: torch"]
+    if sn_ext.ops.library_status.loaded:
+        expected += ["plain: sn_ext cpu", "bounded: sn_ext cpu", "sigma-reparam: sn_ext cpu"]
+    assert {(s, p) for s in variants.QUICK_SHAPES for p in expected} <= ran
+    assert all(r["note"] for r in rows if r["status"] == "skipped")
+
+
 def test_report_has_a_table_per_part(quick_run):
     out, _ = quick_run
     report = (out / "report.md").read_text()
@@ -198,6 +223,7 @@ def test_report_has_a_table_per_part(quick_run):
         "### cnn, eager",
         "### resnet, eager",
         "## Bandwidth",
+        "## Variants: bounded spectral norm and sigma-reparam",
     ):
         assert heading in report
     assert "Quick run" in report and "torch / sn_ext cpu" in report and "(layer.png)" in report

@@ -186,6 +186,46 @@ def test_backward_op_errors(impl, bad):
         IMPLS[impl][2](*build(*_good_backward()))
 
 
+# The scaled forms' arguments (coeff, gamma): the forward and the scaled backward op, compiled and reference.
+
+SCALED_IMPLS = {
+    "op": (torch.ops.sn_ext.spectral_normalize_, torch.ops.sn_ext.spectral_normalize_scaled_backward),
+    "reference": (reference.spectral_normalize_, reference.spectral_normalize_scaled_backward),
+}
+SCALING_BAD = {
+    # name: ((coeff, gamma), exception, pattern)
+    "coeff_zero": ((0.0, None), ValueError, r"coeff must be a positive finite number"),
+    "coeff_negative": ((-1.0, None), ValueError, r"coeff must be a positive finite number"),
+    "coeff_nan": ((float("nan"), None), ValueError, r"coeff must be a positive finite number"),
+    "coeff_inf": ((float("inf"), None), ValueError, r"coeff must be a positive finite number"),
+    "gamma_two_values": ((None, torch.ones(2)), ValueError, r"gamma must hold one value"),
+    "gamma_int": ((None, torch.tensor(2)), TypeError, r"gamma must be float16, bfloat16, float32 or float64"),
+    "gamma_device": ((None, torch.ones((), device="meta")), RuntimeError, r"gamma must be on the weight's device"),
+}
+
+
+@pytest.mark.parametrize("bad", list(SCALING_BAD))
+@pytest.mark.parametrize("op_index", [0, 1], ids=["spectral_normalize_", "spectral_normalize_scaled_backward"])
+@pytest.mark.parametrize("impl", list(SCALED_IMPLS))
+def test_scaling_errors(impl, op_index, bad):
+    (coeff, gamma), error, pattern = SCALING_BAD[bad]
+    weight, u, v = _good()
+    if op_index == 0:
+        args = (weight, u, v, 1, 1, 1e-12, False, coeff, gamma, True)
+    else:
+        args = (torch.ones_like(weight), weight, u, v, torch.tensor(1.5), 1, coeff, gamma, True)
+    before = [a.clone() for a in (u, v)]
+    with pytest.raises(error, match=pattern):
+        SCALED_IMPLS[impl][op_index](*args)
+    assert all(torch.equal(a, b) for a, b in zip((u, v), before)), "a failed call must not write its arguments"
+
+
+def test_scaled_form_of_complex_weight_is_a_type_error():
+    weight, u, v = (t.to(torch.complex64) for t in _good())
+    with pytest.raises(TypeError, match="coeff and gamma take real weights"):
+        torch.ops.sn_ext.reference_spectral_normalize_(weight, u, v, 1, 1, 1e-12, False, 0.5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Degenerate weights
 

@@ -91,6 +91,44 @@ def _layer_run(mesh, layer: str, shard: int, n: int) -> dict:
     return out
 
 
+# The variants (docs/variants.md) on a sharded weight: name -> how to register it.
+VARIANTS = {
+    "bounded": lambda m: sn_ext.spectral_norm(m, coeff=0.3),
+    "bounded_stop_grad": lambda m: sn_ext.spectral_norm(m, coeff=0.3, sigma_grad=False),
+    "sigma_reparam": lambda m: sn_ext.sigma_reparam(m),
+}
+
+
+def _variants_run(mesh) -> dict:
+    """Each variant on a Linear with rows, then columns sharded: W_hat and the gradients of W and gamma after 5 Adam
+    steps on a loss of W_hat, and u, v (gamma's start: Lanczos on the whole weight)."""
+    out = {}
+    for variant, register in VARIANTS.items():
+        for side, shard in (("rows", 0), ("cols", 1)):
+            torch.manual_seed(0)
+            layer = nn.Linear(10, 7)
+            target = torch.randn(7, 10, generator=torch.Generator().manual_seed(5))
+            if mesh is not None:
+                from torch.distributed.tensor import Shard, distribute_tensor
+
+                layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(shard)]))
+                target = distribute_tensor(target, mesh, [Shard(shard)]).to_local()
+            torch.manual_seed(1)
+            register(layer)
+            params = layer.parametrizations.weight
+            opt = torch.optim.Adam(params.parameters(), lr=LR)
+            for _ in range(STEPS):
+                opt.zero_grad()
+                (_local(layer.weight) * target).sum().backward()
+                opt.step()
+            key = f"{variant}_{side}"
+            out |= {f"{key}_weight_hat": _full(layer.weight.detach()), f"{key}_grad": _full(params.original.grad)}
+            out |= {f"{key}_u": params[0]._u.clone(), f"{key}_v": params[0]._v.clone()}
+            if "gain" in params[0]._parameters:
+                out[f"{key}_gain_grad"] = params[0].gain.grad.clone()
+    return out
+
+
 def _bfloat16_run(mesh) -> dict:
     """A bfloat16 Linear, rows then columns sharded: u and v after registration, W_sn and W's gradient of one
     training step, u and v after it (sums in float32, vectors rounded to bfloat16, as in one process)."""
@@ -394,6 +432,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 results[("layer", *case)] = _layer_run(mesh, *case)
             results["tp"] = _tp_run(mesh, out_dir)
             results["bfloat16"] = _bfloat16_run(mesh)
+            results["variants"] = _variants_run(mesh)
             if FSDP2_ON_CPU:
                 results["fsdp"] = _fsdp_run(mesh, out_dir)
             results["communication"] = _communication_run(mesh)
@@ -468,6 +507,14 @@ def test_tensor_parallel_bfloat16_matches_one_process(runs_2):
         assert ours[key].dtype == torch.bfloat16, key
         assert rel_err(ours[key], reference[key]) <= TOL[torch.bfloat16], (key, rel_err(ours[key], reference[key]))
     _assert_same_on_every_rank(ranks, "bfloat16")
+
+
+def test_tensor_parallel_variants_match_one_process(runs_2):
+    """Bounded (with and without the gradient through sigma) and sigma-reparam on sharded weights: one process's
+    numbers, gamma's gradient the same on every rank."""
+    _, ranks = runs_2
+    _assert_close(ranks[0]["variants"], _variants_run(None), "variants")
+    _assert_same_on_every_rank(ranks, "variants")
 
 
 def test_tensor_parallel_model_matches_one_process(runs_2):

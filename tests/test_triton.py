@@ -53,6 +53,7 @@ PER_OP_FILES = (
     "test_spectral_normalize.py",
     "test_spectral_normalize_backward.py",
     "test_spectral_normalize_grouped.py",
+    "test_spectral_normalize_scaled.py",
 )
 
 

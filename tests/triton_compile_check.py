@@ -10,8 +10,8 @@ The weights:
   48x48) in float32 and bfloat16, each through its whole run (sn_ext.triton.warm_up.layer_launches: 15 power
   iterations at creation, the training forward and backward, the eval forward): the variants a GAN compiles;
 - every launch path and round order (one program in one or two passes, the split passes, the one-read gram round;
-  u-first and v-first; n = 0, 1, 2) on a small conv weight with dim 0 and dim 1 and a grid-sized one, in bfloat16
-  and float64 (--all: every dtype), and the widest one-pass rows in float64.
+  u-first and v-first; n = 0, 1, 2; the plain and the scaled forms) on a small conv weight with dim 0 and dim 1 and
+  a grid-sized one, in bfloat16 and float64 (--all: every dtype), and the widest one-pass rows in float64.
 
 Fails on a kernel that spills registers (local memory or stack). --facts lists every variant's registers, spills,
 shared memory and global loads (128-bit, all, cp.async): docs/design.md's compile facts come from it.
@@ -104,7 +104,8 @@ PATH_CASES = [
 
 
 def _path_launches(host, shape, dim, dtype, knobs, v_first=None) -> None:
-    """The launches of n = 0, 1 (u-first), 2 (v-first) and 2 (u-first) forwards and a backward on one weight."""
+    """The launches of n = 0, 1 (u-first), 2 (v-first) and 2 (u-first) forwards and a backward on one weight, and
+    of a scaled form's (docs/variants.md: coeff and gamma) u-first and v-first forwards and backward."""
     import torch.nn.functional as F
 
     saved = {name: getattr(host, name) for name in knobs or {}}
@@ -121,6 +122,11 @@ def _path_launches(host, shape, dim, dtype, knobs, v_first=None) -> None:
         for n, first_v in rounds:
             forward(weight, u, v, dim, n, 1e-12, first_v)
         backward(weight, weight, u, v, torch.ones(()), dim)
+        gamma = torch.ones(())
+        for n, first_v in rounds[-2:]:
+            forward(weight, u, v, dim, n, 1e-12, first_v, 0.5, gamma)
+        scaled_backward = torch.ops.sn_ext.triton_spectral_normalize_scaled_backward.default
+        scaled_backward(weight, weight, u, v, torch.ones(()), dim, 0.5, gamma)
     finally:
         for name, value in saved.items():
             setattr(host, name, value)

@@ -53,12 +53,14 @@
 //
 // Only c10's CUDA headers are used (c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream
 // forwards to): ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers that a minimal CUDA toolkit lacks.
+#include <optional>
 #include <vector>
 
 #include "common.cuh"
 #include "elementwise.cuh"
 #include "fused_round.cuh"
 #include "kernels.h"
+#include "scaled_fallback.h"
 #include "split_round.cuh"
 
 namespace sn_ext {
@@ -539,10 +541,12 @@ int64_t forward_column_groups(const at::Tensor& weight, int64_t dim) {
 namespace {
 
 // One launch: the rounds write the vectors used into fresh outputs and, on success, into u and v (Finish::kBoth).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cuda(const at::Tensor& weight,
-                                                                                   at::Tensor& u, at::Tensor& v,
-                                                                                   int64_t dim, int64_t n, double eps,
-                                                                                   bool v_first) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cuda(
+    const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n, double eps, bool v_first,
+    std::optional<double> coeff, const std::optional<at::Tensor>& gamma, bool /*sigma_grad: autograd's*/) {
+  const Scaling scaling{coeff, gamma};
+  if (scaling.scaled())
+    return scaled_forward_cuda(weight, u, v, dim, n, eps, v_first, scaling);  // not in the kernels yet
   const c10::cuda::CUDAGuard guard(weight.device());
   const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize_", weight, u, v, dim, n, eps);
   const int64_t groups = forward_column_groups(weight, dim);

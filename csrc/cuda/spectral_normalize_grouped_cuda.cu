@@ -8,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../layer_by_layer.h"
 #include "../matrix_view.h"
 #include "kernels.h"
 
@@ -16,9 +17,13 @@ namespace {
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 spectral_normalize_grouped_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
-                                int64_t n, double eps, const LayerOrders& v_first) {
-  const std::vector<MatrixShape> shapes =
-      check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us, vs, dims, n, eps, v_first);
+                                int64_t n, double eps, const LayerOrders& v_first, const LayerCoeffs& coeffs,
+                                const LayerGammas& gammas, const LayerSigmaGrads& sigma_grad) {
+  const LayerScalings scalings{coeffs, gammas, sigma_grad};
+  if (coeffs.has_value() || gammas.has_value())  // not in the kernels yet: each layer through scaled_forward_cuda
+    return grouped_forward_layer_by_layer(c10::DispatchKey::CUDA, weights, us, vs, dims, n, eps, v_first, scalings);
+  const std::vector<MatrixShape> shapes = check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us,
+                                                                     vs, dims, n, eps, v_first, scalings);
   const c10::cuda::CUDAGuard guard(weights[0].device());
   std::vector<WeightShapedOutput> outs;
   std::vector<at::Tensor> us_used, vs_used;

@@ -10,15 +10,12 @@ spatial)) and `_v` (the input shape). The layer's forward pre-hook checks each i
 for one input size only) and its load_state_dict pre-hook creates u and v from a checkpoint's shapes.
 """
 
-import math
-import numbers
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._autocast import autocast_off
-from .._checks import check_weight_dtype
+from .._checks import check_coeff, check_weight_dtype
 from .._matrix import accumulate_dtype
 from ..reference import _normalized, _usable
 from .conv_operator import ConvLayer, ConvOperator
@@ -277,5 +274,4 @@ def check_arguments(conv: nn.Module, weight, coeff, n_power_iterations: int, eps
         )
     if not eps >= 0:  # NaN too
         raise ValueError(f"conv_spectral_norm: eps must be >= 0, got eps={eps}")
-    if coeff is not None and not (isinstance(coeff, numbers.Real) and 0 < coeff < math.inf):
-        raise ValueError(f"conv_spectral_norm: coeff must be a positive finite number or None, got coeff={coeff!r}")
+    check_coeff("conv_spectral_norm", coeff)

@@ -78,13 +78,26 @@ class _Member:
         """False once its legacy hook is gone (torch.nn.utils.remove_spectral_norm)."""
         return self.plist is not None or any(hook is self.norm for hook in self.layer._forward_pre_hooks.values())
 
-    def operands(self) -> tuple[Tensor, Tensor, Tensor, bool]:
-        """(weight, u, v, training) as they are now (module.to() replaces buffers)."""
+    def operands(self) -> tuple[Tensor, Tensor, Tensor, int]:
+        """(weight, u, v, n) as they are now (module.to() replaces buffers): n power-iteration rounds, by the mode.
+        Rounds in eval mode (sigma-reparam's eval_iteration) run on copies of u and v, which stay."""
+        norm = self.norm
         if self.plist is None:  # a legacy hook's tensors are its layer's, and so is the mode, as torch's hook reads
             layer, name = self.layer, self.name
             buffers = layer._buffers
-            return layer._parameters[name + "_orig"], buffers[name + "_u"], buffers[name + "_v"], layer.training
-        return self.plist.original, self.norm._u, self.norm._v, self.norm.training
+            n = norm.n_power_iterations if layer.training else 0
+            return layer._parameters[name + "_orig"], buffers[name + "_u"], buffers[name + "_v"], n
+        u, v = norm._u, norm._v
+        if norm.training:
+            return self.plist.original, u, v, norm.n_power_iterations
+        if norm.eval_iteration:
+            return self.plist.original, u.clone(), v.clone(), norm.n_power_iterations
+        return self.plist.original, u, v, 0
+
+    @property
+    def gain(self) -> Tensor | None:
+        """sigma-reparam's gamma, or None."""
+        return None if self.plist is None else self.norm._parameters.get("gain")
 
 
 def _member(layer: nn.Module, name: str) -> _Member:
@@ -130,19 +143,26 @@ class SpectralNormGroup:
             self.members = [member for member in self.members if member.registered()]
         operands = [member.operands() for member in self.members]
         calls: dict[tuple, list[int]] = {}
-        for i, (member, (weight, _, _, training)) in enumerate(zip(self.members, operands)):
-            n = member.norm.n_power_iterations if training else 0
-            calls.setdefault((weight.device, weight.dtype, n, member.norm.eps), []).append(i)
-        for (_, _, n, eps), indices in calls.items():
+        for i, (member, (weight, _, _, n)) in enumerate(zip(self.members, operands)):
+            norm = member.norm
+            # One call takes layers with coeffs or without, gains or without (the op's lists are all or none).
+            form = (norm.coeff is not None, member.gain is not None)
+            calls.setdefault((weight.device, weight.dtype, n, norm.eps, form), []).append(i)
+        for (_, _, n, eps, (with_coeffs, with_gains)), indices in calls.items():
             members = [self.members[i] for i in indices]
+            norms = [member.norm for member in members]
+            sigma_grad = [norm.sigma_grad for norm in norms]
             weights_sn, sigmas, _, _ = ops.spectral_normalize_grouped_(
                 [operands[i][0] for i in indices],
                 [operands[i][1] for i in indices],
                 [operands[i][2] for i in indices],
-                [member.norm.dim for member in members],
+                [norm.dim for norm in norms],
                 n,
                 eps,
                 [member.v_first for member in members],
+                [norm.coeff for norm in norms] if with_coeffs else None,
+                [member.gain for member in members] if with_gains else None,
+                None if all(sigma_grad) else sigma_grad,
             )
             sigmas = sigmas.data  # kept for sn_ext.sigmas with each layer's index (see SpectralNorm._sigma)
             for index, (member, weight_sn) in enumerate(zip(members, weights_sn)):
@@ -165,15 +185,18 @@ def grouped_spectral_norm(
     name: str = "weight",
     n_power_iterations: int = 1,
     eps: float = 1e-12,
+    coeff: float | None = None,
+    sigma_grad: bool = True,
 ) -> nn.Module:
     """Puts spectral normalization on `name` of every submodule of `model` that is an instance of `types` (or of
     each module of `layers`, if given), and computes them all together in each forward of `model`. Returns
-    `model`. The per-layer arguments (n_power_iterations, eps; dim as torch chooses it) are those of
-    sn_ext.spectral_norm. A layer that already has a spectral norm keeps it, with its version and settings: sn_ext's
-    as it is, torch's converted to sn_ext's first (as sn_ext.convert_spectral_norm does: same Parameter, u, v and
-    state dict). Layers with sn_ext.conv_spectral_norm are left out: they keep it, computed per layer (its power
-    iteration runs through the convolution, not the grouped op's matrices). Every layer is checked before anything
-    changes. Undo with ungroup_spectral_norm(model), which keeps the per-layer spectral norms."""
+    `model`. The per-layer arguments (n_power_iterations, eps, coeff, sigma_grad; dim as torch chooses it) are those
+    of sn_ext.spectral_norm. A layer that already has a spectral norm keeps it, with its version and settings:
+    sn_ext's as it is (bounded and sigma-reparam too, each with its own coeff and gamma), torch's converted to
+    sn_ext's first (as sn_ext.convert_spectral_norm does: same Parameter, u, v and state dict). Layers with
+    sn_ext.conv_spectral_norm are left out: they keep it, computed per layer (its power iteration runs through the
+    convolution, not the grouped op's matrices). Every layer is checked before anything changes. Undo with
+    ungroup_spectral_norm(model), which keeps the per-layer spectral norms."""
     if hasattr(model, "_sn_ext_group"):
         raise RuntimeError(
             "grouped_spectral_norm: this model is already grouped (ungroup_spectral_norm(model) undoes it)"
@@ -190,7 +213,7 @@ def grouped_spectral_norm(
             weight = getattr(layer, name, None)
             if weight is None or weight.dim() < 2:  # a bias-like vector: nothing to group (torch normalizes it)
                 continue
-            spectral_norm(layer, name, n_power_iterations, eps)
+            spectral_norm(layer, name, n_power_iterations, eps, coeff=coeff, sigma_grad=sigma_grad)
         members.append((layer, name))
     if not members:
         raise ValueError(

@@ -11,6 +11,7 @@ be swapped, and change nothing: install() does.
 """
 
 import dataclasses
+import numbers
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -57,10 +58,30 @@ def where(found: Registered) -> str:
 def _check_exact(norm: object, torch_type: type) -> None:
     if type(norm) is not torch_type:  # a subclass may compute something else: converting would change the model
         cls = type(norm)
+        hint = ""
+        if cls.__name__ == "SpectralNormConv":  # DUE's, i-ResNet's, DDU's spectral_norm_conv
+            hint = " (the convolution operator's norm: its vectors do not convert; use sn_ext.conv_spectral_norm)"
         raise ValueError(
             f"it is {cls.__module__}.{cls.__qualname__}, a subclass of torch's {torch_type.__qualname__} that may "
-            f"compute something else: sn_ext converts torch's own classes only"
+            f"compute something else: sn_ext converts torch's own classes and the bounded SpectralNormFC of DUE, "
+            f"i-ResNet and DDU only{hint}"
         )
+
+
+def bounded_fc_coeff(module: nn.Module, fn) -> float | None:
+    """The coeff of a bounded spectral norm of DUE, i-ResNet, DDU or lightning-uq-box (their spectral_norm_fc), else
+    None. Theirs is a subclass of torch's legacy hook named SpectralNormFC, with a `coeff` and the buffer
+    `<name>_sigma`, whose compute_weight gives W / max(1, sigma / coeff) from torch's v-first rounds, the gradient
+    through sigma, logging sigma: what sn_ext's legacy hook computes with that coeff (tests/test_variants.py)."""
+    coeff = getattr(fn, "coeff", None)
+    if (
+        type(fn).__name__ == "SpectralNormFC"
+        and isinstance(coeff, numbers.Real)
+        and not isinstance(coeff, bool)
+        and fn.name + "_sigma" in module._buffers
+    ):
+        return float(coeff)
+    return None
 
 
 def _check_vectors(weight, u, v, dim: int) -> None:
@@ -88,12 +109,14 @@ def _sn_ext_parametrization(module: nn.Module, name: str, index: int, norm, back
 
 
 def _sn_ext_hook(module: nn.Module, fn, backend: str | None) -> LegacyHook:
-    _check_exact(fn, _TorchLegacySpectralNorm)
+    coeff = bounded_fc_coeff(module, fn)
+    if coeff is None:
+        _check_exact(fn, _TorchLegacySpectralNorm)
     weight = module._parameters.get(fn.name + "_orig")
     if weight is None:
         raise ValueError(f"it has no parameter '{fn.name}_orig'")
     u, v = module._buffers.get(fn.name + "_u"), module._buffers.get(fn.name + "_v")
-    new = make_hook(weight, fn.name, fn.n_power_iterations, fn.dim, fn.eps, backend)
+    new = make_hook(weight, fn.name, fn.n_power_iterations, fn.dim, fn.eps, backend, coeff=coeff)
     _check_vectors(weight, u, v, new.dim)
     return new
 
@@ -122,13 +145,26 @@ def _torch_parametrization(norm: SpectralNorm) -> _TorchSpectralNorm:
 
 
 def to_torch(found: Registered) -> Swap:
-    """The swap of sn_ext's spectral norm `found` for torch's."""
+    """The swap of sn_ext's spectral norm `found` for torch's; raises ValueError for a form torch has no equivalent
+    of (coeff, sigma-reparam, sigma_grad=False)."""
     old = found.norm
+    if not old.plain:
+        raise ValueError(f"its {describe_form(old)} has no torch equivalent")
     if isinstance(old, nn.Module):
         new = _torch_parametrization(old)
     else:
         new = _TorchLegacySpectralNorm(old.name, old.n_power_iterations, old.dim, old.eps)
     return Swap(where(found), found.module, found.tensor_name, old, new, found.key)
+
+
+def describe_form(norm) -> str:
+    """What an sn_ext spectral norm computes beyond W / sigma, for messages: "coeff=0.9", "sigma-reparam", ..."""
+    parts = ["sigma-reparam"] if "gain" in getattr(norm, "_parameters", {}) else []
+    if norm.coeff is not None:
+        parts.append(f"coeff={norm.coeff}")
+    if not norm.sigma_grad:
+        parts.append("sigma_grad=False")
+    return ", ".join(parts) or "plain spectral norm"
 
 
 def install(swap: Swap) -> None:
@@ -150,7 +186,8 @@ def _install_sn_ext(swap: Swap) -> None:
         _parametrize.install(module, name)  # module.<name> as fast as sn_ext.spectral_norm's
     if swap.is_legacy or swap.key == 0:  # a checkpoint of either torch layout loads, as with sn_ext's own
         _state_dict.remove_layout_hooks(module, name)
-        _state_dict.accept_both_layouts(module, name, legacy=swap.is_legacy, dim=new.dim)
+        logged_sigma = swap.is_legacy and new.coeff is not None  # DUE's layout
+        _state_dict.accept_both_layouts(module, name, legacy=swap.is_legacy, dim=new.dim, logged_sigma=logged_sigma)
 
 
 def _install_torch(swap: Swap) -> None:

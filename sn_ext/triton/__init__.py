@@ -1,8 +1,9 @@
 """sn_ext's Triton backend: the fused forward and rank-1 backward as Triton kernels, one file per op (its launch plan
 and op): spectral_normalize.py (sn_ext::triton_spectral_normalize_, its kernels in one module per launch path:
-_one_program.py, _grid.py, _gram.py) and spectral_normalize_backward.py (sn_ext::triton_spectral_normalize_backward,
-with its kernels); _host.py holds the launch-plan knobs and host helpers both use, _launch.py how they launch,
-_helpers.py the device functions; warm_up.py compiles a model's kernel variants ahead of a run.
+_one_program.py, _grid.py, _gram.py) and spectral_normalize_backward.py (sn_ext::triton_spectral_normalize_backward
+and _scaled_backward, with their kernels); _host.py holds the launch-plan knobs and host helpers both use,
+_launch.py how they launch, _helpers.py the device functions; warm_up.py compiles a model's kernel variants ahead of
+a run.
 
 Nothing here imports triton until `load()` is called (sn_ext.backends calls it the first time the "triton" backend
 is chosen), so `import sn_ext` stays fast and works without triton. The kernels run on CUDA tensors; with
@@ -63,16 +64,17 @@ def load() -> tuple[bool, str]:
         from .. import _library, ops
         from . import _one_program, spectral_normalize, spectral_normalize_backward
 
-        modules = {
-            spectral_normalize.FORWARD: spectral_normalize,
-            spectral_normalize_backward.BACKWARD: spectral_normalize_backward,
+        eager_kernels = {
+            spectral_normalize.FORWARD: spectral_normalize.eager,
+            spectral_normalize_backward.BACKWARD: spectral_normalize_backward.eager,
+            spectral_normalize_backward.SCALED_BACKWARD: spectral_normalize_backward.eager_scaled,
         }
-        names = [qualname.split("::")[1] for qualname in modules]
+        names = [qualname.split("::")[1] for qualname in eager_kernels]
         ops.register_backend_ops(*names, autocast=False)
         # Eager calls run the kernels directly; the triton_op's own kernel stays what torch.compile traces.
         lib = torch.library.Library("sn_ext", "IMPL")
-        for name, module in zip(names, modules.values()):
-            _library.replace_impl(lib, name, module.eager, "CompositeExplicitAutograd")
+        for name, eager in zip(names, eager_kernels.values()):
+            _library.replace_impl(lib, name, eager, "CompositeExplicitAutograd")
         _library.keep_alive(lib)
     except Exception as error:  # a broken triton install, or an op registration torch rejects
         _status = (False, f"the Triton ops failed to register: {type(error).__name__}: {error}")

@@ -15,6 +15,7 @@ from ._helpers import (
     matrix_offsets,
     precise_div,
     precise_sqrt,
+    scaled_factors,
     sum_partials,
     usable,
     workspace,
@@ -298,7 +299,8 @@ def sigma_dot_kernel(
 
 
 # ---- divide_kernel ----
-# W_sn = W / sigma, elementwise over the matrix view (sigma read from the device: no host synchronisation).
+# W_sn = W / sigma, elementwise over the matrix view (sigma read from the device: no host synchronisation); SCALED,
+# a scaled form's W g / max(sigma, f) (gamma read from the device too).
 #
 # Grid: one program per (BLOCK_ROWS x BLOCK_COLS) tile, tile t = (t // col_blocks, t % col_blocks).
 #
@@ -333,9 +335,14 @@ def divide_kernel(
     u_stride,
     v_stride,
     eps: tl.float64,
+    gamma_ptr,  # SCALED: () any float dtype: gamma (has_gamma 1); else unread
+    coeff: tl.float64,  # SCALED: the bound (has_coeff 1)
+    has_coeff,
+    has_gamma,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
     FINISH: tl.constexpr,
+    SCALED: tl.constexpr,  # W g / max(sigma, f) (scaled_factors) instead of W / sigma
 ):
     tile = tl.program_id(0)
     row_block = tile // col_blocks
@@ -365,5 +372,9 @@ def divide_kernel(
         sigma = tl.load(sigma_ptr)
     mask = row_mask[:, None] & col_mask[None, :]
     w = tl.load(w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner), mask=mask, other=0.0)
-    out = precise_div(w.to(sigma.dtype), sigma).to(out_ptr.dtype.element_ty)
+    if SCALED:
+        divisor, numerator = scaled_factors(sigma, coeff, has_coeff, gamma_ptr, has_gamma)
+        out = (w.to(sigma.dtype) * precise_div(numerator, divisor)).to(out_ptr.dtype.element_ty)
+    else:
+        out = precise_div(w.to(sigma.dtype), sigma).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + matrix_offsets(row_idx, col_idx, inner, o_outer, o_row, o_inner), out, mask=mask)

@@ -42,6 +42,9 @@ NOT_SPECIALIZED = (
     "reducers",
     "first",
     "last",
+    "has_coeff",
+    "has_gamma",
+    "sigma_grad",
 )
 
 
@@ -93,6 +96,22 @@ else:  # pragma: no cover - old Triton
 def clamp_min_eps(norm, eps):
     """max(norm, eps) that keeps a NaN norm NaN (as torch's clamp_min and the C++ kernels; tl.maximum would not)."""
     return tl.where(norm < eps, eps, norm)
+
+
+@triton.jit
+def scaled_factors(sigma, coeff, has_coeff, gamma_ptr, has_gamma):
+    """A scaled form's (divisor, numerator) in sigma's dtype (csrc/sn_ext.cpp): d = max(sigma, coeff) (a NaN sigma
+    stays NaN) or sigma without a coeff (has_coeff 0), g = gamma coeff, gamma read from the device (has_gamma 0: 1)
+    and coeff 1 without one."""
+    c = tl.full([], coeff, sigma.dtype)
+    divisor = sigma
+    numerator = tl.full([], 1.0, sigma.dtype)
+    if has_coeff != 0:
+        divisor = tl.where(sigma < c, c, sigma)
+        numerator = c
+    if has_gamma != 0:
+        numerator = numerator * tl.load(gamma_ptr).to(sigma.dtype)
+    return divisor, numerator
 
 
 @triton.jit

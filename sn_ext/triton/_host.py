@@ -122,6 +122,17 @@ def warps_and_registers(warps: int, programs_per_sm: int = 1) -> dict:
     return dict(num_warps=warps, maxnreg=min(255, 65536 // (32 * warps * programs_per_sm)))
 
 
+def scaling_args(coeff: float | None, gamma: torch.Tensor | None, stand_in: torch.Tensor) -> tuple:
+    """A scaled form's kernel arguments (gamma_ptr, coeff, has_coeff, has_gamma; _helpers.scaled_factors): gamma, or
+    `stand_in` (a tensor of the call, never read) for the pointer when there is none."""
+    return (
+        stand_in if gamma is None else gamma,
+        1.0 if coeff is None else float(coeff),
+        int(coeff is not None),
+        int(gamma is not None),
+    )
+
+
 def workspace_size(rows: int, parts: int) -> int:
     """Elements of a grid forward's workspace (see WORKSPACE_HEADER) with `parts` partial-sum elements."""
     return WORKSPACE_HEADER + cdiv(rows, 16) * 16 + parts

@@ -1,10 +1,19 @@
 """The one-program forward (fused_forward_kernel): for weights of at most _host.FUSED_MAX_NUMEL elements, one launch
-does every round of power iteration, sigma and W / sigma."""
+does every round of power iteration, sigma and W / sigma (or a scaled form's W g / max(sigma, f))."""
 
 import triton
 import triton.language as tl
 
-from ._helpers import clamp_min_eps, finish, kernel, matrix_offsets, precise_div, precise_sqrt, usable
+from ._helpers import (
+    clamp_min_eps,
+    finish,
+    kernel,
+    matrix_offsets,
+    precise_div,
+    precise_sqrt,
+    scaled_factors,
+    usable,
+)
 
 # ---- fused_forward_kernel ----
 # The whole forward in one program, for small weights (one launch): n rounds of power iteration, sigma, W / sigma.
@@ -121,6 +130,10 @@ def fused_forward_kernel(
     v_stride,
     n_iters,
     eps: tl.float64,  # float64 (a Python float would be float32), rounded to the accumulation dtype below
+    gamma_ptr,  # SCALED: () any float dtype: gamma (has_gamma 1); else unread
+    coeff: tl.float64,  # SCALED: the bound (has_coeff 1)
+    has_coeff,
+    has_gamma,
     V_FIRST: tl.constexpr,
     ONE_PASS: tl.constexpr,
     N_ZERO: tl.constexpr,
@@ -129,6 +142,7 @@ def fused_forward_kernel(
     BLOCK_VEC: tl.constexpr,
     FULL: tl.constexpr,
     STRIP: tl.constexpr,
+    SCALED: tl.constexpr,  # W g / max(sigma, f) (scaled_factors) instead of W / sigma
 ):
     acc_dtype = sigma_ptr.dtype.element_ty
     eps = tl.full([], eps, acc_dtype)
@@ -259,11 +273,18 @@ def fused_forward_kernel(
         finish(u_ptr, u_stride, u_new_ptr, rows, ok, BLOCK_VEC)
         finish(v_ptr, v_stride, v_new_ptr, cols, ok, BLOCK_VEC)
     tl.store(sigma_ptr, sigma)
+    scale = sigma
+    if SCALED:
+        divisor, numerator = scaled_factors(sigma, coeff, has_coeff, gamma_ptr, has_gamma)
+        scale = precise_div(numerator, divisor)
     for row_start in range(0, rows, BLOCK_ROWS):
         row_idx = row_start + tl.arange(0, BLOCK_ROWS)
         for col_start in range(0, cols, BLOCK_COLS):
             col_idx = col_start + tl.arange(0, BLOCK_COLS)
             mask = (row_idx < rows)[:, None] & (col_idx < cols)[None, :]
             w = tl.load(w_ptr + matrix_offsets(row_idx, col_idx, inner, s_outer, s_row, s_inner), mask=mask, other=0.0)
-            out = precise_div(w.to(acc_dtype), sigma).to(out_ptr.dtype.element_ty)
+            if SCALED:
+                out = (w.to(acc_dtype) * scale).to(out_ptr.dtype.element_ty)
+            else:
+                out = precise_div(w.to(acc_dtype), sigma).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + matrix_offsets(row_idx, col_idx, inner, o_outer, o_row, o_inner), out, mask=mask)

@@ -147,8 +147,9 @@ class _Plan:
 
 
 @_host.cached_plan
-def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _Plan:
-    """The launches of a forward (see the module docstring); `knobs` (_host.knobs()) only keys the cache."""
+def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, scaled, knobs) -> _Plan:
+    """The launches of a forward (see the module docstring); `scaled`: a scaled form's last pass (W g / max(sigma, f));
+    `knobs` (_host.knobs()) only keys the cache."""
     layout = _host.Layout.of(shape, (stride,), dim)
     m = layout.matrix
     acc = _matrix.accumulate_dtype(dtype)
@@ -169,6 +170,7 @@ def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _
             BLOCK_VEC=_host.VECTOR_BLOCK,
             FULL=full,
             STRIP=max(1, _host.TILE // full) if one_pass else 1,
+            SCALED=scaled,
             **_host.warps_and_registers(_host.FUSED_FORWARD_WARPS),
         )
         scratch = _host.cdiv((m.rows + m.cols) * acc.itemsize, dtype.itemsize)
@@ -199,6 +201,7 @@ def _plan(shape, stride, dtype, dim, u_stride, v_stride, n, v_first, knobs) -> _
             BLOCK_ROWS=block_rows,
             BLOCK_COLS=block_cols,
             FINISH=gram is not None,
+            SCALED=scaled,
         ),
         divide_args=(*layout.out_strides, col_blocks, gram.reducers if gram else 0),
         workspace=_host.workspace_size(m.rows, parts),
@@ -210,12 +213,13 @@ def forget_plans() -> None:
     _plan.cache_clear()
 
 
-def _forward_fused(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, scratch_in_out):
+def _forward_fused(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, scaling, scratch_in_out):
     scratch = out3 if scratch_in_out and plan.scratch_fits else out3.new_empty(plan.scratch_size)
-    launch(plan.fused, key, w3, u, v, out3, sigma, u_new, v_new, scratch, *plan.matrix_args, *plan.fused_args, eps)
+    args = (*plan.matrix_args, *plan.fused_args, eps, *scaling)
+    launch(plan.fused, key, w3, u, v, out3, sigma, u_new, v_new, scratch, *args)
 
 
-def _forward_grid(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, n, v_first):
+def _forward_grid(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, scaling, n, v_first):
     m = plan.layout.matrix
     ws = sigma.new_empty(plan.workspace)
     u_stride, v_stride = u.stride(0), v.stride(0)
@@ -281,6 +285,7 @@ def _forward_grid(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, n
         u_stride,
         v_stride,
         eps,
+        *scaling,
     )
 
 
@@ -296,25 +301,31 @@ def triton_spectral_normalize_(
     n_power_iterations: int,
     eps: float,
     v_first: bool = False,
+    coeff: float | None = None,
+    gamma: torch.Tensor | None = None,
+    sigma_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What torch.compile traces: every launch through wrap_triton. Eager calls take eager() instead."""
-    return _forward(_launch.traced_launch, weight, u, v, dim, n_power_iterations, eps, v_first, eager=False)
+    return _forward(
+        _launch.traced_launch, weight, u, v, dim, n_power_iterations, eps, v_first, coeff, gamma, eager=False
+    )
 
 
-def eager(weight, u, v, dim, n_power_iterations, eps, v_first=False):
+def eager(weight, u, v, dim, n_power_iterations, eps, v_first=False, coeff=None, gamma=None, sigma_grad=True):
     """The op's kernel for real tensors (sn_ext/triton/__init__.py registers it): the launches direct (_launch.py)
-    and without the triton_op's Python wrappers, on the weight's device."""
+    and without the triton_op's Python wrappers, on the weight's device. `sigma_grad` is autograd's."""
     guard = _launch.device_guard(weight.device)
     if guard is None:
-        return _forward(_launch.eager_launch, weight, u, v, dim, n_power_iterations, eps, v_first)
+        return _forward(_launch.eager_launch, weight, u, v, dim, n_power_iterations, eps, v_first, coeff, gamma)
     with guard:
-        return _forward(_launch.eager_launch, weight, u, v, dim, n_power_iterations, eps, v_first)
+        return _forward(_launch.eager_launch, weight, u, v, dim, n_power_iterations, eps, v_first, coeff, gamma)
 
 
-def _forward(launch, weight, u, v, dim, n_power_iterations, eps, v_first, eager=True):
+def _forward(launch, weight, u, v, dim, n_power_iterations, eps, v_first, coeff, gamma, eager=True):
     """The forward, its launches through `launch`; `eager`: on real tensors (not traced by torch.compile, where
     the one-program kernel gets scratch of its own rather than its output's memory)."""
     _checks.check_forward_args(FORWARD, weight, u, v, dim, n_power_iterations, eps)
+    _checks.check_scaling(FORWARD, weight, coeff, gamma)
     plan = _plan(
         weight.shape,
         weight.stride(),
@@ -324,6 +335,7 @@ def _forward(launch, weight, u, v, dim, n_power_iterations, eps, v_first, eager=
         v.stride(0),
         n_power_iterations,
         v_first,
+        coeff is not None or gamma is not None,
         _host.knobs(),
     )
     layout = plan.layout
@@ -336,9 +348,10 @@ def _forward(launch, weight, u, v, dim, n_power_iterations, eps, v_first, eager=
     sigma = weight.new_empty((), dtype=plan.acc)
     u_new = torch.empty_like(u)  # contiguous: a 1-D tensor with gaps is not dense, so empty_like does not keep them
     v_new = torch.empty_like(v)
-    key = _launch.call_key(weight.device.index, w3, u, v) if eager else None  # fake tensors have no data
+    scaling = _host.scaling_args(coeff, gamma, sigma)
+    key = _launch.call_key(weight.device.index, w3, u, v, scaling[0]) if eager else None  # fakes have no data
     if plan.fused:
-        _forward_fused(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, eager)
+        _forward_fused(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, scaling, eager)
     else:
-        _forward_grid(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, n_power_iterations, v_first)
+        _forward_grid(launch, plan, key, w3, u, v, out3, sigma, u_new, v_new, eps, scaling, n_power_iterations, v_first)
     return layout.finish(out, out3), sigma, u_new, v_new
