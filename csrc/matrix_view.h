@@ -114,8 +114,8 @@ struct WeightShapedOutput {
 // sigma's dtype: float32 for float16/bfloat16/float32 weights, float64 for float64.
 at::ScalarType sigma_dtype(at::ScalarType weight_dtype);
 
-// torch's matrix view of a weight-shaped tensor, as ATen ops (a copy when dim != 0; autograd's double backward and
-// the CUDA scaled forms' fallback use it, never the kernels).
+// torch's matrix view of a weight-shaped tensor, as ATen ops (a copy when dim != 0; autograd's double backward uses
+// it, never the kernels).
 at::Tensor to_matrix(const at::Tensor& t, int64_t dim);
 // u v^T in the layout of `like` (a view of the outer product): the gradient of sigma = u^T W v.
 at::Tensor rank_one(const at::Tensor& u, const at::Tensor& v, const at::Tensor& like, int64_t dim);

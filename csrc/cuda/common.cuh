@@ -81,14 +81,14 @@ struct alignas(16) Pack {
 // A layer's vectors in a forward.
 template <typename scalar_t>
 struct Vectors {
-  const scalar_t* u_in;  // the caller's u (rows,), stride u_stride
+  // The caller's u (rows,), stride u_stride, and v (cols,): read, and written only where the layer's Finish commits
+  // (kCommit, kBoth).
+  scalar_t* u_in;
   int64_t u_stride;
-  const scalar_t* v_in;  // the caller's v (cols,), stride v_stride
+  scalar_t* v_in;
   int64_t v_stride;
-  scalar_t* u_work;    // contiguous (rows,): the rounds' u, in the weight's dtype like torch's buffers
-  scalar_t* v_work;    // contiguous (cols,)
-  scalar_t* u_commit;  // power_iteration_: the caller's u, writable (same memory as u_in); else nullptr
-  scalar_t* v_commit;
+  scalar_t* u_work;  // contiguous (rows,): the rounds' u, in the weight's dtype like torch's buffers
+  scalar_t* v_work;  // contiguous (cols,)
   int64_t rows, cols;
 };
 

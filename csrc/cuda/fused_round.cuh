@@ -484,7 +484,8 @@ struct Finishing {
 };
 
 // Virtual block b of a layer's finish (b < blocks): u for its rows, v for its share of the columns, sigma (block 0),
-// and W / sigma for its rows (walked back: the pass read them last), where the layer has an output.
+// and W / sigma (a scaled form's W g / max(sigma, f)) for its rows (walked back: the pass read them last), where the
+// layer has an output.
 template <typename scalar_t, typename acc_t, typename index_t, typename Layer>
 __device__ void finish_block(const Layer& L, const Finishing<acc_t>& f, int64_t b) {
   const FusedPlan& p = L.fused;
@@ -494,8 +495,8 @@ __device__ void finish_block(const Layer& L, const Finishing<acc_t>& f, int64_t 
   if (b == 0 && thread_x() == 0) *L.sigma = f.sigma;
   const bool restore = f.bad && (L.finish == Finish::kRestore || L.finish == Finish::kBoth);
   const bool commit = !f.bad && (L.finish == Finish::kCommit || L.finish == Finish::kBoth);
-  scalar_t* const u_commit = commit ? vec.u_commit : nullptr;
-  scalar_t* const v_commit = commit ? vec.v_commit : nullptr;
+  scalar_t* const u_commit = commit ? vec.u_in : nullptr;
+  scalar_t* const v_commit = commit ? vec.v_in : nullptr;
   const int64_t r0 = b * p.rows_per_block, r1 = std::min(rows, r0 + p.rows_per_block);
   const int64_t share = ceil_div(cols, p.blocks), c0 = b * share, c1 = std::min(cols, c0 + share);
   if (f.normalize) {
@@ -510,8 +511,8 @@ __device__ void finish_block(const Layer& L, const Finishing<acc_t>& f, int64_t 
   if (L.out == nullptr) return;
   const int64_t unit = L.divide_packed ? 16 / static_cast<int64_t>(sizeof(scalar_t)) : 1;
   const block_walk::Range piece = block_walk::piece(L.numel, ceil_div(p.rows_per_block * cols, unit) * unit, b);
-  divide_range<true, scalar_t, acc_t, index_t>(L.w, L.wv, L.out, L.ov, f.sigma, L.divide_packed, piece.begin,
-                                               piece.end);
+  divide_range<true, scalar_t, acc_t, index_t>(L.w, L.wv, L.out, L.ov, L.scaled.output_divisor(f.sigma),
+                                               L.divide_packed, piece.begin, piece.end);
 }
 
 }  // namespace

@@ -9,6 +9,8 @@
 
 #include <vector>
 
+#include "../matrix_view.h"
+
 namespace sn_ext {
 
 // What the last half-step does with the vectors once it knows whether any round was degenerate.
@@ -24,12 +26,14 @@ enum class Finish : int {
 // rounds write theirs (contiguous); `finish` says whether they are the outputs, scratch to commit into u_in, v_in,
 // or both. `out`: W_sn's (outer, rows, inner) view, undefined for no division. v_first: the layer's power-iteration
 // order. column_groups: 0, or w3 and out3 are the matrices of a channels_last weight's memory order (as_matrix3d's
-// column_groups: I; the fused round only, forward_column_groups).
+// column_groups: I; the fused round only, forward_column_groups). scaling: a scaled form's out3 is W g / max(sigma, f)
+// (scaled_form.cuh), computed in the same pass.
 struct ForwardLayer {
   at::Tensor w3, out3, u_in, v_in, u_work, v_work;
   Finish finish;
   bool v_first = false;
   int64_t column_groups = 0;
+  Scaling scaling = {};
 };
 
 // The column order the forward reads `weight` (seen through `dim`) in: memory_column_groups under the fused round,
@@ -48,7 +52,17 @@ struct BackwardLayer {
   int64_t column_groups = 0;
 };
 
-// grad_W of every layer, with sigma[i] (a contiguous tensor of one op-math value per layer) for layer i.
-void run_backward(const std::vector<BackwardLayer>& layers, const at::Tensor& sigmas);
+// The scaled backward of one layer (spectral_normalize_scaled_backward): its BackwardLayer's s3 is W itself,
+// grad_W = s (G - k mu u v^T) with mu = <G, W> / max(sigma, f), and grad_gamma (one element) gets mu c.
+struct ScaledBackwardArgs {
+  Scaling scaling;
+  bool sigma_grad;
+  at::Tensor grad_gamma;
+};
+
+// grad_W of every layer, with sigma[i] (a contiguous tensor of one op-math value per layer) for layer i; `scaled`:
+// the scaled backward of a single layer.
+void run_backward(const std::vector<BackwardLayer>& layers, const at::Tensor& sigmas,
+                  const ScaledBackwardArgs* scaled = nullptr);
 
 }  // namespace sn_ext

@@ -60,7 +60,7 @@
 #include "elementwise.cuh"
 #include "fused_round.cuh"
 #include "kernels.h"
-#include "scaled_fallback.h"
+#include "scaled_form.cuh"
 #include "split_round.cuh"
 
 namespace sn_ext {
@@ -84,7 +84,8 @@ struct LayerForward {
   bool v_first;   // the layer's power-iteration order (the fused round: each layer its own; split: the launch's)
   // The fused round: W's columns in memory order (a channels_last weight read in place), v's element of each.
   block_walk::ColumnOrder v_order;
-  bool divide_packed;  // W and W_sn contiguous and aligned (packable)
+  bool divide_packed;        // W and W_sn contiguous and aligned (packable)
+  ScaledForm<acc_t> scaled;  // W_sn = W g / max(sigma, f) (scaled_form.cuh); the plain form's: W / sigma
   // The round reads W's rows in 16-byte packs: fused, fused_packable; split, rows_packable (false under
   // SN_EXT_CUDA_ROUND=split-scalar, which runs the scalar loops).
   bool rows_packed;
@@ -358,8 +359,8 @@ __device__ void divide_phase(const Launch& p) {
     const int64_t unit = L.divide_packed ? Pack<scalar_t>::kSize : 1;
     const block_walk::Range piece =
         block_walk::piece(L.numel, block_walk::piece_chunk(L.numel, L.split.divide_blocks, unit), local);
-    divide_range<false, scalar_t, typename Launch::acc_type, index_t>(L.w, L.wv, L.out, L.ov, *L.sigma, L.divide_packed,
-                                                                      piece.begin, piece.end);
+    divide_range<false, scalar_t, typename Launch::acc_type, index_t>(
+        L.w, L.wv, L.out, L.ov, L.scaled.output_divisor(*L.sigma), L.divide_packed, piece.begin, piece.end);
   });
 }
 
@@ -467,7 +468,7 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
             const size_t i = order[start + l];
             const ForwardLayer& layer = layers[i];
             LayerForward<scalar_t, acc_t>& L = p.layers[l];
-            const bool commits = layer.finish == Finish::kCommit || layer.finish == Finish::kBoth;
+            // Written only where the layer's Finish commits (Vectors).
             scalar_t* u_in = const_cast<scalar_t*>(layer.u_in.const_data_ptr<scalar_t>());
             scalar_t* v_in = const_cast<scalar_t*>(layer.v_in.const_data_ptr<scalar_t>());
             L.w = layer.w3.const_data_ptr<scalar_t>();
@@ -480,8 +481,6 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
                                       layer.v_in.stride(0),
                                       layer.u_work.mutable_data_ptr<scalar_t>(),
                                       layer.v_work.mutable_data_ptr<scalar_t>(),
-                                      commits ? u_in : nullptr,
-                                      commits ? v_in : nullptr,
                                       layer.u_in.numel(),
                                       layer.v_in.numel()};
             L.finish = layer.finish;
@@ -494,6 +493,7 @@ void run_forward(const std::vector<ForwardLayer>& layers, const at::Tensor& sigm
             L.numel = layer.w3.numel();
             numel += L.numel;
             L.divide_packed = layer.out3.defined() && packable(layer.w3) && packable(layer.out3);
+            L.scaled = scaled_form_of<acc_t>(layer.scaling);
             L.rows_packed = rows_packed[i];
             divide = divide || layer.out3.defined();
             if (fused) {
@@ -544,11 +544,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cuda(
     const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n, double eps, bool v_first,
     std::optional<double> coeff, const std::optional<at::Tensor>& gamma, bool /*sigma_grad: autograd's*/) {
-  const Scaling scaling{coeff, gamma};
-  if (scaling.scaled())
-    return scaled_forward_cuda(weight, u, v, dim, n, eps, v_first, scaling);  // not in the kernels yet
+  constexpr const char* op = "sn_ext::spectral_normalize_";
   const c10::cuda::CUDAGuard guard(weight.device());
-  const MatrixShape shape = check_forward_args("sn_ext::spectral_normalize_", weight, u, v, dim, n, eps);
+  const MatrixShape shape = check_forward_args(op, weight, u, v, dim, n, eps);
+  const Scaling scaling{coeff, gamma};
+  check_scaling(op, weight, scaling);
   const int64_t groups = forward_column_groups(weight, dim);
   WeightShapedOutput out(weight, shape, groups);
   at::Tensor sigma = at::empty({}, weight.options().dtype(sigma_dtype(weight.scalar_type())));
@@ -556,7 +556,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_normalize_cu
   at::Tensor v_used = at::empty_like(v, at::MemoryFormat::Contiguous);
   // n == 0 reads and returns the buffers and changes nothing.
   run_forward({{as_matrix3d(weight, shape, groups), out.view3d, u, v, u_used, v_used,
-                n == 0 ? Finish::kRestore : Finish::kBoth, v_first, groups}},
+                n == 0 ? Finish::kRestore : Finish::kBoth, v_first, groups, scaling}},
               sigma, n, eps);
   return {out.finish(), sigma, u_used, v_used};
 }

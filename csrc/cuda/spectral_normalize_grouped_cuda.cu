@@ -8,7 +8,6 @@
 #include <tuple>
 #include <vector>
 
-#include "../layer_by_layer.h"
 #include "../matrix_view.h"
 #include "kernels.h"
 
@@ -20,8 +19,6 @@ spectral_normalize_grouped_cuda(at::TensorList weights, at::TensorList us, at::T
                                 int64_t n, double eps, const LayerOrders& v_first, const LayerCoeffs& coeffs,
                                 const LayerGammas& gammas, const LayerSigmaGrads& sigma_grad) {
   const LayerScalings scalings{coeffs, gammas, sigma_grad};
-  if (coeffs.has_value() || gammas.has_value())  // not in the kernels yet: each layer through scaled_forward_cuda
-    return grouped_forward_layer_by_layer(c10::DispatchKey::CUDA, weights, us, vs, dims, n, eps, v_first, scalings);
   const std::vector<MatrixShape> shapes = check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us,
                                                                      vs, dims, n, eps, v_first, scalings);
   const c10::cuda::CUDAGuard guard(weights[0].device());
@@ -37,7 +34,7 @@ spectral_normalize_grouped_cuda(at::TensorList weights, at::TensorList us, at::T
     vs_used.push_back(at::empty_like(vs[i], at::MemoryFormat::Contiguous));
     // n == 0 reads and returns the buffers and changes nothing; otherwise the result goes to both.
     layers.push_back({as_matrix3d(weights[i], shapes[i], groups), outs[i].view3d, us[i], vs[i], us_used[i], vs_used[i],
-                      n == 0 ? Finish::kRestore : Finish::kBoth, layer_v_first(v_first, i), groups});
+                      n == 0 ? Finish::kRestore : Finish::kBoth, layer_v_first(v_first, i), groups, scalings.of(i)});
   }
   at::Tensor sigmas = at::empty({static_cast<int64_t>(weights.size())},
                                 weights[0].options().dtype(sigma_dtype(weights[0].scalar_type())));

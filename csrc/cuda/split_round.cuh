@@ -295,8 +295,8 @@ __device__ acc_t normalize_block(const NormalizeArgs<scalar_t, acc_t>& a) {
     copy_vector(v.u_work, 1, v.u_in, v.u_stride, v.rows);
     copy_vector(v.v_work, 1, v.v_in, v.v_stride, v.cols);
   } else if ((a.finish == Finish::kCommit || a.finish == Finish::kBoth) && !bad) {
-    copy_vector(v.u_commit, v.u_stride, v.u_work, 1, v.rows);
-    copy_vector(v.v_commit, v.v_stride, v.v_work, 1, v.cols);
+    copy_vector(v.u_in, v.u_stride, v.u_work, 1, v.rows);
+    copy_vector(v.v_in, v.v_stride, v.v_work, 1, v.cols);
   }
   return norm;
 }
