@@ -294,8 +294,15 @@ def not_failed_rounds(run: Runner) -> str:
 
 
 def cuda_tests(run: Runner) -> None:
-    """The CUDA kernels' tests (the per-op files' cuda cases, test_cuda.py, test_cuda_launch.py) and grouped mode."""
-    files = [*OP_TESTS, "tests/test_spectral_normalize_grouped.py", "tests/test_cuda.py", "tests/test_cuda_launch.py"]
+    """The CUDA kernels' tests (the per-op files' cuda cases, the scaled forms', test_cuda.py, test_cuda_launch.py) and
+    grouped mode."""
+    files = [
+        *OP_TESTS,
+        "tests/test_spectral_normalize_scaled.py",
+        "tests/test_spectral_normalize_grouped.py",
+        "tests/test_cuda.py",
+        "tests/test_cuda_launch.py",
+    ]
     select = f"(cuda or grouped) and not triton{not_failed_rounds(run)}"
     run.command("test_cuda.log", [*pytest_args(run, 8), "-k", select, *files], 75)
 

@@ -10,8 +10,9 @@ Checks (correctness: they decide the exit status):
 - check_ops: every op (spectral_normalize_ u-first and v-first with n = 0, 1, 3; power_iteration_;
   spectral_normalize_backward) on a few shapes and dtypes against the CPU (normwise relative error), cooperative
   and phased launches (SN_EXT_CUDA_LAUNCH) bit for bit;
-- check_grouped: the grouped ops on a 13-layer group, all u-first and mixed orders (u-first and v-first layers, one
-  forward launch per order), each layer's bits equal to its per-layer launch's;
+- check_grouped: the grouped ops on a 13-layer group (small layers and two spread over the grid), all u-first and
+  mixed orders (u-first and v-first layers in one forward launch of the fused round), each layer's bits equal to its
+  per-layer launch's;
 - check_graphs: a forward + backward captured in a CUDA graph replays to the eager result, in each launch mode.
 
 Timings (each record's "ok" says whether it meets its goal, issue #29; see the constants below):
@@ -182,15 +183,15 @@ def check_ops(results: Results) -> None:
                 )
 
 
-# Every path of the fused round: rows of one register-held segment read in 16-byte packs (128x128x3x3; 33x4096, a
-# whole float32 segment) or one element at a time (257x129x3: 387 columns), rows wider than one segment (40x4608,
-# 1x100003: also 392 normalization blocks and 3126 column-sum blocks), tall weights whose |y|^2 is added in several
-# chunks of 2048 rows (5000x33: 250 fused blocks of 20 rows), and (round_cases) a transposed weight: strided rows.
-# And of the split round's loops (matvec_block, rmatvec_block): packed with whole unrolled groups and a tail
-# (128x128x3x3, 40x4608), split columns whose chunks are rounded to whole packs (1x100000: 49 splits), packed columns
-# shared by 32 threads each (5000x32), scalar (257x129x3, 5000x33, 1x100003), and (round_cases) rows contiguous but
-# not 16-byte aligned (a storage offset of one element) and a strided v (the first matvec's x: scalar, the next
-# rounds' packed).
+# Every path of the fused round (block_walk.h's plans): rows of one register-held run in 16-byte packs a warp or less
+# per row (5000x32: 2 threads a row; round_cases' 96x200, 160x96: dense), several warps (128x128x3x3) or the whole
+# block (33x4096, a whole float32 segment), element by element (257x129x3, 5000x33: 387 and 33 columns; 64x3x3x3:
+# dense), rows wider than one segment (40x4608; 1x100003, 1x100000: dense, one row), column sums of 8 to 32 threads
+# per column, and (round_cases) a transposed weight: strided rows. And of the split round's loops (matvec_block,
+# rmatvec_block): packed with whole unrolled groups and a tail (128x128x3x3, 40x4608), split columns whose chunks are
+# rounded to whole packs (1x100000: 49 splits), packed columns shared by 32 threads each (5000x32), scalar (257x129x3,
+# 5000x33, 1x100003), and (round_cases) rows contiguous but not 16-byte aligned (a storage offset of one element) and
+# a strided v (the first matvec's x: scalar, the next rounds' packed).
 ROUND_SHAPES = [
     (64, 3, 3, 3),
     (128, 128, 3, 3),
@@ -248,9 +249,8 @@ def current_round() -> str:
     return os.environ.get(ROUND_ENV_VAR) or ROUND_MODES[0]
 
 
-# The rounds each case runs (n, v_first): u-first (the fused round, or the split one), v-first (always split: under
-# the fused mode too, the split round's loops run here), and n = 0 (eval: sigma = u^T W v, W v by the split round's
-# matvec in every mode).
+# The rounds each case runs (n, v_first): u-first and v-first (the fused round's passes, or the split round's), and
+# n = 0 (eval: sigma = u^T W v: the fused round's y pass, or the split round's matvec).
 ROUND_RUNS = [(1, False), (3, False), (1, True), (0, False)]
 
 
@@ -317,12 +317,21 @@ def _forward_in_mode(mode: str, w, u, v, v_first: bool):
     return forward
 
 
+def _grouped_shape(i: int) -> tuple[int, ...]:
+    """check_grouped's layer i: small ones (each in one block) and two spread over the grid (4: u-first, 6: v-first in
+    the mixed group), so that a launch runs both kinds and, mixed, both orders (block_walk::layer_step)."""
+    if i in (4, 6):
+        return (128 if i == 4 else 192, 64, 3, 3)
+    return (16 + 8 * (i % 5), 3 + i % 4, 3, 3)
+
+
 def check_grouped(results: Results) -> None:
     count = 13  # two grouped launches: 12 layers, then 1
-    layers = [inputs((16 + 8 * (i % 5), 3 + i % 4, 3, 3), torch.float32, seed=i) for i in range(count)]
+    layers = [inputs(_grouped_shape(i), torch.float32, seed=i) for i in range(count)]
     ws, us, vs, gs = (list(t) for t in zip(*layers))
     dims = [0] * count
-    # All u-first (the parametrization), and mixed with v-first layers (legacy ones): one forward launch per order.
+    # All u-first (the parametrization), and mixed with v-first layers (legacy ones): the fused round runs both
+    # orders in one forward launch, the split round one per order.
     for what, orders in (("u-first", [False] * count), ("mixed orders", [i % 3 == 0 for i in range(count)])):
         check = f"grouped, {count} layers, {what}"
         cpu_sn = ops.spectral_normalize_grouped_(

@@ -42,8 +42,12 @@ REVIEW = {
     ((4096, 4096), "h200"): ("130-143", "63-68", "~110"),
     ((1, 8192), "h100"): ("260-310", "~5", "~6"),
 }
-# (order, CUDA round mode) per row: the v-first round is always the split one (spectral_normalize_cuda.cu).
-CUDA_MODES = (("u-first", "fused"), ("u-first", "split"), ("v-first", "split"))
+# (order, CUDA round mode) per row: u-first fused (the default), u-first split (the fallback), v-first fused (every
+# legacy spectral norm: its own passes of the fused round, spectral_normalize_cuda.cu).
+CUDA_MODES = (("u-first", "fused"), ("u-first", "split"), ("v-first", "fused"))
+# The grouped rows add a model whose layers alternate the orders (legacy layers beside parametrized ones): the fused
+# round runs both orders in one launch.
+GROUPED_MODES = (*CUDA_MODES, ("mixed", "fused"))
 GOALS = "fwd+bwd within 1.5x of the floor; v-first within 1.15x of u-first; 4096x4096 within 1.15x of 3.5 copies"
 
 
@@ -148,9 +152,10 @@ def grouped_rows() -> list[dict]:
             for arch, name in (("cnn", "CNN D 32"), ("resnet", "ResNet D 32")):
                 shapes = discriminator_weights(arch)
                 weights = [cuda_plan.Weight.of(s, dm.ITEMSIZE[dtype]) for s in shapes]
-                for mode in ("fused", "split"):
-                    grouped = cuda_plan.train_step(weights, gpu, 1, mode)
-                    single = [op for w in weights for op in cuda_plan.train_step([w], gpu, 1, mode)]
+                for order, mode in GROUPED_MODES:
+                    orders = [order == "v-first" or (order == "mixed" and i % 2 == 0) for i in range(len(weights))]
+                    grouped = cuda_plan.train_step(weights, gpu, 1, mode, orders)
+                    single = [op for w, o in zip(weights, orders) for op in cuda_plan.train_step([w], gpu, 1, mode, o)]
                     floor = dm.group_floor_us(sum(dm.weight_bytes(s, dtype) for s in shapes), gpu)
                     sn = dm.step_us(grouped, gpu)
                     rows.append(
@@ -158,6 +163,7 @@ def grouped_rows() -> list[dict]:
                             "gpu": gpu.key,
                             "dtype": dtype,
                             "model": f"{name} ({len(shapes)} layers)",
+                            "order": order,
                             "round": mode,
                             "grouped_us": cuda_plan.us(sn),
                             "grouped_launches": sum(op.launches for op in grouped),
@@ -226,14 +232,14 @@ def review_table(rows: list[dict]) -> str:
 
 
 def cuda_wide_table(rows: list[dict], gpu: str, dtype: str) -> str:
-    """One line per weight: u-first fused, u-first split and v-first side by side."""
+    """One line per weight: u-first fused, u-first split and v-first (fused) side by side."""
     out = []
     for r in rows:
         if (r["gpu"], r["dtype"], r["order"], r["round"]) != (gpu, dtype, "u-first", "fused"):
             continue
         key = dict(gpu=gpu, dtype=dtype, weight=r["weight"], dim=r["dim"])
         split = _pick(rows, **key, order="u-first", round="split")
-        v_first = _pick(rows, **key, order="v-first", round="split")
+        v_first = _pick(rows, **key, order="v-first", round="fused")
         weight = r["weight"] + (f" (dim {r['dim']})" if r["dim"] else "")
         out.append(
             [
@@ -257,7 +263,7 @@ def cuda_wide_table(rows: list[dict], gpu: str, dtype: str) -> str:
     return markdown_table(headers, out)
 
 
-def goals_table(rows: list[dict], path_key: str = "round", fused: str = "fused", v_first_round: str = "split") -> str:
+def goals_table(rows: list[dict], path_key: str = "round", fused: str = "fused", v_first_round: str = "fused") -> str:
     """Per GPU and dtype: the sngan weights farthest from their floor, v-first against u-first, and 4096x4096
     against 3.5 copies."""
     out = []
@@ -400,13 +406,13 @@ def kernels_label() -> str:
     return f"kernels at {sha}" if sha else "kernels"
 
 
-def write(out: Path = OUT, label: str | None = None, triton: bool = True) -> list[Path]:
-    """Writes the tables into `out`; returns the files written."""
+def write(out: Path = OUT, label: str | None = None, triton: bool = True, stem: str = "cuda_model") -> list[Path]:
+    """Writes the tables into `out` (the CUDA ones as `stem`.md and .csv); returns the files written."""
     label = label or kernels_label()
     out.mkdir(parents=True, exist_ok=True)
     weights = sngan_weights()
     rows, grouped = cuda_rows(weights), grouped_rows()
-    written = [out / "cuda_model.md", out / "cuda_model.csv"]
+    written = [out / f"{stem}.md", out / f"{stem}.csv"]
     written[0].write_text(cuda_markdown(rows, grouped, label))
     write_csv(written[1], rows + grouped)
     if triton:
@@ -422,8 +428,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--label", help="what the tables model, for their titles (default: the kernels' last commit)")
     p.add_argument("--no-triton", action="store_true", help="the CUDA tables only (the Triton model needs triton)")
+    p.add_argument("--stem", default="cuda_model", help="the CUDA tables' file names (default: cuda_model.md, .csv)")
     args = p.parse_args(argv)
-    for path in write(args.out, args.label, not args.no_triton):
+    for path in write(args.out, args.label, not args.no_triton, args.stem):
         print(path)
 
 

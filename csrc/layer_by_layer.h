@@ -1,6 +1,5 @@
 // The grouped forward as the per-layer forward op, layer after layer: the CPU's grouped op (a CPU has no launches to
-// save, and each layer's kernel is already parallel) and the CUDA scaled forms' fallback
-// (csrc/cuda/scaled_fallback.cu).
+// save, and each layer's kernel is already parallel).
 #pragma once
 
 #include <ATen/ATen.h>

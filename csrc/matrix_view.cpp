@@ -24,6 +24,32 @@ at::Tensor as_matrix3d(const at::Tensor& tensor, const MatrixShape& shape) {
   return tensor.reshape({shape.outer, shape.rows, shape.inner});
 }
 
+namespace {
+
+// The dims in memory_column_groups' memory order: 0, 2, ..., dim() - 1, 1.
+std::vector<int64_t> dim1_last(const at::Tensor& tensor) {
+  std::vector<int64_t> order{0};
+  for (int64_t d = 2; d < tensor.dim(); ++d) order.push_back(d);
+  order.push_back(1);
+  return order;
+}
+
+}  // namespace
+
+int64_t memory_column_groups(const at::Tensor& weight, int64_t dim) {
+  if (dim < 0) dim += weight.dim();  // checked already (check_forward_args)
+  if (dim != 0 || weight.dim() < 3 || weight.is_contiguous()) return 0;
+  const int64_t groups = weight.size(1), cols = weight.numel() / weight.size(0);
+  // One group or one column per group: the orders agree. Columns past int32: the kernels' column maps are 32-bit.
+  if (groups == 1 || groups == cols || cols > std::numeric_limits<int32_t>::max()) return 0;
+  return weight.permute(dim1_last(weight)).is_contiguous() ? groups : 0;
+}
+
+at::Tensor as_matrix3d(const at::Tensor& tensor, const MatrixShape& shape, int64_t column_groups) {
+  if (column_groups == 0) return as_matrix3d(tensor, shape);
+  return tensor.permute(dim1_last(tensor)).reshape({1, shape.rows, shape.cols()});
+}
+
 void check_weight(const char* op, const at::Tensor& weight) {
   const auto dtype = weight.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
@@ -172,8 +198,11 @@ std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorL
   return shapes;
 }
 
-WeightShapedOutput::WeightShapedOutput(const at::Tensor& like, const MatrixShape& shape)
-    : tensor(at::empty_like(like)), view3d(as_matrix3d(tensor, shape)) {}
+WeightShapedOutput::WeightShapedOutput(const at::Tensor& like, const MatrixShape& shape, int64_t column_groups)
+    : tensor(at::empty_like(like)), view3d(as_matrix3d(tensor, shape, column_groups)) {
+  // The memory order's matrix is chosen for a `like` in that layout, which empty_like keeps: a view, nothing to copy.
+  TORCH_INTERNAL_ASSERT(column_groups == 0 || view3d.is_alias_of(tensor));
+}
 
 at::Tensor WeightShapedOutput::finish() {
   if (!view3d.is_alias_of(tensor)) tensor.copy_(view3d.view(tensor.sizes()));

@@ -23,6 +23,15 @@ MatrixShape matrix_shape(const at::Tensor& weight, int64_t dim);
 // W as (outer, rows, inner): a view for every weight whose layout allows it (all contiguous ones).
 at::Tensor as_matrix3d(const at::Tensor& tensor, const MatrixShape& shape);
 
+// A weight seen through dim 0 whose memory holds dim 1 innermost, as a channels_last convolution weight ((O, kh, kw, I)
+// in memory), has contiguous rows that hold their columns in another order: torch's column c = i * S + s at memory
+// column s * I + i (S: the other dims' product). memory_column_groups returns I for such a weight, 0 for any other
+// (contiguous ones, where the orders agree, included); as_matrix3d with column_groups > 0 gives the (1, rows, cols)
+// matrix of that memory order (a view of a tensor in that layout, else a copy), which the CUDA kernels read in place
+// (block_walk::ColumnOrder finds v's element of each column).
+int64_t memory_column_groups(const at::Tensor& weight, int64_t dim);
+at::Tensor as_matrix3d(const at::Tensor& tensor, const MatrixShape& shape, int64_t column_groups);
+
 // Errors that name the argument, raised before any state changes.
 void check_weight(const char* op, const at::Tensor& weight);
 void check_vectors(const char* op, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
@@ -92,20 +101,21 @@ std::vector<MatrixShape> check_grouped_backward_args(const char* op, at::TensorL
                                                      at::IntArrayRef dims);
 
 // A new tensor in `like`'s layout (as torch's `weight / sigma` and the fake kernels give) and the (outer, rows,
-// inner) view kernels write through. A layout with no such view (channels_last with dim=0) gets a contiguous
-// scratch view instead, which finish() copies back.
+// inner) view kernels write through (column_groups > 0: the matrix of its memory order, as_matrix3d). A layout with
+// no such view (channels_last with dim=0, in torch's column order) gets a contiguous scratch view instead, which
+// finish() copies back.
 struct WeightShapedOutput {
   at::Tensor tensor;
   at::Tensor view3d;
-  WeightShapedOutput(const at::Tensor& like, const MatrixShape& shape);
+  WeightShapedOutput(const at::Tensor& like, const MatrixShape& shape, int64_t column_groups = 0);
   at::Tensor finish();
 };
 
 // sigma's dtype: float32 for float16/bfloat16/float32 weights, float64 for float64.
 at::ScalarType sigma_dtype(at::ScalarType weight_dtype);
 
-// torch's matrix view of a weight-shaped tensor, as ATen ops (a copy when dim != 0; autograd's double backward and
-// the CUDA scaled forms' fallback use it, never the kernels).
+// torch's matrix view of a weight-shaped tensor, as ATen ops (a copy when dim != 0; autograd's double backward uses
+// it, never the kernels).
 at::Tensor to_matrix(const at::Tensor& t, int64_t dim);
 // u v^T in the layout of `like` (a view of the outer product): the gradient of sigma = u^T W v.
 at::Tensor rank_one(const at::Tensor& u, const at::Tensor& v, const at::Tensor& like, int64_t dim);

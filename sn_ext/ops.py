@@ -19,8 +19,8 @@ Importing this module loads the kernels (see _library.py). The ops, all on W's m
   s = g / max(sigma, f), ``grad_W = s (grad - k mu u v^T)`` (k = 0 where sigma <= f or sigma_grad=False, else 1)
   and ``grad_gamma = mu c`` (c = coeff or 1; in gamma's dtype and shape).
 - ``spectral_normalize_grouped_(Ws, us, vs, dims, n, eps, v_first=None, coeffs=None, gammas=None, sigma_grad=None)
-  -> (W_sns, sigmas, us_used, vs_used)``: the forward of many layers in one call (one launch on a GPU per
-  power-iteration order), as spectral_normalize_ per layer with that layer's ``v_first[i]``, ``coeffs[i]``,
+  -> (W_sns, sigmas, us_used, vs_used)``: the forward of many layers in one call (one launch on a GPU, both
+  power-iteration orders), as spectral_normalize_ per layer with that layer's ``v_first[i]``, ``coeffs[i]``,
   ``gammas[i]``, ``sigma_grad[i]`` (None: u-first, none, none, True for all); ``sigmas`` is a vector.
 - ``spectral_normalize_grouped_backward(grads, W_sns, us, vs, sigmas, dims) -> grads_W``: their backward (the plain
   form's; the scaled forms' is the scaled backward, layer by layer).

@@ -346,6 +346,10 @@ CUDA_SPLIT = [
 CUDA_LARGE = [
     WeightCase("512x512x3x3", plain(512, 512, 3, 3), 0),
     WeightCase("4096x4096", plain(4096, 4096), 0),
+    # channels_last read in place (its memory order's columns, v's elements found by block_walk::ColumnOrder): over
+    # the grid, narrow and wide (4608 columns: two segments) rows
+    WeightCase("channels_last_256x128x3x3", channels_last(256, 128, 3, 3, seed=5), 0),
+    WeightCase("channels_last_64x512x3x3", channels_last(64, 512, 3, 3, seed=6), 0),
 ]
 CUDA_SOME = [CUDA_SMALL[3], CUDA_SMALL[6], CUDA_SMALL[12], CUDA_SPLIT[2]]  # agreement with the CPU kernels
 CUDA_OPCHECK = [

@@ -287,77 +287,126 @@ def test_the_compiled_providers_one_module_reads_every_copy_of_w():
                 torch.testing.assert_close(got, want)
 
 
+def _cuda_source() -> str:
+    """The CUDA kernels' headers and sources, concatenated (their constants and loop shapes)."""
+    files = sorted((ROOT / "csrc" / "cuda").glob("*.cu*")) + [ROOT / "csrc" / "cuda" / "block_walk.h"]
+    return "\n".join(p.read_text() for p in files)
+
+
 def test_cuda_plan_uses_the_kernels_constants():
-    """benchmarks/cuda_plan.py models the CUDA launch plan: its constants are csrc/cuda/common.cuh's."""
+    """benchmarks/cuda_plan.py models the CUDA launch plan: its constants are csrc/cuda's (common.cuh, block_walk.h,
+    split_round.cuh, fused_round.cuh), its choices' latencies the device model's."""
     import re
 
     from benchmarks import cuda_plan
+    from benchmarks import device_model as dm
 
-    header = (ROOT / "csrc" / "cuda" / "common.cuh").read_text()
+    source = _cuda_source()
 
     def constant(name):
-        (expr,) = re.findall(rf"constexpr \S+ {name} = ([^;]+);", header)
+        (expr,) = re.findall(rf"constexpr \S+ {name} = ([^;]+);", source)
         return eval(expr.replace("int64_t(1)", "1").replace("kThreads", str(cuda_plan.THREADS)))
 
-    assert cuda_plan.THREADS == constant("kThreads")
-    assert cuda_plan.MIN_BLOCKS_PER_SM == constant("kMinBlocksPerSm")
-    assert cuda_plan.TARGET_BLOCKS == constant("kTargetBlocks")
-    assert cuda_plan.MIN_COLS_PER_SPLIT == constant("kMinColsPerSplit")
-    assert cuda_plan.MIN_ROWS_PER_THREAD == constant("kMinRowsPerThread")
-    assert cuda_plan.ONE_BLOCK_MAX_NUMEL == constant("kOneBlockMaxNumel")
-    assert cuda_plan.ELEMENTS_PER_THREAD == constant("kElementsPerThread")
-    assert cuda_plan.MAX_LAMBDA_BLOCKS == constant("kMaxLambdaBlocks")
-    assert cuda_plan.LAMBDA_ITEMS_PER_THREAD == constant("kLambdaItemsPerThread")
-    assert cuda_plan.FUSED_MIN_ROWS_PER_BLOCK == constant("kFusedMinRowsPerBlock")
-    assert cuda_plan.REDUCE_COLUMNS == constant("kReduceColumns")
-    assert cuda_plan.Y_CHUNK == constant("kYChunk")
-    assert cuda_plan.SPLIT_UNROLL == constant("kSplitUnroll")
-    assert cuda_plan.MAX_GRID_Y == constant("kMaxGridY") and cuda_plan.GROUP_LAYERS == constant("kGroupLayers")
-    assert cuda_plan.REDUCE_GROUPS == cuda_plan.THREADS // constant("kReduceColumns")
-    assert "kReduceGroups = kThreads / kReduceColumns;" in header
-    # The device-time model's loop shapes (benchmarks/device_model.py turns them into chains).
-    (wide,) = re.findall(
-        r"kWideYUnroll = sizeof\(scalar_t\) == 4 \? (\d+) : (\d+), kWideZUnroll = "
-        r"sizeof\(scalar_t\) == 4 \? (\d+) : (\d+);",
-        header,
-    )
-    assert [*cuda_plan.wide_unroll(4), *cuda_plan.wide_unroll(2)] == [int(wide[i]) for i in (0, 2, 1, 3)]
-    (fused,) = re.findall(
-        r"kFusedElements = \(kPacked \? (\d+) : (\d+)\) / static_cast<int>\(sizeof\(acc_t\)\)", header
-    )
-    assert [cuda_plan.FUSED_BYTES_PER_THREAD[k] for k in (True, False)] == [int(x) for x in fused]
-    assert re.findall(r"multiprocessor_count\(\) \* \((\d+) / kThreads\)", header) == [
+    for python, cuda in [
+        ("THREADS", "kThreads"),
+        ("MIN_BLOCKS_PER_SM", "kMinBlocksPerSm"),
+        ("TARGET_BLOCKS", "kTargetBlocks"),
+        ("MIN_COLS_PER_SPLIT", "kMinColsPerSplit"),
+        ("MIN_ROWS_PER_THREAD", "kMinRowsPerThread"),
+        ("ONE_BLOCK_MAX_NUMEL", "kOneBlockMaxNumel"),
+        ("ELEMENTS_PER_THREAD", "kElementsPerThread"),
+        ("MAX_LAMBDA_BLOCKS", "kMaxLambdaBlocks"),
+        ("LAMBDA_ITEMS_PER_THREAD", "kLambdaItemsPerThread"),
+        ("SPLIT_UNROLL", "kSplitUnroll"),
+        ("MAX_GRID_Y", "kMaxGridY"),
+        ("GROUP_LAYERS", "kGroupLayers"),
+        ("STREAM_PACKS", "kStreamPacks"),
+        ("STREAM_PAIR_PACKS", "kStreamPairPacks"),
+        ("FUSED_BYTES", "kFusedBytes"),
+        ("FUSED_ELEMENTWISE_BYTES", "kFusedElementwiseBytes"),
+        ("REDUCE_PER_THREAD", "kReducePerThread"),
+        ("REDUCE_MAX_GROUPS", "kReduceMaxGroups"),
+        ("NOMINAL_GRID", "kNominalGrid"),
+        ("VECTOR_BATCH", "kVectorBatch"),
+    ]:
+        assert getattr(cuda_plan, python) == constant(cuda), python
+    assert cuda_plan.NOMINAL_GRID == 132 * cuda_plan.MIN_BLOCKS_PER_SM
+    # The plans' choices weigh the device model's scenarios: its latency ranges' two ends, on each GPU.
+    (block,) = re.findall(r"constexpr Scenario kScenarios\[4\] = \{(.*?)\};", source, re.S)
+    scenarios = [[float(v) for v in row.split(",")] for row in re.findall(r"\{([^{}]+)\}", block)]
+    assert scenarios == [[x[k] for k in cuda_plan.SCENARIO_KEYS] for x in cuda_plan.SCENARIOS]
+    model = [
+        [1000 * dm.LATENCY_US[t][end] for t in cuda_plan.SCENARIO_KEYS[:-1]] + [dm.GPUS[g].copy_bytes_per_us / 1000]
+        for g in ("h100", "h200")
+        for end in dm.ENDS
+    ]
+    assert [v for row in scenarios for v in row] == pytest.approx([v for row in model for v in row])
+    assert constant("kL2Bytes") == cuda_plan.CHOICE_L2_BYTES == min(g.l2_bytes for g in dm.GPUS.values())
+    # The loops the model counts: the split round's and the column sums' unrolling, elementwise_blocks' threads.
+    assert re.findall(r"multiprocessor_count\(\) \* \((\d+) / kThreads\)", source) == [
         str(cuda_plan.ELEMENTWISE_THREADS_PER_SM)
     ]
-    assert re.findall(r"for \(; k \+ stride < packs; k \+= (\d+) \* stride\) body\(k, k \+ stride\);", header) == [
-        str(cuda_plan.PACKS_PER_STEP)
-    ]
     (reduce_unroll,) = re.findall(
-        r"#pragma unroll (\d+)\n\s+for \(int64_t b = group; b < blocks; b \+= kReduceGroups\)", header
+        r"#pragma unroll (\d+)\n\s+for \(int64_t b = g; b < p.blocks; b \+= p.reduce_groups\)", source
     )
-    (rmatvec_unroll,) = re.findall(r"#pragma unroll (\d+)\n\s+for \(int64_t i = i_begin \+ ty;", header)
+    (rmatvec_unroll,) = re.findall(r"#pragma unroll (\d+)\n\s+for \(int64_t i = i_begin \+ ty;", source)
     assert (cuda_plan.REDUCE_UNROLL, cuda_plan.RMATVEC_SCALAR_UNROLL) == (int(reduce_unroll), int(rmatvec_unroll))
-    forward_cu = (ROOT / "csrc" / "cuda" / "spectral_normalize_cuda.cu").read_text()
-    (steps,) = re.findall(r"return n == 0 \? (\d+) : \(fused \? (\d+) : (\d+)\) \* n;", forward_cu)
+    # The schedules: split_steps in spectral_normalize_cuda.cu, fused_steps in block_walk.h (the model mirrors both).
+    (split,) = re.findall(r"return \(n == 0 \? (\d+) : (\d+) \* n\) \+ \(divide \? 1 : 0\);", source)
     gpu = cuda_plan.dm.GPUS["h100"]
     w = cuda_plan.Weight.of((512, 512, 3, 3), 4)
-    phases = [
-        len(cuda_plan.forward([w], gpu, n, mode).phases) - 1 for n, mode in ((0, "fused"), (1, "fused"), (1, "split"))
+    assert [len(cuda_plan.forward([w], gpu, n, "split").phases) - 1 for n in (0, 1)] == [int(split[0]), int(split[1])]
+    assert [len(cuda_plan.forward([w], gpu, n, "fused").phases) for n in (0, 1, 2)] == [
+        cuda_plan.fused_steps(n, False, False) for n in (0, 1, 2)
     ]
-    assert phases == [int(x) for x in steps]  # round_steps, W / sigma aside
-    backward_cu = (ROOT / "csrc" / "cuda" / "spectral_normalize_backward_cuda.cu").read_text()
-    (backward_steps,) = re.findall(r"constexpr int64_t kBackwardSteps = (\d+);", backward_cu)
-    assert len(cuda_plan.backward([w], gpu).phases) == int(backward_steps)
+    assert len(cuda_plan.backward([w], gpu).phases) == 2
     small, large = cuda_plan.plan((64, 3, 3, 3), 4, 132), cuda_plan.plan((4096, 4096), 4, 132)
-    assert [r["grid barriers"] for r in small] == [0, 0] and [r["grid barriers"] for r in large] == [3, 2]
-    assert sum(r["minimum passes"] for r in large) == 7 and large[0]["blocks"] == "396"
+    assert [r["grid barriers"] for r in small] == [0, 0] and [r["grid barriers"] for r in large] == [2, 1]
+    assert sum(r["minimum passes"] for r in large) == 7
     # The fused round reads a 4096-wide float32 row once (one register-held segment): a train step makes the minimum
-    # 7 weight-sized passes; the split round (SN_EXT_CUDA_ROUND=split) makes 8, and 4 + 2 grid barriers.
-    assert sum(r["passes"] for r in large) == 7 and cuda_plan.fused_blocks(4096) == 256
-    split = cuda_plan.plan((4096, 4096), 4, 132, fused=False)
-    assert sum(r["passes"] for r in split) == 8 and [r["grid barriers"] for r in split] == [4, 2]
+    # 7 weight-sized passes; the split round (SN_EXT_CUDA_ROUND=split) makes 8, and 4 + 1 grid barriers.
+    assert sum(r["passes"] for r in large) == 7
+    split_plan = cuda_plan.plan((4096, 4096), 4, 132, fused=False)
+    assert sum(r["passes"] for r in split_plan) == 8 and [r["grid barriers"] for r in split_plan] == [4, 1]
     # Rows wider than one segment (512x512x3x3: 4608 > 4096 float32 columns) are read twice per fused round.
     assert cuda_plan.plan((512, 512, 3, 3), 4, 132)[0]["passes"] == 4
+
+
+def test_cuda_plan_choices_are_the_kernels(tmp_path):
+    """benchmarks/cuda_plan.py's plan_fused and lambda_blocks against block_walk.h's (compiled here from
+    csrc/tests/test_block_walk.cpp, which prints them): the same row layout, row blocks, column sums and dense
+    choices on every shape of a grid of odd and real sizes, in each dtype's size, packed or not."""
+    import shutil
+    import subprocess
+
+    from benchmarks import cuda_plan
+
+    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("needs a C++ compiler")
+    program = tmp_path / "plans"
+    subprocess.run(
+        [compiler, "-std=c++20", "-O1", str(ROOT / "csrc/tests/test_block_walk.cpp"), "-o", str(program)],
+        check=True,
+        capture_output=True,
+    )
+    cases = []
+    for rows in (1, 2, 3, 7, 31, 64, 97, 128, 257, 512, 1000, 4096, 5000, 16384, 70001):
+        for cols in (1, 3, 27, 96, 128, 387, 1152, 2048, 4096, 4608, 8192, 9216, 100003):
+            if rows * cols > (1 << 28):
+                continue
+            for itemsize in (4, 2, 8):
+                for packed in (True, False):
+                    if packed and cols % (16 // itemsize):
+                        continue
+                    cases.append((rows, cols, itemsize, packed))
+    stdin = "".join(f"{r} {c} {i} {int(p)}\n" for r, c, i, p in cases)
+    out = subprocess.run([str(program), "--plans"], input=stdin, capture_output=True, text=True, check=True).stdout
+    for (rows, cols, itemsize, packed), line in zip(cases, out.splitlines(), strict=True):
+        p = cuda_plan.plan_fused(rows, cols, itemsize, packed)
+        want = [p.unit, p.units, p.threads, p.rows_per_step, p.segments, p.rows_per_block, p.blocks]
+        want += [p.reduce_groups, p.reduce_blocks, cuda_plan.lambda_blocks(rows * cols, itemsize)]
+        assert [int(x) for x in line.split()] == want, (rows, cols, itemsize, packed)
 
 
 def test_sigma_cost_rows():

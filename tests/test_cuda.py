@@ -6,7 +6,10 @@ test_spectral_normalize_backward.py, test_spectral_normalize_grouped.py: their "
 Skipped without a CUDA device.
 """
 
+import contextlib
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,9 @@ from torch import nn
 
 import sn_ext
 from sn_ext import _library, ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import gpu_smoke  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -136,10 +142,17 @@ def _kernel_names(prof) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("shape", [(64, 3, 3, 3), (512, 512, 3, 3), (1, 100003)], ids=str)
-def test_one_launch_per_op(shape):
-    """Each op is one persistent kernel, whatever the shape or n (csrc/cuda/<op>_cuda.cu)."""
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((64, 3, 3, 3), None), ((512, 512, 3, 3), None), ((1, 100003), None), ((256, 128, 3, 3), torch.channels_last)],
+    ids=str,
+)
+def test_one_launch_per_op(shape, layout):
+    """Each op is one persistent kernel, whatever the shape or n (csrc/cuda/<op>_cuda.cu), and reads a channels_last
+    weight in place (no copy kernel)."""
     weight = randn(*shape, device=DEVICE)
+    if layout is not None:
+        weight = weight.to(memory_format=layout)
     u, v = unit(shape[0], seed=1, device=DEVICE), unit(weight[0].numel(), seed=2, device=DEVICE)
     u_buffer, v_buffer = u.clone(), v.clone()
     calls = {
@@ -149,14 +162,16 @@ def test_one_launch_per_op(shape):
             weight, weight, u, v, torch.tensor(1.5, device=DEVICE), 0
         ),
     }
-    for name, call in calls.items():
-        call()  # first-call work (occupancy query) outside the profile
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            call()
+    # The fused round reads a channels_last weight in place; the split rounds (the fallback) copy it.
+    with gpu_smoke.round_mode("fused") if layout is not None else contextlib.nullcontext():
+        for name, call in calls.items():
+            call()  # first-call work (occupancy query) outside the profile
             torch.cuda.synchronize()
-        kernels = _kernel_names(prof)
-        assert len(kernels) == 1, (name, kernels)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                call()
+                torch.cuda.synchronize()
+            kernels = _kernel_names(prof)
+            assert len(kernels) == 1, (name, kernels)
 
 
 # ---- grouped: one launch each way, CUDA graphs, no host synchronisation ----
@@ -179,20 +194,23 @@ def test_grouped_one_launch_forward_and_one_backward():
 MIXED_ORDERS = [True, False, False, True]  # legacy (v-first) and parametrization (u-first) layers in one call
 
 
-def test_grouped_mixed_orders_one_forward_launch_per_order():
-    """The forward kernel runs one power-iteration order per launch: a mixed group costs two forward launches and
-    one copy kernel (the sigmas back in the layers' order); the backward, which has no order, still one."""
+@pytest.mark.parametrize("round_,forward_launches", [("fused", 1), ("split", 2)])
+def test_grouped_mixed_orders_forward_launches(round_, forward_launches):
+    """The fused round runs layers of both power-iteration orders in one forward launch (each on its own schedule),
+    the split round one per order; each writes its layers' sigmas in place (no gather); the backward, which has no
+    order, is one launch."""
     weights, us, vs, dims = grouped_layers(torch.float32, "cuda")
     weights = [w.detach().requires_grad_() for w in weights]
     grads = [torch.randn_like(w) for w in weights]
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        weights_sn, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS, MIXED_ORDERS)
-        torch.autograd.backward(weights_sn, grads)
-        torch.cuda.synchronize()
+    with gpu_smoke.round_mode(round_):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            weights_sn, _, _, _ = ops.spectral_normalize_grouped_(weights, us, vs, dims, 1, EPS, MIXED_ORDERS)
+            torch.autograd.backward(weights_sn, grads)
+            torch.cuda.synchronize()
     kernels = _kernel_names(prof)
-    assert len(kernels) == 4, kernels
-    assert sum("forward_kernel" in k for k in kernels) == 2 and "backward_kernel" in kernels[-1], kernels
+    assert len(kernels) == forward_launches + 1, kernels
+    assert sum("forward_kernel" in k for k in kernels) == forward_launches and "backward_kernel" in kernels[-1], kernels
 
 
 @pytest.mark.parametrize("v_first", [None, MIXED_ORDERS], ids=["u_first", "mixed_orders"])

@@ -2,10 +2,12 @@
 ptxas' resource usage per kernel through cuobjdump (the copy triton ships, or the CUDA toolkit's).
 
 - no local memory and no stack: nothing spilled from registers;
-- at most 85 registers per thread: 3 blocks of kThreads = 256 threads fit on an SM (65536 registers), the
+- at most 128 registers per thread: 2 blocks of kThreads = 256 threads fit on an SM (65536 registers), the
   kernels' __launch_bounds__ (kMinBlocksPerSm in csrc/cuda/common.cuh);
 - the parameter block: a per-layer launch's well under 4 KB, a grouped launch's under 4 KB (csrc/cuda/common.cuh,
-  kGroupLayers); CONSTANT[0] also holds the driver's 0x210 bytes before the parameters on sm_90.
+  kGroupLayers); CONSTANT[0] also holds the driver's 0x210 bytes before the parameters on sm_90;
+- every loop that streams a tensor in 16-byte loads has at least two of them in flight, and the fused pass, W / sigma,
+  <G, W_sn> and the correction as many as their code asks for.
 """
 
 import importlib.util
@@ -18,7 +20,7 @@ import pytest
 
 from sn_ext import ops
 
-MAX_REGISTERS = 65536 // (3 * 256)
+MAX_REGISTERS = 65536 // (2 * 256)
 DRIVER_CONSTANT_BYTES = 0x210
 
 
@@ -53,11 +55,15 @@ def _resource_usage() -> dict[str, dict[str, int]]:
     return kernels
 
 
+# 4 dtypes x 2 index types x {per-layer, grouped}: the backward kernel's 16; the forward kernel's 32, its fused rounds
+# and its split rounds each a kernel of their own (Lb1E, Lb0E in the name).
+KERNELS = 48
+
+
 @pytest.fixture(scope="module")
 def kernels():
     found = {name: usage for name, usage in _resource_usage().items() if re.search(r"(forward|backward)_kernel", name)}
-    # 4 dtypes x 2 index types x {per-layer, grouped}, for each of the two kernels
-    assert len(found) == 32, sorted(found)
+    assert len(found) == KERNELS, sorted(found)
     return found
 
 
@@ -75,7 +81,7 @@ def test_parameter_blocks(kernels):
     """The launch structs' capacity is a template argument: Li1E (one layer) or Li12E (kGroupLayers) in the name."""
     for name, usage in kernels.items():
         parameters = usage["CONSTANT[0]"] - DRIVER_CONSTANT_BYTES
-        limit = 512 if "Li1EE" in name else 4096
+        limit = 512 if re.search(r"Li1E(Lb[01]E)?E", name) else 4096
         assert 0 < parameters <= limit, (name, parameters)
 
 
@@ -87,12 +93,17 @@ def _sass() -> dict[str, str]:
     return dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", text, re.S))
 
 
-def test_streaming_passes_move_16_bytes_per_access():
-    """The packed paths of the elementwise passes (W / sigma in the forward; <G, W_sn> and the correction in the
-    backward) load and store 128 bits per instruction."""
+@pytest.fixture(scope="module")
+def sass():
     found = {name: code for name, code in _sass().items() if re.search(r"(forward|backward)_kernel", name)}
-    assert len(found) == 32, sorted(found)
-    for name, code in found.items():
+    assert len(found) == KERNELS, sorted(found)
+    return found
+
+
+def test_streaming_passes_move_16_bytes_per_access(sass):
+    """The packed paths load and store 128 bits per instruction (every kernel: the forward's W / sigma, the fused
+    pass or the split products; the backward's <G, W_sn> and correction)."""
+    for name, code in sass.items():
         assert "LDG.E.128" in code and "STG.E.128" in code, name
 
 
@@ -100,55 +111,72 @@ def test_streaming_passes_move_16_bytes_per_access():
 _ARITHMETIC = re.compile(r"\b(FFMA|DFMA|FADD|DADD|FMUL|DMUL|HFMA2|HADD2|HMUL2|MUFU)\b")
 
 
-def _load_runs(code: str) -> list[int]:
-    """The lengths of the runs of 128-bit loads, in code order."""
+def _instructions(code: str) -> list[tuple[int, str]]:
+    """(address, instruction) of each SASS line."""
+    return [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", code)]
+
+
+def _innermost_loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """[first, last] address of each innermost loop: a backward branch's span holding no other backward branch."""
+    back = []
+    for address, text in instructions:
+        target = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)$", text)
+        if target and int(target.group(1), 16) <= address:
+            back.append((int(target.group(1), 16), address))
+    return [(t, a) for t, a in back if not any(t <= t2 and a2 < a for t2, a2 in back if (t2, a2) != (t, a))]
+
+
+def _load_runs(instructions: list[tuple[int, str]], first: int = 0, last: int = 1 << 40) -> list[int]:
+    """The lengths of the runs of 128-bit loads in [first, last], in code order."""
     runs, run = [], 0
-    for line in code.splitlines():
-        if "LDG.E.128" in line:
+    for address, text in instructions:
+        if not first <= address <= last:
+            continue
+        if "LDG.E.128" in text:
             run += 1
-        elif _ARITHMETIC.search(line):
+        elif _ARITHMETIC.search(text):
             if run:
                 runs.append(run)
             run = 0
     return runs + ([run] if run else [])
 
 
-def test_fused_round_reads_rows_in_16_byte_packs():
-    """The fused u-first round (fused_round_block, csrc/cuda/common.cuh) reads a row's register-held segment as 64
-    bytes of sums' worth of 16-byte packs per thread, all issued before the first is used: 4 LDG.E.128 in a row for
-    float32 and float64 weights (2 packs of 8 for float16/bfloat16). Rows wider than a segment are read a pack per
-    thread at a time; for float32 unrolled so that several are in flight: 4 rows' packs in a row in the z pass, 2
-    segments' in the y pass (the other dtypes spilled so; they keep one pack in flight). The kernels before the fused
-    round had 3 in all (W / sigma's), the wide-row path one pack in flight for every dtype."""
-    found = {name: code for name, code in _sass().items() if "forward_kernel" in name}
-    assert len(found) == 16, sorted(found)
-    for name, code in found.items():
-        two_byte = "Half" in name or "BFloat16" in name
-        float32 = "forward_kernelIff" in name
-        packs = 2 if two_byte else 4
-        wide = 4 + 2 if float32 else 2
-        assert code.count("LDG.E.128") >= 3 + packs + wide, name
-        if not two_byte:
-            runs = sorted(_load_runs(code), reverse=True)
-            assert runs[:3] >= ([packs, 4, 2] if float32 else [packs]), (name, runs)
+def _streaming_loops(code: str) -> list[list[int]]:
+    """The 128-bit load runs of each innermost loop that has any: one list per streaming loop."""
+    instructions = _instructions(code)
+    loops = [_load_runs(instructions, first, last) for first, last in _innermost_loops(instructions)]
+    return [runs for runs in loops if runs]
 
 
-def test_split_round_loops_read_16_byte_packs():
-    """The split round's loops (matvec_block, rmatvec_block in csrc/cuda/common.cuh: every v-first round, and the
-    u-first round under SN_EXT_CUDA_ROUND=split) read W in 16-byte packs where the rows are contiguous and aligned:
-    W v loads matvec_unroll packs of W and as many of x per step (4 and 4; 2 and 2 for float16/bfloat16, which spilled
-    at 4), W^T u kSplitUnroll = 4 rows' packs, all before it adds them. On top of the fused round's and W / sigma's
-    (test_fused_round_reads_rows_in_16_byte_packs: 13 LDG.E.128 for float32, 9 for float64, 7 for the 2-byte dtypes)
-    at least 2 * 4 + 4 more (2 * 2 + 4 for the 2-byte dtypes), and more runs of 4 loads in flight: 4 in all for
-    float32 (the fused round's 2), 3 for float64 (1), 1 for the 2-byte dtypes (0). The scalar loops, which
-    SN_EXT_CUDA_ROUND=split-scalar keeps, have none; the kernels before the packed loops fail this test."""
-    found = {name: code for name, code in _sass().items() if "forward_kernel" in name}
-    assert len(found) == 16, sorted(found)
-    for name, code in found.items():
-        two_byte = "Half" in name or "BFloat16" in name
-        float32 = "forward_kernelIff" in name
-        fused_and_divide = 13 if float32 else 7 if two_byte else 9
-        split = 2 * 2 + 4 if two_byte else 2 * 4 + 4
-        assert code.count("LDG.E.128") >= fused_and_divide + split, (name, code.count("LDG.E.128"))
-        runs_of_4 = sum(1 for run in _load_runs(code) if run >= 4)
-        assert runs_of_4 >= (4 if float32 else 1 if two_byte else 3), (name, _load_runs(code))
+def _itemsize(name: str) -> int:
+    if "BFloat16" in name or "Half" in name:
+        return 2
+    return 8 if re.search(r"_kernelId", name) else 4
+
+
+def test_every_streaming_loop_keeps_two_16_byte_loads_in_flight(sass):
+    """Issue 29: at least two 16-byte loads in flight in every streaming loop, per loop: each innermost loop that
+    reads 128 bits at a time issues two or more before any arithmetic uses one (the earlier kernels' float32 wide-row
+    y pass issued one; a test comparing all the runs of a kernel at once let it pass)."""
+    for name, code in sass.items():
+        loops = _streaming_loops(code)
+        assert loops, name
+        for runs in loops:
+            assert max(runs) >= 2, (name, loops)
+
+
+def test_passes_keep_what_their_code_asks_for_in_flight(sass):
+    """What each streaming loop asks for (csrc/cuda: block_walk.h's constants): the fused pass two rows of
+    kFusedBytes of op-math sums' worth (2 x 4 packs for float32 and float64, 2 x 2 for the 2-byte dtypes); W / sigma
+    and the correction kStreamPacks = 4 packs; <G, W_sn> kStreamPairPacks = 4 of each tensor; the split round's W v
+    matvec_unroll packs of W and of x (4 + 4, 2 + 2 for the 2-byte dtypes), its W^T u 4 rows' packs."""
+    for name, code in sass.items():
+        loops = [max(runs) for runs in _streaming_loops(code)]
+        two_byte = _itemsize(name) == 2
+        if "backward_kernel" in name:
+            assert 8 in loops and 4 in loops, (name, loops)  # <G, W_sn>; the correction
+        elif re.search(r"Lb1EE", name):  # fused rounds
+            rows = 4 if two_byte else 8
+            assert loops.count(rows) >= 2 and 4 in loops, (name, loops)  # narrow and wide passes; W / sigma
+        else:  # split rounds
+            assert (4 if two_byte else 8) in loops and 4 in loops, (name, loops)  # W v; W^T u and W / sigma

@@ -88,9 +88,12 @@ def test_a_one_block_layers_chain_is_the_sum_of_its_phases():
         chain = sum(p.chains[0] for p in op.phases) + op.overhead()
         for end in dm.ENDS:
             assert op.time_us(H100)[end] == pytest.approx(float(chain @ dm.latencies(end)))
-    # Its fused pass: 64 rows one after another, each a round trip and a block_sum (common.cuh's row loop).
+    # A dense layer: its pass, then its finish (u, v, sigma, W / sigma); the backward's two passes in one phase.
+    assert len(forward.phases) == 2 and len(backward.phases) == 1
+    # Its fused pass: 27 columns, 8 threads a row, 32 rows a step, two steps' loads in flight at once: x's share and
+    # one round trip of rows for all 64, no block sum per row (shuffles), one for |z|^2.
     fused = forward.phases[0].chains[0]
-    assert fused[dm.TERMS.index("block_sum")] == 64 and fused[dm.TERMS.index(dm.ONE_BLOCK_FIRST_READ)] >= 64
+    assert fused[dm.TERMS.index("block_sum")] == 1 and fused[dm.TERMS.index(dm.ONE_BLOCK_FIRST_READ)] == 2
 
 
 def test_more_rounds_cost_more():
@@ -99,27 +102,34 @@ def test_more_rounds_cost_more():
             times = [dm.step_us(_step(shape, n=n, round_mode=mode), H100) for n in (1, 2, 3)]
             assert times[0][0] < times[1][0] < times[2][0] and times[0][1] < times[1][1] < times[2][1]
             phases = [len(_step(shape, n=n, round_mode=mode)[0].phases) for n in (0, 1, 2)]
-            per_round = 3 if mode == "fused" else 4  # round_steps in spectral_normalize_cuda.cu
-            assert phases == [3, per_round + 1, 2 * per_round + 1]
+            if mode != "fused":  # split_steps: 4 per round, then W / sigma; n = 0: W v, sigma, W / sigma
+                assert phases == [3, 5, 9]
+            elif shape == (64, 3, 3, 3):  # dense: a pass per round, then the finish; n = 0: the pass, the finish
+                assert phases == [2, 2, 3]
+            else:  # spread: a pass and its column sums per round, then the finish
+                assert phases == [2, 3, 5]
 
 
-def test_v_first_split_costs_what_its_phases_say():
-    """v-first runs the split round whatever the mode (W^T u | v = N(.) | W v | u = N(.) | W / sigma), and its
-    normalize V is one block per layer: per 256 of the columns, the splits' partial sums 4 at a time."""
+def test_v_first_costs_what_its_phases_say():
+    """v-first in the fused mode: W^T u alone (the pass's z-only kind) | z summed | W v alone | the finish: one pass
+    more than u-first, no normalization in one block; in the split modes the split round, whose normalize V is one
+    block per layer (per 256 of the columns, the splits' partial sums 4 at a time)."""
     w = cuda_plan.Weight.of((4096, 4096), 4)
-    forward = cuda_plan.forward([w], H100, 1, "fused", v_first=True)
+    fused = cuda_plan.forward([w], H100, 1, "fused", v_first=True)
+    assert [p.name for p in fused.phases] == ["W^T u", "z summed", "W v", "u, v, sigma, W / sigma"]
+    assert fused.grid_barriers == 3 and fused.launches == 1
+    u_first = cuda_plan.forward([w], H100, 1, "fused")
+    assert [p.name for p in u_first.phases] == ["W v, W^T y (one pass)", "z summed", "u, v, sigma, W / sigma"]
+    assert fused.weight_passes == u_first.weight_passes + 1
     split = cuda_plan.forward([w], H100, 1, "split", v_first=True)
-    assert all(np.array_equal(a.chains, b.chains) for a, b in zip(forward.phases, split.phases))
-    assert [p.name for p in forward.phases] == ["W^T u", "v = N(W^T u)", "W v", "u = N(W v)", "W / sigma"]
-    assert forward.grid_barriers == 4 and forward.launches == 1
+    assert [p.name for p in split.phases] == ["W^T u", "v = N(W^T u)", "W v", "u = N(W v)", "W / sigma"]
+    assert split.grid_barriers == 4 and split.launches == 1
     splits = cuda_plan.plan_rmatvec(w, w.pack).splits
-    normalize_v = forward.phases[1]
+    normalize_v = split.phases[1]
     busy = normalize_v.chains[normalize_v.chains.sum(axis=1) > 0]
     assert len(busy) == 1  # one block
     groups = math.ceil(4096 / cuda_plan.THREADS)
     assert busy[0][dm.TERMS.index("l2")] == groups * math.ceil(splits / 4) + groups
-    u_first = cuda_plan.forward([w], H100, 1, "split")
-    assert sorted(p.name for p in u_first.phases) == sorted(p.name for p in forward.phases)
 
 
 def test_bytes_are_the_passes_over_the_weight_plus_small_workspaces():
@@ -131,11 +141,11 @@ def test_bytes_are_the_passes_over_the_weight_plus_small_workspaces():
         total = sum(op.bytes for op in ops)
         assert weight_bytes <= total <= 1.25 * weight_bytes
         assert sum(op.weight_passes for op in _step(shape, round_mode="split")) == 8
-    # Each phase's passes: the fused pass reads W once (twice for rows wider than a segment), W / sigma reads and
-    # writes it, the backward's two element-wise phases two each, the rest none.
+    # Each phase's passes: the fused pass reads W once (twice for rows wider than a segment), the finish's W / sigma
+    # reads and writes it, the backward's two phases two each (G and W_sn; G and grad_W), the column sums none.
     forward, backward = _step((4096, 4096))
-    assert [p.weight_passes for p in forward.phases] == [1, 0, 0, 2]
-    assert [p.weight_passes for p in backward.phases] == [2, 0, 2]
+    assert [p.weight_passes for p in forward.phases] == [1, 0, 2]
+    assert [p.weight_passes for p in backward.phases] == [2, 2]
 
 
 def test_launch_modes():
@@ -167,6 +177,7 @@ def test_weights_view_for_dim_as_the_kernels():
     w = cuda_plan.Weight.of((512, 256, 4, 4), 4, dim=1)  # ConvTranspose2d: rows are strided, not packed
     assert (w.outer, w.rows, w.inner, w.cols) == (512, 256, 16, 8192)
     assert not w.rows_packable and w.lines_packable
+    assert w.fused_packable  # the fused pass reads its 16-column lines in 16-byte packs
     assert cuda_plan.Weight.of((64, 3, 3, 3), 4).rows_packable is False  # 27 columns: not whole packs
     assert cuda_plan.Weight.of((1, 8192), 2).rows_packable
 
@@ -241,8 +252,8 @@ def test_model_tables_cover_sngan_and_write_the_files(tmp_path):
     assert "test label" in cuda_md and "## The issue's table (#29), from the model" in cuda_md
     with open(tmp_path / "cuda_model.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    layer_rows = [r for r in rows if r["order"]]
-    assert len(layer_rows) == len(weights) * 2 * 2 * 3  # GPUs x dtypes x (fused, split, v-first)
+    layer_rows = [r for r in rows if r["weight"]]
+    assert len(layer_rows) == len(weights) * 2 * 2 * 3  # GPUs x dtypes x (fused, split, v-first fused)
     assert {"sn_ext_us", "plain_us", "floor_us", "x_floor", "x_plain", "launches", "dominant"} <= set(rows[0])
     grouped = [r for r in rows if r.get("grouped_launches")]
     assert grouped and all(r["grouped_launches"] == "2" for r in grouped)

@@ -329,13 +329,14 @@ def test_plain_form_unchanged():
 # Grouped, compile, autocast
 
 
-def test_grouped_matches_per_layer():
+@pytest.mark.parametrize("device", ["cpu", cases.param("cuda", id="grouped")])
+def test_grouped_matches_per_layer(device):
     """Per-layer coeffs, gammas and sigma_grad in one grouped call (the compiled grouped op, or with
-    SN_EXT_DISABLE_EXT=1 the fallback's): the per-layer op's outputs, buffers and gradients (W and gamma), orders
-    mixed."""
-    weights, us, vs, dims = cases.grouped_layers(torch.float64, "cpu", seed=5)
+    SN_EXT_DISABLE_EXT=1 the fallback's; on CUDA one launch of the forward kernel): the per-layer op's outputs,
+    buffers and gradients (W and gamma), orders mixed."""
+    weights, us, vs, dims = cases.grouped_layers(torch.float64, device, seed=5)
     coeffs = [0.4, 50.0, 0.3, 2.0]
-    gammas = [torch.tensor(g, dtype=torch.float64, requires_grad=True) for g in (0.7, 1.3, 0.0, 2.0)]
+    gammas = [torch.tensor(g, dtype=torch.float64, device=device, requires_grad=True) for g in (0.7, 1.3, 0.0, 2.0)]
     sigma_grad = [True, True, False, True]
     v_first = [False, True, False, True]
     results = []
@@ -354,7 +355,7 @@ def test_grouped_matches_per_layer():
                 for w, b, d, vf, c, g, sg in zip(ws, bufs, dims, v_first, coeffs, gammas, sigma_grad)
             ]
             outs, sigmas = [p[0] for p in per_layer], torch.stack([p[1] for p in per_layer])
-        loss = sum((o * randn(*o.shape, dtype=torch.float64, seed=40 + i)).sum() for i, o in enumerate(outs))
+        loss = sum((o * randn(*o.shape, dtype=torch.float64, seed=40 + i).to(device)).sum() for i, o in enumerate(outs))
         (loss + sigmas.sum()).backward()
         results.append((outs, sigmas, bufs, [w.grad for w in ws], [g.grad for g in gammas]))
     (o1, s1, b1, gw1, gg1), (o2, s2, b2, gw2, gg2) = results

@@ -1,15 +1,13 @@
 // sn_ext::spectral_normalize_grouped_ and spectral_normalize_grouped_backward on CUDA: a whole group of layers
-// in one launch of the forward (spectral_normalize_cuda.cu; one per power-iteration order) or backward kernel
-// (spectral_normalize_backward_cuda.cu), per kGroupLayers layers.
+// in one launch of the forward (spectral_normalize_cuda.cu; the split round: one per power-iteration order) or
+// backward kernel (spectral_normalize_backward_cuda.cu), per kGroupLayers layers.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <array>
 #include <tuple>
 #include <vector>
 
-#include "../layer_by_layer.h"
 #include "../matrix_view.h"
 #include "kernels.h"
 
@@ -21,45 +19,26 @@ spectral_normalize_grouped_cuda(at::TensorList weights, at::TensorList us, at::T
                                 int64_t n, double eps, const LayerOrders& v_first, const LayerCoeffs& coeffs,
                                 const LayerGammas& gammas, const LayerSigmaGrads& sigma_grad) {
   const LayerScalings scalings{coeffs, gammas, sigma_grad};
-  if (coeffs.has_value() || gammas.has_value())  // not in the kernels yet: each layer through scaled_forward_cuda
-    return grouped_forward_layer_by_layer(c10::DispatchKey::CUDA, weights, us, vs, dims, n, eps, v_first, scalings);
   const std::vector<MatrixShape> shapes = check_grouped_forward_args("sn_ext::spectral_normalize_grouped_", weights, us,
                                                                      vs, dims, n, eps, v_first, scalings);
   const c10::cuda::CUDAGuard guard(weights[0].device());
   std::vector<WeightShapedOutput> outs;
   std::vector<at::Tensor> us_used, vs_used;
-  // The forward kernel runs one power-iteration order per launch (its rounds and phases depend on it): the layers
-  // are launched by order, u-first ones [0] and v-first ones [1], each layer with the same bits as in a launch of
-  // its own. So a group of mixed orders costs one forward launch per order, and one gather of the sigmas.
-  std::array<std::vector<ForwardLayer>, 2> layers;
-  std::array<int64_t, 2> count{0, 0};
-  std::vector<int64_t> rank;  // each layer's place among those of its order
+  // Each layer runs its own power-iteration order, with the same bits as in a launch of its own: the fused round's
+  // layers of both orders share a launch, the split round's take one per order (run_forward).
+  std::vector<ForwardLayer> layers;
   for (size_t i = 0; i < weights.size(); ++i) {
-    outs.emplace_back(weights[i], shapes[i]);
+    const int64_t groups = forward_column_groups(weights[i], dims[i]);
+    outs.emplace_back(weights[i], shapes[i], groups);
     us_used.push_back(at::empty_like(us[i], at::MemoryFormat::Contiguous));
     vs_used.push_back(at::empty_like(vs[i], at::MemoryFormat::Contiguous));
-    const bool order = layer_v_first(v_first, i);
-    rank.push_back(count[order]++);
     // n == 0 reads and returns the buffers and changes nothing; otherwise the result goes to both.
-    layers[order].push_back({as_matrix3d(weights[i], shapes[i]), outs[i].view3d, us[i], vs[i], us_used[i], vs_used[i],
-                             n == 0 ? Finish::kRestore : Finish::kBoth});
+    layers.push_back({as_matrix3d(weights[i], shapes[i], groups), outs[i].view3d, us[i], vs[i], us_used[i], vs_used[i],
+                      n == 0 ? Finish::kRestore : Finish::kBoth, layer_v_first(v_first, i), groups, scalings.of(i)});
   }
-  const auto sigma_options = weights[0].options().dtype(sigma_dtype(weights[0].scalar_type()));
-  std::array<at::Tensor, 2> sigmas_of;
-  for (const bool order : {false, true}) {
-    if (layers[order].empty()) continue;
-    sigmas_of[order] = at::empty({count[order]}, sigma_options);
-    run_forward(layers[order], sigmas_of[order], n, eps, order);
-  }
-  at::Tensor sigmas = count[1] == 0 ? sigmas_of[0] : count[0] == 0 ? sigmas_of[1] : at::Tensor();
-  if (!sigmas.defined()) {
-    // Back in the layers' order by one cat of one-value views: no index tensor to copy from the host, so a CUDA
-    // graph captures it too.
-    std::vector<at::Tensor> parts;
-    for (size_t i = 0; i < weights.size(); ++i)
-      parts.push_back(sigmas_of[layer_v_first(v_first, i)].narrow(0, rank[i], 1));
-    sigmas = at::cat(parts);
-  }
+  at::Tensor sigmas = at::empty({static_cast<int64_t>(weights.size())},
+                                weights[0].options().dtype(sigma_dtype(weights[0].scalar_type())));
+  run_forward(layers, sigmas, n, eps);
   std::vector<at::Tensor> weights_sn;
   for (auto& out : outs) weights_sn.push_back(out.finish());
   return {weights_sn, sigmas, us_used, vs_used};
@@ -74,9 +53,10 @@ std::vector<at::Tensor> spectral_normalize_grouped_backward_cuda(at::TensorList 
   std::vector<WeightShapedOutput> outs;
   std::vector<BackwardLayer> layers;
   for (size_t i = 0; i < weights_sn.size(); ++i) {
-    outs.emplace_back(weights_sn[i], shapes[i]);
-    layers.push_back(
-        {as_matrix3d(grads[i], shapes[i]), as_matrix3d(weights_sn[i], shapes[i]), outs[i].view3d, us[i], vs[i]});
+    const int64_t groups = memory_column_groups(weights_sn[i], dims[i]);
+    outs.emplace_back(weights_sn[i], shapes[i], groups);
+    layers.push_back({as_matrix3d(grads[i], shapes[i], groups), as_matrix3d(weights_sn[i], shapes[i], groups),
+                      outs[i].view3d, us[i], vs[i], groups});
   }
   run_backward(layers, sigmas.contiguous());
   std::vector<at::Tensor> grads_weight;

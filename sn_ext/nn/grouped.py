@@ -1,5 +1,5 @@
 """Grouped mode: spectral norm on many layers of a model, with every layer's W / sigma computed by one op per
-forward of the model (one launch on a GPU per power-iteration order) and all their gradients by one op in the
+forward of the model (one launch on a GPU, for both power-iteration orders) and all their gradients by one op in the
 backward.
 
     D = sn_ext.grouped_spectral_norm(Discriminator())   # every Linear, Conv*, ConvTranspose* and Embedding weight
@@ -25,9 +25,9 @@ How it works, and why this way:
 Under torch.compile the layers compute their own W / sigma inside the compiled graph (same numbers): the compiler
 fuses those ops itself, and the grouped op, which mutates lists of buffers, cannot be traced yet.
 
-Kernels: the grouped op runs the compiled kernels (on a GPU one launch per power-iteration order, so a model mixing
-both versions costs two; on the CPU the per-layer kernels in turn) and, on a device without them, the pure-PyTorch
-reference.
+Kernels: the grouped op runs the compiled kernels (on a GPU one launch for layers of both versions, each with its own
+power-iteration order; SN_EXT_CUDA_ROUND=split takes one per order; on the CPU the per-layer kernels in turn) and, on
+a device without them, the pure-PyTorch reference.
 """
 
 from __future__ import annotations
