@@ -127,6 +127,22 @@ def test_sdist_manifest_carries_every_source():
     assert "build_config.py" in manifest  # setup.py imports it
 
 
+def test_every_package_under_sn_ext_is_installed():
+    """pyproject.toml finds sn_ext's packages instead of listing them (a hand-written list once left sn_ext.compat
+    out of the sdist, which then failed at `import sn_ext`); what it finds is every folder holding an __init__.py."""
+    from setuptools import find_packages
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pyproject = f.read()
+    assert '[tool.setuptools.packages.find]\ninclude = ["sn_ext", "sn_ext.*"]' in pyproject
+    on_disk = {
+        os.path.relpath(folder, ROOT).replace(os.sep, ".")
+        for folder, _, files in os.walk(os.path.join(ROOT, "sn_ext"))
+        if "__init__.py" in files
+    }
+    assert set(find_packages(ROOT, include=["sn_ext", "sn_ext.*"])) == on_disk
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
